@@ -1,1 +1,27 @@
-//! FineTuneJob API.
+//! The `FineTuneJob` API (`finetune.dev/v1alpha1`).
+//!
+//! This crate is the single source of truth for everything that crosses a process boundary:
+//! the custom resource the user writes, its status, the model presets and their sizes, the
+//! pure [`validate()`] function the operator runs before it creates anything, and the
+//! [`TrainerConfig`] file the operator renders for the trainer.
+
+pub mod fit;
+pub mod presets;
+pub mod source;
+pub mod trainer_config;
+pub mod v1alpha1;
+pub mod validate;
+
+pub use presets::{ModelArchitecture, ModelPreset, PresetDefaults};
+pub use trainer_config::{TrainerConfig, TrainerPaths};
+pub use v1alpha1::*;
+pub use validate::{FieldError, FieldWarning, validate, warnings};
+
+/// API group of every resource in this crate.
+pub const GROUP: &str = "finetune.dev";
+/// API version of the resources in this module.
+pub const VERSION: &str = "v1alpha1";
+/// Label that every child object carries, naming the FineTuneJob that owns it.
+pub const JOB_LABEL: &str = "finetune.dev/job";
+/// Kueue's queue label: a job carrying it is admitted by Kueue, which toggles `spec.suspend`.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";

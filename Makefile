@@ -1,0 +1,48 @@
+# finetune-operator: the two commands of the Quick start are `make demo` and `make test`.
+# Everything they need (apt packages, the Kubernetes binaries, data, tokenizer) is installed or
+# built on first use and cached under $(CACHE_DIR).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CACHE_DIR ?= $(HOME)/.cache/finetune-operator
+export CACHE_DIR
+
+.PHONY: all build test lint fmt crds crds-check demo bench assets clean help
+
+all: build
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+build: ## Build every crate.
+	$(CARGO) build --workspace --all-targets
+
+test: ## Run every test (unit, API, cluster end-to-end, trainer).
+	$(CARGO) test --workspace --no-fail-fast
+
+lint: ## rustfmt check, clippy with warnings as errors, CRD drift check.
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(MAKE) crds-check
+
+fmt: ## Format the code.
+	$(CARGO) fmt --all
+
+crds: ## Regenerate crds/finetunejob.yaml from the Rust types.
+	$(CARGO) run -q -p finetune-api --bin crdgen > crds/finetunejob.yaml
+
+crds-check: ## Fail when crds/finetunejob.yaml is stale.
+	@$(CARGO) run -q -p finetune-api --bin crdgen | diff -u crds/finetunejob.yaml - \
+		|| { echo "crds/finetunejob.yaml is stale: run 'make crds'"; exit 1; }
+
+assets: ## Fetch the real Llama 2 tokenizer and the labelled review data (cached).
+	scripts/fetch-assets.sh
+
+demo: ## The main job: a real end-to-end fine-tune on CPU.
+	scripts/demo.sh
+
+bench: ## Benchmarks; figures go to BENCHMARKS.md.
+	scripts/bench.sh
+
+clean: ## Remove build outputs (the cache under CACHE_DIR is kept).
+	$(CARGO) clean

@@ -1,0 +1,87 @@
+//! The trainer's configuration file: what the operator renders into a ConfigMap and the trainer
+//! reads with `finetune-trainer train --config FILE`. The spec sections are the user's, verbatim;
+//! the paths are where the pod mounts them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::v1alpha1::{
+    CheckpointSpec, DatasetSpec, EvaluationSpec, FineTuneJobSpec, Hyperparameters, MethodSpec,
+    ModelSpec, OutputSpec, Precision,
+};
+
+/// Everything the trainer needs to run one job.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerConfig {
+    /// `namespace/name` of the FineTuneJob, for logs and the report.
+    pub job: String,
+    /// The base model.
+    pub model: ModelSpec,
+    /// The dataset and its cleaning.
+    pub dataset: DatasetSpec,
+    /// LoRA or full fine-tuning.
+    pub method: MethodSpec,
+    /// Optimiser settings.
+    pub hyperparameters: Hyperparameters,
+    /// Evaluation settings.
+    pub evaluation: EvaluationSpec,
+    /// Checkpoint interval and retention.
+    pub checkpoints: CheckpointSpec,
+    /// Output settings.
+    pub output: OutputSpec,
+    /// Precision resolved from the spec and the GPU count.
+    pub precision: Precision,
+    /// Whether the trainer should use a GPU.
+    pub use_gpu: bool,
+    /// Local paths inside the trainer pod.
+    pub paths: TrainerPaths,
+    /// Address the metrics and progress server binds to (`0.0.0.0:9090`, or the pod IP).
+    pub metrics_address: String,
+}
+
+/// Local paths inside the trainer pod.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerPaths {
+    /// Directory with `config.json` and `*.safetensors` (Hugging Face layout). For `tiny`
+    /// without a source, the trainer initialises it here when empty.
+    pub model_dir: String,
+    /// `tokenizer.json` (Hugging Face tokenizers format).
+    pub tokenizer_file: String,
+    /// The dataset file.
+    pub dataset_file: String,
+    /// The retention text file, when `evaluation.retention` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_file: Option<String>,
+    /// Checkpoint directory (on the checkpoint volume).
+    pub checkpoint_dir: String,
+    /// Output directory (adapter, merged weights, report).
+    pub output_dir: String,
+    /// File whose contents become the container's termination message (a summary < 4 KiB).
+    pub termination_message_file: String,
+}
+
+impl TrainerConfig {
+    /// Builds the trainer configuration of a job from its spec and the pod's paths.
+    pub fn from_spec(
+        job: String,
+        spec: &FineTuneJobSpec,
+        paths: TrainerPaths,
+        metrics_address: String,
+    ) -> Self {
+        TrainerConfig {
+            job,
+            model: spec.model.clone(),
+            dataset: spec.dataset.clone(),
+            method: spec.method.clone(),
+            hyperparameters: spec.hyperparameters.clone(),
+            evaluation: spec.evaluation.clone(),
+            checkpoints: spec.checkpoints.clone(),
+            output: spec.output.clone(),
+            precision: crate::fit::effective_precision(spec),
+            use_gpu: crate::fit::effective_gpus(spec) > 0,
+            paths,
+            metrics_address,
+        }
+    }
+}

@@ -1,0 +1,188 @@
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How the model is adapted.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MethodSpec {
+    /// `lora` trains small low-rank adapters next to frozen weights (the adapter is the output);
+    /// `full` trains the selected layers' own weights.
+    #[serde(default, rename = "type")]
+    pub method_type: MethodType,
+    /// LoRA settings (only with `type: lora`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+    /// Which transformer layers train; the others stay frozen. All layers when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_layers: Option<TrainableLayers>,
+    /// Replaces the MLP activation function. On a pretrained base this changes what the weights
+    /// compute, so the job gets an `ActivationOverride` warning condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+}
+
+impl Default for MethodSpec {
+    fn default() -> Self {
+        MethodSpec {
+            method_type: MethodType::Lora,
+            lora: None,
+            trainable_layers: None,
+            activation: None,
+        }
+    }
+}
+
+impl MethodSpec {
+    /// The LoRA settings in effect (the defaults when `type: lora` and `lora` is unset).
+    pub fn lora_or_default(&self) -> Option<LoraSpec> {
+        match self.method_type {
+            MethodType::Lora => Some(self.lora.clone().unwrap_or_default()),
+            MethodType::Full => None,
+        }
+    }
+}
+
+/// Fine-tuning method.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodType {
+    /// Low-rank adapters (PEFT LoRA).
+    #[default]
+    Lora,
+    /// Full fine-tuning of the selected layers.
+    Full,
+}
+
+/// LoRA hyperparameters.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSpec {
+    /// Rank of the adapters.
+    #[serde(default = "default_rank")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: u32,
+    /// Scaling numerator: adapters are scaled by `alpha / rank`.
+    #[serde(default = "default_alpha")]
+    #[schemars(range(min = 0.001, max = 4096.0))]
+    pub alpha: f64,
+    /// Dropout on the adapter input during training.
+    #[serde(default = "default_dropout")]
+    #[schemars(range(min = 0.0, max = 0.9))]
+    pub dropout: f64,
+    /// Projections that get adapters (Hugging Face module names).
+    #[serde(default = "default_targets")]
+    #[schemars(length(min = 1, max = 7))]
+    pub target_modules: Vec<TargetModule>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            rank: default_rank(),
+            alpha: default_alpha(),
+            dropout: default_dropout(),
+            target_modules: default_targets(),
+        }
+    }
+}
+
+fn default_rank() -> u32 {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_dropout() -> f64 {
+    0.05
+}
+fn default_targets() -> Vec<TargetModule> {
+    vec![TargetModule::QProj, TargetModule::VProj]
+}
+
+/// A linear projection of a Llama layer, named as in Hugging Face checkpoints.
+#[derive(
+    Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetModule {
+    /// `self_attn.q_proj`.
+    QProj,
+    /// `self_attn.k_proj`.
+    KProj,
+    /// `self_attn.v_proj`.
+    VProj,
+    /// `self_attn.o_proj`.
+    OProj,
+    /// `mlp.gate_proj`.
+    GateProj,
+    /// `mlp.up_proj`.
+    UpProj,
+    /// `mlp.down_proj`.
+    DownProj,
+}
+
+impl TargetModule {
+    /// The module path inside a layer, as in Hugging Face weight names (`self_attn.q_proj`).
+    pub fn hf_path(self) -> &'static str {
+        match self {
+            TargetModule::QProj => "self_attn.q_proj",
+            TargetModule::KProj => "self_attn.k_proj",
+            TargetModule::VProj => "self_attn.v_proj",
+            TargetModule::OProj => "self_attn.o_proj",
+            TargetModule::GateProj => "mlp.gate_proj",
+            TargetModule::UpProj => "mlp.up_proj",
+            TargetModule::DownProj => "mlp.down_proj",
+        }
+    }
+}
+
+/// A selection of transformer layers. Set at most one of `last` and `indices`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainableLayers {
+    /// Train the last N layers (closest to the output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 80))]
+    pub last: Option<u32>,
+    /// Train exactly these layer indices (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 80), inner(range(min = 0, max = 79)))]
+    pub indices: Option<Vec<u32>>,
+}
+
+impl TrainableLayers {
+    /// The selected layer indices for a model with `num_layers` layers, sorted and deduplicated.
+    pub fn resolve(selection: Option<&TrainableLayers>, num_layers: u32) -> Vec<u32> {
+        match selection {
+            Some(TrainableLayers {
+                indices: Some(ix), ..
+            }) => {
+                let mut v: Vec<u32> = ix.iter().copied().filter(|i| *i < num_layers).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            Some(TrainableLayers { last: Some(n), .. }) => {
+                (num_layers.saturating_sub(*n)..num_layers).collect()
+            }
+            _ => (0..num_layers).collect(),
+        }
+    }
+}
+
+/// MLP activation function.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (swish), Llama's own (`silu`).
+    #[serde(rename = "silu")]
+    Silu,
+    /// GELU, exact (`gelu`).
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    #[serde(rename = "gelu_pytorch_tanh")]
+    GeluTanh,
+    /// ReLU (`relu`).
+    #[serde(rename = "relu")]
+    Relu,
+}

@@ -1,0 +1,64 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Compute resources and scheduling of the trainer pod. Unset GPU fields take the preset's
+/// defaults.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcesSpec {
+    /// GPUs for the trainer pod (0 trains on CPU). Default: 1 for 7B and 13B, 4 for 70B, 0 for
+    /// tiny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 64))]
+    pub gpus: Option<u32>,
+    /// Extended resource name of a GPU.
+    #[serde(default = "default_gpu_resource")]
+    #[schemars(
+        length(min = 3, max = 253),
+        regex(
+            pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
+    )]
+    pub gpu_resource_name: String,
+    /// Memory of one GPU in GiB, used by the fit check. Default 80 (A100/H100 80 GB).
+    #[serde(
+        default,
+        rename = "gpuMemoryGiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1024))]
+    pub gpu_memory_gib: Option<u32>,
+    /// CPU request (and limit) of the trainer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory request (and limit) of the trainer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Node labels the trainer pod must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 63}))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the trainer pod (e.g. for tainted GPU nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity of the trainer pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the trainer pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Trainer image override (default: the operator's trainer image, CUDA variant with GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    pub image: Option<String>,
+}
+
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".into()
+}

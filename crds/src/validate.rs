@@ -1,0 +1,489 @@
+//! Validation of a [`FineTuneJobSpec`] beyond what the OpenAPI schema can express (the test API
+//! server is 1.20: no CEL). Pure: the operator calls it before it creates anything, and an
+//! invalid spec never produces a pod.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::fit;
+use crate::source::{Source, SourceKind, check_relative_path, is_dns_subdomain};
+use crate::v1alpha1::{DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision};
+
+/// One problem with a spec: the JSON path of the field and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the offending field, e.g. `spec.dataset.source`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Something legal but risky in a spec, surfaced as a warning condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldWarning {
+    /// JSON path of the field.
+    pub path: String,
+    /// Condition type the operator sets for it.
+    pub condition: &'static str,
+    /// Explanation.
+    pub message: String,
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Validates a spec. Returns every problem found, each with its field path.
+pub fn validate(spec: &FineTuneJobSpec) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors(Vec::new());
+    validate_model(spec, &mut e);
+    validate_dataset(spec, &mut e);
+    validate_method(spec, &mut e);
+    validate_hyperparameters(spec, &mut e);
+    validate_evaluation(spec, &mut e);
+    validate_storage(spec, &mut e);
+    validate_resources(spec, &mut e);
+    if e.0.is_empty()
+        && let Err(msg) = fit::check(spec)
+    {
+        e.add("spec.resources.gpus", msg);
+    }
+    if e.0.is_empty() { Ok(()) } else { Err(e.0) }
+}
+
+/// Legal but risky settings: each becomes a warning condition on the job.
+pub fn warnings(spec: &FineTuneJobSpec) -> Vec<FieldWarning> {
+    let mut w = Vec::new();
+    if let Some(act) = spec.method.activation
+        && spec.model.preset.is_pretrained()
+        && act != crate::v1alpha1::Activation::Silu
+    {
+        w.push(FieldWarning {
+            path: "spec.method.activation".into(),
+            condition: "ActivationOverride",
+            message: format!(
+                "{} was pretrained with silu; replacing it with {act:?} changes what every \
+                     pretrained layer computes, so expect a large initial loss and more forgetting",
+                spec.model.preset
+            ),
+        });
+    }
+    w
+}
+
+fn validate_model(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let m = &spec.model;
+    match (&m.source, m.preset.is_pretrained()) {
+        (None, true) => e.add(
+            "spec.model.source",
+            format!(
+                "{} needs a source: hf://org/name[@revision] or pvc://claim/path",
+                m.preset
+            ),
+        ),
+        (Some(src), _) => {
+            if let Err(err) = Source::parse(src, SourceKind::Model) {
+                e.add("spec.model.source", err.to_string());
+            }
+        }
+        (None, false) => {}
+    }
+    if let Some(token) = &m.token_secret_ref {
+        if !m.source.as_deref().is_some_and(|s| s.starts_with("hf://")) {
+            e.add(
+                "spec.model.tokenSecretRef",
+                "a token is only used with an hf:// source",
+            );
+        }
+        if !is_dns_subdomain(&token.name) {
+            e.add(
+                "spec.model.tokenSecretRef.name",
+                "must be a valid Secret name",
+            );
+        }
+        if token.key.is_empty() {
+            e.add("spec.model.tokenSecretRef.key", "must not be empty");
+        }
+    }
+}
+
+fn validate_dataset(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let d = &spec.dataset;
+    if let Err(err) = Source::parse(&d.source, SourceKind::Dataset) {
+        e.add("spec.dataset.source", err.to_string());
+    }
+    match d.columns.task() {
+        None => e.add(
+            "spec.dataset.columns",
+            "set exactly one shape: text + label, prompt + completion, or messages",
+        ),
+        Some(DatasetTask::Chat) if d.format != DatasetFormat::Jsonl => e.add(
+            "spec.dataset.columns.messages",
+            "chat messages need format: jsonl",
+        ),
+        Some(_) => {}
+    }
+    if !(d.validation_split > 0.0 && d.validation_split <= 0.5) {
+        e.add("spec.dataset.validationSplit", "must be in (0, 0.5]");
+    }
+    let c = &d.cleaning;
+    if c.min_chars > c.max_chars {
+        e.add(
+            "spec.dataset.cleaning.minChars",
+            format!("{} is larger than maxChars {}", c.min_chars, c.max_chars),
+        );
+    }
+    if !(0.0..=1.0).contains(&c.max_invalid_fraction) {
+        e.add(
+            "spec.dataset.cleaning.maxInvalidFraction",
+            "must be in [0, 1]",
+        );
+    }
+    if !c.allowed_labels.is_empty() {
+        if d.columns.task() != Some(DatasetTask::Classification) {
+            e.add(
+                "spec.dataset.cleaning.allowedLabels",
+                "only classification datasets (text + label) have labels",
+            );
+        }
+        let folded: BTreeSet<String> = c
+            .allowed_labels
+            .iter()
+            .map(|l| l.trim().to_lowercase())
+            .collect();
+        if folded.len() != c.allowed_labels.len() {
+            e.add(
+                "spec.dataset.cleaning.allowedLabels",
+                "labels repeat (ignoring case)",
+            );
+        }
+        if c.allowed_labels.len() < 2 {
+            e.add(
+                "spec.dataset.cleaning.allowedLabels",
+                "a classifier needs at least 2 labels",
+            );
+        }
+    }
+}
+
+fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let m = &spec.method;
+    let arch = spec.model.preset.architecture();
+    if m.method_type == MethodType::Full && m.lora.is_some() {
+        e.add(
+            "spec.method.lora",
+            "LoRA settings are only used with type: lora",
+        );
+    }
+    if let Some(lora) = &m.lora {
+        if lora.rank == 0 || lora.rank > arch.hidden_size {
+            e.add(
+                "spec.method.lora.rank",
+                format!(
+                    "must be in 1..={} (the hidden size of {})",
+                    arch.hidden_size, spec.model.preset
+                ),
+            );
+        }
+        if lora.alpha.is_nan() || lora.alpha <= 0.0 {
+            e.add("spec.method.lora.alpha", "must be positive");
+        }
+        if !(0.0..1.0).contains(&lora.dropout) {
+            e.add("spec.method.lora.dropout", "must be in [0, 1)");
+        }
+        if lora.target_modules.is_empty() {
+            e.add(
+                "spec.method.lora.targetModules",
+                "name at least one projection",
+            );
+        }
+        let unique: BTreeSet<_> = lora.target_modules.iter().collect();
+        if unique.len() != lora.target_modules.len() {
+            e.add("spec.method.lora.targetModules", "modules repeat");
+        }
+    }
+    if let Some(sel) = &m.trainable_layers {
+        match (sel.last, &sel.indices) {
+            (Some(_), Some(_)) => e.add(
+                "spec.method.trainableLayers",
+                "set either last or indices, not both",
+            ),
+            (None, None) => e.add("spec.method.trainableLayers", "set last or indices"),
+            (Some(n), None) if n == 0 || n > arch.num_layers => e.add(
+                "spec.method.trainableLayers.last",
+                format!(
+                    "must be in 1..={} ({} has {} layers)",
+                    arch.num_layers, spec.model.preset, arch.num_layers
+                ),
+            ),
+            (None, Some(ix)) => {
+                if ix.is_empty() {
+                    e.add("spec.method.trainableLayers.indices", "must not be empty");
+                }
+                for (i, layer) in ix.iter().enumerate() {
+                    if *layer >= arch.num_layers {
+                        e.add(
+                            &format!("spec.method.trainableLayers.indices[{i}]"),
+                            format!(
+                                "layer {layer} does not exist: {} has layers 0..{}",
+                                spec.model.preset, arch.num_layers
+                            ),
+                        );
+                    }
+                }
+                if ix.iter().collect::<BTreeSet<_>>().len() != ix.len() {
+                    e.add("spec.method.trainableLayers.indices", "indices repeat");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn validate_hyperparameters(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let h = &spec.hyperparameters;
+    let arch = spec.model.preset.architecture();
+    if !(h.learning_rate > 0.0 && h.learning_rate <= 1.0) {
+        e.add("spec.hyperparameters.learningRate", "must be in (0, 1]");
+    }
+    if h.epochs == 0 {
+        e.add("spec.hyperparameters.epochs", "must be at least 1");
+    }
+    if let Some(max) = h.max_steps {
+        if max == 0 {
+            e.add("spec.hyperparameters.maxSteps", "must be at least 1");
+        } else if u64::from(h.warmup_steps) >= max {
+            e.add(
+                "spec.hyperparameters.warmupSteps",
+                format!(
+                    "{} warmup steps leave no training in maxSteps {max}",
+                    h.warmup_steps
+                ),
+            );
+        }
+    }
+    if h.batch_size == 0 {
+        e.add("spec.hyperparameters.batchSize", "must be at least 1");
+    }
+    if h.gradient_accumulation_steps == 0 {
+        e.add(
+            "spec.hyperparameters.gradientAccumulationSteps",
+            "must be at least 1",
+        );
+    }
+    if h.max_sequence_length > arch.max_position_embeddings {
+        e.add(
+            "spec.hyperparameters.maxSequenceLength",
+            format!(
+                "{} exceeds the {} positions {} was trained for",
+                h.max_sequence_length, arch.max_position_embeddings, spec.model.preset
+            ),
+        );
+    }
+    if h.max_sequence_length < 8 {
+        e.add(
+            "spec.hyperparameters.maxSequenceLength",
+            "must be at least 8",
+        );
+    }
+    if !(0.0..=1.0).contains(&h.weight_decay) {
+        e.add("spec.hyperparameters.weightDecay", "must be in [0, 1]");
+    }
+    if !(h.max_grad_norm >= 0.0 && h.max_grad_norm.is_finite()) {
+        e.add(
+            "spec.hyperparameters.maxGradNorm",
+            "must be a finite number ≥ 0",
+        );
+    }
+    if h.precision == Some(Precision::Bf16) && fit::effective_gpus(spec) == 0 {
+        e.add(
+            "spec.hyperparameters.precision",
+            "bf16 needs GPUs; CPU training (resources.gpus: 0) uses f32",
+        );
+    }
+}
+
+fn validate_evaluation(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let ev = &spec.evaluation;
+    if ev.interval_steps == 0 {
+        e.add("spec.evaluation.intervalSteps", "must be at least 1");
+    }
+    if let Some(max) = spec.hyperparameters.max_steps
+        && u64::from(ev.interval_steps) > max
+    {
+        e.add(
+            "spec.evaluation.intervalSteps",
+            format!(
+                "{} is beyond maxSteps {max}: no evaluation would run before the end",
+                ev.interval_steps
+            ),
+        );
+    }
+    if let Some(es) = &ev.early_stopping {
+        if es.patience == 0 {
+            e.add(
+                "spec.evaluation.earlyStopping.patience",
+                "must be at least 1",
+            );
+        }
+        if !(es.min_delta >= 0.0 && es.min_delta.is_finite()) {
+            e.add(
+                "spec.evaluation.earlyStopping.minDelta",
+                "must be a finite number ≥ 0",
+            );
+        }
+    }
+    let o = &ev.overfitting;
+    if !(o.max_gap >= 0.0 && o.max_gap.is_finite()) {
+        e.add(
+            "spec.evaluation.overfitting.maxGap",
+            "must be a finite number ≥ 0",
+        );
+    }
+    if !(o.max_ratio >= 1.0 && o.max_ratio.is_finite()) {
+        e.add(
+            "spec.evaluation.overfitting.maxRatio",
+            "must be ≥ 1 (validation / training loss)",
+        );
+    }
+    for (i, p) in ev.sample_prompts.iter().enumerate() {
+        if p.trim().is_empty() {
+            e.add(
+                &format!("spec.evaluation.samplePrompts[{i}]"),
+                "must not be blank",
+            );
+        }
+    }
+    if ev.sample_prompts.len() > 16 {
+        e.add("spec.evaluation.samplePrompts", "at most 16 prompts");
+    }
+    if let Some(r) = &ev.retention
+        && let Err(err) = Source::parse(&r.source, SourceKind::Dataset)
+    {
+        e.add("spec.evaluation.retention.source", err.to_string());
+    }
+}
+
+fn validate_storage(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let c = &spec.checkpoints;
+    let s = &c.storage;
+    if s.existing_claim.is_some() && (s.size.is_some() || s.storage_class_name.is_some()) {
+        e.add(
+            "spec.checkpoints.storage.existingClaim",
+            "size and storageClassName only apply to a claim the operator creates",
+        );
+    }
+    if let Some(size) = &s.size
+        && parse_quantity_bytes(&size.0).is_none_or(|b| b < 1024.0 * 1024.0)
+    {
+        e.add(
+            "spec.checkpoints.storage.size",
+            format!("{:?} is not a size of at least 1Mi", size.0),
+        );
+    }
+    if c.interval_steps == 0 {
+        e.add("spec.checkpoints.intervalSteps", "must be at least 1");
+    }
+    if c.keep_last == 0 {
+        e.add(
+            "spec.checkpoints.keepLast",
+            "must be at least 1 (resume needs a checkpoint)",
+        );
+    }
+    if let Err(err) = check_relative_path(&spec.output.path) {
+        e.add("spec.output.path", err.to_string());
+    }
+    if spec.output.merge_weights && spec.method.method_type == MethodType::Full {
+        e.add(
+            "spec.output.mergeWeights",
+            "full fine-tuning already writes full weights",
+        );
+    }
+    if let Some(t) = spec.ttl_seconds_after_finished
+        && t < 0
+    {
+        e.add("spec.ttlSecondsAfterFinished", "must be ≥ 0");
+    }
+    if let Some(d) = spec.active_deadline_seconds
+        && d <= 0
+    {
+        e.add("spec.activeDeadlineSeconds", "must be > 0");
+    }
+}
+
+fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
+    let r = &spec.resources;
+    if spec.model.preset.is_pretrained() && fit::effective_gpus(spec) == 0 {
+        e.add(
+            "spec.resources.gpus",
+            format!(
+                "{} cannot be fine-tuned on CPU; request at least one GPU",
+                spec.model.preset
+            ),
+        );
+    }
+    if !r.gpu_resource_name.contains('/') {
+        e.add(
+            "spec.resources.gpuResourceName",
+            "must be an extended resource name like nvidia.com/gpu",
+        );
+    }
+    for (field, q) in [("cpu", &r.cpu), ("memory", &r.memory)] {
+        if let Some(q) = q
+            && parse_quantity_bytes(&q.0).is_none_or(|v| v <= 0.0)
+        {
+            e.add(
+                &format!("spec.resources.{field}"),
+                format!("{:?} is not a positive quantity", q.0),
+            );
+        }
+    }
+    if let Some(image) = &r.image
+        && (image.chars().any(char::is_whitespace) || image.is_empty())
+    {
+        e.add(
+            "spec.resources.image",
+            "must be an image reference without spaces",
+        );
+    }
+}
+
+/// Parses a Kubernetes quantity (`10Gi`, `500m`, `1.5e3`, `2`) into its value (bytes or cores).
+pub fn parse_quantity_bytes(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let value: f64 = num.parse().ok()?;
+    let mult = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        _ => return None,
+    };
+    let v = value * mult;
+    v.is_finite().then_some(v)
+}
