@@ -7,12 +7,14 @@
 
 pub mod fit;
 pub mod presets;
+pub mod progress;
 pub mod source;
 pub mod trainer_config;
 pub mod v1alpha1;
 pub mod validate;
 
 pub use presets::{ModelArchitecture, ModelPreset, PresetDefaults};
+pub use progress::{TrainerPhase, TrainerProgress};
 pub use trainer_config::{TrainerConfig, TrainerPaths};
 pub use v1alpha1::*;
 pub use validate::{FieldError, FieldWarning, validate, warnings};
