@@ -40,7 +40,7 @@ pub struct TrainerConfig {
 }
 
 /// Local paths inside the trainer pod.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainerPaths {
     /// Directory with `config.json` and `*.safetensors` (Hugging Face layout). For `tiny`

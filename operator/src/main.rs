@@ -1,20 +1,54 @@
-//! `finetune-operator`: reconciles FineTuneJobs into trainer pods (filled in by the operator issue).
+//! `finetune-operator`: reconciles FineTuneJobs into trainer pods, volumes and status.
 
 use clap::Parser;
+use finetune_operator::{Args, Context, controller, leader, metrics::Metrics, server, telemetry};
+use tracing::{error, info};
 
-/// Command-line flags of the operator; every flag can also be set from the environment.
-#[derive(Parser, Debug)]
-#[command(name = "finetune-operator", version, about)]
-struct Args {
-    /// Namespace to watch; all namespaces when empty.
-    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
-    watch_namespace: String,
-}
-
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::bail!(
-        "the reconciler is not implemented yet (watch namespace {:?})",
-        args.watch_namespace
+    telemetry::init(args.log_json);
+    let client = kube::Client::try_default().await?;
+    let version = client.apiserver_version().await?;
+    info!(server = %version.git_version, "connected to the API server");
+
+    let metrics = Metrics::new()?;
+    let health = server::Health::default();
+    let (addr, serve) = server::bind(args.metrics_address, metrics.clone(), health.clone()).await?;
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(serve);
+
+    let ctx = Context::new(client.clone(), args.clone(), metrics.clone());
+    health.set_ready(true);
+    if !args.leader_election {
+        metrics.leader.set(1);
+        controller::run(ctx).await;
+        return Ok(());
+    }
+    let identity = if args.identity.is_empty() {
+        format!("finetune-operator-{}", std::process::id())
+    } else {
+        args.identity.clone()
+    };
+    let mut leading = leader::elect(
+        client,
+        &args.leader_election_lease,
+        &args.leader_election_namespace,
+        &identity,
+        args.lease_duration,
     )
+    .await?;
+    info!(%identity, "waiting for leadership");
+    leading.wait_for(|l| *l).await?;
+    info!(%identity, "became the leader");
+    metrics.leader.set(1);
+    tokio::select! {
+        () = controller::run(ctx) => Ok(()),
+        lost = leading.wait_for(|l| !*l) => {
+            metrics.leader.set(0);
+            error!(%identity, "lost leadership; exiting so a fresh replica can rejoin");
+            lost?;
+            anyhow::bail!("lost leadership")
+        }
+    }
 }

@@ -1,0 +1,117 @@
+//! Pure construction of the objects a FineTuneJob owns: the trainer ConfigMap, the checkpoint
+//! PersistentVolumeClaim, the metrics Service and the trainer Pod. No I/O: every function here
+//! takes the job and settings and returns objects, and is tested from YAML fixtures.
+
+mod objects;
+mod pod;
+mod volumes;
+
+pub use objects::{checkpoint_claim, config_map, metrics_service};
+pub use pod::trainer_pod;
+pub use volumes::{DataPlan, MOUNT_ROOT, plan_volumes};
+
+use finetune_api::FineTuneJob;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+
+use crate::{Error, Result};
+
+/// Default trainer image (CPU build).
+pub const DEFAULT_TRAINER_IMAGE: &str = "ghcr.io/finetune-operator/trainer:0.1.0";
+/// Default trainer image for GPU jobs (CUDA build).
+pub const DEFAULT_TRAINER_CUDA_IMAGE: &str = "ghcr.io/finetune-operator/trainer:0.1.0-cuda";
+/// Default image of the download init steps (ships `finetune-fetch`).
+pub const DEFAULT_FETCH_IMAGE: &str = "ghcr.io/finetune-operator/operator:0.1.0";
+
+/// Operator-wide settings the builders need.
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    /// Trainer image for CPU jobs.
+    pub trainer_image: String,
+    /// Trainer image for GPU jobs.
+    pub trainer_cuda_image: String,
+    /// Image with `finetune-fetch`.
+    pub fetch_image: String,
+    /// Hugging Face endpoint for model downloads.
+    pub hf_endpoint: String,
+    /// Pretrained tiny base inside the trainer image.
+    pub tiny_model_dir: String,
+    /// Llama 2 tokenizer inside the trainer image.
+    pub tiny_tokenizer_file: String,
+    /// Grace period of trainer pods.
+    pub trainer_grace_seconds: i64,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        BuildSettings {
+            trainer_image: DEFAULT_TRAINER_IMAGE.into(),
+            trainer_cuda_image: DEFAULT_TRAINER_CUDA_IMAGE.into(),
+            fetch_image: DEFAULT_FETCH_IMAGE.into(),
+            hf_endpoint: "https://huggingface.co".into(),
+            tiny_model_dir: "/opt/finetune/tiny-base".into(),
+            tiny_tokenizer_file: "/opt/finetune/tokenizer/tokenizer.json".into(),
+            trainer_grace_seconds: 120,
+        }
+    }
+}
+
+impl From<&crate::Args> for BuildSettings {
+    fn from(a: &crate::Args) -> Self {
+        BuildSettings {
+            trainer_image: a.trainer_image.clone(),
+            trainer_cuda_image: a.trainer_cuda_image.clone(),
+            fetch_image: a.fetch_image.clone(),
+            hf_endpoint: a.hf_endpoint.clone(),
+            tiny_model_dir: a.tiny_model_dir.clone(),
+            tiny_tokenizer_file: a.tiny_tokenizer_file.clone(),
+            trainer_grace_seconds: a.trainer_grace_seconds,
+        }
+    }
+}
+
+/// Every child of a job, as it should be.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// The rendered trainer configuration.
+    pub config_map: ConfigMap,
+    /// The checkpoint claim, when the operator creates it.
+    pub checkpoint_claim: Option<PersistentVolumeClaim>,
+    /// The metrics Service.
+    pub metrics_service: Service,
+    /// The trainer pod of the current attempt.
+    pub pod: Pod,
+}
+
+/// Builds every child of `job` for the given attempt.
+pub fn children(job: &FineTuneJob, settings: &BuildSettings, attempt: u32) -> Result<Children> {
+    let plan = plan_volumes(job, settings)?;
+    Ok(Children {
+        config_map: config_map(job, &plan)?,
+        checkpoint_claim: checkpoint_claim(job)?,
+        metrics_service: metrics_service(job)?,
+        pod: trainer_pod(job, settings, &plan, attempt)?,
+    })
+}
+
+/// The owner reference that makes a child garbage-collected with its job.
+pub fn owner_reference(job: &FineTuneJob) -> Result<OwnerReference> {
+    job.controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))
+}
+
+/// Name and namespace of a job.
+pub fn name_and_namespace(job: &FineTuneJob) -> Result<(String, String)> {
+    let name = job
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    let ns = job
+        .meta()
+        .namespace
+        .clone()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    Ok((name, ns))
+}

@@ -1,0 +1,110 @@
+//! The trainer ConfigMap, the checkpoint claim and the metrics Service.
+
+use std::collections::BTreeMap;
+
+use finetune_api::progress::TRAINER_METRICS_PORT;
+use finetune_api::{FineTuneJob, TrainerConfig};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, Service, ServicePort, ServiceSpec,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::volumes::{CONFIG_FILE, DataPlan};
+use super::{name_and_namespace, owner_reference};
+use crate::Result;
+use crate::names::{self, SPEC_HASH_ANNOTATION};
+use crate::spec_change::immutable_hash;
+
+/// Default size of a checkpoint claim the operator creates.
+pub const DEFAULT_CHECKPOINT_SIZE: &str = "10Gi";
+
+fn meta(job: &FineTuneJob, name: String) -> Result<ObjectMeta> {
+    let (job_name, namespace) = name_and_namespace(job)?;
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace),
+        labels: Some(names::common_labels(&job_name)),
+        owner_references: Some(vec![owner_reference(job)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// The trainer configuration, rendered from the spec and the planned paths. Its annotation
+/// records the hash of the spec's immutable parts (see [`crate::spec_change`]).
+pub fn config_map(job: &FineTuneJob, plan: &DataPlan) -> Result<ConfigMap> {
+    let (name, namespace) = name_and_namespace(job)?;
+    let config = TrainerConfig::from_spec(
+        format!("{namespace}/{name}"),
+        &job.spec,
+        plan.paths.clone(),
+        format!("0.0.0.0:{TRAINER_METRICS_PORT}"),
+    );
+    let mut m = meta(job, names::config_map(&name))?;
+    m.annotations = Some(BTreeMap::from([(
+        SPEC_HASH_ANNOTATION.to_string(),
+        immutable_hash(&job.spec),
+    )]));
+    Ok(ConfigMap {
+        metadata: m,
+        data: Some(BTreeMap::from([(
+            CONFIG_FILE.to_string(),
+            serde_json::to_string_pretty(&config)?,
+        )])),
+        ..ConfigMap::default()
+    })
+}
+
+/// The checkpoint claim, unless the job names an existing one. With `retain: true` it carries no
+/// owner reference, so it outlives the job.
+pub fn checkpoint_claim(job: &FineTuneJob) -> Result<Option<PersistentVolumeClaim>> {
+    let storage = &job.spec.checkpoints.storage;
+    if storage.existing_claim.is_some() {
+        return Ok(None);
+    }
+    let (name, _) = name_and_namespace(job)?;
+    let mut m = meta(job, names::checkpoint_claim(&name))?;
+    if storage.retain {
+        m.owner_references = None;
+    }
+    let size = storage
+        .size
+        .clone()
+        .unwrap_or_else(|| Quantity(DEFAULT_CHECKPOINT_SIZE.into()));
+    Ok(Some(PersistentVolumeClaim {
+        metadata: m,
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), size)])),
+                limits: None,
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    }))
+}
+
+/// A headless Service selecting the trainer pod, with the `metrics` port (for ServiceMonitors).
+pub fn metrics_service(job: &FineTuneJob) -> Result<Service> {
+    let (name, _) = name_and_namespace(job)?;
+    Ok(Service {
+        metadata: meta(job, names::metrics_service(&name))?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(names::trainer_selector(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".into()),
+                port: i32::from(TRAINER_METRICS_PORT),
+                target_port: Some(IntOrString::String("metrics".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}

@@ -1,0 +1,176 @@
+//! The trainer pod: one per attempt, meeting the "restricted" Pod Security profile, with no
+//! service-account token, a read-only root file system and a grace period that covers a
+//! checkpoint save.
+
+use std::collections::BTreeMap;
+
+use finetune_api::FineTuneJob;
+use finetune_api::fit::effective_gpus;
+use finetune_api::progress::TRAINER_METRICS_PORT;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::volumes::{CONFIG_DIR, CONFIG_FILE, DataPlan};
+use super::{BuildSettings, name_and_namespace, owner_reference};
+use crate::Result;
+use crate::names::{self, ATTEMPT_LABEL, TRAINER_CONTAINER};
+
+/// User and group the trainer runs as (non-root).
+pub const TRAINER_UID: i64 = 65532;
+
+/// Container security context of the "restricted" profile.
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(TRAINER_UID),
+        run_as_group: Some(TRAINER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn resources(job: &FineTuneJob) -> ResourceRequirements {
+    let r = &job.spec.resources;
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(cpu) = &r.cpu {
+        requests.insert("cpu".to_string(), cpu.clone());
+        limits.insert("cpu".to_string(), cpu.clone());
+    }
+    if let Some(mem) = &r.memory {
+        requests.insert("memory".to_string(), mem.clone());
+        limits.insert("memory".to_string(), mem.clone());
+    }
+    let gpus = effective_gpus(&job.spec);
+    if gpus > 0 {
+        // Extended resources are set as limits (requests default to them and must be equal).
+        limits.insert(r.gpu_resource_name.clone(), Quantity(gpus.to_string()));
+        requests.insert(r.gpu_resource_name.clone(), Quantity(gpus.to_string()));
+    }
+    ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// Builds the trainer pod of one attempt.
+pub fn trainer_pod(
+    job: &FineTuneJob,
+    settings: &BuildSettings,
+    plan: &DataPlan,
+    attempt: u32,
+) -> Result<Pod> {
+    let (name, namespace) = name_and_namespace(job)?;
+    let spec = &job.spec;
+    let gpus = effective_gpus(spec);
+    let image = spec.resources.image.clone().unwrap_or_else(|| {
+        if gpus > 0 {
+            settings.trainer_cuda_image.clone()
+        } else {
+            settings.trainer_image.clone()
+        }
+    });
+    let mut labels = names::common_labels(&name);
+    labels.extend(names::trainer_selector(&name));
+    labels.insert(ATTEMPT_LABEL.into(), attempt.to_string());
+    let trainer = Container {
+        name: TRAINER_CONTAINER.into(),
+        image: Some(image),
+        command: Some(vec!["finetune-trainer".into()]),
+        args: Some(vec![
+            "train".into(),
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+            "--resume".into(),
+            "auto".into(),
+            "--metrics-address".into(),
+            format!("$(POD_IP):{TRAINER_METRICS_PORT}"),
+        ]),
+        env: Some(vec![
+            field_env("POD_IP", "status.podIP"),
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: i32::from(TRAINER_METRICS_PORT),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(resources(job)),
+        volume_mounts: Some(plan.mounts.clone()),
+        security_context: Some(restricted_container_security()),
+        termination_message_path: Some(plan.paths.termination_message_file.clone()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    };
+    let r = &spec.resources;
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(names::trainer_pod(&name, attempt)),
+            namespace: Some(namespace),
+            labels: Some(labels),
+            owner_references: Some(vec![owner_reference(job)?]),
+            annotations: Some(BTreeMap::from([(
+                "prometheus.io/port".to_string(),
+                TRAINER_METRICS_PORT.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(settings.trainer_grace_seconds),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(TRAINER_UID),
+                run_as_group: Some(TRAINER_UID),
+                fs_group: Some(TRAINER_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..PodSecurityContext::default()
+            }),
+            init_containers: (!plan.init_containers.is_empty())
+                .then(|| plan.init_containers.clone()),
+            containers: vec![trainer],
+            volumes: Some(plan.volumes.clone()),
+            node_selector: (!r.node_selector.is_empty()).then(|| r.node_selector.clone()),
+            tolerations: (!r.tolerations.is_empty()).then(|| r.tolerations.clone()),
+            affinity: r.affinity.clone(),
+            priority_class_name: r.priority_class_name.clone(),
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
+}

@@ -1,0 +1,297 @@
+//! Where each input and output of a job lives inside the trainer pod, and which volumes and
+//! download init steps put it there.
+
+use finetune_api::source::{Source, SourceKind};
+use finetune_api::{DatasetFormat, FineTuneJob, TrainerPaths};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    PersistentVolumeClaimVolumeSource, SecretKeySelector, Volume, VolumeMount,
+};
+
+use super::BuildSettings;
+use super::pod::restricted_container_security;
+use crate::names;
+use crate::{Error, Result};
+
+/// Every path the trainer sees is under this directory.
+pub const MOUNT_ROOT: &str = "/var/lib/finetune";
+/// Mount path of the trainer configuration.
+pub const CONFIG_DIR: &str = "/etc/finetune";
+/// File name of the trainer configuration in its ConfigMap.
+pub const CONFIG_FILE: &str = "trainer.json";
+
+/// Volumes, mounts and init steps of a job, and the resulting paths.
+#[derive(Clone, Debug, Default)]
+pub struct DataPlan {
+    /// Pod volumes.
+    pub volumes: Vec<Volume>,
+    /// Mounts of the trainer container.
+    pub mounts: Vec<VolumeMount>,
+    /// Download steps, run before the trainer.
+    pub init_containers: Vec<Container>,
+    /// The paths written into the trainer configuration.
+    pub paths: TrainerPaths,
+    /// Claim holding the output.
+    pub output_claim: String,
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
+    Volume {
+        name: name.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.into(),
+            read_only: Some(read_only),
+        }),
+        ..Volume::default()
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+fn config_map_volume(name: &str, cm: &str, key: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: cm.into(),
+            items: Some(vec![KeyToPath {
+                key: key.into(),
+                path: key.into(),
+                mode: None,
+            }]),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn fetch_container(
+    name: &str,
+    settings: &BuildSettings,
+    args: Vec<String>,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(settings.fetch_image.clone()),
+        command: Some(vec!["finetune-fetch".into()]),
+        args: Some(args),
+        volume_mounts: Some(mounts),
+        security_context: Some(restricted_container_security()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    }
+}
+
+/// One input file (dataset or retention text): its volume, mount, optional download step and
+/// resulting path.
+fn plan_file_input(
+    plan: &mut DataPlan,
+    volume: &str,
+    uri: &str,
+    sha256: Option<&str>,
+    file_name: &str,
+    settings: &BuildSettings,
+) -> Result<String> {
+    let dir = format!("{MOUNT_ROOT}/{volume}");
+    let source =
+        Source::parse(uri, SourceKind::Dataset).map_err(|e| Error::Render(e.to_string()))?;
+    let path = match source {
+        Source::Pvc { claim, path } => {
+            plan.volumes.push(claim_volume(volume, &claim, true));
+            plan.mounts.push(mount(volume, &dir, true));
+            format!("{dir}/{path}")
+        }
+        Source::ConfigMap { name, key } => {
+            plan.volumes.push(config_map_volume(volume, &name, &key));
+            plan.mounts.push(mount(volume, &dir, true));
+            format!("{dir}/{key}")
+        }
+        Source::Https { url } => {
+            plan.volumes.push(empty_dir(volume));
+            plan.mounts.push(mount(volume, &dir, true));
+            let dest = format!("{dir}/{file_name}");
+            let mut args = vec![
+                "url".into(),
+                "--url".into(),
+                url,
+                "--dest".into(),
+                dest.clone(),
+            ];
+            if let Some(sum) = sha256 {
+                args.extend(["--sha256".into(), sum.into()]);
+            }
+            plan.init_containers.push(fetch_container(
+                &format!("fetch-{volume}"),
+                settings,
+                args,
+                vec![mount(volume, &dir, false)],
+            ));
+            dest
+        }
+        Source::HuggingFace { .. } => {
+            return Err(Error::Render(format!("{uri}: hf:// is only for models")));
+        }
+    };
+    Ok(path)
+}
+
+/// Plans volumes, mounts, download steps and paths for a job.
+pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataPlan> {
+    let (name, _) = super::name_and_namespace(job)?;
+    let spec = &job.spec;
+    let mut plan = DataPlan::default();
+
+    // Trainer configuration and scratch space (the root file system is read-only).
+    plan.volumes.push(config_map_volume(
+        "config",
+        &names::config_map(&name),
+        CONFIG_FILE,
+    ));
+    plan.mounts.push(mount("config", CONFIG_DIR, true));
+    plan.volumes.push(empty_dir("scratch"));
+    plan.mounts.push(mount("scratch", "/tmp", false));
+
+    // Checkpoints (and by default the output).
+    let ckpt_claim = spec
+        .checkpoints
+        .storage
+        .existing_claim
+        .clone()
+        .unwrap_or_else(|| names::checkpoint_claim(&name));
+    let ckpt_dir = format!("{MOUNT_ROOT}/checkpoints");
+    plan.volumes
+        .push(claim_volume("checkpoints", &ckpt_claim, false));
+    plan.mounts.push(mount("checkpoints", &ckpt_dir, false));
+    let output_dir = match &spec.output.claim_name {
+        Some(claim) => {
+            plan.volumes.push(claim_volume("output", claim, false));
+            plan.mounts
+                .push(mount("output", &format!("{MOUNT_ROOT}/output"), false));
+            plan.output_claim = claim.clone();
+            format!("{MOUNT_ROOT}/output/{}", spec.output.path)
+        }
+        None => {
+            plan.output_claim = ckpt_claim;
+            format!("{ckpt_dir}/{}", spec.output.path)
+        }
+    };
+
+    // The model.
+    let (model_dir, tokenizer_file) = match spec.model.source.as_deref() {
+        None => (
+            settings.tiny_model_dir.clone(),
+            settings.tiny_tokenizer_file.clone(),
+        ),
+        Some(uri) => {
+            let dir = format!("{MOUNT_ROOT}/model");
+            match Source::parse(uri, SourceKind::Model).map_err(|e| Error::Render(e.to_string()))? {
+                Source::Pvc { claim, path } => {
+                    plan.volumes.push(claim_volume("model", &claim, true));
+                    plan.mounts.push(mount("model", &dir, true));
+                    let d = format!("{dir}/{path}");
+                    (d.clone(), format!("{d}/tokenizer.json"))
+                }
+                Source::HuggingFace {
+                    org,
+                    name: repo,
+                    revision,
+                } => {
+                    plan.volumes.push(empty_dir("model"));
+                    plan.mounts.push(mount("model", &dir, true));
+                    let mut c = fetch_container(
+                        "fetch-model",
+                        settings,
+                        vec![
+                            "hf".into(),
+                            "--repo".into(),
+                            format!("{org}/{repo}"),
+                            "--revision".into(),
+                            revision.unwrap_or_else(|| "main".into()),
+                            "--dest".into(),
+                            dir.clone(),
+                        ],
+                        vec![mount("model", &dir, false)],
+                    );
+                    let mut envs = vec![env("HF_ENDPOINT", &settings.hf_endpoint)];
+                    if let Some(secret) = &spec.model.token_secret_ref {
+                        // The token reaches the download step only through the Secret.
+                        envs.push(EnvVar {
+                            name: "HF_TOKEN".into(),
+                            value: None,
+                            value_from: Some(EnvVarSource {
+                                secret_key_ref: Some(SecretKeySelector {
+                                    name: secret.name.clone(),
+                                    key: secret.key.clone(),
+                                    optional: Some(false),
+                                }),
+                                ..EnvVarSource::default()
+                            }),
+                        });
+                    }
+                    c.env = Some(envs);
+                    plan.init_containers.push(c);
+                    (dir.clone(), format!("{dir}/tokenizer.json"))
+                }
+                other => return Err(Error::Render(format!("{other} is not a model source"))),
+            }
+        }
+    };
+
+    let ext = match spec.dataset.format {
+        DatasetFormat::Csv => "csv",
+        DatasetFormat::Jsonl => "jsonl",
+    };
+    let dataset_file = plan_file_input(
+        &mut plan,
+        "dataset",
+        &spec.dataset.source,
+        spec.dataset.sha256.as_deref(),
+        &format!("data.{ext}"),
+        settings,
+    )?;
+    let retention_file = match &spec.evaluation.retention {
+        Some(r) => Some(plan_file_input(
+            &mut plan,
+            "retention",
+            &r.source,
+            None,
+            "retention.txt",
+            settings,
+        )?),
+        None => None,
+    };
+
+    plan.paths = TrainerPaths {
+        model_dir,
+        tokenizer_file,
+        dataset_file,
+        retention_file,
+        checkpoint_dir: format!("{ckpt_dir}/checkpoints"),
+        output_dir,
+        termination_message_file: "/dev/termination-log".into(),
+    };
+    Ok(plan)
+}

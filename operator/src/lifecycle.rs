@@ -1,0 +1,230 @@
+//! Pure lifecycle decisions: how a finished trainer pod is classified, and how long to wait
+//! before the next attempt.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::names::TRAINER_CONTAINER;
+
+/// How a trainer pod ended, or where it stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodOutcome {
+    /// Not yet scheduled; `Some(message)` when the scheduler said why it cannot be.
+    Pending(Option<String>),
+    /// Running.
+    Running,
+    /// Exited 0; the termination message (the final progress document).
+    Succeeded(String),
+    /// Failed in a way that counts against `backoffLimit`.
+    Failed(Failure),
+    /// Ended by an eviction, preemption or node loss: retried without counting.
+    Disrupted(String),
+}
+
+/// A counted failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Short CamelCase reason (`OOMKilled`, `Error`, ...).
+    pub reason: String,
+    /// Human-readable message with a hint where one helps.
+    pub message: String,
+}
+
+/// Classifies a trainer pod.
+pub fn classify(pod: &Pod) -> PodOutcome {
+    let Some(status) = pod.status.as_ref() else {
+        return PodOutcome::Pending(None);
+    };
+    let pod_reason = status.reason.clone().unwrap_or_default();
+    let disrupted = matches!(
+        pod_reason.as_str(),
+        "Evicted" | "Preempting" | "Preempted" | "NodeLost" | "Terminated"
+    ) || status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True");
+    let trainer = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == TRAINER_CONTAINER);
+    let terminated = trainer
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    match status.phase.as_deref() {
+        Some("Succeeded") => PodOutcome::Succeeded(
+            terminated
+                .and_then(|t| t.message.clone())
+                .unwrap_or_default(),
+        ),
+        Some("Failed") if disrupted => PodOutcome::Disrupted(format!(
+            "{pod_reason}: {}",
+            status.message.clone().unwrap_or_default()
+        )),
+        Some("Failed") => PodOutcome::Failed(failure(pod)),
+        Some("Running") => PodOutcome::Running,
+        _ => {
+            let unschedulable = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
+                .map(|c| {
+                    c.message
+                        .clone()
+                        .unwrap_or_else(|| "no node fits the pod".into())
+                });
+            PodOutcome::Pending(unschedulable)
+        }
+    }
+}
+
+fn failure(pod: &Pod) -> Failure {
+    let status = pod.status.as_ref();
+    let all = status.iter().flat_map(|s| {
+        s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+    });
+    for c in all {
+        let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref()) else {
+            if let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref())
+                && let Some(reason) = &w.reason
+            {
+                return Failure {
+                    reason: reason.clone(),
+                    message: format!(
+                        "container {}: {}",
+                        c.name,
+                        w.message.clone().unwrap_or_default()
+                    ),
+                };
+            }
+            continue;
+        };
+        if t.exit_code == 0 {
+            continue;
+        }
+        let reason = t.reason.clone().unwrap_or_else(|| "Error".into());
+        let detail: String = t
+            .message
+            .clone()
+            .unwrap_or_default()
+            .chars()
+            .take(600)
+            .collect();
+        if reason == "OOMKilled" || t.exit_code == 137 && reason != "Error" {
+            return Failure {
+                reason: "OOMKilled".into(),
+                message: format!(
+                    "container {} was killed for exceeding its memory limit (exit {}). Hint: lower \
+                     hyperparameters.batchSize or maxSequenceLength, use method.type: lora, train \
+                     fewer layers, or raise resources.memory. {detail}",
+                    c.name, t.exit_code
+                ),
+            };
+        }
+        return Failure {
+            reason,
+            message: format!(
+                "container {} exited with code {}: {detail}",
+                c.name, t.exit_code
+            ),
+        };
+    }
+    Failure {
+        reason: "Failed".into(),
+        message: status
+            .and_then(|s| s.message.clone())
+            .unwrap_or_else(|| "pod failed".into()),
+    }
+}
+
+/// The delay before attempt `restarts + 1`: `base × 2^(restarts-1)`, capped at `max`.
+pub fn backoff(restarts: u32, base: Duration, max: Duration) -> Duration {
+    if restarts == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 2u32.saturating_pow(restarts.saturating_sub(1).min(20));
+    base.saturating_mul(factor).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let base = Duration::from_secs(10);
+        let max = Duration::from_secs(300);
+        assert_eq!(backoff(0, base, max), Duration::ZERO);
+        assert_eq!(backoff(1, base, max), Duration::from_secs(10));
+        assert_eq!(backoff(3, base, max), Duration::from_secs(40));
+        assert_eq!(backoff(30, base, max), max);
+    }
+
+    #[test]
+    fn oom_kill_is_named_with_a_hint() {
+        let p = pod(include_str!("../tests/fixtures/pod-oomkilled.yaml"));
+        match classify(&p) {
+            PodOutcome::Failed(f) => {
+                assert_eq!(f.reason, "OOMKilled");
+                assert!(f.message.contains("batchSize"), "{}", f.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn eviction_is_a_disruption() {
+        let p = pod(include_str!("../tests/fixtures/pod-evicted.yaml"));
+        assert!(
+            matches!(classify(&p), PodOutcome::Disrupted(_)),
+            "{:?}",
+            classify(&p)
+        );
+    }
+
+    #[test]
+    fn unschedulable_carries_the_scheduler_message() {
+        let p = pod(include_str!("../tests/fixtures/pod-unschedulable.yaml"));
+        match classify(&p) {
+            PodOutcome::Pending(Some(m)) => {
+                assert!(m.contains("Insufficient nvidia.com/gpu"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exit_code_is_reported() {
+        let p = pod(include_str!("../tests/fixtures/pod-error.yaml"));
+        match classify(&p) {
+            PodOutcome::Failed(f) => {
+                assert_eq!(f.reason, "Error");
+                assert!(f.message.contains("exited with code 3"), "{}", f.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn success_keeps_the_termination_message() {
+        let p = pod(include_str!("../tests/fixtures/pod-succeeded.yaml"));
+        match classify(&p) {
+            PodOutcome::Succeeded(m) => assert!(m.contains("\"phase\":\"done\""), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The operator's Prometheus metrics, on a registry it owns. Labels are bounded: reconcile
+//! result, phase, restart reason class.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Every metric of the operator.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry served on /metrics.
+    pub registry: Registry,
+    /// `finetune_operator_reconcile_total{result}`.
+    pub reconcile_total: IntCounterVec,
+    /// `finetune_operator_reconcile_duration_seconds`.
+    pub reconcile_duration: Histogram,
+    /// `finetune_operator_jobs{phase}`.
+    pub jobs: IntGaugeVec,
+    /// `finetune_operator_pod_restarts_total{reason}`.
+    pub pod_restarts: IntCounterVec,
+    /// `finetune_operator_unschedulable_seconds`: how long jobs waited unschedulable before a
+    /// node took them.
+    pub unschedulable_seconds: Histogram,
+    /// `finetune_operator_unschedulable_jobs`: jobs currently unschedulable.
+    pub unschedulable_jobs: IntGauge,
+    /// `finetune_operator_leader`: 1 on the replica holding the leader Lease.
+    pub leader: IntGauge,
+    /// `finetune_operator_status_writes_total`: status patches sent.
+    pub status_writes: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let reconcile_total = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_reconcile_total",
+                "Reconciliations by result (ok, error).",
+            ),
+            &["result"],
+        )?;
+        let reconcile_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "finetune_operator_reconcile_duration_seconds",
+                "Time spent in one reconciliation.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        let jobs = IntGaugeVec::new(
+            Opts::new(
+                "finetune_operator_jobs",
+                "FineTuneJobs known to the operator, by phase.",
+            ),
+            &["phase"],
+        )?;
+        let pod_restarts = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_pod_restarts_total",
+                "Trainer pods replaced, by reason (failure, oom, disruption).",
+            ),
+            &["reason"],
+        )?;
+        let unschedulable_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "finetune_operator_unschedulable_seconds",
+                "Seconds jobs waited as Unschedulable before their trainer pod was scheduled.",
+            )
+            .buckets(vec![
+                1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+            ]),
+        )?;
+        let unschedulable_jobs = IntGauge::new(
+            "finetune_operator_unschedulable_jobs",
+            "Jobs whose trainer pod cannot be scheduled now.",
+        )?;
+        let leader = IntGauge::new(
+            "finetune_operator_leader",
+            "1 when this replica is the leader.",
+        )?;
+        let status_writes = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_status_writes_total",
+                "Status patches sent, by result.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(reconcile_total.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(jobs.clone()))?;
+        registry.register(Box::new(pod_restarts.clone()))?;
+        registry.register(Box::new(unschedulable_seconds.clone()))?;
+        registry.register(Box::new(unschedulable_jobs.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(status_writes.clone()))?;
+        for phase in finetune_api::JobPhase::ALL {
+            jobs.with_label_values(&[phase.as_str()]).set(0);
+        }
+        Ok(Metrics {
+            registry,
+            reconcile_total,
+            reconcile_duration,
+            jobs,
+            pod_restarts,
+            unschedulable_seconds,
+            unschedulable_jobs,
+            leader,
+            status_writes,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if encoder
+            .encode_utf8(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            buf.clear();
+        }
+        buf
+    }
+}

@@ -1,0 +1,236 @@
+//! Pure status helpers: kstatus-style conditions and the mapping from the trainer's progress
+//! document to the FineTuneJob's status.
+
+use finetune_api::{
+    CheckpointStatus, FineTuneJobStatus, JobPhase, Progress, TrainerProgress, TrainingMetrics,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// Condition types the operator sets.
+pub mod condition {
+    /// The job reached its goal (Succeeded) — kstatus' readiness signal.
+    pub const READY: &str = "Ready";
+    /// The job is moving towards its goal (pending or training).
+    pub const PROGRESSING: &str = "Progressing";
+    /// Training finished and the output was written.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// The job failed for good.
+    pub const FAILED: &str = "Failed";
+    /// The job is suspended.
+    pub const SUSPENDED: &str = "Suspended";
+    /// The trainer flagged overfitting.
+    pub const OVERFITTING: &str = "Overfitting";
+    /// The trainer's step has not advanced for the stall timeout.
+    pub const STALLED: &str = "Stalled";
+    /// No node can take the trainer pod.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// The spec is invalid, or a change to it was refused.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}
+
+/// Sets a condition, keeping `lastTransitionTime` when the status value does not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let status_str = if status { "True" } else { "False" };
+    let message: String = message.chars().take(1024).collect();
+    if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != status_str {
+            c.last_transition_time = now.clone();
+        }
+        c.status = status_str.into();
+        c.reason = reason.into();
+        c.message = message;
+        c.observed_generation = generation;
+    } else {
+        conditions.push(Condition {
+            type_: type_.into(),
+            status: status_str.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        });
+    }
+}
+
+/// Removes a condition.
+pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) {
+    conditions.retain(|c| c.type_ != type_);
+}
+
+/// Whether a condition is present and True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Sets the phase together with the summary conditions kstatus and Argo CD read (Ready,
+/// Progressing, Succeeded, Failed, Suspended).
+pub fn set_phase(
+    status: &mut FineTuneJobStatus,
+    phase: JobPhase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    status.phase = Some(phase);
+    let c = &mut status.conditions;
+    let (ready, progressing, succeeded, failed, suspended) = match phase {
+        JobPhase::Pending | JobPhase::Running => (false, true, false, false, false),
+        JobPhase::Succeeded => (true, false, true, false, false),
+        JobPhase::Failed => (false, false, false, true, false),
+        JobPhase::Suspended => (false, false, false, false, true),
+    };
+    set_condition(c, condition::READY, ready, reason, message, generation, now);
+    set_condition(
+        c,
+        condition::PROGRESSING,
+        progressing,
+        reason,
+        message,
+        generation,
+        now,
+    );
+    if succeeded || is_true(c, condition::SUCCEEDED) {
+        set_condition(
+            c,
+            condition::SUCCEEDED,
+            succeeded,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+    if failed || is_true(c, condition::FAILED) {
+        set_condition(
+            c,
+            condition::FAILED,
+            failed,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+    if suspended || is_true(c, condition::SUSPENDED) {
+        set_condition(
+            c,
+            condition::SUSPENDED,
+            suspended,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+}
+
+/// Round to 4 decimals so that tiny float noise does not cause status writes.
+fn round(v: Option<f64>) -> Option<f64> {
+    v.filter(|x| x.is_finite())
+        .map(|x| (x * 10_000.0).round() / 10_000.0)
+}
+
+/// Copies the trainer's progress document into the status (progress, metrics, checkpoints).
+pub fn apply_progress(status: &mut FineTuneJobStatus, p: &TrainerProgress) {
+    let percent = (p.step.min(p.total_steps) * 100)
+        .checked_div(p.total_steps)
+        .map_or(0, |v| u32::try_from(v).unwrap_or(100));
+    status.progress = Some(Progress {
+        step: p.step,
+        total_steps: p.total_steps,
+        epoch: p.epoch,
+        percent,
+        eta_seconds: p.eta_seconds.map(|s| s / 10 * 10),
+        summary: format!("{}/{} ({percent}%)", p.step, p.total_steps),
+        trainer_phase: Some(p.phase.as_str().into()),
+    });
+    status.metrics = Some(TrainingMetrics {
+        train_loss: round(p.train_loss),
+        validation_loss: round(p.validation_loss),
+        generalization_gap: round(p.generalization_gap),
+        best_validation_loss: round(p.best_validation_loss),
+        best_step: p.best_step,
+        validation_accuracy: round(p.validation_accuracy),
+        tokens_per_second: p.tokens_per_second.map(|t| t.round()),
+        retention_perplexity_ratio: round(p.retention_perplexity_ratio),
+    });
+    if p.latest_checkpoint.is_some() || p.best_checkpoint.is_some() {
+        status.checkpoints = Some(CheckpointStatus {
+            latest: p.latest_checkpoint.clone(),
+            best: p.best_checkpoint.clone(),
+            latest_step: p.latest_checkpoint_step,
+        });
+    }
+}
+
+/// Parses a trainer termination message (the final progress document).
+pub fn parse_termination_message(message: &str) -> Option<TrainerProgress> {
+    serde_json::from_str(message.trim()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH))
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_changes() {
+        let mut c = Vec::new();
+        set_condition(&mut c, "Ready", false, "A", "m", Some(1), &t(10));
+        set_condition(&mut c, "Ready", false, "B", "m2", Some(2), &t(20));
+        assert_eq!(c[0].last_transition_time, t(10));
+        assert_eq!(c[0].reason, "B");
+        set_condition(&mut c, "Ready", true, "C", "m3", Some(2), &t(30));
+        assert_eq!(c[0].last_transition_time, t(30));
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn phases_set_kstatus_conditions() {
+        let mut s = FineTuneJobStatus::default();
+        set_phase(&mut s, JobPhase::Running, "Training", "", Some(1), &t(1));
+        assert!(is_true(&s.conditions, "Progressing"));
+        assert!(!is_true(&s.conditions, "Ready"));
+        set_phase(&mut s, JobPhase::Succeeded, "Completed", "", Some(1), &t(2));
+        assert!(is_true(&s.conditions, "Ready"));
+        assert!(is_true(&s.conditions, "Succeeded"));
+        assert!(!is_true(&s.conditions, "Progressing"));
+        assert!(s.conditions.iter().all(|c| c.type_ != "Failed"));
+    }
+
+    #[test]
+    fn progress_maps_to_status() {
+        let p = TrainerProgress {
+            step: 30,
+            total_steps: 120,
+            epoch: 1,
+            train_loss: Some(0.123456789),
+            validation_loss: Some(0.2),
+            latest_checkpoint: Some("step-00000025".into()),
+            latest_checkpoint_step: Some(25),
+            ..TrainerProgress::default()
+        };
+        let mut s = FineTuneJobStatus::default();
+        apply_progress(&mut s, &p);
+        let progress = s.progress.clone().unwrap_or_default();
+        assert_eq!(progress.percent, 25);
+        assert_eq!(progress.summary, "30/120 (25%)");
+        assert_eq!(s.metrics.as_ref().and_then(|m| m.train_loss), Some(0.1235));
+        assert_eq!(s.checkpoints.as_ref().and_then(|c| c.latest_step), Some(25));
+    }
+}

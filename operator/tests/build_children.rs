@@ -1,0 +1,258 @@
+//! The pure builders, from the sample YAML: what a trainer pod and its companions look like.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use finetune_api::{FineTuneJob, TrainerConfig};
+use finetune_operator::build::{BuildSettings, children};
+use k8s_openapi::api::core::v1::Pod;
+
+fn job(sample: &str) -> FineTuneJob {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/samples")
+        .join(sample);
+    let mut job: FineTuneJob =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    job.metadata.namespace = Some("team-a".into());
+    job.metadata.uid = Some("0b5a6c1e-0000-4000-8000-000000000001".into());
+    job
+}
+
+fn trainer(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
+    &pod.spec.as_ref().unwrap().containers[0]
+}
+
+#[test]
+fn trainer_pod_meets_the_restricted_profile() {
+    for sample in ["tiny-sentiment-cpu.yaml", "llama-2-7b-lora-sentiment.yaml"] {
+        let c = children(&job(sample), &BuildSettings::default(), 0).unwrap();
+        let spec = c.pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.automount_service_account_token,
+            Some(false),
+            "{sample}"
+        );
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert!(
+            spec.termination_grace_period_seconds.unwrap() >= 60,
+            "grace covers a checkpoint"
+        );
+        let psc = spec.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        for container in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            let sc = container.security_context.as_ref().unwrap();
+            assert_eq!(
+                sc.allow_privilege_escalation,
+                Some(false),
+                "{}",
+                container.name
+            );
+            assert_eq!(
+                sc.read_only_root_filesystem,
+                Some(true),
+                "{}",
+                container.name
+            );
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_string()][..])
+            );
+            assert!(sc.privileged.is_none());
+        }
+        let volumes = spec.volumes.as_ref().unwrap();
+        assert!(
+            volumes.iter().all(|v| v.host_path.is_none()),
+            "no hostPath volumes"
+        );
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.name == "scratch" && v.empty_dir.is_some())
+        );
+        let port = &trainer(&c.pod).ports.as_ref().unwrap()[0];
+        assert_eq!(port.name.as_deref(), Some("metrics"));
+    }
+}
+
+#[test]
+fn gpu_requests_come_from_the_spec_or_the_preset() {
+    let seven = children(
+        &job("llama-2-7b-lora-sentiment.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let res = trainer(&seven.pod).resources.as_ref().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+    assert_eq!(
+        trainer(&seven.pod).image.as_deref(),
+        Some(finetune_operator::build::DEFAULT_TRAINER_CUDA_IMAGE)
+    );
+
+    let mut seventy = job("llama-2-70b-lora.yaml");
+    seventy.spec.resources.gpus = None; // the preset's default
+    let c = children(&seventy, &BuildSettings::default(), 0).unwrap();
+    let res = trainer(&c.pod).resources.as_ref().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "4");
+
+    let tiny = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let res = trainer(&tiny.pod).resources.as_ref().unwrap();
+    assert!(!res.limits.as_ref().unwrap().contains_key("nvidia.com/gpu"));
+    assert_eq!(
+        trainer(&tiny.pod).image.as_deref(),
+        Some(finetune_operator::build::DEFAULT_TRAINER_IMAGE)
+    );
+}
+
+#[test]
+fn hub_token_is_passed_only_by_secret_reference() {
+    let c = children(
+        &job("llama-2-7b-lora-sentiment.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let inits = c
+        .pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .clone()
+        .unwrap();
+    let fetch = inits.iter().find(|i| i.name == "fetch-model").unwrap();
+    let token = fetch
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "HF_TOKEN")
+        .unwrap();
+    assert!(token.value.is_none());
+    let sel = token
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!((sel.name.as_str(), sel.key.as_str()), ("hf-token", "token"));
+    assert!(
+        fetch
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"meta-llama/Llama-2-7b-hf".to_string())
+    );
+    // The trainer itself never sees the token.
+    assert!(
+        trainer(&c.pod)
+            .env
+            .iter()
+            .flatten()
+            .all(|e| e.name != "HF_TOKEN")
+    );
+}
+
+#[test]
+fn config_map_carries_the_trainer_configuration() {
+    let c = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let text = &c.config_map.data.as_ref().unwrap()["trainer.json"];
+    let cfg: TrainerConfig = serde_json::from_str(text).unwrap();
+    assert_eq!(cfg.job, "team-a/tiny-sentiment");
+    assert!(!cfg.use_gpu);
+    assert_eq!(
+        cfg.paths.dataset_file,
+        "/var/lib/finetune/dataset/reviews.csv"
+    );
+    assert_eq!(
+        cfg.paths.retention_file.as_deref(),
+        Some("/var/lib/finetune/retention/general.txt")
+    );
+    assert_eq!(
+        cfg.paths.checkpoint_dir,
+        "/var/lib/finetune/checkpoints/checkpoints"
+    );
+    assert_eq!(cfg.paths.output_dir, "/var/lib/finetune/checkpoints/output");
+    assert_eq!(cfg.hyperparameters.max_steps, Some(150));
+    let pvc = c.checkpoint_claim.unwrap();
+    assert_eq!(
+        pvc.metadata.name.as_deref(),
+        Some("tiny-sentiment-checkpoints")
+    );
+    let size = &pvc.spec.unwrap().resources.unwrap().requests.unwrap()["storage"];
+    assert_eq!(size.0, "1Gi");
+}
+
+#[test]
+fn https_datasets_get_a_download_step_with_checksum() {
+    let c = children(&job("llama-2-13b-lora.yaml"), &BuildSettings::default(), 0).unwrap();
+    let inits = c
+        .pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .clone()
+        .unwrap();
+    let fetch = inits.iter().find(|i| i.name == "fetch-dataset").unwrap();
+    let args = fetch.args.clone().unwrap();
+    assert!(args.contains(&"--sha256".to_string()));
+    assert!(args.contains(&"/var/lib/finetune/dataset/data.jsonl".to_string()));
+}
+
+#[test]
+fn children_are_owned_and_labelled() {
+    let j = job("tiny-sentiment-cpu.yaml");
+    let c = children(&j, &BuildSettings::default(), 3).unwrap();
+    assert_eq!(
+        c.pod.metadata.name.as_deref(),
+        Some("tiny-sentiment-trainer-3")
+    );
+    for meta in [
+        &c.pod.metadata,
+        &c.config_map.metadata,
+        &c.metrics_service.metadata,
+    ] {
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "FineTuneJob");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["finetune.dev/job"],
+            "tiny-sentiment"
+        );
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
+            "finetune-operator"
+        );
+    }
+    let mut retained = j.clone();
+    retained.spec.checkpoints.storage.retain = true;
+    let c = children(&retained, &BuildSettings::default(), 0).unwrap();
+    assert!(
+        c.checkpoint_claim
+            .unwrap()
+            .metadata
+            .owner_references
+            .is_none(),
+        "retained claims outlive the job"
+    );
+}
