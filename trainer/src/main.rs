@@ -1,17 +1,360 @@
-//! `finetune-trainer`: trains a Llama-family model for one FineTuneJob (filled in by the trainer issue).
+//! `finetune-trainer`: trains a Llama-family model for one FineTuneJob.
 
-use clap::Parser;
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use finetune_trainer::data::Encoder;
+use finetune_trainer::data::clean::{CleaningOptions, Format, read_dataset_file};
+use finetune_trainer::data::jsonl::ColumnMapping;
+use finetune_trainer::data::template::PromptTemplate;
+use finetune_trainer::metrics::{Metrics, Phase};
+use finetune_trainer::model::pretrain::{PretrainSettings, pretrain};
+use finetune_trainer::model::weights::Weights;
+use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
 
 /// Command-line interface of the trainer.
 #[derive(Parser, Debug)]
 #[command(name = "finetune-trainer", version, about)]
 struct Args {
-    /// Path of the trainer configuration file.
-    #[arg(long, env = "FINETUNE_CONFIG")]
-    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Resume {
+    /// Continue from the newest checkpoint whose manifest verifies.
+    Auto,
+    /// Start from scratch.
+    Never,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train according to a trainer configuration file (finetune_api::TrainerConfig, YAML or JSON).
+    Train {
+        /// Path of the trainer configuration file.
+        #[arg(long, env = "FINETUNE_CONFIG")]
+        config: PathBuf,
+        /// Resume policy.
+        #[arg(long, value_enum, default_value_t = Resume::Auto)]
+        resume: Resume,
+    },
+    /// Validate a dataset and print the cleaning report without training.
+    PrepareData {
+        /// Trainer configuration (for columns and cleaning); or give --dataset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Dataset file (CSV or JSONL).
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        /// Text column.
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        /// Label column.
+        #[arg(long, default_value = "label")]
+        label_column: String,
+        /// Fail on the first invalid row.
+        #[arg(long)]
+        fail_on_invalid: bool,
+    },
+    /// Initialise the tiny preset (HF layout), optionally pretraining it on general text.
+    InitTiny {
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// tokenizer.json (its vocabulary size sets the model's).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Text file (one passage per line) for a short pretraining.
+        #[arg(long)]
+        pretrain_text: Option<PathBuf>,
+        /// Pretraining steps.
+        #[arg(long, default_value_t = 300)]
+        pretrain_steps: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Rebuild even when a matching model is cached in `out`.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Greedy generation with a model and optional PEFT adapter.
+    Generate {
+        /// HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// tokenizer.json (default: MODEL/tokenizer.json).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// User prompt (rendered with the Llama 2 chat template unless --raw).
+        #[arg(long)]
+        prompt: String,
+        /// Use the prompt as is.
+        #[arg(long)]
+        raw: bool,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+    },
+    /// Print the report of a finished run.
+    Report {
+        /// Output directory holding report.json.
+        dir: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if std::io::stderr().is_terminal() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
 }
 
 fn main() -> anyhow::Result<()> {
+    init_logging();
     let args = Args::parse();
-    anyhow::bail!("training is not implemented yet (config {:?})", args.config)
+    match args.command {
+        Command::Train { config, resume } => train(config, resume),
+        Command::PrepareData {
+            config,
+            dataset,
+            text_column,
+            label_column,
+            fail_on_invalid,
+        } => {
+            let (path, format, opts) = match (config, dataset) {
+                (Some(c), _) => {
+                    let cfg = finetune_trainer::config::read_config(&c)?;
+                    let p = finetune_trainer::config::to_params(&cfg)?;
+                    (p.dataset, p.format, p.cleaning)
+                }
+                (None, Some(d)) => {
+                    let mut o = CleaningOptions {
+                        columns: ColumnMapping {
+                            text: text_column,
+                            label: label_column,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    if fail_on_invalid {
+                        o.on_invalid_row = finetune_trainer::data::InvalidRowPolicy::Fail;
+                    }
+                    (d, None::<Format>, o)
+                }
+                (None, None) => bail!("give --config or --dataset"),
+            };
+            let t0 = std::time::Instant::now();
+            let (_, report) = read_dataset_file(&path, format, &opts)?;
+            let secs = t0.elapsed().as_secs_f64();
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!(
+                "{} rows in {:.2} s ({:.0} rows/s), peak RSS {:.1} MiB",
+                report.rows_read,
+                secs,
+                report.rows_read as f64 / secs.max(1e-9),
+                finetune_trainer::metrics::registry::peak_memory_bytes().unwrap_or(0) as f64
+                    / 1048576.0
+            );
+            Ok(())
+        }
+        Command::InitTiny {
+            out,
+            tokenizer,
+            pretrain_text,
+            pretrain_steps,
+            seed,
+            force,
+        } => init_tiny(out, tokenizer, pretrain_text, pretrain_steps, seed, force),
+        Command::Generate {
+            model,
+            adapter,
+            tokenizer,
+            prompt,
+            raw,
+            max_new_tokens,
+        } => generate(model, adapter, tokenizer, prompt, raw, max_new_tokens),
+        Command::Report { dir } => {
+            println!("{}", finetune_trainer::run::print_report(&dir)?);
+            Ok(())
+        }
+    }
+}
+
+fn train(config: PathBuf, resume: Resume) -> anyhow::Result<()> {
+    let cfg = finetune_trainer::config::read_config(&config)?;
+    let model_dir = PathBuf::from(&cfg.paths.model_dir);
+    if !model_dir.join("config.json").exists() {
+        if cfg.model.preset != finetune_api::ModelPreset::Tiny || cfg.model.source.is_some() {
+            bail!("model directory {} has no config.json", model_dir.display());
+        }
+        tracing::warn!(dir = %model_dir.display(), "no model: initialising the tiny preset (random weights)");
+        init_tiny(
+            model_dir.clone(),
+            PathBuf::from(&cfg.paths.tokenizer_file),
+            None,
+            0,
+            7,
+            false,
+        )?;
+    }
+    let params = finetune_trainer::config::to_params(&cfg)?;
+    let metrics = Metrics::new().context("metrics registry")?;
+    if let Some(addr) = &params.metrics_address {
+        let bound = finetune_trainer::metrics::server::serve(addr, metrics.clone())?;
+        tracing::info!(%bound, "serving /metrics and /progress");
+    }
+    match finetune_trainer::run::run_job(params, resume == Resume::Auto, Some(metrics.clone())) {
+        Ok(report) => {
+            println!("{}", report.summary());
+            if report.status == "interrupted" {
+                // Non-zero so the Job restarts the pod, which then resumes.
+                std::process::exit(143);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            metrics.update_progress(|p| {
+                p.phase = Phase::Failed;
+                p.message = Some(e.to_string());
+            });
+            let _ = std::fs::write(
+                &cfg.paths.termination_message_file,
+                format!("failed: {e}")
+                    .chars()
+                    .take(3900)
+                    .collect::<String>(),
+            );
+            Err(e.into())
+        }
+    }
+}
+
+fn init_tiny(
+    out: PathBuf,
+    tokenizer: PathBuf,
+    text: Option<PathBuf>,
+    steps: usize,
+    seed: u64,
+    force: bool,
+) -> anyhow::Result<()> {
+    let enc = Encoder::from_file(&tokenizer, PromptTemplate::default(), 64)?;
+    let cfg = tiny::tiny_config(enc.vocab_size());
+    let marker = serde_json::json!({
+        "config": cfg,
+        "seed": seed,
+        "pretrainText": text.as_ref().map(|t| t.display().to_string()),
+        "pretrainSteps": if text.is_some() { steps } else { 0 },
+    });
+    let marker_path = out.join("init-tiny.json");
+    if !force
+        && out.join("model.safetensors").exists()
+        && std::fs::read_to_string(&marker_path)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .as_ref()
+            == Some(&marker)
+    {
+        eprintln!("cached tiny model in {}", out.display());
+        return Ok(());
+    }
+    let mut weights = tiny::init_weights(&cfg, seed, &candle_core::Device::Cpu)?;
+    if let Some(t) = &text
+        && steps > 0
+    {
+        let t0 = std::time::Instant::now();
+        let s = PretrainSettings {
+            steps,
+            seed,
+            ..Default::default()
+        };
+        let (w, first, last) = pretrain(&cfg, weights, &enc, t, &s)?;
+        eprintln!(
+            "pretrained {steps} steps in {:.0} s: loss {first:.3} -> {last:.3}",
+            t0.elapsed().as_secs_f64()
+        );
+        weights = w;
+    }
+    tiny::write_hf_model(&out, &cfg, &weights)?;
+    std::fs::copy(&tokenizer, out.join("tokenizer.json"))?;
+    std::fs::write(&marker_path, serde_json::to_string_pretty(&marker)?)?;
+    eprintln!(
+        "wrote {} ({} parameters)",
+        out.display(),
+        cfg.num_parameters()
+    );
+    Ok(())
+}
+
+fn generate(
+    model_dir: PathBuf,
+    adapter: Option<PathBuf>,
+    tokenizer: Option<PathBuf>,
+    prompt: String,
+    raw: bool,
+    max_new: usize,
+) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    let tok = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    let enc = Encoder::from_file(&tok, PromptTemplate::default(), cfg.max_position_embeddings)?;
+    let weights = Weights::from_dir(&model_dir, candle_core::DType::F32, &device)?;
+    let (spec, tensors) = match &adapter {
+        Some(a) => {
+            let c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json"))?)?;
+            let rank = c["r"].as_u64().context("adapter_config.json: r")? as usize;
+            let settings = LoraSettings {
+                rank,
+                alpha: c["lora_alpha"].as_f64().unwrap_or(rank as f64),
+                dropout: 0.0,
+                target_modules: c["target_modules"]
+                    .as_array()
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                layers: c["layers_to_transform"].as_array().map(|v| {
+                    v.iter()
+                        .filter_map(|x| x.as_u64().map(|n| n as usize))
+                        .collect()
+                }),
+            };
+            let t = candle_core::safetensors::load(a.join("adapter_model.safetensors"), &device)?;
+            (TrainableSpec::Lora(settings), t)
+        }
+        None => (TrainableSpec::Frozen, HashMap::new()),
+    };
+    let model = Llama::from_weights(&cfg, weights, &spec, 0, &device)?;
+    if adapter.is_some() {
+        model.load_trainable(&tensors)?;
+    }
+    let text = if raw {
+        let mut ids = vec![enc.bos];
+        ids.extend(enc.tokens(&prompt)?);
+        let out = model.generate_greedy(&ids, max_new, Some(enc.eos))?;
+        enc.decode(&out)?
+    } else {
+        finetune_trainer::eval::sample(&model, &enc, &prompt, max_new)?
+    };
+    println!("{text}");
+    Ok(())
 }

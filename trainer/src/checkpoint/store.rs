@@ -1,0 +1,285 @@
+//! The checkpoint directory: `checkpoint-00000042/` folders, each with trainable weights,
+//! optimizer moments, a `state.json`, and a `manifest.json` (written last) holding SHA-256
+//! checksums of the other files. A folder is assembled under a temporary name and renamed into
+//! place, so a crash never leaves a checkpoint that looks complete.
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::atomic::{fsync_dir, save_safetensors_atomic, sha256_file, write_atomic};
+use crate::rng::Rng;
+use crate::{Result, TrainerError};
+
+const WEIGHTS: &str = "trainable.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+const MANIFEST: &str = "manifest.json";
+const PREFIX: &str = "checkpoint-";
+
+/// Training position and bookkeeping saved with each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Micro-batches of the current epoch already consumed.
+    pub batch_in_epoch: usize,
+    /// Dropout random stream.
+    pub rng: Rng,
+    /// Optimizer step counter.
+    pub optimizer_step: usize,
+    /// Validation loss at this checkpoint, when evaluated.
+    pub val_loss: Option<f64>,
+    /// Best validation loss so far and the step it was reached.
+    pub best: Option<(f64, usize)>,
+    /// Evaluation history and other state the trainer wants back (opaque here).
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    step: usize,
+    files: BTreeMap<String, String>,
+}
+
+/// A verified checkpoint, loaded.
+#[derive(Debug)]
+pub struct LoadedCheckpoint {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Saved state.
+    pub state: CheckpointState,
+    /// Trainable tensors by name.
+    pub weights: HashMap<String, Tensor>,
+    /// Optimizer moments.
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+/// Manages the checkpoints under one directory.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    root: PathBuf,
+    keep_last: usize,
+    keep_best: bool,
+}
+
+impl CheckpointStore {
+    /// A store under `root` keeping the last `keep_last` checkpoints (and the best when `keep_best`).
+    pub fn new(root: impl Into<PathBuf>, keep_last: usize, keep_best: bool) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| TrainerError::io(&root, e))?;
+        Ok(Self {
+            root,
+            keep_last: keep_last.max(1),
+            keep_best,
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir_for(&self, step: usize) -> PathBuf {
+        self.root.join(format!("{PREFIX}{step:08}"))
+    }
+
+    /// Writes a checkpoint atomically and applies retention. Returns its directory.
+    pub fn save(
+        &self,
+        state: &CheckpointState,
+        weights: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+    ) -> Result<PathBuf> {
+        let final_dir = self.dir_for(state.step);
+        let tmp = self.root.join(format!(
+            ".tmp-{PREFIX}{:08}-{}",
+            state.step,
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+        save_safetensors_atomic(&tmp.join(WEIGHTS), weights)?;
+        if optimizer.is_empty() {
+            write_atomic(&tmp.join(OPTIMIZER), b"")?;
+        } else {
+            save_safetensors_atomic(&tmp.join(OPTIMIZER), optimizer)?;
+        }
+        write_atomic(
+            &tmp.join(STATE),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
+        let mut files = BTreeMap::new();
+        for f in [WEIGHTS, OPTIMIZER, STATE] {
+            files.insert(f.to_string(), sha256_file(&tmp.join(f))?);
+        }
+        let manifest = Manifest {
+            format: 1,
+            step: state.step,
+            files,
+        };
+        write_atomic(
+            &tmp.join(MANIFEST),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
+        fsync_dir(&self.root)?;
+        self.prune(state.best.map(|b| b.1))?;
+        Ok(final_dir)
+    }
+
+    /// Checkpoint directories with their steps, newest first.
+    pub fn list(&self) -> Result<Vec<(usize, PathBuf)>> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.root).map_err(|e| TrainerError::io(&self.root, e))?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(n) = name.strip_prefix(PREFIX)
+                && let Ok(step) = n.parse::<usize>()
+            {
+                out.push((step, entry.path()));
+            }
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.0));
+        Ok(out)
+    }
+
+    fn prune(&self, best_step: Option<usize>) -> Result<()> {
+        let all = self.list()?;
+        for (i, (step, dir)) in all.iter().enumerate() {
+            let keep = i < self.keep_last || (self.keep_best && Some(*step) == best_step);
+            if !keep {
+                std::fs::remove_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies the manifest checksums of one checkpoint directory.
+    pub fn verify(dir: &Path) -> Result<()> {
+        let bad = |reason: String| TrainerError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let mpath = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&mpath).map_err(|e| bad(format!("manifest: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| bad(format!("manifest: {e}")))?;
+        for f in [WEIGHTS, OPTIMIZER, STATE] {
+            let want = manifest
+                .files
+                .get(f)
+                .ok_or_else(|| bad(format!("manifest lacks {f}")))?;
+            let got = sha256_file(&dir.join(f)).map_err(|e| bad(e.to_string()))?;
+            if &got != want {
+                return Err(bad(format!("checksum mismatch for {f}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a checkpoint directory after verifying it.
+    pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+        Self::verify(dir)?;
+        let state_path = dir.join(STATE);
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| TrainerError::io(&state_path, e))?;
+        let state: CheckpointState = serde_json::from_str(&text)?;
+        let weights = candle_core::safetensors::load(dir.join(WEIGHTS), device)?;
+        let opt_path = dir.join(OPTIMIZER);
+        let opt_len = std::fs::metadata(&opt_path)
+            .map_err(|e| TrainerError::io(&opt_path, e))?
+            .len();
+        let optimizer = if opt_len == 0 {
+            HashMap::new()
+        } else {
+            candle_core::safetensors::load(&opt_path, device)?
+        };
+        Ok(LoadedCheckpoint {
+            dir: dir.to_path_buf(),
+            state,
+            weights,
+            optimizer,
+        })
+    }
+
+    /// The newest checkpoint that verifies; corrupt or partial ones are reported (returned in
+    /// the second element) and skipped.
+    pub fn latest_valid(&self, device: &Device) -> Result<(Option<LoadedCheckpoint>, Vec<String>)> {
+        let mut skipped = Vec::new();
+        for (_, dir) in self.list()? {
+            match Self::load(&dir, device) {
+                Ok(c) => return Ok((Some(c), skipped)),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %dir.display(), error = %e, "skipping invalid checkpoint");
+                    skipped.push(e.to_string());
+                }
+            }
+        }
+        Ok((None, skipped))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> CheckpointState {
+        CheckpointState {
+            step,
+            epoch: 0,
+            batch_in_epoch: step,
+            rng: Rng::new(1),
+            optimizer_step: step,
+            val_loss: None,
+            best: None,
+            extra: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn save_verify_retain_and_skip_corrupt() {
+        let dir = std::env::temp_dir().join(format!("ckpt-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = CheckpointStore::new(&dir, 2, false).unwrap();
+        let dev = Device::Cpu;
+        for step in [1, 2, 3] {
+            let w = HashMap::from([(
+                "a".to_string(),
+                Tensor::new(&[step as f32, 2.0], &dev).unwrap(),
+            )]);
+            store.save(&state(step), &w, &HashMap::new()).unwrap();
+        }
+        let steps: Vec<usize> = store.list().unwrap().iter().map(|x| x.0).collect();
+        assert_eq!(steps, vec![3, 2]);
+        // Corrupt the newest: flip a byte of its weights.
+        let newest = store.list().unwrap()[0].1.join(WEIGHTS);
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&newest, bytes).unwrap();
+        let (c, skipped) = store.latest_valid(&dev).unwrap();
+        let c = c.unwrap();
+        assert_eq!(c.state.step, 2);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains("checksum"), "{skipped:?}");
+        assert_eq!(c.weights["a"].to_vec1::<f32>().unwrap(), vec![2.0, 2.0]);
+        // A partial checkpoint without manifest is skipped too.
+        std::fs::remove_file(store.list().unwrap()[1].1.join(MANIFEST)).unwrap();
+        let (c, skipped) = store.latest_valid(&dev).unwrap();
+        assert!(c.is_none());
+        assert_eq!(skipped.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

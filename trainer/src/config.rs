@@ -1,0 +1,173 @@
+//! Maps `finetune_api::TrainerConfig` (the file the operator renders into a ConfigMap) onto the
+//! trainer's own [`TrainParams`]; the API crate is the single source of truth for the fields.
+
+use finetune_api::{
+    Activation, DatasetFormat, LrScheduler, MethodType, OnInvalidRow, Precision, PromptStyle,
+    TargetModule, TrainableLayers, TrainerConfig,
+};
+use std::path::{Path, PathBuf};
+
+use crate::data::clean::{CleaningOptions, Format, InvalidRowPolicy};
+use crate::data::jsonl::ColumnMapping;
+use crate::data::template::PromptTemplate;
+use crate::model::{LlamaConfig, LoraSettings, TrainableSpec};
+use crate::optim::ScheduleKind;
+use crate::train::params::{EvalParams, TrainParams};
+use crate::{Result, TrainerError};
+
+/// Reads a trainer configuration file (YAML or JSON).
+pub fn read_config(path: &Path) -> Result<TrainerConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+    serde_yaml::from_str(&text)
+        .map_err(|e| TrainerError::Config(format!("{}: {e}", path.display())))
+}
+
+fn target_name(t: &TargetModule) -> String {
+    let path = t.hf_path();
+    path.rsplit('.').next().unwrap_or(path).to_string()
+}
+
+fn activation_name(a: &Activation) -> &'static str {
+    match a {
+        Activation::Silu => "silu",
+        Activation::Gelu => "gelu",
+        Activation::GeluTanh => "gelu_pytorch_tanh",
+        Activation::Relu => "relu",
+    }
+}
+
+/// Resolves the configuration into the trainer's parameters. The model's `config.json` is read
+/// to resolve layer selections, so the model directory must exist (see `init-tiny`).
+pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
+    let model_dir = PathBuf::from(&c.paths.model_dir);
+    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    let layers_sel = TrainableLayers::resolve(
+        c.method.trainable_layers.as_ref(),
+        cfg.num_hidden_layers as u32,
+    );
+    let layers: Vec<usize> = layers_sel.iter().map(|&i| i as usize).collect();
+    let all_layers = c.method.trainable_layers.is_none();
+    let method = match c.method.method_type {
+        MethodType::Lora => {
+            let l = c.method.lora_or_default().unwrap_or_default();
+            TrainableSpec::Lora(LoraSettings {
+                rank: l.rank as usize,
+                alpha: l.alpha,
+                dropout: l.dropout as f32,
+                target_modules: l.target_modules.iter().map(target_name).collect(),
+                layers: if all_layers { None } else { Some(layers) },
+            })
+        }
+        MethodType::Full => TrainableSpec::Full {
+            layers: if all_layers { None } else { Some(layers) },
+            embeddings_and_head: all_layers,
+        },
+    };
+    let d = &c.dataset;
+    let task = d.columns.task();
+    let classification = matches!(task, Some(finetune_api::DatasetTask::Classification) | None)
+        && d.cleaning.normalize_labels;
+    let defaults = ColumnMapping::default();
+    let (text_col, label_col) = match (
+        &d.columns.text,
+        &d.columns.label,
+        &d.columns.prompt,
+        &d.columns.completion,
+    ) {
+        (Some(t), Some(l), _, _) => (t.clone(), l.clone()),
+        (_, _, Some(p), Some(q)) if d.format == DatasetFormat::Csv => (p.clone(), q.clone()),
+        _ => (defaults.text.clone(), defaults.label.clone()),
+    };
+    let columns = ColumnMapping {
+        text: text_col,
+        label: label_col,
+        prompt: d.columns.prompt.clone().unwrap_or(defaults.prompt),
+        completion: d.columns.completion.clone().unwrap_or(defaults.completion),
+        messages: d.columns.messages.clone().unwrap_or(defaults.messages),
+    };
+    let cleaning = CleaningOptions {
+        dedupe: d.cleaning.dedupe,
+        drop_empty: d.cleaning.drop_empty,
+        min_length: Some(d.cleaning.min_chars as usize),
+        max_length: Some(d.cleaning.max_chars as usize),
+        on_invalid_row: match d.cleaning.on_invalid_row {
+            OnInvalidRow::Skip => InvalidRowPolicy::Skip,
+            OnInvalidRow::Fail => InvalidRowPolicy::Fail,
+        },
+        columns,
+        labels_are_classes: classification,
+        allowed_labels: d.cleaning.allowed_labels.clone(),
+        max_invalid_fraction: d.cleaning.max_invalid_fraction,
+    };
+    let template = match d.prompt_template.style {
+        PromptStyle::Llama2Chat => PromptTemplate::Llama2Chat {
+            system: d.prompt_template.system.clone(),
+            instruction: d.prompt_template.instruction.clone(),
+        },
+        PromptStyle::Plain => PromptTemplate::Plain {
+            instruction: d.prompt_template.instruction.clone(),
+        },
+    };
+    let h = &c.hyperparameters;
+    let e = &c.evaluation;
+    let eval = EvalParams {
+        interval: e.interval_steps as usize,
+        early_stopping_patience: e.early_stopping.as_ref().map(|s| s.patience as usize),
+        min_delta: e.early_stopping.as_ref().map_or(0.0, |s| s.min_delta),
+        max_gap: e.overfitting.max_gap,
+        max_ratio: e.overfitting.max_ratio,
+        rising_evaluations: e.overfitting.rising_evaluations as usize,
+        sample_prompts: e.sample_prompts.clone(),
+        sample_max_new_tokens: e.sample_max_new_tokens as usize,
+        retention_file: c.paths.retention_file.as_ref().map(PathBuf::from),
+        retention_max_rows: e.retention.as_ref().map_or(200, |r| r.max_rows as usize),
+        retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
+    };
+    Ok(TrainParams {
+        job: c.job.clone(),
+        model_dir,
+        tokenizer: PathBuf::from(&c.paths.tokenizer_file),
+        dataset: PathBuf::from(&c.paths.dataset_file),
+        format: Some(match d.format {
+            DatasetFormat::Csv => Format::Csv,
+            DatasetFormat::Jsonl => Format::Jsonl,
+        }),
+        cleaning,
+        template,
+        validation_split: d.validation_split,
+        data_seed: d.seed,
+        method,
+        activation: c
+            .method
+            .activation
+            .as_ref()
+            .map(|a| activation_name(a).to_string()),
+        learning_rate: h.learning_rate,
+        schedule: match h.scheduler {
+            LrScheduler::Constant => ScheduleKind::Constant,
+            LrScheduler::Linear => ScheduleKind::Linear,
+            LrScheduler::Cosine => ScheduleKind::Cosine,
+        },
+        warmup_steps: h.warmup_steps as usize,
+        epochs: h.epochs as usize,
+        max_steps: h.max_steps.map(|m| m as usize),
+        batch_size: h.batch_size as usize,
+        grad_accum: h.gradient_accumulation_steps as usize,
+        max_seq_len: h.max_sequence_length as usize,
+        weight_decay: h.weight_decay,
+        max_grad_norm: h.max_grad_norm,
+        seed: h.seed,
+        bf16: c.precision == Precision::Bf16,
+        use_gpu: c.use_gpu,
+        eval,
+        checkpoint_dir: PathBuf::from(&c.paths.checkpoint_dir),
+        checkpoint_interval: c.checkpoints.interval_steps as usize,
+        keep_last: c.checkpoints.keep_last as usize,
+        keep_best: c.checkpoints.keep_best,
+        output_dir: PathBuf::from(&c.paths.output_dir),
+        merge_weights: c.output.merge_weights,
+        metrics_address: Some(c.metrics_address.clone()).filter(|a| !a.is_empty()),
+        termination_message_file: Some(PathBuf::from(&c.paths.termination_message_file))
+            .filter(|p| !p.as_os_str().is_empty()),
+    })
+}

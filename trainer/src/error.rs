@@ -1,0 +1,70 @@
+//! Error type of the trainer library.
+
+use std::path::PathBuf;
+
+/// Result alias using [`TrainerError`].
+pub type Result<T> = std::result::Result<T, TrainerError>;
+
+/// Everything that can go wrong while preparing data, training, or checkpointing.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// An I/O operation failed on a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// JSON (de)serialisation failed.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The tokenizer failed to load or encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A dataset row is invalid and the policy is to fail.
+    #[error("{file}:{line}: invalid row: {reason}")]
+    InvalidRow {
+        /// Dataset file.
+        file: String,
+        /// 1-based line number where the row starts.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A required weight is missing or has the wrong shape.
+    #[error("weight {name}: {reason}")]
+    Weight {
+        /// HF tensor name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A checkpoint is missing, partial, or fails verification.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// Checkpoint directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The dataset is empty or unusable after cleaning.
+    #[error("data: {0}")]
+    Data(String),
+}
+
+impl TrainerError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Classification metrics from comparing each label's log-likelihood (no sampling).
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use super::sequence_log_likelihoods;
+use crate::Result;
+use crate::data::encode::{Encoded, Encoder};
+use crate::data::example::Example;
+use crate::model::Llama;
+
+/// Precision, recall, F1 and support of one class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassMetrics {
+    /// Precision.
+    pub precision: f64,
+    /// Recall.
+    pub recall: f64,
+    /// F1.
+    pub f1: f64,
+    /// True instances.
+    pub support: usize,
+}
+
+/// Accuracy, per-class metrics and the confusion matrix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassificationReport {
+    /// Fraction predicted correctly.
+    pub accuracy: f64,
+    /// Accuracy of always predicting the training set's majority class.
+    pub majority_baseline: f64,
+    /// The majority class of the training set.
+    pub majority_class: String,
+    /// Per-class metrics.
+    pub per_class: BTreeMap<String, ClassMetrics>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Examples evaluated.
+    pub n: usize,
+}
+
+/// Computes metrics from (true, predicted) pairs.
+pub fn metrics_from_pairs(
+    labels: &[String],
+    pairs: &[(String, String)],
+    majority_class: &str,
+) -> ClassificationReport {
+    let mut confusion: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for t in labels {
+        let row = confusion.entry(t.clone()).or_default();
+        for p in labels {
+            row.insert(p.clone(), 0);
+        }
+    }
+    for (t, p) in pairs {
+        *confusion
+            .entry(t.clone())
+            .or_default()
+            .entry(p.clone())
+            .or_default() += 1;
+    }
+    let n = pairs.len();
+    let correct = pairs.iter().filter(|(t, p)| t == p).count();
+    let mut per_class = BTreeMap::new();
+    for l in labels {
+        let tp = pairs.iter().filter(|(t, p)| t == l && p == l).count() as f64;
+        let pred = pairs.iter().filter(|(_, p)| p == l).count() as f64;
+        let support = pairs.iter().filter(|(t, _)| t == l).count();
+        let precision = if pred > 0.0 { tp / pred } else { 0.0 };
+        let recall = if support > 0 {
+            tp / support as f64
+        } else {
+            0.0
+        };
+        let f1 = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        per_class.insert(
+            l.clone(),
+            ClassMetrics {
+                precision,
+                recall,
+                f1,
+                support,
+            },
+        );
+    }
+    let majority_hits = pairs.iter().filter(|(t, _)| t == majority_class).count();
+    ClassificationReport {
+        accuracy: if n > 0 {
+            correct as f64 / n as f64
+        } else {
+            0.0
+        },
+        majority_baseline: if n > 0 {
+            majority_hits as f64 / n as f64
+        } else {
+            0.0
+        },
+        majority_class: majority_class.to_string(),
+        per_class,
+        confusion,
+        n,
+    }
+}
+
+/// Pre-encoded candidates for classifying a validation set.
+#[derive(Debug, Clone)]
+pub struct ClassificationSet {
+    /// Class labels.
+    pub labels: Vec<String>,
+    /// True label per example.
+    pub truth: Vec<String>,
+    /// For each example, one encoding per label (same order as `labels`).
+    pub candidates: Vec<Vec<Encoded>>,
+    /// Majority class of the training data.
+    pub majority_class: String,
+}
+
+impl ClassificationSet {
+    /// Encodes every labelled example with each label as the response.
+    pub fn new(
+        encoder: &Encoder,
+        examples: &[Example],
+        labels: &[String],
+        majority_class: &str,
+    ) -> Result<Self> {
+        let mut truth = Vec::new();
+        let mut candidates = Vec::new();
+        for ex in examples {
+            let Some(t) = &ex.label else { continue };
+            truth.push(t.clone());
+            candidates.push(encoder.encode_candidates(ex, labels)?);
+        }
+        Ok(Self {
+            labels: labels.to_vec(),
+            truth,
+            candidates,
+            majority_class: majority_class.to_string(),
+        })
+    }
+
+    /// Predicts each example's label by the highest log-likelihood of `label + EOS`.
+    pub fn evaluate(
+        &self,
+        model: &Llama,
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<ClassificationReport> {
+        let flat: Vec<&Encoded> = self.candidates.iter().flatten().collect();
+        let ll = sequence_log_likelihoods(model, &flat, batch_size, device)?;
+        let k = self.labels.len().max(1);
+        let mut pairs = Vec::with_capacity(self.truth.len());
+        for (i, t) in self.truth.iter().enumerate() {
+            let scores = &ll[i * k..(i + 1) * k];
+            let mut best = 0;
+            for (j, s) in scores.iter().enumerate() {
+                if s.0 > scores[best].0 {
+                    best = j;
+                }
+            }
+            pairs.push((t.clone(), self.labels[best].clone()));
+        }
+        Ok(metrics_from_pairs(
+            &self.labels,
+            &pairs,
+            &self.majority_class,
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_recall_f1_and_confusion() {
+        let labels = vec!["Negative".to_string(), "Positive".to_string()];
+        let p = |a: &str, b: &str| (a.to_string(), b.to_string());
+        let pairs = vec![
+            p("Positive", "Positive"),
+            p("Positive", "Positive"),
+            p("Positive", "Negative"),
+            p("Negative", "Negative"),
+            p("Negative", "Positive"),
+        ];
+        let r = metrics_from_pairs(&labels, &pairs, "Positive");
+        assert!((r.accuracy - 0.6).abs() < 1e-12);
+        assert!((r.majority_baseline - 0.6).abs() < 1e-12);
+        let pos = &r.per_class["Positive"];
+        assert!((pos.precision - 2.0 / 3.0).abs() < 1e-12);
+        assert!((pos.recall - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(pos.support, 3);
+        let neg = &r.per_class["Negative"];
+        assert!((neg.f1 - 0.5).abs() < 1e-12);
+        assert_eq!(r.confusion["Positive"]["Negative"], 1);
+        assert_eq!(r.confusion["Negative"]["Negative"], 1);
+    }
+}

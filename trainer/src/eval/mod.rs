@@ -1,0 +1,106 @@
+//! Evaluation: validation loss without a backward graph, classification by label
+//! log-likelihood with per-class metrics, retention perplexity, overfitting detection, samples.
+
+pub mod classify;
+pub mod overfit;
+pub mod report;
+
+pub use classify::{ClassMetrics, ClassificationReport};
+pub use overfit::{EvalPoint, OverfitMonitor, OverfitVerdict};
+
+use candle_core::Device;
+
+use crate::Result;
+use crate::data::batch::Batch;
+use crate::data::encode::{Encoded, Encoder};
+use crate::model::Llama;
+use crate::model::linear::FwdCtx;
+use crate::train::loss::token_log_probs;
+
+/// Sum of target log-probabilities per example, and their token counts, for encoded examples.
+pub fn sequence_log_likelihoods(
+    model: &Llama,
+    items: &[&Encoded],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<(f64, usize)>> {
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(batch_size.max(1)) {
+        let batch = Batch::new(chunk, 0, device)?;
+        let mut sums = vec![(0f64, 0usize); chunk.len()];
+        if batch.n_targets > 0 {
+            let mut ctx = FwdCtx::eval();
+            let logits =
+                model.logits_at(&batch.ids, Some(&batch.attention), &batch.rows, &mut ctx)?;
+            let lp = token_log_probs(&logits, &batch.targets)?.to_vec1::<f32>()?;
+            for (i, v) in lp.iter().enumerate() {
+                let r = batch.row_of_target[i];
+                sums[r].0 += *v as f64;
+                sums[r].1 += 1;
+            }
+        }
+        out.extend(sums);
+    }
+    Ok(out)
+}
+
+/// Mean token negative log-likelihood over encoded examples (forward only, no graph).
+pub fn mean_nll(
+    model: &Llama,
+    items: &[Encoded],
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
+    let refs: Vec<&Encoded> = items.iter().collect();
+    let ll = sequence_log_likelihoods(model, &refs, batch_size, device)?;
+    let (s, n) = ll
+        .iter()
+        .fold((0f64, 0usize), |a, x| (a.0 + x.0, a.1 + x.1));
+    Ok(if n == 0 { f64::NAN } else { -s / n as f64 })
+}
+
+/// Encodes plain text lines as language-modelling examples (every token after BOS is a target).
+pub fn encode_lm_lines(
+    encoder: &Encoder,
+    lines: &[String],
+    max_len: usize,
+) -> Result<Vec<Encoded>> {
+    let mut out = Vec::new();
+    for l in lines {
+        let mut ids = vec![encoder.bos];
+        ids.extend(encoder.tokens(l.trim())?);
+        ids.push(encoder.eos);
+        ids.truncate(max_len.max(2));
+        let mut target = vec![1u8; ids.len()];
+        target[0] = 0;
+        out.push(Encoded {
+            ids,
+            target,
+            label: None,
+            truncated: false,
+            prompt_len: 1,
+        });
+    }
+    Ok(out)
+}
+
+/// Perplexity on language-modelling examples.
+pub fn perplexity(model: &Llama, items: &[Encoded], device: &Device) -> Result<f64> {
+    Ok(mean_nll(model, items, 8, device)?.exp())
+}
+
+/// Greedy, deterministic completion of a user prompt rendered with the encoder's template.
+pub fn sample(model: &Llama, encoder: &Encoder, prompt: &str, max_new: usize) -> Result<String> {
+    let ex = crate::data::Example {
+        system: None,
+        history: vec![],
+        user: prompt.to_string(),
+        response: String::new(),
+        label: None,
+        line: 0,
+    };
+    let enc = encoder.encode(&ex)?;
+    let prompt_ids = &enc.ids[..enc.prompt_len.min(enc.ids.len())];
+    let out = model.generate_greedy(prompt_ids, max_new, Some(encoder.eos))?;
+    Ok(encoder.decode(&out)?.trim().to_string())
+}

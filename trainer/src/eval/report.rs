@@ -1,0 +1,266 @@
+//! The end-of-run report: `report.json`, `report.md`, and a short termination-message summary.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::classify::ClassificationReport;
+use crate::Result;
+use crate::checkpoint::atomic::write_atomic;
+use crate::data::clean::CleaningReport;
+use crate::train::export::Exported;
+use crate::train::trainer::EvalRecord;
+
+/// Base vs tuned output for one sample prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplePair {
+    /// The prompt.
+    pub prompt: String,
+    /// The base model's greedy output.
+    pub before: String,
+    /// The tuned model's greedy output.
+    pub after: String,
+}
+
+/// Retention perplexity before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Forgetting {
+    /// Perplexity of the base model.
+    pub before: f64,
+    /// Perplexity of the tuned model.
+    pub after: f64,
+    /// after / before (> 1 means the model got worse on general text).
+    pub ratio: f64,
+}
+
+/// What the base model scored before training (kept across resumes in `before.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Before {
+    /// Validation loss of the base model.
+    pub validation_loss: Option<f64>,
+    /// Classification metrics of the base model.
+    pub classification: Option<ClassificationReport>,
+    /// Retention perplexity of the base model.
+    pub retention_perplexity: Option<f64>,
+    /// Base model outputs for the sample prompts.
+    pub samples: Vec<(String, String)>,
+}
+
+/// The full report of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Job name.
+    pub job: String,
+    /// `succeeded`, `early-stopped` or `interrupted`.
+    pub status: String,
+    /// Why it stopped.
+    pub stop_reason: String,
+    /// Training method.
+    pub method: String,
+    /// Trainable parameters.
+    pub trainable_parameters: usize,
+    /// Optimizer steps done and planned.
+    pub steps: usize,
+    /// Planned steps.
+    pub total_steps: usize,
+    /// Wall time of the training loop (this process).
+    pub train_seconds: f64,
+    /// Training throughput.
+    pub tokens_per_second: f64,
+    /// Data cleaning report.
+    pub data: CleaningReport,
+    /// Final validation loss.
+    pub validation_loss: Option<f64>,
+    /// Best validation loss and its step.
+    pub best: Option<(f64, usize)>,
+    /// Final classification metrics.
+    pub classification: Option<ClassificationReport>,
+    /// Before-training scores.
+    pub before: Before,
+    /// Whether overfitting was flagged at any evaluation, with the latest reason.
+    pub overfitting: Option<String>,
+    /// Retention perplexity before/after.
+    pub forgetting: Option<Forgetting>,
+    /// Before/after samples.
+    pub samples: Vec<SamplePair>,
+    /// All evaluations.
+    pub evaluations: Vec<EvalRecord>,
+    /// Outputs written.
+    pub outputs: Exported,
+    /// Checkpoint the run resumed from.
+    pub resumed_from: Option<String>,
+}
+
+impl Report {
+    /// Markdown for people.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# Fine-tuning report: {}\n", self.job);
+        let _ = writeln!(s, "- status: **{}** ({})", self.status, self.stop_reason);
+        let _ = writeln!(
+            s,
+            "- method: {} ({} trainable parameters)",
+            self.method, self.trainable_parameters
+        );
+        let _ = writeln!(
+            s,
+            "- steps: {}/{} in {:.0} s ({:.0} tokens/s)",
+            self.steps, self.total_steps, self.train_seconds, self.tokens_per_second
+        );
+        if let Some(v) = self.validation_loss {
+            let _ = writeln!(
+                s,
+                "- validation loss: {v:.4} (base model: {})",
+                self.before
+                    .validation_loss
+                    .map_or("n/a".into(), |b| format!("{b:.4}"))
+            );
+        }
+        if let Some((b, st)) = self.best {
+            let _ = writeln!(s, "- best validation loss: {b:.4} at step {st}");
+        }
+        let _ = writeln!(
+            s,
+            "- overfitting: {}",
+            self.overfitting
+                .clone()
+                .unwrap_or_else(|| "not flagged".into())
+        );
+        let d = &self.data;
+        let _ = writeln!(
+            s,
+            "\n## Data\n\n- rows read {}, kept {}, dropped {:?}, truncated {}",
+            d.rows_read, d.rows_kept, d.dropped, d.truncated
+        );
+        let _ = writeln!(
+            s,
+            "- labels before cleaning {:?}, after {:?}",
+            d.labels_before, d.labels_after
+        );
+        if let Some(sp) = &d.split {
+            let _ = writeln!(
+                s,
+                "- split: {} train / {} validation {:?}",
+                sp.train, sp.validation, sp.validation_labels
+            );
+        }
+        for w in &d.warnings {
+            let _ = writeln!(s, "- warning: {w}");
+        }
+        if let Some(c) = &self.classification {
+            let _ = writeln!(
+                s,
+                "\n## Classification (validation, by label log-likelihood)\n"
+            );
+            let _ = writeln!(
+                s,
+                "accuracy **{:.1} %** (base model {}; majority class {:?} {:.1} %)\n",
+                100.0 * c.accuracy,
+                self.before
+                    .classification
+                    .as_ref()
+                    .map_or("n/a".into(), |b| format!("{:.1} %", 100.0 * b.accuracy)),
+                c.majority_class,
+                100.0 * c.majority_baseline
+            );
+            let _ = writeln!(
+                s,
+                "| class | precision | recall | F1 | support |\n|---|---|---|---|---|"
+            );
+            for (l, m) in &c.per_class {
+                let _ = writeln!(
+                    s,
+                    "| {l} | {:.3} | {:.3} | {:.3} | {} |",
+                    m.precision, m.recall, m.f1, m.support
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nconfusion (rows true, columns predicted): {:?}",
+                c.confusion
+            );
+        }
+        if let Some(f) = &self.forgetting {
+            let _ = writeln!(
+                s,
+                "\n## Forgetting\n\nretention perplexity {:.2} → {:.2} (ratio {:.3})",
+                f.before, f.after, f.ratio
+            );
+        }
+        if !self.samples.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Before / after samples\n\n| prompt | base model | tuned model |\n|---|---|---|"
+            );
+            let esc = |x: &str| x.replace('|', "\\|").replace('\n', " ");
+            for p in &self.samples {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    esc(&p.prompt),
+                    esc(&p.before),
+                    esc(&p.after)
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n## Evaluations\n\n| step | train loss | val loss | gap | accuracy | overfitting |\n|---|---|---|---|---|---|"
+        );
+        for e in &self.evaluations {
+            let _ = writeln!(
+                s,
+                "| {} | {:.4} | {:.4} | {:.4} | {} | {} |",
+                e.point.step,
+                e.point.train_loss,
+                e.point.val_loss,
+                e.verdict.gap,
+                e.point
+                    .accuracy
+                    .map_or("".into(), |a| format!("{:.1} %", 100.0 * a)),
+                e.verdict.reason.clone().unwrap_or_default()
+            );
+        }
+        s
+    }
+
+    /// A summary under 4 KiB for the termination message.
+    pub fn summary(&self) -> String {
+        let v = serde_json::json!({
+            "status": self.status,
+            "stopReason": self.stop_reason,
+            "steps": self.steps,
+            "totalSteps": self.total_steps,
+            "validationLoss": self.validation_loss,
+            "bestValidationLoss": self.best.map(|b| b.0),
+            "bestStep": self.best.map(|b| b.1),
+            "accuracy": self.classification.as_ref().map(|c| c.accuracy),
+            "majorityBaseline": self.classification.as_ref().map(|c| c.majority_baseline),
+            "overfitting": self.overfitting,
+            "retentionPerplexityRatio": self.forgetting.map(|f| f.ratio),
+            "adapter": self.outputs.adapter,
+            "model": self.outputs.model,
+        });
+        let mut s = v.to_string();
+        if s.len() > 4000 {
+            s.truncate(4000);
+        }
+        s
+    }
+
+    /// Writes `report.json` and `report.md` into `dir`, and the summary into `termination`.
+    pub fn write(&self, dir: &Path, termination: Option<&Path>) -> Result<()> {
+        write_atomic(
+            &dir.join("report.json"),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )?;
+        write_atomic(&dir.join("report.md"), self.markdown().as_bytes())?;
+        if let Some(t) = termination {
+            if let Some(p) = t.parent() {
+                let _ = std::fs::create_dir_all(p);
+            }
+            std::fs::write(t, self.summary()).map_err(|e| crate::TrainerError::io(t, e))?;
+        }
+        Ok(())
+    }
+}

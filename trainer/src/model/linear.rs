@@ -1,0 +1,135 @@
+//! A linear layer with a frozen or trainable weight and an optional LoRA adapter.
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::Result;
+use crate::rng::Rng;
+
+/// Per-forward context: whether to build the backward graph, and the dropout stream.
+#[derive(Debug, Default)]
+pub struct FwdCtx {
+    /// Track gradients (training); when false, trainable tensors are detached so no graph is built.
+    pub train: bool,
+    /// Random stream for LoRA dropout; dropout is applied only when training and this is set.
+    pub dropout_rng: Option<Rng>,
+}
+
+impl FwdCtx {
+    /// Forward pass for training.
+    pub fn train(dropout_rng: Option<Rng>) -> Self {
+        Self {
+            train: true,
+            dropout_rng,
+        }
+    }
+
+    /// Forward pass without a backward graph (evaluation, generation).
+    pub fn eval() -> Self {
+        Self {
+            train: false,
+            dropout_rng: None,
+        }
+    }
+
+    /// The tensor to use for a parameter in this pass.
+    pub fn param(&self, t: &Tensor) -> Tensor {
+        if self.train { t.clone() } else { t.detach() }
+    }
+}
+
+/// LoRA adapter `scale · B·A` with trainable `A` (rank × in) and `B` (out × rank).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// Down projection, Kaiming-uniform initialised.
+    pub a: Var,
+    /// Up projection, zero initialised.
+    pub b: Var,
+    /// `alpha / rank`.
+    pub scale: f64,
+    /// Dropout probability applied to the adapter input.
+    pub dropout: f32,
+}
+
+/// `y = x·Wᵀ (+ scale·dropout(x)·Aᵀ·Bᵀ)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weight (out × in): a plain tensor when frozen, a Var's tensor when trained in full.
+    pub weight: Tensor,
+    /// Optional LoRA adapter.
+    pub lora: Option<LoraAdapter>,
+}
+
+fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+impl Linear {
+    /// A linear layer without adapter.
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight, lora: None }
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Applies the layer to `x` of shape (.., in).
+    pub fn forward(&self, x: &Tensor, ctx: &mut FwdCtx) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let w = ctx.param(&self.weight);
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(l) = &self.lora {
+            let a = ctx.param(l.a.as_tensor());
+            let b = ctx.param(l.b.as_tensor());
+            let xin = match (&mut ctx.dropout_rng, ctx.train && l.dropout > 0.0) {
+                (Some(rng), true) => dropout(&x2, l.dropout, rng)?,
+                _ => x2.clone(),
+            };
+            let xin = if a.dtype() == xin.dtype() {
+                xin
+            } else {
+                xin.to_dtype(a.dtype())?
+            };
+            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let delta = (delta * l.scale)?;
+            let delta = if delta.dtype() == y.dtype() {
+                delta
+            } else {
+                delta.to_dtype(y.dtype())?
+            };
+            y = (y + delta)?;
+        }
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = self.out_dim();
+        }
+        Ok(y.reshape(out)?)
+    }
+
+    /// The weight with the adapter merged in: `W + scale·B·A` (in the weight's dtype).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.detach();
+        match &self.lora {
+            None => Ok(w),
+            Some(l) => {
+                let ba =
+                    l.b.as_tensor()
+                        .detach()
+                        .to_dtype(DType::F32)?
+                        .matmul(&l.a.as_tensor().detach().to_dtype(DType::F32)?)?;
+                let ba = (ba * l.scale)?.to_dtype(w.dtype())?;
+                Ok((w + ba)?)
+            }
+        }
+    }
+}

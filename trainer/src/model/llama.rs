@@ -1,0 +1,474 @@
+//! The Llama decoder built from differentiable candle ops only.
+//!
+//! RMSNorm, rotary embeddings (HF `rotate_half` form) and softmax are written with primitive ops
+//! that have a backward pass; candle's fused kernels (`rms_norm`, `rope`, `softmax_last_dim`) are
+//! deliberately not used because they silently cut the gradient.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use std::collections::HashMap;
+
+use super::config::LlamaConfig;
+use super::linear::{FwdCtx, Linear, LoraAdapter};
+use super::lora::{ALL_TARGETS, LoraSettings, module_path, peft_name};
+use super::weights::Weights;
+use crate::rng::Rng;
+use crate::{Result, TrainerError};
+
+/// What to train.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainableSpec {
+    /// Nothing (inference).
+    Frozen,
+    /// LoRA adapters on the target modules.
+    Lora(LoraSettings),
+    /// Full fine-tuning of the selected layers (all when `None`), optionally the embeddings,
+    /// the final norm and the LM head.
+    Full {
+        /// Decoder layers whose weights are trained.
+        layers: Option<Vec<usize>>,
+        /// Also train `model.embed_tokens`, `model.norm` and `lm_head`.
+        embeddings_and_head: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A Llama causal LM with named trainable tensors.
+#[derive(Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    device: Device,
+    dtype: DType,
+    trainable: Vec<(String, Var)>,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    let y = x.broadcast_mul(&inv)?.to_dtype(dtype)?;
+    Ok(y.broadcast_mul(w)?)
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+}
+
+/// Builds the additive attention bias (b, 1, s, s): causal, plus padded keys masked.
+fn attention_bias(mask: Option<&[Vec<u8>]>, b: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let mut v = vec![0f32; b * s * s];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..s {
+                let pad = mask
+                    .and_then(|m| m.get(bi))
+                    .map(|row| row.get(j).copied().unwrap_or(0) == 0 && j != 0)
+                    .unwrap_or(false);
+                if j > i || pad {
+                    v[(bi * s + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, 1, s, s), device)?)
+}
+
+fn make_param(
+    trainable: &mut Vec<(String, Var)>,
+    name: &str,
+    t: Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if train {
+        let var = Var::from_tensor(&t)?;
+        let tensor = var.as_tensor().clone();
+        trainable.push((name.to_string(), var));
+        Ok(tensor)
+    } else {
+        Ok(t)
+    }
+}
+
+impl Llama {
+    /// Builds the model from loaded weights; trainable tensors become Vars according to `spec`.
+    /// LoRA matrices are initialised from `seed` (A Kaiming-uniform, B zero).
+    pub fn from_weights(
+        cfg: &LlamaConfig,
+        mut w: Weights,
+        spec: &TrainableSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let kv = cfg.kv_heads() * hd;
+        let inter = cfg.intermediate_size;
+        let mut trainable: Vec<(String, Var)> = Vec::new();
+        let full_layers = |i: usize| match spec {
+            TrainableSpec::Full { layers, .. } => layers.as_ref().is_none_or(|l| l.contains(&i)),
+            _ => false,
+        };
+        let head_trainable = matches!(
+            spec,
+            TrainableSpec::Full {
+                embeddings_and_head: true,
+                ..
+            }
+        );
+        let embed_t = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let dtype = embed_t.dtype();
+        let embed = make_param(
+            &mut trainable,
+            "model.embed_tokens.weight",
+            embed_t,
+            head_trainable,
+        )?;
+        let mut lora_rng = Rng::derive(seed, 0x10A);
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let full = full_layers(i);
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let mut lin = |module: &str, out: usize, inp: usize| -> Result<Linear> {
+                let name = format!("{}.weight", module_path(i, module));
+                let t = w.take(&name, &[out, inp])?;
+                let weight = make_param(&mut trainable, &name, t, full)?;
+                let mut l = Linear::new(weight);
+                if let TrainableSpec::Lora(ls) = spec {
+                    let layer_ok = ls.layers.as_ref().is_none_or(|v| v.contains(&i));
+                    if layer_ok && ls.target_modules.iter().any(|m| m == module) {
+                        let bound = (6.0f64 / inp as f64).sqrt() as f32 / 5f32.sqrt();
+                        // Kaiming-uniform with a = sqrt(5), as torch.nn.Linear and PEFT use.
+                        let a: Vec<f32> = (0..ls.rank * inp)
+                            .map(|_| (lora_rng.next_f32() * 2.0 - 1.0) * bound)
+                            .collect();
+                        let a = Var::from_tensor(&Tensor::from_vec(a, (ls.rank, inp), device)?)?;
+                        let b = Var::zeros((out, ls.rank), DType::F32, device)?;
+                        trainable.push((peft_name(i, module, 'A'), a.clone()));
+                        trainable.push((peft_name(i, module, 'B'), b.clone()));
+                        l.lora = Some(LoraAdapter {
+                            a,
+                            b,
+                            scale: ls.scale(),
+                            dropout: ls.dropout,
+                        });
+                    }
+                }
+                Ok(l)
+            };
+            let q = lin("q_proj", h, h)?;
+            let k = lin("k_proj", kv, h)?;
+            let v = lin("v_proj", kv, h)?;
+            let o = lin("o_proj", h, h)?;
+            let gate = lin("gate_proj", inter, h)?;
+            let up = lin("up_proj", inter, h)?;
+            let down = lin("down_proj", h, inter)?;
+            let n1 = p("input_layernorm.weight");
+            let n2 = p("post_attention_layernorm.weight");
+            let input_norm = w.take(&n1, &[h])?;
+            let input_norm = make_param(&mut trainable, &n1, input_norm, full)?;
+            let post_norm = w.take(&n2, &[h])?;
+            let post_norm = make_param(&mut trainable, &n2, post_norm, full)?;
+            blocks.push(Block {
+                input_norm,
+                post_norm,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        let norm = make_param(&mut trainable, "model.norm.weight", norm, head_trainable)?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            let t = w.take("lm_head.weight", &[cfg.vocab_size, h])?;
+            make_param(&mut trainable, "lm_head.weight", t, head_trainable)?
+        };
+        if let TrainableSpec::Lora(ls) = spec {
+            ls.validate()?;
+            if trainable.is_empty() {
+                return Err(TrainerError::Config(
+                    "LoRA selects no module (check targetModules and layers)".into(),
+                ));
+            }
+            for m in &ls.target_modules {
+                if !ALL_TARGETS.contains(&m.as_str()) {
+                    return Err(TrainerError::Config(format!("unknown module {m}")));
+                }
+            }
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            device: device.clone(),
+            dtype,
+            trainable,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trainable tensors with their names (PEFT names for LoRA, HF names for full training).
+    pub fn trainable(&self) -> &[(String, Var)] {
+        &self.trainable
+    }
+
+    /// Number of trainable scalars.
+    pub fn trainable_count(&self) -> usize {
+        self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.cfg.head_dim();
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(s * hd);
+        let mut sin = Vec::with_capacity(s * hd);
+        for pos in 0..s {
+            for _half_copy in 0..2 {
+                for i in 0..half {
+                    let inv = 1.0 / self.cfg.rope_theta.powf((2 * i) as f64 / hd as f64);
+                    let a = pos as f64 * inv;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (s, hd), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (s, hd), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.hidden_act.as_str() {
+            "gelu" => x.gelu_erf()?,
+            "gelu_pytorch_tanh" => x.gelu()?,
+            "relu" => x.relu()?,
+            _ => x.silu()?,
+        })
+    }
+
+    /// Final hidden states (b, s, hidden) after the last norm. `ids` is (b, s) u32; `mask` holds
+    /// 1 for real tokens and 0 for right padding, per row.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        ctx: &mut FwdCtx,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let nh = self.cfg.num_attention_heads;
+        let nkv = self.cfg.kv_heads();
+        let hd = self.cfg.head_dim();
+        let rep = nh / nkv;
+        let eps = self.cfg.rms_norm_eps;
+        let embed = ctx.param(&self.embed);
+        let mut x = embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, h))?;
+        let bias = attention_bias(mask, b, s, &self.device)?;
+        let (cos, sin) = self.rope_tables(s)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for blk in &self.blocks {
+            let xn = rms_norm(&x, &ctx.param(&blk.input_norm), eps)?;
+            let q = blk.q.forward(&xn, ctx)?;
+            let k = blk.k.forward(&xn, ctx)?;
+            let v = blk.v.forward(&xn, ctx)?;
+            let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let k = apply_rope(&k, &cos, &sin)?;
+            let (k, v) = if rep > 1 {
+                let k = k
+                    .unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, s, hd))?
+                    .contiguous()?
+                    .reshape((b, nh, s, hd))?;
+                let v = v
+                    .unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, s, hd))?
+                    .contiguous()?
+                    .reshape((b, nh, s, hd))?;
+                (k, v)
+            } else {
+                (k, v)
+            };
+            let att = (q
+                .to_dtype(DType::F32)?
+                .matmul(&k.to_dtype(DType::F32)?.t()?)?
+                * scale)?;
+            let att = att.broadcast_add(&bias)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(self.dtype)?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+            let y = blk.o.forward(&y, ctx)?;
+            x = (x + y)?;
+            let xn = rms_norm(&x, &ctx.param(&blk.post_norm), eps)?;
+            let g = self.act(&blk.gate.forward(&xn, ctx)?)?;
+            let u = blk.up.forward(&xn, ctx)?;
+            let y = blk.down.forward(&(g * u)?, ctx)?;
+            x = (x + y)?;
+        }
+        rms_norm(&x, &ctx.param(&self.norm), eps)
+    }
+
+    /// Logits (n, vocab) in f32 for the given rows of a (n, hidden) matrix.
+    pub fn project(&self, hidden_rows: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
+        let w = ctx.param(&self.lm_head);
+        Ok(hidden_rows.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// All-position logits (b, s, vocab), f32.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        ctx: &mut FwdCtx,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let hs = self.hidden(ids, mask, ctx)?;
+        let logits = self.project(&hs.reshape((b * s, self.cfg.hidden_size))?, ctx)?;
+        Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
+    }
+
+    /// Logits only at flat positions `rows` (indices into b·s), as (rows, vocab).
+    pub fn logits_at(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        rows: &Tensor,
+        ctx: &mut FwdCtx,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let hs = self.hidden(ids, mask, ctx)?;
+        let flat = hs.reshape((b * s, self.cfg.hidden_size))?;
+        let picked = flat.index_select(rows, 0)?;
+        self.project(&picked, ctx)
+    }
+
+    /// All base weights with adapters merged, in HF names (for export or the peer check).
+    pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut m = HashMap::new();
+        m.insert("model.embed_tokens.weight".to_string(), self.embed.detach());
+        m.insert("model.norm.weight".to_string(), self.norm.detach());
+        m.insert("lm_head.weight".to_string(), self.lm_head.detach());
+        for (i, blk) in self.blocks.iter().enumerate() {
+            for (module, lin) in [
+                ("q_proj", &blk.q),
+                ("k_proj", &blk.k),
+                ("v_proj", &blk.v),
+                ("o_proj", &blk.o),
+                ("gate_proj", &blk.gate),
+                ("up_proj", &blk.up),
+                ("down_proj", &blk.down),
+            ] {
+                m.insert(
+                    format!("{}.weight", module_path(i, module)),
+                    lin.merged_weight()?,
+                );
+            }
+            m.insert(
+                format!("model.layers.{i}.input_layernorm.weight"),
+                blk.input_norm.detach(),
+            );
+            m.insert(
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                blk.post_norm.detach(),
+            );
+        }
+        Ok(m)
+    }
+
+    /// Current values of the trainable tensors, by name.
+    pub fn trainable_tensors(&self) -> HashMap<String, Tensor> {
+        self.trainable
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Overwrites the trainable tensors from a map (resume, or loading an adapter). Every
+    /// trainable name must be present with the right shape.
+    pub fn load_trainable(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.trainable {
+            let t = tensors.get(name).ok_or_else(|| TrainerError::Weight {
+                name: name.clone(),
+                reason: "missing from checkpoint/adapter".into(),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(TrainerError::Weight {
+                    name: name.clone(),
+                    reason: format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
+                });
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding of up to `max_new` tokens after `prompt` (no KV cache: recomputes).
+    pub fn generate_greedy(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let start = ids.len().saturating_sub(self.cfg.max_position_embeddings);
+            let window = &ids[start..];
+            let t = Tensor::new(window, &self.device)?.unsqueeze(0)?;
+            let row = Tensor::new(&[(window.len() - 1) as u32], &self.device)?;
+            let mut ctx = FwdCtx::eval();
+            let logits = self.logits_at(&t, None, &row, &mut ctx)?;
+            let next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let Some(&tok) = next.first() else { break };
+            if Some(tok) == eos {
+                break;
+            }
+            ids.push(tok);
+            out.push(tok);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,142 @@
+//! LoRA settings and the Hugging Face PEFT adapter layout.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use crate::{Result, TrainerError};
+
+/// The linear modules LoRA can target, in HF names.
+pub const ALL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    /// Rank r.
+    pub rank: usize,
+    /// Alpha; the adapter is scaled by alpha / r.
+    pub alpha: f64,
+    /// Dropout on the adapter input.
+    pub dropout: f32,
+    /// Target module names (e.g. `q_proj`, `v_proj`).
+    pub target_modules: Vec<String>,
+    /// Layers to adapt (all when `None`).
+    pub layers: Option<Vec<usize>>,
+}
+
+impl LoraSettings {
+    /// Scale alpha / rank.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
+
+    /// Checks ranks and module names.
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(TrainerError::Config("lora rank must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(TrainerError::Config("lora dropout must be in [0,1)".into()));
+        }
+        for m in &self.target_modules {
+            if !ALL_TARGETS.contains(&m.as_str()) {
+                return Err(TrainerError::Config(format!(
+                    "unknown LoRA target module {m}; expected one of {ALL_TARGETS:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// HF module path of a linear layer, e.g. `model.layers.0.self_attn.q_proj`.
+pub fn module_path(layer: usize, module: &str) -> String {
+    let group = match module {
+        "gate_proj" | "up_proj" | "down_proj" => "mlp",
+        _ => "self_attn",
+    };
+    format!("model.layers.{layer}.{group}.{module}")
+}
+
+/// PEFT tensor name of an adapter matrix (`which` is `A` or `B`).
+pub fn peft_name(layer: usize, module: &str, which: char) -> String {
+    format!(
+        "base_model.model.{}.lora_{which}.weight",
+        module_path(layer, module)
+    )
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT layout.
+pub fn write_peft_adapter(
+    dir: &Path,
+    settings: &LoraSettings,
+    tensors: &HashMap<String, Tensor>,
+    base_model: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+    let layers = settings.layers.clone();
+    let cfg = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": settings.target_modules,
+        "layers_to_transform": layers,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+    });
+    let cfg_path = dir.join("adapter_config.json");
+    crate::checkpoint::atomic::write_atomic(
+        &cfg_path,
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
+    let owned: HashMap<String, Tensor> = sorted
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    crate::checkpoint::atomic::save_safetensors_atomic(
+        &dir.join("adapter_model.safetensors"),
+        &owned,
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_names_match_hf() {
+        assert_eq!(
+            peft_name(0, "q_proj", 'A'),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        );
+        assert_eq!(
+            peft_name(3, "down_proj", 'B'),
+            "base_model.model.model.layers.3.mlp.down_proj.lora_B.weight"
+        );
+        let bad = LoraSettings {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec!["qproj".into()],
+            layers: None,
+        };
+        assert!(bad.validate().is_err());
+    }
+}

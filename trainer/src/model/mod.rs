@@ -1,0 +1,15 @@
+//! An own Llama for training: HF config and weight names, all-position logits, causal and
+//! padding masks, built only from differentiable candle ops.
+
+pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod lora;
+pub mod pretrain;
+pub mod tiny;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use linear::Linear;
+pub use llama::{Llama, TrainableSpec};
+pub use lora::LoraSettings;

@@ -1,0 +1,125 @@
+//! A short language-model pretraining of the tiny preset on general text, so that the demo
+//! fine-tunes a base that knows something about English rather than random weights.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::config::LlamaConfig;
+use super::linear::FwdCtx;
+use super::llama::{Llama, TrainableSpec};
+use super::weights::Weights;
+use crate::data::batch::Batch;
+use crate::data::encode::Encoder;
+use crate::eval::encode_lm_lines;
+use crate::optim::{AdamW, AdamWParams, Schedule, ScheduleKind, clip_grad_norm};
+use crate::rng::Rng;
+use crate::train::loss::masked_cross_entropy;
+use crate::{Result, TrainerError};
+
+/// Pretraining settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PretrainSettings {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl Default for PretrainSettings {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 16,
+            seq_len: 64,
+            learning_rate: 3e-3,
+            seed: 7,
+        }
+    }
+}
+
+/// Trains all weights on the lines of `text_file` (all positions in the loss) and returns the
+/// updated weights with the mean loss of the first and last 10 % of steps.
+pub fn pretrain(
+    cfg: &LlamaConfig,
+    weights: HashMap<String, Tensor>,
+    encoder: &Encoder,
+    text_file: &Path,
+    s: &PretrainSettings,
+) -> Result<(HashMap<String, Tensor>, f32, f32)> {
+    let device = Device::Cpu;
+    let text = std::fs::read_to_string(text_file).map_err(|e| TrainerError::io(text_file, e))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let data = encode_lm_lines(encoder, &lines, s.seq_len)?;
+    if data.is_empty() {
+        return Err(TrainerError::Data(format!(
+            "{}: no text",
+            text_file.display()
+        )));
+    }
+    let spec = TrainableSpec::Full {
+        layers: None,
+        embeddings_and_head: true,
+    };
+    let model = Llama::from_weights(cfg, Weights::from_map(weights), &spec, s.seed, &device)?;
+    let mut opt = AdamW::new(AdamWParams {
+        weight_decay: 0.01,
+        ..Default::default()
+    });
+    let sched = Schedule {
+        base_lr: s.learning_rate,
+        warmup: s.steps / 20,
+        total: s.steps,
+        kind: ScheduleKind::Cosine,
+    };
+    let mut rng = Rng::new(s.seed);
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut pos = order.len();
+    let mut losses = Vec::with_capacity(s.steps);
+    for step in 0..s.steps {
+        let mut items = Vec::with_capacity(s.batch_size);
+        for _ in 0..s.batch_size {
+            if pos >= order.len() {
+                rng.shuffle(&mut order);
+                pos = 0;
+            }
+            items.push(&data[order[pos]]);
+            pos += 1;
+        }
+        let batch = Batch::new(&items, 0, &device)?;
+        let mut ctx = FwdCtx::train(None);
+        let logits = model.logits_at(&batch.ids, Some(&batch.attention), &batch.rows, &mut ctx)?;
+        let loss = masked_cross_entropy(&logits, &batch.targets)?;
+        losses.push(loss.to_scalar::<f32>()?);
+        let g = loss.backward()?;
+        let mut grads: HashMap<String, Tensor> = model
+            .trainable()
+            .iter()
+            .filter_map(|(n, v)| g.get(v.as_tensor()).map(|t| (n.clone(), t.clone())))
+            .collect();
+        clip_grad_norm(model.trainable(), &mut grads, 1.0)?;
+        opt.step(model.trainable(), &grads, sched.lr(step))?;
+        if step % 25 == 0 {
+            tracing::info!(step, loss = losses[step], "pretrain");
+        }
+    }
+    let k = (s.steps / 10).max(1);
+    let first = losses.iter().take(k).sum::<f32>() / k as f32;
+    let last = losses.iter().rev().take(k).sum::<f32>() / k as f32;
+    let w = model
+        .merged_weights()?
+        .into_iter()
+        .map(|(n, t)| t.to_dtype(DType::F32).map(|t| (n, t)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    Ok((w, first, last))
+}

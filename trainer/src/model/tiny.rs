@@ -1,0 +1,105 @@
+//! The `tiny` preset: a Llama-shaped model small enough to train on a CPU in minutes, with the
+//! real 32k Llama 2 vocabulary, initialised locally and written in HF layout.
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::config::LlamaConfig;
+use super::lora::module_path;
+use crate::rng::Rng;
+use crate::{Result, TrainerError};
+
+/// The tiny preset's configuration for a vocabulary size (32000 for the Llama 2 tokenizer).
+pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 128,
+        intermediate_size: 352,
+        vocab_size,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(4),
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        hidden_act: "silu".into(),
+        max_position_embeddings: 512,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        tie_word_embeddings: false,
+        extra: serde_json::Map::from_iter([
+            (
+                "architectures".to_string(),
+                serde_json::json!(["LlamaForCausalLM"]),
+            ),
+            ("model_type".to_string(), serde_json::json!("llama")),
+            ("torch_dtype".to_string(), serde_json::json!("float32")),
+        ]),
+    }
+}
+
+/// Random initial weights in HF names: normal(0, 0.02) matrices, unit norms.
+pub fn init_weights(
+    cfg: &LlamaConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut normal = |rows: usize, cols: usize| -> Result<Tensor> {
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.normal() * 0.02).collect();
+        Ok(Tensor::from_vec(v, (rows, cols), device)?)
+    };
+    let h = cfg.hidden_size;
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let inter = cfg.intermediate_size;
+    let mut m = HashMap::new();
+    m.insert(
+        "model.embed_tokens.weight".into(),
+        normal(cfg.vocab_size, h)?,
+    );
+    for i in 0..cfg.num_hidden_layers {
+        for (module, out, inp) in [
+            ("q_proj", h, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, h),
+            ("gate_proj", inter, h),
+            ("up_proj", inter, h),
+            ("down_proj", h, inter),
+        ] {
+            m.insert(
+                format!("{}.weight", module_path(i, module)),
+                normal(out, inp)?,
+            );
+        }
+        m.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            Tensor::ones(h, candle_core::DType::F32, device)?,
+        );
+        m.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            Tensor::ones(h, candle_core::DType::F32, device)?,
+        );
+    }
+    m.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, candle_core::DType::F32, device)?,
+    );
+    if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".into(), normal(cfg.vocab_size, h)?);
+    }
+    Ok(m)
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir` (HF layout).
+pub fn write_hf_model(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+    crate::checkpoint::atomic::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+    crate::checkpoint::atomic::save_safetensors_atomic(&dir.join("model.safetensors"), weights)
+}

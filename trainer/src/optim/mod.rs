@@ -1,0 +1,9 @@
+//! Optimisation: AdamW with serialisable state, learning-rate schedules, gradient clipping.
+
+pub mod adamw;
+pub mod clip;
+pub mod schedule;
+
+pub use adamw::{AdamW, AdamWParams};
+pub use clip::clip_grad_norm;
+pub use schedule::{Schedule, ScheduleKind};

@@ -1,0 +1,199 @@
+//! One complete job: before-training measurements, training (with SIGTERM checkpointing),
+//! after-training measurements, export, and the report.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::eval::report::{Before, Forgetting, Report, SamplePair};
+use crate::eval::{encode_lm_lines, perplexity, sample};
+use crate::metrics::{Metrics, Phase};
+use crate::model::TrainableSpec;
+use crate::train::TrainParams;
+use crate::train::export::{Exported, export};
+use crate::train::trainer::{StopReason, Trainer};
+use crate::{Result, TrainerError};
+
+fn retention_set(t: &Trainer) -> Result<Option<Vec<crate::data::Encoded>>> {
+    let Some(path) = &t.params.eval.retention_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(t.params.eval.retention_max_rows)
+        .map(str::to_string)
+        .collect();
+    Ok(Some(encode_lm_lines(
+        &t.encoder,
+        &lines,
+        t.params.max_seq_len,
+    )?))
+}
+
+fn measure_before(t: &mut Trainer, retention: Option<&[crate::data::Encoded]>) -> Result<Before> {
+    let path = t.params.output_dir.join("before.json");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(b) = serde_json::from_str::<Before>(&text)
+    {
+        return Ok(b);
+    }
+    let validation_loss = Some(crate::eval::mean_nll(&t.model, &t.data.val, 32, &t.device)?);
+    let classification = match (&t.data.majority_class, t.data.labels.is_empty()) {
+        (Some(maj), false) => {
+            let set = crate::eval::classify::ClassificationSet::new(
+                &t.encoder,
+                &t.data.val_examples,
+                &t.data.labels,
+                maj,
+            )?;
+            Some(set.evaluate(&t.model, 32, &t.device)?)
+        }
+        _ => None,
+    };
+    let retention_perplexity = match retention {
+        Some(r) => Some(perplexity(&t.model, r, &t.device)?),
+        None => None,
+    };
+    let mut samples = Vec::new();
+    for p in &t.params.eval.sample_prompts {
+        samples.push((
+            p.clone(),
+            sample(&t.model, &t.encoder, p, t.params.eval.sample_max_new_tokens)?,
+        ));
+    }
+    let b = Before {
+        validation_loss,
+        classification,
+        retention_perplexity,
+        samples,
+    };
+    std::fs::create_dir_all(&t.params.output_dir)
+        .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
+    crate::checkpoint::atomic::write_atomic(&path, serde_json::to_string_pretty(&b)?.as_bytes())?;
+    Ok(b)
+}
+
+/// Runs a job end to end. Returns the report (status `interrupted` after SIGTERM).
+pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>) -> Result<Report> {
+    let mut t = Trainer::new(params, resume, metrics.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, t.stop_flag())
+        .map_err(|e| TrainerError::io("SIGTERM handler", e))?;
+    let retention = retention_set(&t)?;
+    let before = measure_before(&mut t, retention.as_deref())?;
+    if let (Some(m), Some(r)) = (&metrics, before.retention_perplexity) {
+        m.retention_perplexity.with_label_values(&["before"]).set(r);
+    }
+    let outcome = t.run(None)?;
+    let (status, reason) = match &outcome.reason {
+        StopReason::Completed => ("succeeded", "all epochs / max steps done".to_string()),
+        StopReason::EarlyStopped(why) => ("early-stopped", why.clone()),
+        StopReason::Interrupted => (
+            "interrupted",
+            "SIGTERM: checkpointed for resume".to_string(),
+        ),
+    };
+    let mut outputs = Exported::default();
+    let mut forgetting = None;
+    let mut samples = Vec::new();
+    if outcome.reason != StopReason::Interrupted {
+        if let StopReason::EarlyStopped(_) = outcome.reason
+            && let Some(step) = t.restore_best()?
+        {
+            tracing::info!(step, "restored the best checkpoint");
+        }
+        if let Some(r) = &retention {
+            let after = perplexity(&t.model, r, &t.device)?;
+            if let Some(m) = &metrics {
+                m.retention_perplexity
+                    .with_label_values(&["after"])
+                    .set(after);
+            }
+            if let Some(b) = before.retention_perplexity {
+                forgetting = Some(Forgetting {
+                    before: b,
+                    after,
+                    ratio: after / b,
+                });
+            }
+        }
+        for (p, b) in &before.samples {
+            let after = sample(&t.model, &t.encoder, p, t.params.eval.sample_max_new_tokens)?;
+            samples.push(SamplePair {
+                prompt: p.clone(),
+                before: b.clone(),
+                after,
+            });
+        }
+        if let Some(m) = &metrics {
+            m.update_progress(|p| p.phase = Phase::Exporting);
+        }
+        let base = t.params.model_dir.display().to_string();
+        outputs = export(
+            &t.model,
+            &t.params.method,
+            &t.params.output_dir,
+            &t.params.tokenizer,
+            &base,
+            t.params.merge_weights,
+        )?;
+    }
+    let last_eval = t.evals.last().cloned();
+    let overfitting = t.evals.iter().rev().find_map(|e| e.verdict.reason.clone());
+    let method = match &t.params.method {
+        TrainableSpec::Lora(l) => format!(
+            "lora r={} alpha={} on {:?}",
+            l.rank, l.alpha, l.target_modules
+        ),
+        TrainableSpec::Full { layers, .. } => format!("full (layers {layers:?})"),
+        TrainableSpec::Frozen => "none".into(),
+    };
+    let report = Report {
+        job: t.params.job.clone(),
+        status: status.into(),
+        stop_reason: reason.clone(),
+        method,
+        trainable_parameters: t.model.trainable_count(),
+        steps: t.step(),
+        total_steps: t.total_steps,
+        train_seconds: outcome.seconds,
+        tokens_per_second: outcome.tokens as f64 / outcome.seconds.max(1e-9),
+        data: t.data.report.clone(),
+        validation_loss: last_eval.as_ref().map(|e| e.point.val_loss),
+        best: t.monitor.best,
+        classification: last_eval.and_then(|e| e.classification),
+        before,
+        overfitting,
+        forgetting,
+        samples,
+        evaluations: t.evals.clone(),
+        outputs,
+        resumed_from: t.resumed_from.as_ref().map(|r| r.0.clone()),
+    };
+    std::fs::create_dir_all(&t.params.output_dir)
+        .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
+    report.write(
+        &t.params.output_dir,
+        t.params.termination_message_file.as_deref(),
+    )?;
+    if let Some(m) = &metrics {
+        let st = if report.status == "interrupted" {
+            Phase::Training
+        } else {
+            Phase::Done
+        };
+        m.update_progress(|p| {
+            p.phase = st;
+            p.message = Some(reason);
+        });
+    }
+    Ok(report)
+}
+
+/// Reads a report from an output directory and renders it as Markdown.
+pub fn print_report(dir: &Path) -> Result<String> {
+    let p = dir.join("report.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| TrainerError::io(&p, e))?;
+    let r: Report = serde_json::from_str(&text)?;
+    Ok(r.markdown())
+}

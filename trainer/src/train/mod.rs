@@ -1,0 +1,10 @@
+//! Training: parameters, data preparation, masked loss and the training loop.
+
+pub mod data_prep;
+pub mod export;
+pub mod loss;
+pub mod params;
+pub mod trainer;
+
+pub use params::{EvalParams, TrainParams};
+pub use trainer::{RunOutcome, StepRecord, StopReason, Trainer};

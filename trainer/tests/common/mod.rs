@@ -1,0 +1,83 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use candle_core::{Device, Tensor};
+use finetune_trainer::model::weights::Weights;
+use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// A small config (GQA when `kv_heads < 4`).
+pub fn small_config(vocab: usize, kv_heads: usize) -> LlamaConfig {
+    let mut c = tiny::tiny_config(vocab);
+    c.hidden_size = 32;
+    c.intermediate_size = 48;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = Some(kv_heads);
+    c.max_position_embeddings = 64;
+    c
+}
+
+/// Random weights with unit-ish norms perturbed so norm gradients are informative.
+pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut w = tiny::init_weights(cfg, seed, &Device::Cpu).unwrap();
+    // Larger-than-default init so activations (and gradients) are not tiny.
+    for (k, t) in w.iter_mut() {
+        if !k.contains("norm") {
+            *t = (&*t * 5.0).unwrap();
+        }
+    }
+    w
+}
+
+pub fn lora_all(rank: usize) -> LoraSettings {
+    LoraSettings {
+        rank,
+        alpha: 2.0 * rank as f64,
+        dropout: 0.0,
+        target_modules: finetune_trainer::model::lora::ALL_TARGETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        layers: None,
+    }
+}
+
+pub fn build(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, spec: &TrainableSpec) -> Llama {
+    Llama::from_weights(cfg, Weights::from_map(w.clone()), spec, 3, &Device::Cpu).unwrap()
+}
+
+/// Directory of the real assets (fetched by scripts/fetch-assets.sh), or None to skip.
+pub fn assets_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("FINETUNE_ASSETS_DIR") {
+        let p = PathBuf::from(d);
+        if p.join("tokenizer.json").exists() {
+            return Some(p);
+        }
+    }
+    let home = std::env::var("HOME").ok()?;
+    let p = PathBuf::from(home).join(".cache/finetune-operator/assets");
+    if p.join("tokenizer.json").exists() && p.join("amazon_reviews.csv").exists() {
+        return Some(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-assets.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "fetch-assets failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    dir.join("tokenizer.json").exists().then_some(dir)
+}
+
+/// Whether tests needing the real assets must fail instead of skipping.
+pub fn require_assets() -> bool {
+    std::env::var("FINETUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
+}
