@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Compute resources and scheduling of the trainer pod. Unset GPU fields take the preset's
 /// defaults.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourcesSpec {
     /// GPUs for the trainer pod (0 trains on CPU). Default: 1 for 7B and 13B, 4 for 70B, 0 for
@@ -57,6 +57,23 @@ pub struct ResourcesSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
     pub image: Option<String>,
+}
+
+impl Default for ResourcesSpec {
+    fn default() -> Self {
+        ResourcesSpec {
+            gpus: None,
+            gpu_resource_name: default_gpu_resource(),
+            gpu_memory_gib: None,
+            cpu: None,
+            memory: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+            priority_class_name: None,
+            image: None,
+        }
+    }
 }
 
 fn default_gpu_resource() -> String {

@@ -102,7 +102,6 @@ pub struct Progress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<u64>,
     /// Human-readable summary shown by `kubectl get ftj`, e.g. `120/400 (30%)`.
-    #[serde(default)]
     pub summary: String,
     /// The trainer's own phase (loading, preparing-data, training, evaluating, checkpointing,
     /// exporting, done, failed).
