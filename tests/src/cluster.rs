@@ -611,17 +611,56 @@ impl Cluster {
     }
 
     async fn wait_default_service_account(&self, deadline: Instant) -> Result<()> {
-        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), "default");
-        while sas.get_opt("default").await.ok().flatten().is_none() {
+        self.wait_service_account_token("default", deadline)
+            .await
+            .map_err(|e| {
+                Error::Timeout(format!(
+                    "{e}; controller-manager log tail:\n{}",
+                    tail(&self.dir.join("logs/kube-controller-manager.log"), 20)
+                ))
+            })
+    }
+
+    /// Waits until the namespace's `default` ServiceAccount exists and has its token secret
+    /// (Kubernetes 1.20 refuses pods before that: "No API token found for service account").
+    pub async fn wait_service_account_token(
+        &self,
+        namespace: &str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        loop {
+            if let Ok(Some(sa)) = sas.get_opt("default").await
+                && sa.secrets.as_ref().is_some_and(|s| !s.is_empty())
+            {
+                return Ok(());
+            }
             if Instant::now() > deadline {
                 return Err(Error::Timeout(format!(
-                    "no default ServiceAccount; controller-manager log tail:\n{}",
-                    tail(&self.dir.join("logs/kube-controller-manager.log"), 20)
+                    "no token for ServiceAccount {namespace}/default"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(())
+    }
+
+    /// Creates a namespace (no error if it exists) and waits until pods can be created in it
+    /// (its `default` ServiceAccount and token exist), at most 60 s.
+    pub async fn create_namespace(&self, name: &str) -> Result<()> {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+        }))
+        .map_err(|e| Error::ControlPlane(format!("namespace object: {e}")))?;
+        match Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.wait_service_account_token(name, Instant::now() + Duration::from_secs(60))
+            .await
     }
 
     /// Waits until Node `name` exists with condition Ready=True and no not-ready taint.

@@ -170,9 +170,9 @@ pub(crate) fn spawn_reaper(
 owner=$1; pids=$2; stop=$3; shift 3
 while kill -0 "$owner" 2>/dev/null && [ ! -e "$stop" ]; do sleep 1; done
 [ -e "$stop" ] && exit 0
-for g in $(cat "$pids" 2>/dev/null); do kill -TERM -- "-$g" 2>/dev/null; done
+for g in $(cat "$pids" 2>/dev/null); do kill -TERM "-$g" 2>/dev/null; done
 sleep 3
-for g in $(cat "$pids" 2>/dev/null); do kill -KILL -- "-$g" 2>/dev/null; done
+for g in $(cat "$pids" 2>/dev/null); do kill -KILL "-$g" 2>/dev/null; done
 for d in "$@"; do rm -rf -- "$d"; done
 "#;
     Command::new("/bin/sh")

@@ -43,7 +43,7 @@ async fn cluster() -> &'static Cluster {
 async fn setup(ns: &str) -> (&'static Cluster, Client, Api<Pod>) {
     let c = cluster().await;
     let client = c.client();
-    namespace(&client, ns).await;
+    c.create_namespace(ns).await.expect("namespace");
     (c, client.clone(), Api::namespaced(client, ns))
 }
 
@@ -149,7 +149,7 @@ fn two_pods_listen_on_the_same_port_and_answer_each_other() {
             let p = pod(json!({
                 "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
                 "spec": {"restartPolicy": "Never", "containers": [{
-                    "name": "main", "image": "python:3.11", "args": ["-c", SERVER],
+                    "name": "main", "image": "python:3.11", "command": ["python3", "-c", SERVER],
                     "env": [
                         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
@@ -354,7 +354,7 @@ fn oom_kill_restarts_and_missing_images_are_reported() {
         pods.create(&PostParams::default(), &p).await.unwrap();
         let reason = wait_for(LONG, "ErrImagePull", || async {
             let pod = pods.get("noimage").await.ok()?;
-            let w = main_status(&pod).state?.waiting?;
+            let w = try_main_status(&pod)?.state?.waiting?;
             w.reason.filter(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
         })
         .await;

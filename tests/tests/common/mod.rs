@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{ListParams, PostParams};
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
 
 /// Generous deadline for anything on a noisy 2-core machine.
 pub const LONG: Duration = Duration::from_secs(120);
@@ -62,28 +61,6 @@ pub async fn wait_gone(pods: &Api<Pod>, name: &str) {
     .await
 }
 
-/// Creates a namespace (and waits for its `default` ServiceAccount, without which pods are refused).
-pub async fn namespace(client: &Client, name: &str) {
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
-    }))
-    .unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), name);
-    wait_for(LONG, "default service account", || async {
-        let list = sas.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|s| s.metadata.name.as_deref() == Some("default"))
-            .then_some(())
-    })
-    .await;
-}
-
 /// A pod from JSON.
 pub fn pod(value: serde_json::Value) -> Pod {
     serde_json::from_value(value).unwrap()
@@ -104,13 +81,17 @@ pub fn shell_pod(name: &str, script: &str) -> Pod {
 
 /// The first container's status of a pod.
 pub fn main_status(pod: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+    try_main_status(pod).expect("pod has a container status")
+}
+
+/// The first container's status of a pod, if reported yet.
+pub fn try_main_status(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
     pod.status
-        .as_ref()
-        .unwrap()
+        .as_ref()?
         .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .clone()
+        .as_ref()?
+        .first()
+        .cloned()
 }
 
 /// Whether a process with this pid exists (and is not a zombie).
