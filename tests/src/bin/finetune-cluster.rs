@@ -92,7 +92,11 @@ fn node_args(a: &NodeArgs) -> Vec<String> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            // kube's client logs every refused connection while the API server starts; quiet it.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
