@@ -15,6 +15,9 @@ use crate::optim::ScheduleKind;
 use crate::train::params::{EvalParams, TrainParams};
 use crate::{Result, TrainerError};
 
+/// Environment variable that overrides the configuration's metrics address.
+pub const METRICS_ADDRESS_ENV: &str = "FINETUNE_METRICS_ADDRESS";
+
 /// Reads a trainer configuration file (YAML or JSON).
 pub fn read_config(path: &Path) -> Result<TrainerConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
@@ -166,7 +169,13 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         keep_best: c.checkpoints.keep_best,
         output_dir: PathBuf::from(&c.paths.output_dir),
         merge_weights: c.output.merge_weights,
-        metrics_address: Some(c.metrics_address.clone()).filter(|a| !a.is_empty()),
+        // The pod sets FINETUNE_METRICS_ADDRESS to `$(POD_IP):9090`, so the server binds the
+        // pod's own address (several trainers on one host never collide); the file's address is
+        // the fallback.
+        metrics_address: std::env::var(METRICS_ADDRESS_ENV)
+            .ok()
+            .filter(|a| !a.is_empty())
+            .or_else(|| Some(c.metrics_address.clone()).filter(|a| !a.is_empty())),
         termination_message_file: Some(PathBuf::from(&c.paths.termination_message_file))
             .filter(|p| !p.as_os_str().is_empty()),
     })

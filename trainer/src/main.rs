@@ -15,6 +15,11 @@ use finetune_trainer::model::pretrain::{PretrainSettings, pretrain};
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
 
+/// mimalloc reuses freed memory instead of returning every large intermediate tensor to the
+/// kernel (run with `MIMALLOC_PURGE_DELAY=-1` to keep it all; see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Command-line interface of the trainer.
 #[derive(Parser, Debug)]
 #[command(name = "finetune-trainer", version, about)]
@@ -223,6 +228,17 @@ fn train(config: PathBuf, resume: Resume) -> anyhow::Result<()> {
     match finetune_trainer::run::run_job(params, resume == Resume::Auto, Some(metrics.clone())) {
         Ok(report) => {
             println!("{}", report.summary());
+            if report.status != "interrupted" {
+                let rel = cfg.output.path.clone();
+                metrics.update_progress(|p| p.output_dir = Some(rel));
+            }
+            let doc = metrics
+                .progress
+                .lock()
+                .map(|p| finetune_trainer::metrics::progress::compact_json(&p, 4000))
+                .unwrap_or_default();
+            std::fs::write(&cfg.paths.termination_message_file, doc)
+                .with_context(|| cfg.paths.termination_message_file.clone())?;
             if report.status == "interrupted" {
                 // Non-zero so the Job restarts the pod, which then resumes.
                 std::process::exit(143);
@@ -232,15 +248,14 @@ fn train(config: PathBuf, resume: Resume) -> anyhow::Result<()> {
         Err(e) => {
             metrics.update_progress(|p| {
                 p.phase = Phase::Failed;
-                p.message = Some(e.to_string());
+                p.error = Some(e.to_string());
             });
-            let _ = std::fs::write(
-                &cfg.paths.termination_message_file,
-                format!("failed: {e}")
-                    .chars()
-                    .take(3900)
-                    .collect::<String>(),
-            );
+            let doc = metrics
+                .progress
+                .lock()
+                .map(|p| finetune_trainer::metrics::progress::compact_json(&p, 4000))
+                .unwrap_or_default();
+            let _ = std::fs::write(&cfg.paths.termination_message_file, doc);
             Err(e.into())
         }
     }

@@ -172,19 +172,31 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
     };
     std::fs::create_dir_all(&t.params.output_dir)
         .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
-    report.write(
-        &t.params.output_dir,
-        t.params.termination_message_file.as_deref(),
-    )?;
+    // The termination message is the final progress document (written by the binary), or this
+    // report's summary when running without a progress document.
+    let termination = if metrics.is_none() {
+        t.params.termination_message_file.as_deref()
+    } else {
+        None
+    };
+    report.write(&t.params.output_dir, termination)?;
     if let Some(m) = &metrics {
         let st = if report.status == "interrupted" {
             Phase::Training
         } else {
             Phase::Done
         };
+        let early = report.status == "early-stopped";
+        let ratio = report.forgetting.map(|f| f.ratio);
+        let out = t.params.output_dir.display().to_string();
         m.update_progress(|p| {
             p.phase = st;
-            p.message = Some(reason);
+            p.stop_reason = Some(reason);
+            p.early_stopped = early;
+            p.retention_perplexity_ratio = ratio;
+            if st == Phase::Done && p.output_dir.is_none() {
+                p.output_dir = Some(out);
+            }
         });
     }
     Ok(report)

@@ -1,58 +1,29 @@
-//! The progress document the operator polls.
+//! The progress document the operator polls: the API crate's `TrainerProgress` (one source of
+//! truth shared with the operator), re-exported under shorter names.
 
-use serde::{Deserialize, Serialize};
+pub use finetune_api::{TrainerPhase as Phase, TrainerProgress as Progress};
 
-/// Trainer phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    /// Loading the model.
-    #[default]
-    Loading,
-    /// Reading and tokenising the dataset.
-    PreparingData,
-    /// Training.
-    Training,
-    /// Evaluating.
-    Evaluating,
-    /// Writing a checkpoint.
-    Checkpointing,
-    /// Writing outputs.
-    Exporting,
-    /// Finished.
-    Done,
-    /// Failed.
-    Failed,
-}
-
-/// `/progress` JSON.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Progress {
-    /// Phase.
-    pub phase: Phase,
-    /// Optimizer steps done.
-    pub step: usize,
-    /// Total optimizer steps.
-    pub total_steps: usize,
-    /// Fractional epoch.
-    pub epoch: f64,
-    /// Latest (smoothed) training loss.
-    pub train_loss: Option<f64>,
-    /// Latest validation loss.
-    pub validation_loss: Option<f64>,
-    /// Generalisation gap.
-    pub generalization_gap: Option<f64>,
-    /// Latest validation accuracy.
-    pub validation_accuracy: Option<f64>,
-    /// Whether overfitting is flagged.
-    pub overfitting: bool,
-    /// Seconds to completion (estimate).
-    pub eta_seconds: Option<f64>,
-    /// Latest checkpoint directory.
-    pub latest_checkpoint: Option<String>,
-    /// Best checkpoint directory.
-    pub best_checkpoint: Option<String>,
-    /// Human-readable message (e.g. why it stopped, or the error).
-    pub message: Option<String>,
+/// Serialises the progress document, dropping optional detail until it fits in `max` bytes
+/// (the termination message limit is 4 KiB).
+pub fn compact_json(p: &Progress, max: usize) -> String {
+    let mut p = p.clone();
+    let mut s = serde_json::to_string(&p).unwrap_or_else(|_| "{}".into());
+    let shorten = |x: &mut Option<String>| {
+        if let Some(v) = x.as_mut() {
+            let cut: String = v.chars().take(300).collect();
+            *v = cut;
+        }
+    };
+    if s.len() > max {
+        shorten(&mut p.error);
+        shorten(&mut p.stop_reason);
+        shorten(&mut p.overfitting_reason);
+        s = serde_json::to_string(&p).unwrap_or_else(|_| "{}".into());
+    }
+    if s.len() > max {
+        p.error = None;
+        p.overfitting_reason = None;
+        s = serde_json::to_string(&p).unwrap_or_else(|_| "{}".into());
+    }
+    s
 }

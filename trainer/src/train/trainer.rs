@@ -289,6 +289,8 @@ impl Trainer {
         self.history = extra.history;
         tracing::info!(checkpoint = %c.dir.display(), step = c.state.step, "resumed");
         self.resumed_from = Some((c.dir.display().to_string(), skipped));
+        let from = c.state.step as u64;
+        self.progress(|p| p.resumed_from_step = from);
         self.state = c.state;
         Ok(())
     }
@@ -339,10 +341,15 @@ impl Trainer {
                 .to_string()
         });
         let d2 = dir.clone();
+        let step = self.state.step as u64;
+        let best_loss = self.monitor.best;
         self.progress(|p| {
             p.phase = Phase::Training;
             p.latest_checkpoint = Some(d2);
+            p.latest_checkpoint_step = Some(step);
             p.best_checkpoint = best;
+            p.best_validation_loss = best_loss.map(|b| b.0);
+            p.best_step = best_loss.map(|b| b.1 as u64);
         });
         self.latest_checkpoint = Some(dir.clone());
         Ok(dir)
@@ -399,6 +406,8 @@ impl Trainer {
                 .set(if verdict.overfitting { 1.0 } else { 0.0 });
         }
         let (acc, gap, ov) = (point.accuracy, verdict.gap, verdict.overfitting);
+        let reason = verdict.reason.clone();
+        let best = self.monitor.best;
         self.progress(|p| {
             p.phase = Phase::Training;
             p.validation_loss = Some(val_loss);
@@ -406,6 +415,9 @@ impl Trainer {
             p.generalization_gap = Some(gap);
             p.validation_accuracy = acc;
             p.overfitting = ov;
+            p.overfitting_reason = reason;
+            p.best_validation_loss = best.map(|b| b.0);
+            p.best_step = best.map(|b| b.1 as u64);
         });
         let rec = EvalRecord {
             point,
@@ -475,6 +487,7 @@ impl Trainer {
     /// and returns as SIGTERM would).
     pub fn run(&mut self, stop_at_step: Option<usize>) -> Result<RunOutcome> {
         let t0 = Instant::now();
+        let start_step = self.state.step;
         let mut tokens_run = 0usize;
         self.progress(|p| p.phase = Phase::Training);
         let accum = self.params.grad_accum.max(1);
@@ -506,20 +519,21 @@ impl Trainer {
                         .set(rec.step as f64 / self.steps_per_epoch.max(1) as f64);
                 }
                 let (step, total, spe) = (rec.step, self.total_steps, self.steps_per_epoch);
-                let done_here = step
-                    .saturating_sub(self.history.first().map_or(0, |h| h.step.saturating_sub(1)));
+                let done_here = step.saturating_sub(start_step);
                 let eta = if done_here > 0 {
                     elapsed / done_here as f64 * total.saturating_sub(step) as f64
                 } else {
                     0.0
                 };
                 let loss = rec.loss as f64;
+                let epoch = (step.saturating_sub(1) / spe.max(1) + 1) as u32;
                 self.progress(|p| {
-                    p.step = step;
-                    p.total_steps = total;
-                    p.epoch = step as f64 / spe.max(1) as f64;
+                    p.step = step as u64;
+                    p.total_steps = total as u64;
+                    p.epoch = epoch;
                     p.train_loss = Some(loss);
-                    p.eta_seconds = Some(eta);
+                    p.eta_seconds = Some(eta as u64);
+                    p.tokens_per_second = Some(tps);
                 });
                 if last_log.elapsed().as_secs_f64() > 5.0 || step == 1 {
                     tracing::info!(

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# PyTorch reference for the throughput bench (optional, not in CI). Creates its own venv under
+# ~/.cache/finetune-operator/bench-venv with CPU torch from PyPI, then runs the reference.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="${BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/bench-venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  # From PyPI by default (the CUDA wheels' extra libraries are downloaded but unused here);
+  # set TORCH_INDEX_URL to a CPU-only index where one is reachable.
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "$venv/bin/pip" install --quiet torch --index-url "$TORCH_INDEX_URL"
+  else
+    "$venv/bin/pip" install --quiet torch
+  fi
+fi
+exec "$venv/bin/python" "$here/pytorch_reference.py"
