@@ -509,6 +509,11 @@ fn rbac_is_least_privilege() {
             "{name}"
         );
         assert_eq!(
+            granted("finetune.dev", "finetunejobs/finalizers"),
+            set(&["update"]),
+            "{name}"
+        );
+        assert_eq!(
             granted("", "pods"),
             set(&["get", "list", "watch", "create", "patch", "delete"]),
             "{name}"
