@@ -48,7 +48,9 @@
 //! Resource limits are not enforced (no cgroups); probes are ignored (a running container is
 //! ready); there is no kubelet API (`kubectl logs`/`exec` fail; read logs with
 //! [`Cluster::pod_log`](crate::Cluster::pod_log), kept in
-//! `pods/<ns>_<pod>_<uid>/<container>/<restartCount>.log`); no network isolation; no events.
+//! `pods/<ns>_<pod>_<uid>/<container>/<restartCount>.log`); no network isolation. Events
+//! (`Pulled`, `Created`, `Started`, `Killing`, `BackOff`, `Failed`) come from component
+//! `sim-kubelet`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
@@ -699,6 +701,7 @@ async fn finalize_delete(client: Client, pod: Pod) {
 /// Everything a pod worker needs.
 struct PodCtx {
     shared: Arc<SimShared>,
+    node: String,
     pod: Pod,
     ns: String,
     name: String,
@@ -726,6 +729,39 @@ impl PodCtx {
             };
             if let Some(cs) = list.iter_mut().find(|c| c.name == name) {
                 f(cs);
+            }
+        });
+    }
+
+    /// Posts a core/v1 Event about the pod (source component `sim-kubelet`), in the background.
+    fn event(&self, warning: bool, reason: &str, container: Option<&str>, message: String) {
+        let client = self.shared.client.clone();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let t = now();
+        let value = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": format!("{}.{nanos:x}", self.name), "namespace": self.ns},
+            "involvedObject": {
+                "apiVersion": "v1", "kind": "Pod", "name": self.name, "namespace": self.ns,
+                "uid": self.pod.metadata.uid,
+                "fieldPath": container.map(|c| format!("spec.containers{{{c}}}")),
+            },
+            "reason": reason, "message": message,
+            "type": if warning { "Warning" } else { "Normal" },
+            "source": {"component": "sim-kubelet", "host": self.node},
+            "firstTimestamp": t, "lastTimestamp": t, "count": 1
+        });
+        let ns = self.ns.clone();
+        tokio::spawn(async move {
+            let Ok(ev) = serde_json::from_value::<k8s_openapi::api::core::v1::Event>(value) else {
+                return;
+            };
+            let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, &ns);
+            if let Err(e) = events.create(&PostParams::default(), &ev).await {
+                tracing::debug!("event: {e}");
             }
         });
     }
@@ -898,6 +934,7 @@ async fn run_pod(
     let (synced_tx, synced_rx) = watch::channel(0u64);
     let ctx = Arc::new(PodCtx {
         shared: shared.clone(),
+        node: node.clone(),
         pod: pod.clone(),
         ns: ns.clone(),
         name: name.clone(),
@@ -1425,6 +1462,12 @@ async fn run_container(
             ctx.set_container(init, &c.name, |cs| {
                 cs.state = Some(waiting("ErrImagePull", Some(msg.clone())))
             });
+            ctx.event(
+                true,
+                "Failed",
+                Some(&c.name),
+                format!("Failed to pull image \"{image}\": {msg}"),
+            );
             ctx.sleep_or_stop(Duration::from_secs(5)).await;
             if ctx.stopping().is_none() {
                 let msg = format!("Back-off pulling image \"{image}\"");
@@ -1439,6 +1482,7 @@ async fn run_container(
         let env = match resolve_env(&ctx, &c, &spec.env).await {
             Ok(env) => env,
             Err(msg) => {
+                ctx.event(true, "Failed", Some(&c.name), format!("Error: {msg}"));
                 ctx.set_container(init, &c.name, |cs| {
                     cs.state = Some(waiting("CreateContainerConfigError", Some(msg)));
                 });
@@ -1486,9 +1530,32 @@ async fn run_container(
             read_only: false,
         });
         let started_at = now();
+        ctx.event(
+            false,
+            "Pulled",
+            Some(&c.name),
+            format!(
+                "Container image \"{image}\" already present on machine (simulated: image map)"
+            ),
+        );
         let exit = match spawn_process(&ctx, &c, &argv, &env, &mounts, &cdir, &log) {
-            Err(e) => Exit::StartError(e),
+            Err(e) => {
+                ctx.event(true, "Failed", Some(&c.name), format!("Error: {e}"));
+                Exit::StartError(e)
+            }
             Ok(mut child) => {
+                ctx.event(
+                    false,
+                    "Created",
+                    Some(&c.name),
+                    format!("Created container {}", c.name),
+                );
+                ctx.event(
+                    false,
+                    "Started",
+                    Some(&c.name),
+                    format!("Started container {}", c.name),
+                );
                 let pid = child.id().and_then(|p| i32::try_from(p).ok());
                 ctx.record(&c.name, |r| {
                     r.pgid = pid;
@@ -1592,6 +1659,12 @@ async fn run_container(
         restarts += 1;
         let backoff =
             Duration::from_secs(1u64 << restarts.clamp(0, 4) as u32).min(Duration::from_secs(10));
+        ctx.event(
+            true,
+            "BackOff",
+            Some(&c.name),
+            format!("Back-off restarting failed container {}", c.name),
+        );
         ctx.set_container(init, &c.name, |cs| {
             cs.ready = false;
             cs.started = Some(false);
@@ -1630,6 +1703,12 @@ async fn wait_or_stop(ctx: &PodCtx, child: &mut tokio::process::Child, pgid: Opt
         s = child.wait() => return code_of(s),
         g = stop.wait_for(Option::is_some) => g.ok().and_then(|g| *g).unwrap_or_default(),
     };
+    ctx.event(
+        false,
+        "Killing",
+        None,
+        format!("Stopping container (grace period {}s)", grace.as_secs()),
+    );
     if let Some(pgid) = pgid {
         let _ = process::signal_group(pgid, Signal::SIGTERM);
     }

@@ -359,6 +359,19 @@ fn oom_kill_restarts_and_missing_images_are_reported() {
         })
         .await;
         assert!(!reason.is_empty());
+        let events: Api<Event> = Api::namespaced(c.client(), "faults");
+        wait_for(LONG, "Failed event from the sim-kubelet", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|e| {
+                    e.involved_object.name.as_deref() == Some("noimage")
+                        && e.reason.as_deref() == Some("Failed")
+                        && e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("sim-kubelet")
+                })
+                .map(|_| ())
+        })
+        .await;
         assert_eq!(pods.get("noimage").await.unwrap().status.unwrap().phase.as_deref(), Some("Pending"));
     });
 }
