@@ -30,9 +30,13 @@ apt_install() {
 }
 
 need_runtime=()
+command -v flock >/dev/null 2>&1 || { apt-get install -y -q util-linux >&2; }
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need_runtime+=(etcd-server)
 command -v unshare >/dev/null 2>&1 || need_runtime+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need_runtime+=(openssl)
+command -v setsid >/dev/null 2>&1 || need_runtime+=(util-linux)
+# The default image map runs `python` images with the host's python3 (used by the tests).
+[ -x /usr/bin/python3 ] || [ -x /usr/local/bin/python3 ] || need_runtime+=(python3)
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/k8s-$VERSION.lock"
