@@ -15,4 +15,4 @@ if [ ! -x "$venv/bin/python" ]; then
     "$venv/bin/pip" install --quiet torch
   fi
 fi
-exec "$venv/bin/python" "$here/pytorch_reference.py"
+exec "$venv/bin/python" "$here/torch_ref.py"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# `make bench`: candle throughput (and data preparation) bench, then the PyTorch reference of the
-# same architecture in the same run when BENCH_PYTORCH=1, and the ratio.
+# `make bench` (via scripts/bench.sh): candle throughput (and data preparation) bench, then the PyTorch reference of the
+# same architecture in the same run when BENCH_TORCH=1, and the ratio.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 "$root/scripts/fetch-assets.sh" >/dev/null 2>&1 || echo "assets unavailable: data bench tokenisation skipped" >&2
 candle="$(MIMALLOC_PURGE_DELAY=-1 cargo bench -q -p finetune-trainer --bench throughput 2>/dev/null | tee /dev/stderr)"
-if [ "${BENCH_PYTORCH:-0}" = "1" ]; then
+if [ "${BENCH_TORCH:-0}" = "1" ]; then
   torch_line="$("$root/benches/run-pytorch.sh" | tee /dev/stderr)"
   c="$(grep -o '= [0-9]* tokens/s' <<<"$candle" | head -1 | tr -dc 0-9)"
   t="$(grep -o '= [0-9]* tokens/s' <<<"$torch_line" | tr -dc 0-9)"

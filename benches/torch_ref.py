@@ -2,7 +2,7 @@
 (llama2.c stories15M: dim 288, hidden 768, 6 layers, 6 heads, vocab 32000), full gradients,
 AdamW, batch 8 x 256 tokens, loss on every position, f32 on CPU.
 
-Run through benches/run-pytorch.sh (makes its own venv). Not part of CI.
+Run through benches/run-pytorch.sh (or BENCH_TORCH=1 make bench) (makes its own venv). Not part of CI.
 Env: BENCH_STEPS (default 5), BENCH_WARMUP (default 1).
 """
 import math

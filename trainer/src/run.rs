@@ -145,7 +145,13 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
             "lora r={} alpha={} on {:?}",
             l.rank, l.alpha, l.target_modules
         ),
-        TrainableSpec::Full { layers, .. } => format!("full (layers {layers:?})"),
+        TrainableSpec::Full {
+            layers,
+            embeddings_and_head,
+        } => match layers {
+            None => format!("full (all layers, embeddings and head: {embeddings_and_head})"),
+            Some(l) => format!("full (layers {l:?}, embeddings and head: {embeddings_and_head})"),
+        },
         TrainableSpec::Frozen => "none".into(),
     };
     let report = Report {

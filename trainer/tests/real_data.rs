@@ -110,5 +110,7 @@ fn loss_falls_on_amazon_reviews() {
         ev.point
     );
     assert!(ev.classification.is_some());
+    // A sane run is not flagged as overfitting.
+    assert!(!t.monitor.ever_overfit, "{:?}", t.evals);
     let _ = std::fs::remove_dir_all(&work);
 }

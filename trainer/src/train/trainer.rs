@@ -333,14 +333,8 @@ impl Trainer {
             m.checkpoint_duration.observe(t0.elapsed().as_secs_f64());
             m.checkpoints_total.inc();
         }
-        let best = self.monitor.best.map(|(_, s)| {
-            self.store
-                .root()
-                .join(format!("checkpoint-{s:08}"))
-                .display()
-                .to_string()
-        });
-        let d2 = dir.clone();
+        let best = self.monitor.best.map(|(_, s)| format!("checkpoint-{s:08}"));
+        let d2 = format!("checkpoint-{:08}", self.state.step);
         let step = self.state.step as u64;
         let best_loss = self.monitor.best;
         self.progress(|p| {
