@@ -17,7 +17,8 @@ help: ## List the targets.
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-targets
 
-test: ## Run every test (unit, API, cluster end-to-end, trainer).
+test: ## Run every test (unit, API, cluster end-to-end, trainer, operator end-to-end).
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 lint: ## rustfmt check, clippy with warnings as errors, CRD drift check.

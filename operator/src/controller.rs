@@ -249,7 +249,13 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
     {
         let elapsed = t.0.as_second() - start.0.as_second();
         if elapsed >= limit {
-            delete_pods(&pods_api, pods.iter().filter(|p| is_active(p)), Some(0)).await?;
+            delete_pods(
+                ctx,
+                &pods_api,
+                pods.iter().filter(|p| is_active(p)),
+                Some(0),
+            )
+            .await?;
             let msg = format!("ran {elapsed}s, longer than activeDeadlineSeconds {limit}");
             set_phase(
                 &mut status,
@@ -270,6 +276,7 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
         let active: Vec<&Pod> = pods.iter().filter(|p| is_active(p)).collect();
         let terminating = active.iter().any(|p| p.meta().deletion_timestamp.is_some());
         delete_pods(
+            ctx,
             &pods_api,
             active
                 .iter()
@@ -336,12 +343,13 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
                 }
             }
             let children = build::children(&effective, &ctx.settings, attempt)?;
-            apply_children(client, &ns, children, &effective.spec).await?;
+            apply_children(ctx, &ns, children, &effective.spec).await?;
             // Old attempts' pods are kept only for the previous attempt (for its logs).
             let stale = pods
                 .iter()
                 .filter(|p| pod_attempt(p).is_some_and(|a| a + 1 < attempt));
             delete_pods(
+                ctx,
                 &pods_api,
                 stale.filter(|p| p.meta().deletion_timestamp.is_none()),
                 None,
@@ -405,7 +413,7 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
         Some((pod, PodOutcome::Running)) => {
             scheduled(ctx, &uid, &mut status, generation, &t);
             if node_lost(client, pod).await? {
-                delete_pods(&pods_api, std::iter::once(pod), Some(0)).await?;
+                delete_pods(ctx, &pods_api, std::iter::once(pod), Some(0)).await?;
                 status.disruptions += 1;
                 ctx.metrics
                     .pod_restarts
@@ -719,11 +727,13 @@ async fn node_lost(client: &kube::Client, pod: &Pod) -> Result<bool> {
 }
 
 async fn delete_pods<'a>(
+    ctx: &Context,
     api: &Api<Pod>,
     pods: impl Iterator<Item = &'a Pod>,
     grace: Option<u32>,
 ) -> Result<()> {
     for pod in pods {
+        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
         let dp = DeleteParams {
             grace_period_seconds: grace,
             ..DeleteParams::background()
@@ -737,7 +747,7 @@ async fn delete_pods<'a>(
     Ok(())
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<()>
+async fn apply<K>(ctx: &Context, api: &Api<K>, obj: &K) -> Result<()>
 where
     K: Resource<DynamicType = ()>
         + Serialize
@@ -753,6 +763,7 @@ where
     let mut value = serde_json::to_value(obj)?;
     value["apiVersion"] = serde_json::Value::String(K::api_version(&()).into_owned());
     value["kind"] = serde_json::Value::String(K::kind(&()).into_owned());
+    ctx.metrics.api_writes.with_label_values(&["apply"]).inc();
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -764,17 +775,19 @@ where
 
 /// Applies every child with server-side apply. The ConfigMap also records the accepted spec.
 async fn apply_children(
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     mut children: Children,
     spec: &FineTuneJobSpec,
 ) -> Result<()> {
+    let client = &ctx.client;
     children
         .config_map
         .data
         .get_or_insert_with(Default::default)
         .insert(ACCEPTED_SPEC_KEY.into(), serde_json::to_string(spec)?);
     apply(
+        ctx,
         &Api::<ConfigMap>::namespaced(client.clone(), ns),
         &children.config_map,
     )
@@ -783,15 +796,21 @@ async fn apply_children(
         let api = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
         // A claim's spec is immutable once bound: create it once, never re-apply.
         if api.get_opt(&pvc.name_any()).await?.is_none() {
-            apply(&api, pvc).await?;
+            apply(ctx, &api, pvc).await?;
         }
     }
     apply(
+        ctx,
         &Api::<Service>::namespaced(client.clone(), ns),
         &children.metrics_service,
     )
     .await?;
-    apply(&Api::<Pod>::namespaced(client.clone(), ns), &children.pod).await?;
+    apply(
+        ctx,
+        &Api::<Pod>::namespaced(client.clone(), ns),
+        &children.pod,
+    )
+    .await?;
     Ok(())
 }
 
@@ -816,6 +835,7 @@ async fn finished(
     }
     let client = &ctx.client;
     delete_pods(
+        ctx,
         &Api::namespaced(client.clone(), ns),
         pods.iter()
             .filter(|p| p.meta().deletion_timestamp.is_none()),
@@ -824,11 +844,13 @@ async fn finished(
     .await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     if cms.get_opt(&names::config_map(name)).await?.is_some() {
+        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
         cms.delete(&names::config_map(name), &DeleteParams::default())
             .await?;
     }
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
     if svcs.get_opt(&names::metrics_service(name)).await?.is_some() {
+        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
         svcs.delete(&names::metrics_service(name), &DeleteParams::default())
             .await?;
     }
@@ -854,6 +876,7 @@ async fn finish(
         "metadata": { "resourceVersion": job.resource_version() },
         "status": new,
     });
+    ctx.metrics.api_writes.with_label_values(&["status"]).inc();
     let result = api
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await;

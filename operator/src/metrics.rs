@@ -25,6 +25,9 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// `finetune_operator_status_writes_total`: status patches sent.
     pub status_writes: IntCounterVec,
+    /// `finetune_operator_api_writes_total{verb}`: every write request the operator sends
+    /// (apply, delete, status), for the idle-write and writes-per-job benchmarks.
+    pub api_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -85,6 +88,14 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let api_writes = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_api_writes_total",
+                "Write requests sent to the API server, by verb.",
+            ),
+            &["verb"],
+        )?;
+        registry.register(Box::new(api_writes.clone()))?;
         registry.register(Box::new(reconcile_total.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
@@ -106,6 +117,7 @@ impl Metrics {
             unschedulable_jobs,
             leader,
             status_writes,
+            api_writes,
         })
     }
 

@@ -151,6 +151,7 @@ pub fn apply_progress(status: &mut FineTuneJobStatus, p: &TrainerProgress) {
         total_steps: p.total_steps,
         epoch: p.epoch,
         percent,
+        resumed_from_step: p.resumed_from_step,
         eta_seconds: p.eta_seconds.map(|s| s / 10 * 10),
         summary: format!("{}/{} ({percent}%)", p.step, p.total_steps),
         trainer_phase: Some(p.phase.as_str().into()),

@@ -35,6 +35,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod error;
 pub mod images;
+pub mod operator;
 pub mod packaging;
 mod process;
 mod provisioner;

@@ -98,6 +98,9 @@ pub struct Progress {
     pub epoch: u32,
     /// Percent of the planned steps done (0-100).
     pub percent: u32,
+    /// Step the current trainer resumed from (0: started fresh).
+    #[serde(default)]
+    pub resumed_from_step: u64,
     /// Estimated seconds to completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<u64>,

@@ -21,8 +21,10 @@ use crate::{Error, Result};
 pub const DEFAULT_TRAINER_IMAGE: &str = "ghcr.io/finetune-operator/trainer:0.1.0";
 /// Default trainer image for GPU jobs (CUDA build).
 pub const DEFAULT_TRAINER_CUDA_IMAGE: &str = "ghcr.io/finetune-operator/trainer:0.1.0-cuda";
-/// Default image of the download init steps (ships `finetune-fetch`).
-pub const DEFAULT_FETCH_IMAGE: &str = "ghcr.io/finetune-operator/operator:0.1.0";
+/// Default image of the download init steps (entrypoint `finetune-fetch`).
+pub const DEFAULT_FETCH_IMAGE: &str = "ghcr.io/finetune-operator/fetch:0.1.0";
+/// Default image of the operator itself (used by the chart and the kustomize base).
+pub const DEFAULT_OPERATOR_IMAGE: &str = "ghcr.io/finetune-operator/operator:0.1.0";
 
 /// Operator-wide settings the builders need.
 #[derive(Clone, Debug)]

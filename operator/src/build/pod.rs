@@ -104,20 +104,23 @@ pub fn trainer_pod(
     let trainer = Container {
         name: TRAINER_CONTAINER.into(),
         image: Some(image),
-        command: Some(vec!["finetune-trainer".into()]),
         args: Some(vec![
             "train".into(),
             "--config".into(),
             format!("{CONFIG_DIR}/{CONFIG_FILE}"),
             "--resume".into(),
             "auto".into(),
-            "--metrics-address".into(),
-            format!("$(POD_IP):{TRAINER_METRICS_PORT}"),
         ]),
         env: Some(vec![
             field_env("POD_IP", "status.podIP"),
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            // The metrics and progress server binds the pod's own address.
+            EnvVar {
+                name: "FINETUNE_METRICS_ADDRESS".into(),
+                value: Some(format!("$(POD_IP):{TRAINER_METRICS_PORT}")),
+                value_from: None,
+            },
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),

@@ -96,7 +96,6 @@ fn fetch_container(
     Container {
         name: name.into(),
         image: Some(settings.fetch_image.clone()),
-        command: Some(vec!["finetune-fetch".into()]),
         args: Some(args),
         volume_mounts: Some(mounts),
         security_context: Some(restricted_container_security()),

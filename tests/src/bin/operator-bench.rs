@@ -1,0 +1,144 @@
+//! `operator-bench`: creates N FineTuneJobs at once against the local control plane and
+//! measures how long the operator takes until every trainer pod exists, its write requests per
+//! job, its peak RSS, and its write requests per idle job over a quiet period.
+//!
+//! The cluster has no node, so the pods stay Pending: this measures the operator, not the
+//! simulated kubelet. Run by `make bench`; results go to BENCHMARKS.md.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use finetune_api::FineTuneJob;
+use finetune_e2e::operator::{Assets, OperatorProcess, Workspace, install_crd};
+use finetune_e2e::{Cluster, ClusterOptions};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+
+#[derive(Parser, Debug)]
+#[command(about = "Operator load benchmark")]
+struct Args {
+    /// FineTuneJobs created at once.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    /// Quiet period over which idle writes are counted, seconds.
+    #[arg(long, env = "BENCH_IDLE_SECONDS", default_value_t = 600)]
+    idle_seconds: u64,
+}
+
+fn scrape(addr: &str, metric: &str) -> f64 {
+    let body = std::process::Command::new("curl")
+        .args(["-s", &format!("http://{addr}/metrics")])
+        .output();
+    let text = body
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let ws = Workspace::locate()?;
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: vec![],
+        ..ClusterOptions::default()
+    })
+    .await?;
+    install_crd(&cluster, &ws).await?;
+    let assets = Assets {
+        dir: Path::new("/nonexistent").into(),
+    };
+    let op = OperatorProcess::start(
+        &cluster,
+        &ws,
+        Path::new("/nonexistent"),
+        &assets,
+        "bench-operator",
+        &[],
+    )?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let sample =
+        std::fs::read_to_string(ws.root.join("manifests/samples/tiny-sentiment-cpu.yaml"))?;
+    let template: FineTuneJob = serde_yaml::from_str(&sample)?;
+    let jobs: Api<FineTuneJob> = Api::namespaced(cluster.client(), "default");
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
+    let writes_before = scrape(&op.metrics, "finetune_operator_api_writes_total");
+
+    let start = Instant::now();
+    futures::stream::iter(0..args.jobs)
+        .map(|i| {
+            let mut job = template.clone();
+            job.metadata.name = Some(format!("bench-{i:04}"));
+            let jobs = jobs.clone();
+            async move { jobs.create(&PostParams::default(), &job).await }
+        })
+        .buffer_unordered(32)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                eprintln!("create failed: {e}");
+            }
+        })
+        .await;
+    let created = start.elapsed();
+    let lp = ListParams::default().labels("finetune.dev/job");
+    let all_pods = loop {
+        let n = pods.list_metadata(&lp).await?.items.len();
+        if n >= args.jobs {
+            break start.elapsed();
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(900),
+            "only {n} pods after 900 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Let the status of every job settle (Pending, with the pod created) before measuring idle.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let writes_settled = scrape(&op.metrics, "finetune_operator_api_writes_total");
+    let idle_start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let writes_idle = scrape(&op.metrics, "finetune_operator_api_writes_total") - writes_settled;
+    let reconciles = scrape(&op.metrics, "finetune_operator_reconcile_total");
+    let op_pid = op.pid();
+    let rss = peak_rss_kib(op_pid);
+    println!(
+        "jobs created: {} in {:.1} s",
+        args.jobs,
+        created.as_secs_f64()
+    );
+    println!(
+        "all {} pods exist after {:.1} s",
+        args.jobs,
+        all_pods.as_secs_f64()
+    );
+    println!(
+        "API writes per job to settle: {:.2}",
+        (writes_settled - writes_before) / args.jobs as f64
+    );
+    println!(
+        "idle writes per job over {} s: {:.4} ({} in total)",
+        idle_start.elapsed().as_secs(),
+        writes_idle / args.jobs as f64,
+        writes_idle
+    );
+    println!("reconciles in total: {reconciles}");
+    println!("operator peak RSS: {:.1} MiB", rss as f64 / 1024.0);
+    drop(op);
+    cluster.shutdown().await;
+    Ok(())
+}

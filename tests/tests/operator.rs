@@ -1,0 +1,571 @@
+//! End-to-end tests of the operator on the local control plane (real kube-apiserver, scheduler,
+//! controller-manager with the garbage collector, etcd) with a simulated GPU node that runs the
+//! real `finetune-trainer` binary on CPU.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use finetune_api::{FineTuneJob, JobPhase};
+use finetune_e2e::operator::{
+    Assets, OperatorProcess, Workspace, create_demo_data, install_crd, tiny_base,
+};
+use finetune_e2e::{Cluster, ClusterOptions, NodeSpec, Signal};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use tokio::io::AsyncWriteExt;
+
+/// Tests here run real trainers; one at a time keeps the 2-core machine responsive.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const NS: &str = "default";
+
+struct Env {
+    cluster: Cluster,
+    ws: Workspace,
+    assets: Assets,
+    tiny: std::path::PathBuf,
+}
+
+async fn env() -> Env {
+    let ws = Workspace::locate().unwrap();
+    let assets = Assets::fetch(&ws).unwrap();
+    let tiny = tiny_base(&ws, &assets).unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: vec![NodeSpec::gpu("sim-gpu-0", 2)],
+        images: ws.image_map(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    eprintln!("API server {}", cluster.server_version());
+    install_crd(&cluster, &ws).await.unwrap();
+    create_demo_data(&cluster, NS, &assets, 800).await.unwrap();
+    Env {
+        cluster,
+        ws,
+        assets,
+        tiny,
+    }
+}
+
+/// The demo sample, shortened for tests.
+fn tiny_job(name: &str, max_steps: u32, checkpoint_every: u32) -> String {
+    let sample = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/samples/tiny-sentiment-cpu.yaml"),
+    )
+    .unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&sample).unwrap();
+    doc["metadata"]["name"] = name.into();
+    let spec = &mut doc["spec"];
+    spec["hyperparameters"]["maxSteps"] = max_steps.into();
+    spec["hyperparameters"]["warmupSteps"] = 2.into();
+    spec["hyperparameters"]["batchSize"] = 8.into();
+    spec["hyperparameters"]["maxSequenceLength"] = 96.into();
+    spec["evaluation"]["intervalSteps"] = checkpoint_every.into();
+    spec["evaluation"]["retention"]["maxRows"] = 40.into();
+    spec["checkpoints"]["intervalSteps"] = checkpoint_every.into();
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+async fn kubectl_apply(cluster: &Cluster, yaml: &str) -> std::process::Output {
+    let mut child = cluster
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .await
+        .unwrap();
+    child.wait_with_output().await.unwrap()
+}
+
+async fn job(cluster: &Cluster, name: &str) -> FineTuneJob {
+    Api::<FineTuneJob>::namespaced(cluster.client(), NS)
+        .get(name)
+        .await
+        .unwrap()
+}
+
+async fn wait_job<F: Fn(&FineTuneJob) -> bool>(
+    cluster: &Cluster,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    f: F,
+) -> FineTuneJob {
+    let api = Api::<FineTuneJob>::namespaced(cluster.client(), NS);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let j = api.get(name).await.unwrap();
+        if f(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; status: {}",
+            serde_json::to_string_pretty(&j.status).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn phase(j: &FineTuneJob) -> Option<JobPhase> {
+    j.status.as_ref().and_then(|s| s.phase)
+}
+
+fn step(j: &FineTuneJob) -> u64 {
+    j.status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .map_or(0, |p| p.step)
+}
+
+fn condition(
+    j: &FineTuneJob,
+    type_: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    j.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
+}
+
+async fn job_pods(cluster: &Cluster, name: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(cluster.client(), NS)
+        .list(&ListParams::default().labels(&format!("finetune.dev/job={name}")))
+        .await
+        .unwrap()
+        .items
+}
+
+fn active(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    None | Some("Pending") | Some("Running")
+                )
+        })
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect()
+}
+
+const TRAIN: Duration = Duration::from_secs(600);
+
+#[tokio::test]
+async fn tiny_sample_succeeds_and_resumes_after_the_trainer_is_killed() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let out = kubectl_apply(&e.cluster, &tiny_job("tiny-sentiment", 40, 10)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Running, with progress and a checkpoint past step 10.
+    let j = wait_job(
+        &e.cluster,
+        "tiny-sentiment",
+        TRAIN,
+        "a checkpoint at step >= 10",
+        |j| {
+            j.status
+                .as_ref()
+                .and_then(|s| s.checkpoints.as_ref())
+                .and_then(|c| c.latest_step)
+                .unwrap_or(0)
+                >= 10
+                && step(j) >= 12
+        },
+    )
+    .await;
+    assert_eq!(phase(&j), Some(JobPhase::Running));
+    let checkpointed = j
+        .status
+        .as_ref()
+        .unwrap()
+        .checkpoints
+        .as_ref()
+        .unwrap()
+        .latest_step
+        .unwrap();
+
+    // Kill the trainer process: a counted failure, and a new pod that resumes.
+    e.cluster
+        .kill_container(NS, "tiny-sentiment-trainer-0", "trainer", Signal::SIGKILL)
+        .unwrap();
+    let j = wait_job(
+        &e.cluster,
+        "tiny-sentiment",
+        TRAIN,
+        "a resumed trainer",
+        |j| {
+            j.status.as_ref().is_some_and(|s| s.restarts == 1)
+                && j.status
+                    .as_ref()
+                    .and_then(|s| s.progress.as_ref())
+                    .is_some_and(|p| p.resumed_from_step > 0)
+        },
+    )
+    .await;
+    let resumed = j
+        .status
+        .as_ref()
+        .unwrap()
+        .progress
+        .as_ref()
+        .unwrap()
+        .resumed_from_step;
+    assert!(
+        resumed >= checkpointed,
+        "resumed at {resumed}, checkpoint was {checkpointed}"
+    );
+    assert!(
+        resumed < 40,
+        "resumed at {resumed}: not a fresh start, not the end"
+    );
+
+    let j = wait_job(&e.cluster, "tiny-sentiment", TRAIN, "Succeeded", |j| {
+        phase(j).is_some_and(JobPhase::is_finished)
+    })
+    .await;
+    let s = j.status.clone().unwrap();
+    assert_eq!(s.phase, Some(JobPhase::Succeeded), "{s:#?}");
+    assert_eq!(s.progress.as_ref().unwrap().step, 40);
+    let m = s.metrics.as_ref().unwrap();
+    assert!(
+        m.train_loss.is_some() && m.validation_loss.is_some(),
+        "{m:?}"
+    );
+    assert!(m.validation_accuracy.is_some(), "{m:?}");
+    assert!(s.checkpoints.as_ref().unwrap().latest.is_some());
+    assert_eq!(
+        s.output.as_ref().unwrap().adapter.as_deref(),
+        Some("output/adapter")
+    );
+    assert!(s.completion_time.is_some() && s.start_time.is_some());
+    assert!(condition(&j, "Ready").is_some_and(|c| c.status == "True"));
+    assert_eq!(s.restarts, 1);
+
+    // kubectl shows it.
+    let out = e
+        .cluster
+        .kubectl()
+        .args(["get", "ftj", "tiny-sentiment"])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    assert!(
+        table.contains("Succeeded") && table.contains("40/40 (100%)"),
+        "{table}"
+    );
+
+    // Idle: a finished job causes no more status writes.
+    let rv = job(&e.cluster, "tiny-sentiment")
+        .await
+        .metadata
+        .resource_version;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        job(&e.cluster, "tiny-sentiment")
+            .await
+            .metadata
+            .resource_version,
+        rv,
+        "no writes while idle"
+    );
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_fails_with_the_field_path_and_creates_no_pod() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let yaml = tiny_job("escape", 20, 10).replace(
+        "configmap://amazon-reviews/reviews.csv",
+        "pvc://data/../../etc/shadow",
+    );
+    let out = kubectl_apply(&e.cluster, &yaml).await;
+    assert!(
+        out.status.success(),
+        "the schema admits it; validate() must refuse it"
+    );
+    let j = wait_job(
+        &e.cluster,
+        "escape",
+        Duration::from_secs(60),
+        "Failed",
+        |j| phase(j) == Some(JobPhase::Failed),
+    )
+    .await;
+    let c = condition(&j, "InvalidSpec").unwrap();
+    assert!(c.message.contains("spec.dataset.source"), "{}", c.message);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        job_pods(&e.cluster, "escape").await.is_empty(),
+        "no pod for an invalid spec"
+    );
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn four_gpus_on_a_two_gpu_node_are_unschedulable() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let yaml = r#"
+apiVersion: finetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: big}
+spec:
+  model: {preset: llama-2-7b, source: "pvc://models/llama-2-7b"}
+  dataset:
+    source: configmap://amazon-reviews/reviews.csv
+    columns: {text: ReviewText, label: SentimentLabel}
+  resources: {gpus: 4}
+"#;
+    let out = kubectl_apply(&e.cluster, yaml).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = wait_job(
+        &e.cluster,
+        "big",
+        Duration::from_secs(90),
+        "Unschedulable",
+        |j| condition(j, "Unschedulable").is_some_and(|c| c.status == "True"),
+    )
+    .await;
+    let c = condition(&j, "Unschedulable").unwrap();
+    assert!(
+        c.message.contains("nvidia.com/gpu"),
+        "the scheduler's message: {}",
+        c.message
+    );
+    assert_eq!(phase(&j), Some(JobPhase::Pending));
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleting_a_running_job_leaves_no_pod() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let out = kubectl_apply(&e.cluster, &tiny_job("doomed", 400, 50)).await;
+    assert!(out.status.success());
+    wait_job(&e.cluster, "doomed", TRAIN, "Running", |j| {
+        phase(j) == Some(JobPhase::Running)
+    })
+    .await;
+    assert_eq!(active(&job_pods(&e.cluster, "doomed").await).len(), 1);
+    Api::<FineTuneJob>::namespaced(e.cluster.client(), NS)
+        .delete("doomed", &DeleteParams::background())
+        .await
+        .unwrap();
+    common::wait_for(
+        Duration::from_secs(120),
+        "the trainer pod garbage-collected",
+        || async {
+            job_pods(&e.cluster, "doomed")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn suspend_stops_after_a_checkpoint_and_resume_continues() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let out = kubectl_apply(&e.cluster, &tiny_job("pausable", 30, 10)).await;
+    assert!(out.status.success());
+    wait_job(&e.cluster, "pausable", TRAIN, "step >= 12", |j| {
+        step(j) >= 12
+    })
+    .await;
+    let api = Api::<FineTuneJob>::namespaced(e.cluster.client(), NS);
+    let suspend = |v: bool| serde_json::json!({"spec": {"suspend": v}});
+    api.patch(
+        "pausable",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(true)),
+    )
+    .await
+    .unwrap();
+    let j = wait_job(
+        &e.cluster,
+        "pausable",
+        Duration::from_secs(120),
+        "Suspended",
+        |j| phase(j) == Some(JobPhase::Suspended),
+    )
+    .await;
+    assert!(active(&job_pods(&e.cluster, "pausable").await).is_empty());
+    let saved = j
+        .status
+        .as_ref()
+        .and_then(|s| s.checkpoints.as_ref())
+        .and_then(|c| c.latest_step)
+        .unwrap_or(0);
+    assert!(
+        saved >= 10,
+        "a checkpoint exists when suspended (step {saved})"
+    );
+    api.patch(
+        "pausable",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(false)),
+    )
+    .await
+    .unwrap();
+    let j = wait_job(&e.cluster, "pausable", TRAIN, "Succeeded", |j| {
+        phase(j).is_some_and(JobPhase::is_finished)
+    })
+    .await;
+    let s = j.status.unwrap();
+    assert_eq!(s.phase, Some(JobPhase::Succeeded));
+    assert!(
+        s.progress.as_ref().unwrap().resumed_from_step >= 10,
+        "{:?}",
+        s.progress
+    );
+    assert_eq!(s.restarts, 0, "a suspension is not a failure");
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_operator_killed_mid_run_and_restarted_makes_no_duplicate_pod() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let mut op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let out = kubectl_apply(&e.cluster, &tiny_job("steady", 400, 50)).await;
+    assert!(out.status.success());
+    wait_job(&e.cluster, "steady", TRAIN, "Running", |j| {
+        phase(j) == Some(JobPhase::Running)
+    })
+    .await;
+    op.kill();
+    let _op2 =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator-2", &[]).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let pods = job_pods(&e.cluster, "steady").await;
+    assert_eq!(
+        pods.len(),
+        1,
+        "{:?}",
+        pods.iter()
+            .map(|p| p.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(active(&pods), vec!["steady-trainer-0".to_string()]);
+    let j = job(&e.cluster, "steady").await;
+    assert_eq!(phase(&j), Some(JobPhase::Running));
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_follower_takes_over_when_the_leader_dies() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let ha = ["--leader-election", "--leader-lease-duration", "6s"];
+    let a =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "replica-a", &ha).unwrap();
+    let b =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "replica-b", &ha).unwrap();
+    let leases = Api::<Lease>::namespaced(e.cluster.client(), "default");
+    let holder = common::wait_for(Duration::from_secs(60), "a leader", || async {
+        leases
+            .get_opt("finetune-operator-leader")
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity
+    })
+    .await;
+    let mut replicas = vec![("replica-a", a), ("replica-b", b)];
+    let leader = replicas
+        .iter()
+        .position(|(n, _)| *n == holder)
+        .expect("the holder is one of ours");
+    let follower_name = replicas[1 - leader].0;
+    let out = kubectl_apply(&e.cluster, &tiny_job("ha", 400, 50)).await;
+    assert!(out.status.success());
+    wait_job(&e.cluster, "ha", TRAIN, "Running", |j| {
+        phase(j) == Some(JobPhase::Running)
+    })
+    .await;
+    let killed_at = Instant::now();
+    replicas[leader].1.kill();
+    common::wait_for(
+        Duration::from_secs(60),
+        "the follower to hold the lease",
+        || async {
+            let h = leases
+                .get_opt("finetune-operator-leader")
+                .await
+                .ok()
+                .flatten()?
+                .spec?
+                .holder_identity?;
+            (h == follower_name).then_some(())
+        },
+    )
+    .await;
+    let takeover = killed_at.elapsed();
+    eprintln!("failover took {takeover:?}");
+    assert!(
+        takeover < Duration::from_secs(30),
+        "took over in {takeover:?}"
+    );
+    // The new leader reconciles: a second job gets its pod, and the first keeps exactly one.
+    let out = kubectl_apply(&e.cluster, &tiny_job("after-failover", 400, 50)).await;
+    assert!(out.status.success());
+    wait_job(
+        &e.cluster,
+        "after-failover",
+        Duration::from_secs(120),
+        "a pod after failover",
+        |j| phase(j).is_some(),
+    )
+    .await;
+    assert_eq!(
+        active(&job_pods(&e.cluster, "ha").await).len(),
+        1,
+        "no duplicate pod"
+    );
+    drop(replicas);
+    e.cluster.shutdown().await;
+}
