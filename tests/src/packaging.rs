@@ -273,3 +273,51 @@ pub fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_y
         .filter(|d| d["kind"].as_str() == Some(kind))
         .collect()
 }
+
+/// A Lua table literal of a YAML value (for feeding objects to Lua health checks).
+pub fn lua_literal(v: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    match v {
+        Value::Null => "nil".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        ),
+        Value::Sequence(items) => format!(
+            "{{{}}}",
+            items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Mapping(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("[{}] = {}", lua_literal(k), lua_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Tagged(t) => lua_literal(&t.value),
+    }
+}
+
+/// Runs the chart's Argo CD health check (`argocd/health.lua`) on `obj` with Lua 5.1 (installed
+/// on first use); returns `(status, message)`.
+pub fn argocd_health(obj: &serde_yaml::Value) -> Result<(String, String)> {
+    ensure_apt_tool("lua5.1", "lua5.1")?;
+    let script = chart_dir().join("argocd/health.lua");
+    let driver = format!(
+        "obj = {}\nlocal hs = dofile(\"{}\")\nio.write(hs.status, \"\\t\", hs.message or \"\")\n",
+        lua_literal(obj),
+        script.display()
+    );
+    let out = run_ok(
+        "lua5.1 argocd/health.lua",
+        Command::new("lua5.1").arg("-e").arg(&driver),
+    )?;
+    let (status, message) = out
+        .split_once('\t')
+        .ok_or_else(|| Error::ControlPlane(format!("health.lua printed {out:?}")))?;
+    Ok((status.to_string(), message.to_string()))
+}

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use finetune_e2e::packaging::{
-    NAMESPACE, RELEASE, chart_dir, ensure_apt_tool, helm_lint, helm_render, helm_validate,
-    kustomize, object_key, of_kind, parse_docs, repo_root, run_ok,
+    NAMESPACE, RELEASE, argocd_health, chart_dir, ensure_apt_tool, helm_lint, helm_render,
+    helm_validate, kustomize, object_key, of_kind, parse_docs, repo_root, run_ok,
 };
 use serde_json::json;
 use serde_yaml::Value;
@@ -901,33 +901,6 @@ fn promtool_checks_and_unit_tests_every_alert() {
     );
 }
 
-/// A Lua literal of a YAML value.
-fn lua(v: &Value) -> String {
-    match v {
-        Value::Null => "nil".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => format!(
-            "\"{}\"",
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        ),
-        Value::Sequence(items) => format!(
-            "{{{}}}",
-            items.iter().map(lua).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Mapping(m) => format!(
-            "{{{}}}",
-            m.iter()
-                .map(|(k, v)| format!("[{}] = {}", lua(k), lua(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Value::Tagged(t) => lua(&t.value),
-    }
-}
-
 fn fixtures() -> Vec<(String, Value)> {
     let dir = chart_dir().join("argocd/fixtures");
     let mut out: Vec<(String, Value)> = std::fs::read_dir(&dir)
@@ -948,21 +921,10 @@ fn fixtures() -> Vec<(String, Value)> {
 
 #[test]
 fn argocd_health_check_on_status_fixtures() {
-    ensure_apt_tool("lua5.1", "lua5.1").unwrap();
-    let script = chart_dir().join("argocd/health.lua");
     let mut seen = BTreeSet::new();
     for (name, fx) in fixtures() {
-        let driver = format!(
-            "obj = {}\nlocal hs = dofile(\"{}\")\nio.write(hs.status, \"\\t\", hs.message or \"\")\n",
-            lua(&fx["object"]),
-            script.display()
-        );
-        let out = run_ok(
-            &format!("lua5.1 health.lua on {name}"),
-            Command::new("lua5.1").arg("-e").arg(&driver),
-        )
-        .unwrap();
-        let (status, message) = out.split_once('\t').unwrap();
+        let (status, message) = argocd_health(&fx["object"]).unwrap();
+        let (status, message) = (status.as_str(), message.as_str());
         let want = fx["expect"]["argocd"].as_str().unwrap();
         assert_eq!(status, want, "{name}: Argo CD health ({message})");
         assert!(!message.is_empty(), "{name}: a message");

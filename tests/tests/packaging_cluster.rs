@@ -142,10 +142,30 @@ async fn for_this_server(cluster: &Cluster, yaml: &str) -> String {
         .collect()
 }
 
-async fn start_cluster(nodes: Vec<NodeSpec>, ws: Option<&Workspace>) -> Cluster {
+/// Work directory of a test cluster: outside /tmp, because the simulated node bind-mounts the
+/// trainer's `/tmp` scratch volume before the checkpoint volume, which then hides a volume
+/// directory under /tmp inside the pod's mount namespace. Removed by [`finish`].
+fn work_dir(name: &str) -> std::path::PathBuf {
+    let dir = finetune_e2e::operator::cache_root()
+        .join("packaging-runs")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Shuts the cluster down and removes its work directory.
+async fn finish(cluster: Cluster) {
+    let dir = cluster.dir().to_path_buf();
+    cluster.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn start_cluster(nodes: Vec<NodeSpec>, ws: Option<&Workspace>, name: &str) -> Cluster {
     let cluster = Cluster::start(ClusterOptions {
         nodes,
         images: ws.map(Workspace::image_map).unwrap_or_default(),
+        work_dir: Some(work_dir(name)),
         ..ClusterOptions::default()
     })
     .await
@@ -158,7 +178,7 @@ async fn start_cluster(nodes: Vec<NodeSpec>, ws: Option<&Workspace>) -> Cluster 
 async fn rendered_chart_and_kustomize_base_pass_server_dry_run() {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
-    let cluster = start_cluster(vec![], None).await;
+    let cluster = start_cluster(vec![], None, "dry-run").await;
     kubectl_ok(&cluster, &["apply", "-f", "-"], MONITORING_CRDS).await;
     for r in ["servicemonitors", "podmonitors", "prometheusrules"] {
         wait_served(&cluster, &format!("{r}.monitoring.coreos.com")).await;
@@ -232,8 +252,32 @@ async fn rendered_chart_and_kustomize_base_pass_server_dry_run() {
     let base = for_this_server(&cluster, &base).await;
     let out = kubectl_ok(&cluster, &["apply", "--dry-run=server", "-f", "-"], &base).await;
     eprintln!("manifests/default:\n{out}");
-    cluster.shutdown().await;
+    finish(cluster).await;
     eprintln!("took {:?}", started.elapsed());
+}
+
+/// The pretrained tiny base when the shared cache has it (`tiny_base`, 300 pretraining steps);
+/// otherwise a base with 20 pretraining steps of its own (these tests check packaging, not
+/// model quality, and 300 steps take many minutes on a busy 2-core machine).
+fn quick_tiny_base(ws: &Workspace, assets: &Assets) -> std::path::PathBuf {
+    let shared = finetune_e2e::operator::cache_root().join("tiny-base");
+    if std::env::var_os("FINETUNE_TINY_BASE").is_some() || shared.join("init-tiny.json").is_file() {
+        return tiny_base(ws, assets).unwrap();
+    }
+    let dir = finetune_e2e::operator::cache_root().join("tiny-base-quick");
+    let status = std::process::Command::new(ws.bin("finetune-trainer"))
+        .arg("init-tiny")
+        .arg("--out")
+        .arg(&dir)
+        .arg("--tokenizer")
+        .arg(assets.tokenizer())
+        .arg("--pretrain-text")
+        .arg(assets.general_text())
+        .args(["--pretrain-steps", "20"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "finetune-trainer init-tiny: {status}");
+    dir
 }
 
 /// The demo sample, shortened for tests (as in tests/tests/operator.rs).
@@ -262,10 +306,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `kubectl auth can-i VERB RESOURCE [-n NS]` as the ServiceAccount.
+/// `kubectl auth can-i VERB RESOURCE [-n NS]` as the ServiceAccount; `RESOURCE:SUB` asks
+/// about a subresource.
 async fn can_i(cluster: &Cluster, sa: &str, verb: &str, resource: &str, ns: Option<&str>) -> bool {
     let mut cmd = cluster.kubectl();
+    let (resource, sub) = resource.split_once(':').unwrap_or((resource, ""));
     cmd.args(["auth", "can-i", verb, resource, "--as", sa]);
+    if !sub.is_empty() {
+        cmd.arg(format!("--subresource={sub}"));
+    }
     match ns {
         Some(ns) => cmd.args(["-n", ns]),
         None => cmd.arg("--all-namespaces"),
@@ -280,8 +329,8 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
     let started = Instant::now();
     let ws = Workspace::locate().unwrap();
     let assets = Assets::fetch(&ws).unwrap();
-    let tiny = tiny_base(&ws, &assets).unwrap();
-    let cluster = start_cluster(vec![NodeSpec::gpu("sim-gpu-0", 2)], Some(&ws)).await;
+    let tiny = quick_tiny_base(&ws, &assets);
+    let cluster = start_cluster(vec![NodeSpec::gpu("sim-gpu-0", 2)], Some(&ws), "rbac").await;
     install_crd(&cluster, &ws).await.unwrap();
     cluster.create_namespace(NAMESPACE).await.unwrap();
     create_demo_data(&cluster, "default", &assets, 400)
@@ -312,8 +361,8 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
     let lease = format!("leases/{RELEASE}-leader");
     let allowed: &[(&str, &str, Option<&str>)] = &[
         ("watch", "finetunejobs.finetune.dev", None),
-        ("patch", "finetunejobs.finetune.dev/status", None),
-        ("update", "finetunejobs.finetune.dev/finalizers", None),
+        ("patch", "finetunejobs.finetune.dev:status", None),
+        ("update", "finetunejobs.finetune.dev:finalizers", None),
         ("create", "pods", Some("default")),
         ("delete", "pods", Some("default")),
         ("patch", "configmaps", Some("default")),
@@ -327,7 +376,7 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
     let denied: &[(&str, &str, Option<&str>)] = &[
         ("get", "secrets", Some("default")),
         ("list", "secrets", None),
-        ("create", "pods/exec", Some("default")),
+        ("create", "pods:exec", Some("default")),
         ("delete", "finetunejobs.finetune.dev", Some("default")),
         ("update", "finetunejobs.finetune.dev", Some("default")),
         ("delete", "persistentvolumeclaims", Some("default")),
@@ -424,12 +473,20 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
     .await;
     let jobs: Api<FineTuneJob> = Api::namespaced(client.clone(), "default");
     let deadline = Instant::now() + Duration::from_secs(600);
+    let mut health_seen = std::collections::BTreeSet::new();
     let job = loop {
         let j = jobs.get("rbac-tiny").await.unwrap();
         let phase = j.status.as_ref().and_then(|s| s.phase);
+        // The Argo CD health check on the live object, as the operator writes it.
+        let obj: Value = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+        let (health, message) = finetune_e2e::packaging::argocd_health(&obj).unwrap();
+        if health_seen.insert(format!("{phase:?} -> {health}")) {
+            eprintln!("live status {phase:?}: Argo CD health {health} ({message})");
+        }
         if matches!(phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
             break j;
         }
+        assert_eq!(health, "Progressing", "{phase:?}: {message}");
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
             matches!(operator.try_wait(), Ok(None)),
@@ -451,6 +508,21 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
         "status {:?}\noperator log:\n{log_text}",
         job.status
     );
+    let obj: Value = serde_json::from_value(serde_json::to_value(&job).unwrap()).unwrap();
+    let (health, message) = finetune_e2e::packaging::argocd_health(&obj).unwrap();
+    assert_eq!(health, "Healthy", "{message}");
+    let status = job.status.as_ref().unwrap();
+    assert_eq!(
+        status.observed_generation, job.metadata.generation,
+        "kstatus: observedGeneration"
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "kstatus: Ready=True on success"
+    );
     for denied in ["forbidden", "Forbidden", "403"] {
         assert!(
             !log_text.contains(denied),
@@ -471,7 +543,7 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
         started.elapsed(),
         job.status.and_then(|s| s.progress).map(|p| p.summary)
     );
-    cluster.shutdown().await;
+    finish(cluster).await;
 }
 
 /// `GET http://{addr}{path_and_query}` over HTTP/1.0; the body.
@@ -604,8 +676,8 @@ async fn dashboard_queries_return_data_from_a_real_prometheus() {
     let started = Instant::now();
     let ws = Workspace::locate().unwrap();
     let assets = Assets::fetch(&ws).unwrap();
-    let tiny = tiny_base(&ws, &assets).unwrap();
-    let cluster = start_cluster(vec![NodeSpec::gpu("sim-gpu-0", 2)], Some(&ws)).await;
+    let tiny = quick_tiny_base(&ws, &assets);
+    let cluster = start_cluster(vec![NodeSpec::gpu("sim-gpu-0", 2)], Some(&ws), "prometheus").await;
     install_crd(&cluster, &ws).await.unwrap();
     create_demo_data(&cluster, "default", &assets, 400)
         .await
@@ -745,7 +817,7 @@ async fn dashboard_queries_return_data_from_a_real_prometheus() {
     }
     drop(prom);
     drop(operator);
-    cluster.shutdown().await;
+    finish(cluster).await;
     assert!(
         failures.is_empty(),
         "panels without data:\n{}",
