@@ -796,9 +796,9 @@ async fn dashboard_queries_return_data_from_a_real_prometheus() {
         eprintln!("{line}");
     }
     // One panel's query and its series, for the record.
-    if let Some((line, result)) = report
+    for (line, result) in report
         .iter()
-        .find(|(l, _)| l.contains("Train vs validation loss"))
+        .filter(|(l, _)| l.contains("Train vs validation loss"))
     {
         let summary: Vec<String> = result
             .iter()
