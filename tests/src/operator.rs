@@ -120,20 +120,20 @@ pub fn cache_root() -> PathBuf {
         })
 }
 
-/// The pretrained tiny base model, built once and cached by `finetune-trainer init-tiny`
-/// (`~/.cache/finetune-operator/tiny-base`, or `FINETUNE_TINY_BASE`).
+/// The tiny base model for end-to-end tests: initialised by `finetune-trainer init-tiny` in HF
+/// layout and cached (`~/.cache/finetune-operator/tiny-init`, or `FINETUNE_TINY_BASE`). It is not
+/// pretrained: the operator tests exercise the control loop, and pretraining costs minutes of CPU
+/// (`make demo` uses the pretrained base).
 pub fn tiny_base(ws: &Workspace, assets: &Assets) -> Result<PathBuf> {
     let dir = std::env::var_os("FINETUNE_TINY_BASE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache_root().join("tiny-base"));
+        .unwrap_or_else(|| cache_root().join("tiny-init"));
     let status = std::process::Command::new(ws.bin("finetune-trainer"))
         .arg("init-tiny")
         .arg("--out")
         .arg(&dir)
         .arg("--tokenizer")
         .arg(assets.tokenizer())
-        .arg("--pretrain-text")
-        .arg(assets.general_text())
         .status()
         .map_err(|e| Error::io("finetune-trainer init-tiny", e))?;
     if !status.success() {

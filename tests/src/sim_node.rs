@@ -91,6 +91,8 @@ pub const SIMULATED_LABEL: &str = "finetune-e2e/simulated-node";
 const HEARTBEAT: Duration = Duration::from_secs(10);
 const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
 const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+/// Where a pod's volume sources are staged inside its mount namespace (a private tmpfs).
+const STAGE_DIR: &str = "/run/finetune-sim-stage";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// One simulated node.
@@ -1759,13 +1761,34 @@ fn spawn_process(
     };
     let mut cmd = match ctx.shared.isolation {
         Isolation::MountNamespace => {
+            // Two phases, so that a volume mounted over a directory holding other volumes'
+            // host sources (an emptyDir at /tmp, say) cannot hide them: first every source is
+            // bound into a private staging tmpfs, then the staged copies are bound at their
+            // targets, parents before children.
             let mut script = String::from("set -e\n");
-            for m in mounts {
+            script.push_str(&format!(
+                "mount -t tmpfs sim-stage {stage}\n",
+                stage = sh_quote(STAGE_DIR)
+            ));
+            mkdir(Path::new(STAGE_DIR))?;
+            for (i, m) in mounts.iter().enumerate() {
                 let target = Path::new(&m.target);
                 ensure_target(&m.host, target)?;
+                let staged = format!("{STAGE_DIR}/{i}");
+                let make = if m.host.is_dir() { "mkdir" } else { "touch" };
+                script.push_str(&format!(
+                    "{make} {staged}\nmount --bind {} {staged}\n",
+                    sh_quote(&m.host.display().to_string()),
+                    staged = sh_quote(&staged)
+                ));
+            }
+            let mut order: Vec<usize> = (0..mounts.len()).collect();
+            order.sort_by_key(|i| Path::new(&mounts[*i].target).components().count());
+            for i in order {
+                let m = &mounts[i];
                 script.push_str(&format!(
                     "mount --bind {} {}\n",
-                    sh_quote(&m.host.display().to_string()),
+                    sh_quote(&format!("{STAGE_DIR}/{i}")),
                     sh_quote(&m.target)
                 ));
                 if m.read_only {
