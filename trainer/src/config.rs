@@ -68,8 +68,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
     };
     let d = &c.dataset;
     let task = d.columns.task();
-    let classification = matches!(task, Some(finetune_api::DatasetTask::Classification) | None)
-        && d.cleaning.normalize_labels;
+    let classification = matches!(task, Some(finetune_api::DatasetTask::Classification) | None);
     let defaults = ColumnMapping::default();
     let (text_col, label_col) = match (
         &d.columns.text,
@@ -99,6 +98,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         },
         columns,
         labels_are_classes: classification,
+        normalize_labels: d.cleaning.normalize_labels,
         allowed_labels: d.cleaning.allowed_labels.clone(),
         max_invalid_fraction: d.cleaning.max_invalid_fraction,
     };

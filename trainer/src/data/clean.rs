@@ -50,6 +50,8 @@ pub struct CleaningOptions {
     pub columns: ColumnMapping,
     /// Whether the response column is a class label (normalised, counted in distributions).
     pub labels_are_classes: bool,
+    /// Normalise labels (case, whitespace); when false they are only trimmed.
+    pub normalize_labels: bool,
     /// When not empty, rows with another label are invalid.
     pub allowed_labels: Vec<String>,
     /// Fail when more than this fraction of the rows is invalid.
@@ -66,6 +68,7 @@ impl Default for CleaningOptions {
             on_invalid_row: InvalidRowPolicy::Skip,
             columns: ColumnMapping::default(),
             labels_are_classes: true,
+            normalize_labels: true,
             allowed_labels: vec![],
             max_invalid_fraction: 1.0,
         }
@@ -160,7 +163,11 @@ impl Cleaner<'_> {
     fn accept(&mut self, mut ex: Example) -> Result<()> {
         ex.user = normalize_text(&ex.user);
         if self.opts.labels_are_classes && ex.label.is_some() {
-            ex.response = normalize_label(&ex.response);
+            ex.response = if self.opts.normalize_labels {
+                normalize_label(&ex.response)
+            } else {
+                normalize_text(&ex.response)
+            };
             ex.label = Some(ex.response.clone());
         } else {
             ex.response = ex.response.trim().to_string();
