@@ -321,3 +321,30 @@ pub fn argocd_health(obj: &serde_yaml::Value) -> Result<(String, String)> {
         .ok_or_else(|| Error::ControlPlane(format!("health.lua printed {out:?}")))?;
     Ok((status.to_string(), message.to_string()))
 }
+
+/// `checkov` from PyPI in `~/.cache/finetune-operator/venv-checkov`, installed on first use.
+pub fn checkov() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = cache_root().join("venv-checkov");
+        let bin = dir.join("bin/checkov");
+        if bin.is_file() {
+            return Ok(bin);
+        }
+        run_ok(
+            "python3 -m venv (checkov)",
+            Command::new("python3").args(["-m", "venv"]).arg(&dir),
+        )
+        .and_then(|_| {
+            run_ok(
+                "pip install checkov",
+                Command::new(dir.join("bin/python"))
+                    .args(["-m", "pip", "install", "-q", "checkov"]),
+            )
+        })
+        .map(|_| bin)
+        .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(Error::ControlPlane)
+}

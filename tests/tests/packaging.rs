@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use finetune_e2e::packaging::{
-    NAMESPACE, RELEASE, argocd_health, chart_dir, ensure_apt_tool, helm_lint, helm_render,
+    NAMESPACE, RELEASE, argocd_health, chart_dir, checkov, ensure_apt_tool, helm_lint, helm_render,
     helm_validate, kustomize, object_key, of_kind, parse_docs, repo_root, run_ok,
 };
 use serde_json::json;
@@ -49,7 +49,7 @@ fn value_sets() -> Vec<(&'static str, serde_json::Value)> {
         (
             "renamed-mirror",
             json!({"fullnameOverride": "ft", "serviceAccount": {"name": "ft-operator"},
-                   "image": {"repository": "registry.example.com/ft/operator", "tag": "0.1.0"},
+                   "image": {"repository": "registry.example.com/ft/operator", "tag": "0.1.0", "digest": "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
                    "images": {"trainer": "registry.example.com/ft/trainer:0.1.0",
                               "trainerCuda": "registry.example.com/ft/trainer:0.1.0-cuda",
                               "fetch": "registry.example.com/ft/fetch:0.1.0"},
@@ -1030,4 +1030,51 @@ fn status_fixtures_follow_kstatus_rules() {
             );
         }
     }
+}
+
+/// checkov's Kubernetes policies on the rendered chart (default and monitoring values), except
+/// three on purpose: CKV_K8S_43 (image digest: the chart pins tags, `image.digest` is optional),
+/// CKV_K8S_38 (the operator needs its ServiceAccount token to talk to the API server) and
+/// CKV_K8S_15 (pull policy Always: release tags are immutable, IfNotPresent is the default).
+#[test]
+fn checkov_finds_nothing_in_the_rendered_chart() {
+    let checkov = checkov().unwrap();
+    let dir = std::env::temp_dir().join(format!("finetune-checkov-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, values) in value_sets().into_iter().take(2) {
+        let text = helm_render(Some(&values), RELEASE, NAMESPACE, false).unwrap();
+        std::fs::write(dir.join(format!("{name}.yaml")), text).unwrap();
+    }
+    let out = Command::new(checkov)
+        .arg("-d")
+        .arg(&dir)
+        .args([
+            "--framework",
+            "kubernetes",
+            "--quiet",
+            "--compact",
+            "--skip-download",
+            "-o",
+            "json",
+        ])
+        .args(["--skip-check", "CKV_K8S_43,CKV_K8S_38,CKV_K8S_15"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov output ({e}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let summary = &report["summary"];
+    eprintln!("checkov: {summary}");
+    assert!(summary["passed"].as_u64().unwrap_or(0) > 50, "{summary}");
+    assert_eq!(
+        summary["failed"].as_u64(),
+        Some(0),
+        "checkov failures:\n{:#}",
+        report["results"]["failed_checks"]
+    );
 }
