@@ -574,6 +574,21 @@ fn deployment_is_ha_probed_and_restricted() {
             "{downward} from the downward API"
         );
     }
+    // Every variable set is one the operator reads (a flag's env in operator/src/args.rs).
+    let args_rs = read("operator/src/args.rs");
+    let known: BTreeSet<&str> = args_rs
+        .split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .chain(["RUST_LOG"])
+        .collect();
+    for e in c["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(
+            known.contains(name),
+            "the Deployment sets {name}, which the operator does not read ({known:?})"
+        );
+    }
     assert_eq!(
         c["livenessProbe"]["httpGet"]["path"].as_str(),
         Some("/healthz")
