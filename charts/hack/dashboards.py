@@ -58,6 +58,10 @@ fleet_panels = [
 fleet = dash("finetune-fleet", "FineTune fleet", "All fine-tuning jobs and the operator: phases, queue wait for GPUs, failures, reconcile rate, errors and latency.",
              [ds_var(), q_var("operator_job", "Operator scrape job", "label_values(finetune_operator_leader, job)")], fleet_panels, ["finetune"])
 import os
-d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "finetune-operator", "dashboards") + "/"
-json.dump(job, open(d + "finetune-job.json", "w"), indent=2); open(d + "finetune-job.json", "a").write("\n")
-json.dump(fleet, open(d + "finetune-fleet.json", "w"), indent=2); open(d + "finetune-fleet.json", "a").write("\n")
+import sys
+# Optional argument: another output directory (the packaging test checks the JSON is current).
+d = (sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "finetune-operator", "dashboards")) + "/"
+for name, dash in [("finetune-job.json", job), ("finetune-fleet.json", fleet)]:
+    with open(d + name, "w") as f:
+        json.dump(dash, f, indent=2)
+        f.write("\n")

@@ -1093,3 +1093,25 @@ fn checkov_finds_nothing_in_the_rendered_chart() {
         report["results"]["failed_checks"]
     );
 }
+
+#[test]
+fn dashboards_match_their_generator() {
+    let dir = std::env::temp_dir().join(format!("finetune-dashboards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    run_ok(
+        "python3 charts/hack/dashboards.py",
+        Command::new("python3")
+            .arg(repo_root().join("charts/hack/dashboards.py"))
+            .arg(&dir),
+    )
+    .unwrap();
+    for name in ["finetune-job.json", "finetune-fleet.json"] {
+        let generated = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(
+            read(format!("charts/finetune-operator/dashboards/{name}")),
+            generated,
+            "{name} is not what charts/hack/dashboards.py generates: run python3 charts/hack/dashboards.py"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
