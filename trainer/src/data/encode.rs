@@ -4,7 +4,9 @@
 //! Prompt and response are tokenised separately and concatenated, so the loss mask is exact even
 //! where SentencePiece would merge across the boundary.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use tokenizers::Tokenizer;
 
 use super::example::Example;
@@ -38,7 +40,12 @@ pub struct Encoder {
     pub template: PromptTemplate,
     /// Maximum sequence length (tokens).
     pub max_len: usize,
+    /// Token ids of the short strings every row repeats (template parts, label words).
+    cache: Arc<Mutex<HashMap<String, Vec<u32>>>>,
 }
+
+/// Strings up to this length are memoised (template prefixes/suffixes and label words).
+const CACHE_MAX_CHARS: usize = 64;
 
 impl Encoder {
     /// Loads `tokenizer.json`.
@@ -58,7 +65,27 @@ impl Encoder {
             eos,
             template,
             max_len,
+            cache: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Like [`Encoder::tokens`], memoised for short repeated strings.
+    fn tokens_cached(&self, text: &str) -> Result<Vec<u32>> {
+        if text.len() > CACHE_MAX_CHARS {
+            return self.tokens(text);
+        }
+        if let Ok(c) = self.cache.lock()
+            && let Some(ids) = c.get(text)
+        {
+            return Ok(ids.clone());
+        }
+        let ids = self.tokens(text)?;
+        if let Ok(mut c) = self.cache.lock()
+            && c.len() < 4096
+        {
+            c.insert(text.to_string(), ids.clone());
+        }
+        Ok(ids)
     }
 
     /// Vocabulary size.
@@ -95,9 +122,9 @@ impl Encoder {
             ids.push(self.eos);
         }
         ids.push(self.bos);
-        ids.extend(self.tokens(&r.prefix)?);
+        ids.extend(self.tokens_cached(&r.prefix)?);
         let mut user = self.tokens(&r.user)?;
-        let suffix = self.tokens(&r.suffix)?;
+        let suffix = self.tokens_cached(&r.suffix)?;
         let fixed = ids.len() + suffix.len() + reserve;
         let budget = self.max_len.saturating_sub(fixed);
         let truncated = user.len() > budget;
@@ -109,7 +136,7 @@ impl Encoder {
 
     /// Encodes a training example.
     pub fn encode(&self, ex: &Example) -> Result<Encoded> {
-        let mut resp = self.tokens(&ex.response)?;
+        let mut resp = self.tokens_cached(&ex.response)?;
         resp.push(self.eos);
         resp.truncate(self.max_len.saturating_sub(2).max(1));
         let (mut ids, truncated) = self.prompt_ids(ex, resp.len())?;
