@@ -14,8 +14,17 @@ pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)
 }
 
-/// Mean negative log-likelihood over the loss tokens.
+/// Mean negative log-likelihood over the loss tokens. On CPU with f32 logits this is one fused
+/// op with its own backward ([`crate::train::fused_ce`]); elsewhere it is built from primitives.
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+        return Ok(crate::train::fused_ce::fused_nll(logits, targets)?);
+    }
+    reference_cross_entropy(logits, targets)
+}
+
+/// The primitive-op formulation (any device), also the reference for the fused op's tests.
+pub fn reference_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(token_log_probs(logits, targets)?.neg()?.mean_all()?)
 }
 
@@ -39,5 +48,28 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((ours - theirs).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fused_op_matches_reference_value_and_gradient() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&(Tensor::randn(0f32, 3.0, (7, 50), &dev).unwrap()))
+            .unwrap();
+        let t = Tensor::new(&[0u32, 49, 3, 3, 17, 8, 25], &dev).unwrap();
+        let a = masked_cross_entropy(x.as_tensor(), &t).unwrap();
+        let b = reference_cross_entropy(x.as_tensor(), &t).unwrap();
+        let (av, bv) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((av - bv).abs() < 1e-5, "{av} vs {bv}");
+        let ga = a.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let gb = b.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let d = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod data_prep;
 pub mod export;
+pub mod fused_ce;
 pub mod loss;
 pub mod params;
 pub mod trainer;

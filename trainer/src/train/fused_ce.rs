@@ -1,0 +1,113 @@
+//! A fused cross-entropy for CPU: one custom op computes the mean negative log-likelihood of
+//! the targets from (n, vocab) f32 logits, and its backward writes `softmax − one-hot` directly.
+//! The primitive-op formulation materialises about a dozen (n × vocab) temporaries in forward and
+//! backward (max, shift, exp, scatter of the gathered gradient, the zero-fill of every edge); this
+//! op needs one output buffer for the gradient. It has a backward, so gradients are not cut.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+/// The op; holds the target ids (one per logits row).
+#[derive(Debug, Clone)]
+pub struct FusedNll {
+    targets: Vec<u32>,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Splits rows across the available threads.
+fn par_rows<F>(n: usize, f: F) -> Vec<f32>
+where
+    F: Fn(std::ops::Range<usize>) -> Vec<f32> + Sync,
+{
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n.max(1));
+    let chunk = n.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|start| {
+                let f = &f;
+                s.spawn(move || f(start..(start + chunk).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+impl CustomOp1 for FusedNll {
+    fn name(&self) -> &'static str {
+        "fused-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fused-nll: f32 logits expected")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused-nll: contiguous logits expected")
+        };
+        let (n, v) = layout.shape().dims2()?;
+        if n != self.targets.len() {
+            candle_core::bail!("fused-nll: {n} rows but {} targets", self.targets.len())
+        }
+        let data = &data[start..end];
+        let per_row = par_rows(n, |rows| {
+            rows.map(|r| {
+                let row = &data[r * v..(r + 1) * v];
+                let t = self.targets[r] as usize;
+                row_lse(row) - row.get(t).copied().unwrap_or(0.0)
+            })
+            .collect()
+        });
+        let loss = per_row.iter().map(|x| *x as f64).sum::<f64>() / n.max(1) as f64;
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let g = grad_res
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?
+            / n.max(1) as f32;
+        let x = arg.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = par_rows(n, |rows| {
+            let mut out = Vec::with_capacity(rows.len() * v);
+            for r in rows {
+                let row = &x[r * v..(r + 1) * v];
+                let lse = row_lse(row);
+                let t = self.targets[r] as usize;
+                out.extend(row.iter().enumerate().map(|(j, xj)| {
+                    let p = (xj - lse).exp();
+                    g * (p - if j == t { 1.0 } else { 0.0 })
+                }));
+            }
+            out
+        });
+        Ok(Some(Tensor::from_vec(grad, (n, v), arg.device())?))
+    }
+}
+
+/// Mean NLL of `targets` under `logits` (n, vocab), fused on CPU for f32 contiguous logits.
+pub fn fused_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let op = FusedNll {
+        targets: targets.to_vec1::<u32>()?,
+    };
+    logits.contiguous()?.apply_op1(op)
+}
