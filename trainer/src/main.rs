@@ -76,8 +76,8 @@ enum Command {
         /// Text file (one passage per line) for a short pretraining.
         #[arg(long)]
         pretrain_text: Option<PathBuf>,
-        /// Pretraining steps.
-        #[arg(long, default_value_t = 300)]
+        /// Pretraining steps (about 1-3 s each on 2 busy cores).
+        #[arg(long, default_value_t = 80)]
         pretrain_steps: usize,
         /// Seed.
         #[arg(long, default_value_t = 7)]
