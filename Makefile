@@ -6,8 +6,12 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CACHE_DIR ?= $(HOME)/.cache/finetune-operator
 export CACHE_DIR
+OPERATOR_IMAGE ?= ghcr.io/finetune-operator/operator:0.1.0
+FETCH_IMAGE ?= ghcr.io/finetune-operator/fetch:0.1.0
+TRAINER_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0
+TRAINER_CUDA_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0-cuda
 
-.PHONY: all build test lint fmt crds crds-check demo bench assets clean help
+.PHONY: all build test lint fmt crds crds-check demo bench assets images clean help
 
 all: build
 
@@ -44,6 +48,12 @@ demo: ## The main job: a real end-to-end fine-tune on CPU.
 
 bench: ## Benchmarks; figures go to BENCHMARKS.md.
 	scripts/bench.sh
+
+images: ## Build the container images (needs Docker; not possible on the CI machines).
+	docker build -f docker/operator.Dockerfile --target operator -t $(OPERATOR_IMAGE) .
+	docker build -f docker/operator.Dockerfile --target fetch -t $(FETCH_IMAGE) .
+	docker build -f docker/trainer.Dockerfile -t $(TRAINER_IMAGE) .
+	docker build -f docker/trainer-cuda.Dockerfile -t $(TRAINER_CUDA_IMAGE) .
 
 clean: ## Remove build outputs (the cache under CACHE_DIR is kept).
 	$(CARGO) clean

@@ -77,7 +77,7 @@ pub struct Args {
     pub identity: String,
     /// Lease duration of leader election.
     #[arg(long, env = "LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
-    pub lease_duration: Duration,
+    pub leader_lease_duration: Duration,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,

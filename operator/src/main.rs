@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
         &args.leader_election_lease,
         &args.leader_election_namespace,
         &identity,
-        args.lease_duration,
+        args.leader_lease_duration,
     )
     .await?;
     info!(%identity, "waiting for leadership");

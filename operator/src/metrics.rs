@@ -104,6 +104,17 @@ impl Metrics {
         registry.register(Box::new(unschedulable_jobs.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
+        // Every bounded label value starts at 0, so rates and alerts see a series from the start.
+        for result in ["ok", "error"] {
+            reconcile_total.with_label_values(&[result]).reset();
+            status_writes.with_label_values(&[result]).reset();
+        }
+        for reason in ["failure", "oom", "disruption"] {
+            pod_restarts.with_label_values(&[reason]).reset();
+        }
+        for verb in ["apply", "delete", "status"] {
+            api_writes.with_label_values(&[verb]).reset();
+        }
         for phase in finetune_api::JobPhase::ALL {
             jobs.with_label_values(&[phase.as_str()]).set(0);
         }

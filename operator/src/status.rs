@@ -212,6 +212,16 @@ mod tests {
         assert!(is_true(&s.conditions, "Succeeded"));
         assert!(!is_true(&s.conditions, "Progressing"));
         assert!(s.conditions.iter().all(|c| c.type_ != "Failed"));
+        let mut f = FineTuneJobStatus::default();
+        set_phase(
+            &mut f,
+            JobPhase::Failed,
+            "BackoffLimitExceeded",
+            "",
+            Some(1),
+            &t(3),
+        );
+        assert!(is_true(&f.conditions, "Failed") && is_true(&f.conditions, "Stalled"));
     }
 
     #[test]

@@ -341,7 +341,7 @@ apiVersion: finetune.dev/v1alpha1
 kind: FineTuneJob
 metadata: {name: big}
 spec:
-  model: {preset: llama-2-7b, source: "pvc://models/llama-2-7b"}
+  model: {preset: llama-2-7b, source: "hf://meta-llama/Llama-2-7b-hf"}
   dataset:
     source: configmap://amazon-reviews/reviews.csv
     columns: {text: ReviewText, label: SentimentLabel}
@@ -353,12 +353,17 @@ spec:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The scheduler's first verdict may be about the checkpoint claim, bound a moment later by
+    // the provisioner; the condition follows the scheduler's current message.
     let j = wait_job(
         &e.cluster,
         "big",
-        Duration::from_secs(90),
-        "Unschedulable",
-        |j| condition(j, "Unschedulable").is_some_and(|c| c.status == "True"),
+        Duration::from_secs(240),
+        "Unschedulable for GPUs",
+        |j| {
+            condition(j, "Unschedulable")
+                .is_some_and(|c| c.status == "True" && c.message.contains("nvidia.com/gpu"))
+        },
     )
     .await;
     let c = condition(&j, "Unschedulable").unwrap();
