@@ -122,6 +122,18 @@ pub fn set_phase(
             now,
         );
     }
+    if failed {
+        // kstatus reads Stalled=True as "failed for good" (Flux, kstatus-based tools).
+        set_condition(
+            c,
+            condition::STALLED,
+            true,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
     if suspended || is_true(c, condition::SUSPENDED) {
         set_condition(
             c,
