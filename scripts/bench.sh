@@ -9,7 +9,8 @@
 #      (BENCH_IDLE_SECONDS, default 600).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --workspace --bins --benches --examples
-if [ -x benches/run.sh ]; then benches/run.sh; fi
+echo "== trainer: throughput and data preparation"
+benches/run.sh
 echo "== operator: ${BENCH_JOBS:-1000} jobs at once"
-FINETUNE_PROFILE=release target/release/operator-bench --jobs "${BENCH_JOBS:-1000}"
+cargo build --workspace --bins
+target/debug/operator-bench --jobs "${BENCH_JOBS:-1000}"

@@ -8,9 +8,12 @@ use finetune_api::{FineTuneJob, validate, warnings};
 use serde_json::{Value, json};
 
 fn base(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests/samples")
-        .join(name);
+    let dir = if name == TINY {
+        "tests/fixtures"
+    } else {
+        "../manifests/samples"
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
     let yaml: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     serde_json::to_value(yaml).unwrap()
@@ -34,11 +37,15 @@ fn with(mut doc: Value, pointer: &str, value: Value) -> Value {
     doc
 }
 
-const TINY: &str = "tiny-sentiment-cpu.yaml";
+const TINY: &str = "tiny-lora.yaml";
 const L7B: &str = "llama-2-7b-lora-sentiment.yaml";
 
 #[test]
 fn invalid_specs_are_refused_with_the_field_path() {
+    for name in [TINY, L7B] {
+        let job: FineTuneJob = serde_json::from_value(base(name)).unwrap();
+        assert_eq!(validate(&job.spec), Ok(()), "the base {name} must be valid");
+    }
     let cases: Vec<(&str, Value, &str)> = vec![
         // model
         (

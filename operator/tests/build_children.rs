@@ -192,7 +192,10 @@ fn config_map_carries_the_trainer_configuration() {
         "/var/lib/finetune/checkpoints/checkpoints"
     );
     assert_eq!(cfg.paths.output_dir, "/var/lib/finetune/checkpoints/output");
-    assert_eq!(cfg.hyperparameters.max_steps, Some(150));
+    assert_eq!(
+        (cfg.hyperparameters.epochs, cfg.hyperparameters.max_steps),
+        (2, None)
+    );
     let pvc = c.checkpoint_claim.unwrap();
     assert_eq!(
         pvc.metadata.name.as_deref(),

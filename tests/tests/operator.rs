@@ -62,6 +62,11 @@ fn tiny_job(name: &str, max_steps: u32, checkpoint_every: u32) -> String {
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&sample).unwrap();
     doc["metadata"]["name"] = name.into();
     let spec = &mut doc["spec"];
+    // LoRA keeps the test runs short and checks the adapter output.
+    spec["method"] = serde_yaml::from_str(
+        "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0, targetModules: [q_proj, v_proj]}}",
+    )
+    .unwrap();
     spec["hyperparameters"]["maxSteps"] = max_steps.into();
     spec["hyperparameters"]["warmupSteps"] = 2.into();
     spec["hyperparameters"]["batchSize"] = 8.into();

@@ -115,6 +115,13 @@ pub fn trainer_pod(
             field_env("POD_IP", "status.podIP"),
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            // Keep freed memory instead of returning it to the kernel between steps: the
+            // trainer allocates the same large tensors every step (about 2x throughput on CPU).
+            EnvVar {
+                name: "MIMALLOC_PURGE_DELAY".into(),
+                value: Some("-1".into()),
+                value_from: None,
+            },
             // The metrics and progress server binds the pod's own address.
             EnvVar {
                 name: "FINETUNE_METRICS_ADDRESS".into(),
