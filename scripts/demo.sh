@@ -47,10 +47,10 @@ step "Installing the FineTuneJob CRD and the demo data"
 kubectl apply -f crds/finetunejob.yaml
 kubectl wait --for condition=established --timeout=60s crd/finetunejobs.finetune.dev
 kubectl create configmap amazon-reviews --from-file=reviews.csv="$ASSETS/amazon_reviews.csv" \
-  --dry-run=client -o yaml | kubectl apply -f -
+  --dry-run=client -o yaml | kubectl apply --server-side -f -
 head -n 400 "$ASSETS/nyt_general.txt" > "$DEMO/general.txt"
 kubectl create configmap retention-text --from-file=general.txt="$DEMO/general.txt" \
-  --dry-run=client -o yaml | kubectl apply -f -
+  --dry-run=client -o yaml | kubectl apply --server-side -f -
 
 step "Starting the operator (log: $DEMO/operator.log)"
 "$BIN/finetune-operator" --metrics-address 127.0.0.1:18080 --progress-interval 3s \
