@@ -362,6 +362,34 @@ impl Cluster {
         cmd
     }
 
+    /// Runs kubectl against this cluster with `input` on its standard input (e.g.
+    /// `["apply", "-f", "-"]` and a manifest) and returns its output.
+    pub async fn kubectl_with_input(
+        &self,
+        args: &[&str],
+        input: &str,
+    ) -> Result<std::process::Output> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::io("run kubectl", e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .await
+                .map_err(|e| Error::io("write kubectl stdin", e))?;
+        }
+        child
+            .wait_with_output()
+            .await
+            .map_err(|e| Error::io("wait for kubectl", e))
+    }
+
     /// Process ids of every process the cluster started and that may still run (control plane,
     /// reaper, pod processes). Empty after [`Cluster::shutdown`] when nothing leaked.
     pub fn recorded_pids(&self) -> Vec<i32> {

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use finetune_api::{FineTuneJob, JobPhase};
@@ -16,7 +15,6 @@ use finetune_e2e::{Cluster, ClusterOptions, NodeSpec, Signal};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use tokio::io::AsyncWriteExt;
 
 /// Tests here run real trainers; one at a time keeps the 2-core machine responsive.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -78,22 +76,10 @@ fn tiny_job(name: &str, max_steps: u32, checkpoint_every: u32) -> String {
 }
 
 async fn kubectl_apply(cluster: &Cluster, yaml: &str) -> std::process::Output {
-    let mut child = cluster
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
+    cluster
+        .kubectl_with_input(&["apply", "-f", "-"], yaml)
         .await
-        .unwrap();
-    child.wait_with_output().await.unwrap()
+        .unwrap()
 }
 
 async fn job(cluster: &Cluster, name: &str) -> FineTuneJob {

@@ -10,7 +10,6 @@
 //! The binaries are built by `make test` (`cargo build --bins`) first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use finetune_api::{FineTuneJob, JobPhase};
@@ -22,7 +21,6 @@ use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::Api;
 use serde_json::json;
 use serde_yaml::Value;
-use tokio::io::AsyncWriteExt;
 
 /// One cluster at a time keeps the 2-core machine responsive.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -71,22 +69,7 @@ spec:
 "#;
 
 async fn kubectl_stdin(cluster: &Cluster, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = cluster
-        .kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .await
-        .unwrap();
-    child.wait_with_output().await.unwrap()
+    cluster.kubectl_with_input(args, input).await.unwrap()
 }
 
 async fn kubectl_ok(cluster: &Cluster, args: &[&str], input: &str) -> String {
