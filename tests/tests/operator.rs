@@ -501,7 +501,7 @@ async fn a_follower_takes_over_when_the_leader_dies() {
     let b =
         OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "replica-b", &ha).unwrap();
     let leases = Api::<Lease>::namespaced(e.cluster.client(), "default");
-    let holder = common::wait_for(Duration::from_secs(60), "a leader", || async {
+    let holder = common::wait_for(Duration::from_secs(180), "a leader", || async {
         leases
             .get_opt("finetune-operator-leader")
             .await
@@ -526,7 +526,7 @@ async fn a_follower_takes_over_when_the_leader_dies() {
     let killed_at = Instant::now();
     replicas[leader].1.kill();
     common::wait_for(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "the follower to hold the lease",
         || async {
             let h = leases
@@ -543,7 +543,7 @@ async fn a_follower_takes_over_when_the_leader_dies() {
     let takeover = killed_at.elapsed();
     eprintln!("failover took {takeover:?}");
     assert!(
-        takeover < Duration::from_secs(30),
+        takeover < Duration::from_secs(60),
         "took over in {takeover:?}"
     );
     // The new leader reconciles: a second job gets its pod, and the first keeps exactly one.
@@ -552,7 +552,7 @@ async fn a_follower_takes_over_when_the_leader_dies() {
     wait_job(
         &e.cluster,
         "after-failover",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         "a pod after failover",
         |j| phase(j).is_some(),
     )
