@@ -1782,6 +1782,20 @@ fn spawn_process(
                     staged = sh_quote(&staged)
                 ));
             }
+            // The executable, too, lives on the host file system (the simulated image): stage
+            // it before any volume (an emptyDir at /tmp, say) can hide the directory it is in.
+            let mut argv = argv.to_vec();
+            if let Some(exe) = argv.first_mut().filter(|p| p.starts_with('/'))
+                && Path::new(exe.as_str()).is_file()
+            {
+                let staged = format!("{STAGE_DIR}/entrypoint");
+                script.push_str(&format!(
+                    "touch {staged}\nmount --bind {} {staged}\n",
+                    sh_quote(exe),
+                    staged = sh_quote(&staged)
+                ));
+                *exe = staged;
+            }
             let mut order: Vec<usize> = (0..mounts.len()).collect();
             order.sort_by_key(|i| Path::new(&mounts[*i].target).components().count());
             for i in order {
@@ -1818,7 +1832,7 @@ fn spawn_process(
                 &script,
                 "sim-pod",
             ]);
-            cmd.args(argv);
+            cmd.args(&argv);
             cmd
         }
         Isolation::PathEnv => {
