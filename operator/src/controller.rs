@@ -274,7 +274,6 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
     // Suspend: stop the trainer (it checkpoints on SIGTERM), then report Suspended.
     if effective.spec.suspend {
         let active: Vec<&Pod> = pods.iter().filter(|p| is_active(p)).collect();
-        let terminating = active.iter().any(|p| p.meta().deletion_timestamp.is_some());
         delete_pods(
             ctx,
             &pods_api,
@@ -297,7 +296,6 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
             finish(job, ctx, &ns, &name, &old_status, &status).await?;
             return Ok(Action::await_change());
         }
-        let _ = terminating;
         set_phase(
             &mut status,
             JobPhase::Running,
