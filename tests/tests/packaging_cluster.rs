@@ -506,7 +506,9 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
             .any(|c| c.type_ == "Ready" && c.status == "True"),
         "kstatus: Ready=True on success"
     );
-    for denied in ["forbidden", "Forbidden", "403"] {
+    // An RBAC denial from the API server always says "forbidden" (reason Forbidden); a bare
+    // "403" would also match timestamps such as 12:00:53.995403Z.
+    for denied in ["forbidden", "Forbidden", " 403 "] {
         assert!(
             !log_text.contains(denied),
             "RBAC denial in the operator log:\n{log_text}"
