@@ -5,6 +5,7 @@
 //! pure [`validate()`] function the operator runs before it creates anything, and the
 //! [`TrainerConfig`] file the operator renders for the trainer.
 
+pub mod document;
 pub mod fit;
 pub mod presets;
 pub mod progress;
@@ -13,11 +14,12 @@ pub mod trainer_config;
 pub mod v1alpha1;
 pub mod validate;
 
+pub use document::validate_document;
 pub use presets::{ModelArchitecture, ModelPreset, PresetDefaults};
 pub use progress::{TrainerPhase, TrainerProgress};
 pub use trainer_config::{TrainerConfig, TrainerPaths};
 pub use v1alpha1::*;
-pub use validate::{FieldError, FieldWarning, validate, warnings};
+pub use validate::{FieldError, FieldWarning, validate, validate_update, warnings};
 
 /// API group of every resource in this crate.
 pub const GROUP: &str = "finetune.dev";

@@ -146,17 +146,82 @@ impl Source {
                 })
             }
             ("https", SourceKind::Dataset) => {
-                let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-                if host.is_empty() || host.contains('@') {
-                    return Err(SourceError::Malformed(
-                        "https URL needs a host and must not carry credentials (user@host)".into(),
-                    ));
-                }
+                check_https(rest)?;
                 Ok(Source::Https { url: uri.into() })
             }
             _ => Err(scheme_error()),
         }
     }
+}
+
+/// Checks the part of an `https://` URL after the scheme: a DNS host name (no credentials, no IP
+/// literal, no `localhost`: the fetch step must not be pointed at the node's or the cluster's
+/// internal endpoints), an optional port, and a path without traversal, encoded or not.
+fn check_https(rest: &str) -> Result<(), SourceError> {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') {
+        return Err(SourceError::Malformed(
+            "https URL needs a host and must not carry credentials (user@host)".into(),
+        ));
+    }
+    let (host, port) = if authority.starts_with('[') {
+        return Err(SourceError::Malformed(format!(
+            "https URL host {authority:?} is an IP literal; use a DNS name"
+        )));
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if let Some(p) = port
+        && !p.parse::<u16>().is_ok_and(|p| p != 0)
+    {
+        return Err(SourceError::Malformed(format!(
+            "https URL port {p:?} must be a number in 1..=65535"
+        )));
+    }
+    let lower = host.to_ascii_lowercase();
+    if !is_dns_subdomain(lower.strip_suffix('.').unwrap_or(&lower)) {
+        return Err(SourceError::Malformed(format!(
+            "https URL host {host:?} must be a DNS name (letters, digits, '-', '.')"
+        )));
+    }
+    if lower
+        .split('.')
+        .all(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(SourceError::Malformed(format!(
+            "https URL host {host:?} is an IP literal; use a DNS name"
+        )));
+    }
+    if lower == "localhost" || lower.ends_with(".localhost") {
+        return Err(SourceError::Malformed(
+            "https URL host must not be localhost".into(),
+        ));
+    }
+    let path = &rest[authority.len()..];
+    let path_only = path.split(['?', '#']).next().unwrap_or_default();
+    if path.contains('\\') || has_encoded_traversal(path) {
+        return Err(SourceError::Malformed(format!(
+            "https URL path {path_only:?} must not contain backslashes or percent-encoded '.', '/', '\\', '%' or NUL"
+        )));
+    }
+    if path_only.split('/').any(|seg| seg == "..") {
+        return Err(SourceError::Malformed(format!(
+            "https URL path {path_only:?} must not contain '..' segments"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `s` holds a percent-encoded `.`, `/`, `\` or NUL (`%2e`, `%2f`, `%5c`, `%00`, any
+/// case): encoded traversal that a later decoding step could turn into `..` or `/`.
+fn has_encoded_traversal(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    ["%2e", "%2f", "%5c", "%00", "%25"]
+        .iter()
+        .any(|seq| lower.contains(seq))
 }
 
 fn parse_hf(rest: &str) -> Result<Source, SourceError> {
@@ -243,6 +308,11 @@ pub fn check_relative_path(path: &str) -> Result<(), SourceError> {
             "path {path:?} must not contain backslashes or control characters"
         )));
     }
+    if has_encoded_traversal(path) {
+        return Err(SourceError::Malformed(format!(
+            "path {path:?} must not contain percent-encoded '.', '/', '\\' '%' or NUL (%2e, %2f, %5c, %25, %00)"
+        )));
+    }
     let trimmed = path.strip_suffix('/').unwrap_or(path);
     if trimmed
         .split('/')
@@ -266,6 +336,11 @@ mod tests {
             ("hf://meta-llama/Llama-2-7b-hf@main", SourceKind::Model),
             ("pvc://models/llama-2-7b", SourceKind::Model),
             ("pvc://datasets/amazon/reviews.csv", SourceKind::Dataset),
+            ("pvc://datasets/a..b/c.d.csv", SourceKind::Dataset),
+            (
+                "https://Data.Example.com:8443/r.csv#frag",
+                SourceKind::Dataset,
+            ),
             ("configmap://reviews/reviews.csv", SourceKind::Dataset),
             (
                 "https://example.com/data/reviews.csv?x=1",
@@ -317,6 +392,47 @@ mod tests {
             ("hf://org/name@../x", SourceKind::Model, "revision"),
             ("file:///etc/passwd", SourceKind::Model, "must start with"),
             ("configmap://cm/", SourceKind::Dataset, "ConfigMap key"),
+            (
+                "pvc://data/%2e%2e/etc",
+                SourceKind::Dataset,
+                "percent-encoded",
+            ),
+            ("pvc://data/a%2Fb", SourceKind::Dataset, "percent-encoded"),
+            (
+                "pvc://data/%252e%252e/x",
+                SourceKind::Dataset,
+                "percent-encoded",
+            ),
+            ("pvc://data/a\\..\\b", SourceKind::Dataset, "backslashes"),
+            ("pvc://data/..", SourceKind::Dataset, "'..'"),
+            ("pvc://data/a/../../b", SourceKind::Dataset, "'..'"),
+            (
+                "https://e.com/a/../../b",
+                SourceKind::Dataset,
+                "'..' segments",
+            ),
+            (
+                "https://e.com/%2e%2e/x",
+                SourceKind::Dataset,
+                "percent-encoded",
+            ),
+            ("https://e.com/a\\b", SourceKind::Dataset, "backslashes"),
+            ("https://user@e.com/x", SourceKind::Dataset, "credentials"),
+            (
+                "https://169.254.169.254/latest",
+                SourceKind::Dataset,
+                "IP literal",
+            ),
+            ("https://10.0.0.1:8443/x", SourceKind::Dataset, "IP literal"),
+            ("https://[::1]/x", SourceKind::Dataset, "IP literal"),
+            ("https://localhost/x", SourceKind::Dataset, "localhost"),
+            ("https://e.com:0/x", SourceKind::Dataset, "port"),
+            ("https://e.com:99999/x", SourceKind::Dataset, "port"),
+            ("https://e_x.com/x", SourceKind::Dataset, "DNS name"),
+            ("https:///x", SourceKind::Dataset, "needs a host"),
+            ("HTTPS://e.com/x", SourceKind::Dataset, "must start with"),
+            ("ftp://e.com/x", SourceKind::Dataset, "must start with"),
+            ("pvc://data/a\nb", SourceKind::Dataset, "control character"),
         ];
         for (uri, kind, needle) in bad {
             match Source::parse(uri, kind) {

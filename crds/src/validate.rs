@@ -487,3 +487,65 @@ pub fn parse_quantity_bytes(q: &str) -> Option<f64> {
     let v = value * mult;
     v.is_finite().then_some(v)
 }
+
+/// Spec fields that may change after a job started; every other change is refused (the v1.20
+/// API server has no CEL `self == oldSelf`, so the operator enforces this rule).
+pub const MUTABLE_SPEC_FIELDS: [&str; 4] = [
+    "suspend",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+];
+
+/// Checks a spec update of a job that already started: every changed field outside
+/// [`MUTABLE_SPEC_FIELDS`] is an error with its leaf path (`spec.hyperparameters.learningRate`,
+/// `spec.evaluation.samplePrompts[1]`). Values are not echoed (they may be large).
+pub fn validate_update(
+    old: &FineTuneJobSpec,
+    new: &FineTuneJobSpec,
+) -> Result<(), Vec<FieldError>> {
+    let (Ok(mut a), Ok(mut b)) = (serde_json::to_value(old), serde_json::to_value(new)) else {
+        return Err(vec![FieldError {
+            path: "spec".into(),
+            message: "cannot be compared with the previous spec".into(),
+        }]);
+    };
+    for v in [&mut a, &mut b] {
+        if let Some(obj) = v.as_object_mut() {
+            for f in MUTABLE_SPEC_FIELDS {
+                obj.remove(f);
+            }
+        }
+    }
+    let mut e = Errors(Vec::new());
+    diff(&a, &b, "spec", &mut e);
+    if e.0.is_empty() { Ok(()) } else { Err(e.0) }
+}
+
+fn diff(a: &serde_json::Value, b: &serde_json::Value, path: &str, e: &mut Errors) {
+    use serde_json::Value;
+    const MESSAGE: &str = "is immutable once the job exists; only suspend, backoffLimit, \
+                           activeDeadlineSeconds and ttlSecondsAfterFinished may change \
+                           (create a new job instead)";
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = Value::Null;
+                diff(
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    &format!("{path}.{k}"),
+                    e,
+                );
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                diff(p, q, &format!("{path}[{i}]"), e);
+            }
+        }
+        (x, y) if x != y => e.add(path, MESSAGE),
+        _ => {}
+    }
+}
