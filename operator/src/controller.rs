@@ -737,7 +737,10 @@ async fn delete_pods<'a>(
             ..DeleteParams::background()
         };
         match api.delete(&pod.name_any(), &dp).await {
-            Ok(_) => info!(pod = pod.name_any(), "deleted trainer pod"),
+            Ok(_) => {
+                info!(pod = pod.name_any(), "deleted trainer pod");
+                crate::crash_point!("after-delete-pod");
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
@@ -768,6 +771,7 @@ where
         &Patch::Apply(&value),
     )
     .await?;
+    crate::crash_point!(&format!("after-apply-{}", K::kind(&()).to_lowercase()));
     Ok(())
 }
 
@@ -845,12 +849,14 @@ async fn finished(
         ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
         cms.delete(&names::config_map(name), &DeleteParams::default())
             .await?;
+        crate::crash_point!("after-delete-configmap");
     }
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
     if svcs.get_opt(&names::metrics_service(name)).await?.is_some() {
         ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
         svcs.delete(&names::metrics_service(name), &DeleteParams::default())
             .await?;
+        crate::crash_point!("after-delete-service");
     }
     Ok(Action::await_change())
 }
@@ -883,6 +889,7 @@ async fn finish(
         .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
         .inc();
     result?;
+    crate::crash_point!("after-status-patch");
     let reason_of = |s: &FineTuneJobStatus| {
         s.conditions
             .iter()
@@ -923,6 +930,7 @@ async fn finish(
         if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
             warn!(error = %e, "could not publish event");
         }
+        crate::crash_point!("after-event");
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod args;
 pub mod build;
 pub mod context;
 pub mod controller;
+pub mod failpoints;
 pub mod fetch;
 pub mod leader;
 pub mod lifecycle;

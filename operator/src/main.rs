@@ -4,13 +4,19 @@ use clap::Parser;
 use finetune_operator::{Args, Context, controller, leader, metrics::Metrics, server, telemetry};
 use tracing::{error, info};
 
+/// Public so that finetune-e2e's `finetune-operator-failpoints` binary can run this very `main`.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+pub async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Crash points for the fault-injection tests, armed by FAILPOINTS (failpoints feature only).
+    let _crash_points = finetune_operator::failpoints::arm_from_env();
     telemetry::init(args.log_json);
     let client = kube::Client::try_default().await?;
     let version = client.apiserver_version().await?;
     info!(server = %version.git_version, "connected to the API server");
+    if finetune_operator::failpoints::COMPILED {
+        info!("crash points compiled in (failpoints feature)");
+    }
 
     let metrics = Metrics::new()?;
     let health = server::Health::default();

@@ -113,6 +113,7 @@ pub struct Cluster {
     reaper: Option<Child>,
     etcd: Option<ManagedProcess>,
     apiserver: Mutex<Option<ManagedProcess>>,
+    apiserver_args: Vec<String>,
     controller_manager: Option<ManagedProcess>,
     scheduler: Option<ManagedProcess>,
     client: Client,
@@ -248,6 +249,7 @@ impl Cluster {
             reaper: Some(reaper),
             etcd: Some(etcd),
             apiserver: Mutex::new(None),
+            apiserver_args: opts.extra_apiserver_args.clone(),
             controller_manager: None,
             scheduler: None,
             client,
@@ -257,7 +259,7 @@ impl Cluster {
             down: false,
         };
         let deadline = Instant::now() + opts.ready_timeout;
-        cluster.spawn_apiserver(&opts.extra_apiserver_args)?;
+        cluster.spawn_apiserver()?;
         cluster.wait_apiserver_ready(deadline).await?;
         let kc = cluster.kubeconfig_path();
         let kc_args = |port: u16| {
@@ -473,18 +475,45 @@ impl Cluster {
         }
     }
 
-    /// Fault hook: stops kube-apiserver (SIGTERM, then SIGKILL after 10 s).
+    /// Fault hook: stops kube-apiserver (SIGTERM, then SIGKILL after 10 s; a frozen one is
+    /// thawed first so that it can exit).
     pub fn stop_apiserver(&self) {
         let proc = self.lock_apiserver().take();
         if let Some(mut p) = proc {
+            let _ = p.signal(Signal::SIGCONT);
             p.stop(Duration::from_secs(10));
         }
     }
 
-    /// Fault hook: starts kube-apiserver again (same port, same etcd) and waits until it serves.
+    /// Fault hook: freezes kube-apiserver with SIGSTOP. Its port still accepts connections (the
+    /// kernel completes the handshakes) but nothing is answered: clients hang, as behind a dead
+    /// load balancer, until [`Cluster::thaw_apiserver`].
+    pub fn freeze_apiserver(&self) -> Result<()> {
+        self.lock_apiserver()
+            .as_ref()
+            .ok_or_else(|| Error::ControlPlane("kube-apiserver is not running".into()))?
+            .signal(Signal::SIGSTOP)
+    }
+
+    /// Fault hook: resumes a frozen kube-apiserver (SIGCONT).
+    pub fn thaw_apiserver(&self) -> Result<()> {
+        self.lock_apiserver()
+            .as_ref()
+            .ok_or_else(|| Error::ControlPlane("kube-apiserver is not running".into()))?
+            .signal(Signal::SIGCONT)
+    }
+
+    /// The etcd client URL (`http://127.0.0.1:PORT`, no TLS), e.g. for `etcdctl --endpoints` or
+    /// etcd's JSON gateway (`/v3/kv/compaction`).
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.etcd_client)
+    }
+
+    /// Fault hook: starts kube-apiserver again (same port, same etcd, same extra flags) and waits
+    /// until it serves.
     pub async fn start_apiserver(&self) -> Result<()> {
         if self.lock_apiserver().is_none() {
-            self.spawn_apiserver(&[])?;
+            self.spawn_apiserver()?;
         }
         self.wait_apiserver_ready(Instant::now() + Duration::from_secs(120))
             .await
@@ -561,7 +590,7 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn spawn_apiserver(&self, extra: &[String]) -> Result<()> {
+    fn spawn_apiserver(&self) -> Result<()> {
         let pki = self.dir.join("pki");
         let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", self.ports.etcd_client),
@@ -594,7 +623,7 @@ impl Cluster {
             "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".to_string(),
             "--profiling=false".to_string(),
         ];
-        args.extend(extra.iter().cloned());
+        args.extend(self.apiserver_args.iter().cloned());
         let p = ManagedProcess::spawn(
             "kube-apiserver",
             &self.bins.bin("kube-apiserver"),

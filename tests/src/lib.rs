@@ -39,6 +39,7 @@ pub mod operator;
 pub mod packaging;
 mod process;
 mod provisioner;
+pub mod proxy;
 pub mod sim_node;
 
 pub use cluster::{Cluster, ClusterOptions};

@@ -213,15 +213,38 @@ impl OperatorProcess {
         name: &str,
         extra: &[&str],
     ) -> Result<OperatorProcess> {
+        Self::start_with_env(cluster, ws, tiny, assets, name, extra, &[], None)
+    }
+
+    /// [`OperatorProcess::start`] with extra environment variables, which win over the defaults
+    /// (e.g. `KUBECONFIG` of a proxy in front of the API server, or `FAILPOINTS`), and another
+    /// operator executable than the workspace's `finetune-operator` (e.g. the build with crash
+    /// points, `finetune-operator-failpoints`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_with_env(
+        cluster: &Cluster,
+        ws: &Workspace,
+        tiny: &Path,
+        assets: &Assets,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        program: Option<&Path>,
+    ) -> Result<OperatorProcess> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| Error::io("pick metrics port", e))?
             .port();
         let metrics = format!("127.0.0.1:{port}");
         let log = cluster.dir().join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).map_err(|e| Error::io("operator log", e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| Error::io("operator log", e))?;
         let err = file.try_clone().map_err(|e| Error::io("operator log", e))?;
-        let child = std::process::Command::new(ws.bin("finetune-operator"))
+        let program = program.map_or_else(|| ws.bin("finetune-operator"), Path::to_path_buf);
+        let child = std::process::Command::new(program)
             .env("KUBECONFIG", cluster.kubeconfig_path())
             .env("RUST_LOG", "info,kube=warn")
             .args(["--metrics-address", &metrics])
@@ -240,6 +263,7 @@ impl OperatorProcess {
             .arg(assets.tokenizer())
             .args(["--identity", name])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(file)
             .stderr(err)
             .spawn()

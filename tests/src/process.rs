@@ -106,6 +106,15 @@ impl ManagedProcess {
         })
     }
 
+    /// Sends `signal` to the process (not its group), e.g. SIGSTOP to freeze it.
+    pub(crate) fn signal(&self, signal: Signal) -> Result<()> {
+        let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) else {
+            return Err(Error::ControlPlane(format!("{} is not running", self.name)));
+        };
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)
+            .map_err(|e| Error::ControlPlane(format!("signal {signal} to {}: {e}", self.name)))
+    }
+
     /// The log file.
     pub(crate) fn log(&self) -> &Path {
         &self.log

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: polling with deadlines and pod builders.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod job;
+
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
