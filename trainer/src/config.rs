@@ -41,9 +41,25 @@ fn activation_name(a: &Activation) -> &'static str {
 
 /// Resolves the configuration into the trainer's parameters. The model's `config.json` is read
 /// to resolve layer selections, so the model directory must exist (see `init-tiny`).
+/// Every input beneath the mount root (see `finetune_formats::paths`) is resolved inside its
+/// volume: a symlink leading out of it (`data.csv -> /etc/passwd`, `model -> ../..`) is refused.
 pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
-    let model_dir = PathBuf::from(&c.paths.model_dir);
-    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    let root = finetune_formats::paths::mount_root();
+    let confine =
+        |p: &Path| -> Result<PathBuf> { Ok(finetune_formats::paths::confine_input(p, &root)?) };
+    let configured_model_dir = Path::new(&c.paths.model_dir);
+    let model_dir = confine(configured_model_dir)?;
+    let config_file = confine(&configured_model_dir.join("config.json"))?;
+    for f in crate::model::weights::weight_files(configured_model_dir)? {
+        confine(&f)?;
+    }
+    let tokenizer = confine(Path::new(&c.paths.tokenizer_file))?;
+    let dataset = confine(Path::new(&c.paths.dataset_file))?;
+    let retention_file = match &c.paths.retention_file {
+        Some(r) => Some(confine(Path::new(r))?),
+        None => None,
+    };
+    let cfg = LlamaConfig::from_file(&config_file)?;
     let layers_sel = TrainableLayers::resolve(
         c.method.trainable_layers.as_ref(),
         cfg.num_hidden_layers as u32,
@@ -122,15 +138,15 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         rising_evaluations: e.overfitting.rising_evaluations as usize,
         sample_prompts: e.sample_prompts.clone(),
         sample_max_new_tokens: e.sample_max_new_tokens as usize,
-        retention_file: c.paths.retention_file.as_ref().map(PathBuf::from),
+        retention_file,
         retention_max_rows: e.retention.as_ref().map_or(200, |r| r.max_rows as usize),
         retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
     };
     Ok(TrainParams {
         job: c.job.clone(),
         model_dir,
-        tokenizer: PathBuf::from(&c.paths.tokenizer_file),
-        dataset: PathBuf::from(&c.paths.dataset_file),
+        tokenizer,
+        dataset,
         format: Some(match d.format {
             DatasetFormat::Csv => Format::Csv,
             DatasetFormat::Jsonl => Format::Jsonl,

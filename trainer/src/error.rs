@@ -57,6 +57,10 @@ pub enum TrainerError {
     /// The dataset is empty or unusable after cleaning.
     #[error("data: {0}")]
     Data(String),
+    /// A dataset, manifest, safetensors file or input path failed validation (see
+    /// `finetune_formats::Error`).
+    #[error(transparent)]
+    Format(#[from] finetune_formats::Error),
 }
 
 impl TrainerError {

@@ -353,7 +353,10 @@ fn generate(
                         .collect()
                 }),
             };
-            let t = candle_core::safetensors::load(a.join("adapter_model.safetensors"), &device)?;
+            let t = finetune_trainer::model::weights::load_checked(
+                &a.join("adapter_model.safetensors"),
+                &device,
+            )?;
             (TrainableSpec::Lora(settings), t)
         }
         None => (TrainableSpec::Frozen, HashMap::new()),

@@ -8,10 +8,11 @@ use std::hash::{Hash, Hasher};
 use std::io::BufRead;
 use std::path::Path;
 
-use super::csv::CsvReader;
-use super::example::Example;
-use super::jsonl::{ColumnMapping, parse_line};
-use crate::{Result, TrainerError};
+use crate::csv::CsvReader;
+use crate::example::Example;
+use crate::jsonl::{ColumnMapping, parse_line};
+use crate::text::LineReader;
+use crate::{Error, Result};
 
 /// What to do with a row that cannot be parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,7 +146,7 @@ impl Cleaner<'_> {
 
     fn invalid(&mut self, line: usize, reason: String) -> Result<()> {
         if self.opts.on_invalid_row == InvalidRowPolicy::Fail {
-            return Err(TrainerError::InvalidRow {
+            return Err(Error::InvalidRow {
                 file: self.file.clone(),
                 line,
                 reason,
@@ -234,14 +235,21 @@ pub fn read_dataset<R: BufRead>(
             let mut rows = CsvReader::new(reader);
             let header = match rows.next() {
                 Some(Ok(h)) => h,
+                Some(Err(e)) if e.fatal => {
+                    return Err(Error::Unreadable {
+                        file: file.into(),
+                        line: e.line,
+                        reason: e.reason,
+                    });
+                }
                 Some(Err(e)) => {
-                    return Err(TrainerError::InvalidRow {
+                    return Err(Error::InvalidRow {
                         file: file.into(),
                         line: e.line,
                         reason: format!("header: {}", e.reason),
                     });
                 }
-                None => return Err(TrainerError::Data(format!("{file}: empty file"))),
+                None => return Err(Error::Data(format!("{file}: empty file"))),
             };
             let find = |name: &str| {
                 header
@@ -252,7 +260,7 @@ pub fn read_dataset<R: BufRead>(
             let (ti, li) = match (find(&opts.columns.text), find(&opts.columns.label)) {
                 (Some(t), Some(l)) => (t, l),
                 _ => {
-                    return Err(TrainerError::Data(format!(
+                    return Err(Error::Data(format!(
                         "{file}: header {:?} lacks columns {:?} and {:?}",
                         header.fields, opts.columns.text, opts.columns.label
                     )));
@@ -261,6 +269,13 @@ pub fn read_dataset<R: BufRead>(
             for rec in rows {
                 c.report.rows_read += 1;
                 match rec {
+                    Err(e) if e.fatal => {
+                        return Err(Error::Unreadable {
+                            file: file.into(),
+                            line: e.line,
+                            reason: e.reason,
+                        });
+                    }
                     Err(e) => c.invalid(e.line, e.reason)?,
                     Ok(r) if r.fields.len() != header.fields.len() => c.invalid(
                         r.line,
@@ -286,9 +301,24 @@ pub fn read_dataset<R: BufRead>(
             }
         }
         Format::Jsonl => {
-            for (i, line) in reader.lines().enumerate() {
-                let line_no = i + 1;
-                let line = line.map_err(|e| TrainerError::io(file, e))?;
+            let mut lines = LineReader::new(reader);
+            while let Some(line) = lines.next_line() {
+                let line_no = lines.line();
+                let line = match line {
+                    Ok(l) => l,
+                    Err(e) if e.fatal => {
+                        return Err(Error::Unreadable {
+                            file: file.into(),
+                            line: e.line,
+                            reason: e.reason,
+                        });
+                    }
+                    Err(e) => {
+                        c.report.rows_read += 1;
+                        c.invalid(e.line, e.reason)?;
+                        continue;
+                    }
+                };
                 if line.trim().is_empty() {
                     continue;
                 }
@@ -305,7 +335,7 @@ pub fn read_dataset<R: BufRead>(
     if c.report.rows_read > 0
         && invalid as f64 > opts.max_invalid_fraction * c.report.rows_read as f64
     {
-        return Err(TrainerError::Data(format!(
+        return Err(Error::Data(format!(
             "{file}: {invalid} of {} rows are invalid (more than {:.0} %); first: {:?}",
             c.report.rows_read,
             100.0 * opts.max_invalid_fraction,
@@ -321,9 +351,24 @@ pub fn read_dataset<R: BufRead>(
             ));
         }
     }
+    if opts.labels_are_classes && c.report.labels_after.len() == 1 {
+        let only = c
+            .report
+            .labels_after
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        c.report.warnings.push(format!(
+            "{file}: every kept row has the label {only:?}: one class only, so classification metrics are skipped and the model can only learn a constant answer"
+        ));
+    }
     if c.kept.is_empty() {
-        return Err(TrainerError::Data(format!(
-            "{file}: no usable rows after cleaning"
+        return Err(Error::Data(format!(
+            "{file}: no usable rows after cleaning ({} rows read, dropped: {:?}; first invalid: {:?})",
+            c.report.rows_read,
+            c.report.dropped,
+            c.report.invalid_examples.first()
         )));
     }
     Ok((c.kept, c.report))
@@ -339,7 +384,15 @@ pub fn read_dataset_file(
         Some("jsonl") | Some("json") => Format::Jsonl,
         _ => Format::Csv,
     });
-    let f = std::fs::File::open(path).map_err(|e| TrainerError::io(path, e))?;
+    // A FIFO or device would block or never end: only regular files are datasets.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Data(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = std::io::BufReader::with_capacity(1 << 16, f);
     read_dataset(reader, format, &path.display().to_string(), opts)
 }

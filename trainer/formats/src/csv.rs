@@ -5,6 +5,8 @@
 
 use std::io::BufRead;
 
+use crate::text::LineReader;
+
 /// One record with the line it starts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -17,18 +19,18 @@ pub struct Record {
 /// Why a record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordError {
-    /// 1-based line number of the record's first line.
+    /// 1-based line number of the record's first line (or of the offending line).
     pub line: usize,
     /// Reason.
     pub reason: String,
+    /// Whether the rest of the file cannot be read (binary data, UTF-16, I/O error).
+    pub fatal: bool,
 }
 
 /// Iterator over the records of a CSV stream.
 #[derive(Debug)]
 pub struct CsvReader<R> {
-    inner: R,
-    line: usize,
-    first: bool,
+    lines: LineReader<R>,
     done: bool,
 }
 
@@ -36,93 +38,145 @@ impl<R: BufRead> CsvReader<R> {
     /// Reads records from `inner`.
     pub fn new(inner: R) -> Self {
         Self {
-            inner,
-            line: 0,
-            first: true,
+            lines: LineReader::new(inner),
             done: false,
         }
-    }
-
-    fn read_line(&mut self, buf: &mut String) -> std::io::Result<bool> {
-        let n = self.inner.read_line(buf)?;
-        if n == 0 {
-            return Ok(false);
-        }
-        self.line += 1;
-        Ok(true)
     }
 }
 
 /// State of the field parser.
-#[derive(PartialEq, Eq, Clone, Copy)]
+#[derive(PartialEq, Eq, Clone, Copy, Debug)]
 enum Quote {
     None,
     Ascii,
     Typographic,
 }
 
-/// Parses one logical record. Returns `Ok(None)` when a quoted field is still open at the end.
-pub fn parse_record(text: &str) -> Result<Option<Vec<String>>, String> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut quote = Quote::None;
-    let mut was_quoted = false;
-    let mut after_quote = false;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match quote {
-            Quote::Ascii => {
-                if c == '"' {
-                    if chars.peek() == Some(&'"') {
-                        cur.push('"');
-                        chars.next();
-                    } else {
-                        quote = Quote::None;
-                        after_quote = true;
-                    }
-                } else {
-                    cur.push(c);
-                }
-            }
-            Quote::Typographic => {
-                if c == '”' {
-                    quote = Quote::None;
-                    after_quote = true;
-                } else {
-                    cur.push(c);
-                }
-            }
-            Quote::None => match c {
-                ',' => {
-                    fields.push(finish(&cur, was_quoted));
-                    cur.clear();
-                    was_quoted = false;
-                    after_quote = false;
-                }
-                '"' | '“' if cur.trim().is_empty() && !was_quoted => {
-                    cur.clear();
-                    was_quoted = true;
-                    quote = if c == '"' {
-                        Quote::Ascii
-                    } else {
-                        Quote::Typographic
-                    };
-                }
-                '\r' | '\n' => {}
-                _ if after_quote => {
-                    if !c.is_whitespace() {
-                        return Err(format!("unexpected character {c:?} after closing quote"));
-                    }
-                }
-                _ => cur.push(c),
-            },
+/// An incremental record parser: fed line by line, so that a quoted field spanning many lines is
+/// parsed in linear time (re-parsing the growing record at each line was quadratic).
+#[derive(Debug)]
+struct RecordParser {
+    fields: Vec<String>,
+    cur: String,
+    quote: Quote,
+    was_quoted: bool,
+    after_quote: bool,
+    /// Whether `cur` holds only whitespace so far (an opening quote may follow).
+    blank: bool,
+    bytes: usize,
+    /// A `"` seen last in a chunk while quoted: doubled or closing, decided by the next chunk.
+    pending_quote: bool,
+}
+
+impl RecordParser {
+    fn new() -> Self {
+        Self {
+            fields: Vec::new(),
+            cur: String::new(),
+            quote: Quote::None,
+            was_quoted: false,
+            after_quote: false,
+            blank: true,
+            bytes: 0,
+            pending_quote: false,
         }
     }
-    if quote != Quote::None {
+
+    fn feed(&mut self, text: &str) -> Result<(), String> {
+        self.bytes += text.len();
+        let mut chars = text.chars().peekable();
+        if self.pending_quote {
+            self.pending_quote = false;
+            if chars.peek() == Some(&'"') {
+                self.cur.push('"');
+                chars.next();
+            } else {
+                self.quote = Quote::None;
+                self.after_quote = true;
+            }
+        }
+        while let Some(c) = chars.next() {
+            match self.quote {
+                Quote::Ascii => {
+                    if c == '"' {
+                        match chars.peek() {
+                            Some('"') => {
+                                self.cur.push('"');
+                                chars.next();
+                            }
+                            None => self.pending_quote = true,
+                            Some(_) => {
+                                self.quote = Quote::None;
+                                self.after_quote = true;
+                            }
+                        }
+                    } else {
+                        self.cur.push(c);
+                    }
+                }
+                Quote::Typographic => {
+                    if c == '”' {
+                        self.quote = Quote::None;
+                        self.after_quote = true;
+                    } else {
+                        self.cur.push(c);
+                    }
+                }
+                Quote::None => match c {
+                    ',' => {
+                        self.fields.push(finish(&self.cur, self.was_quoted));
+                        self.cur.clear();
+                        self.was_quoted = false;
+                        self.after_quote = false;
+                        self.blank = true;
+                    }
+                    '"' | '“' if self.blank && !self.was_quoted => {
+                        self.cur.clear();
+                        self.was_quoted = true;
+                        self.quote = if c == '"' {
+                            Quote::Ascii
+                        } else {
+                            Quote::Typographic
+                        };
+                    }
+                    '\r' | '\n' => {}
+                    _ if self.after_quote => {
+                        if !c.is_whitespace() {
+                            return Err(format!("unexpected character {c:?} after closing quote"));
+                        }
+                    }
+                    _ => {
+                        if !c.is_whitespace() {
+                            self.blank = false;
+                        }
+                        self.cur.push(c);
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a quoted field is still open at the end of what was fed (a `"` at the very end
+    /// closes it unless more input follows).
+    fn open(&self) -> bool {
+        self.quote != Quote::None && !self.pending_quote
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        self.fields.push(finish(&self.cur, self.was_quoted));
+        self.fields
+    }
+}
+
+/// Parses one logical record. Returns `Ok(None)` when a quoted field is still open at the end.
+pub fn parse_record(text: &str) -> Result<Option<Vec<String>>, String> {
+    let mut p = RecordParser::new();
+    p.feed(text)?;
+    if p.open() {
         return Ok(None);
     }
-    fields.push(finish(&cur, was_quoted));
-    Ok(Some(fields))
+    Ok(Some(p.finish()))
 }
 
 fn finish(cur: &str, quoted: bool) -> String {
@@ -134,7 +188,7 @@ fn finish(cur: &str, quoted: bool) -> String {
 }
 
 /// Longest logical record accepted (guards against an unterminated quote swallowing the file).
-const MAX_RECORD_BYTES: usize = 1 << 20;
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
 impl<R: BufRead> Iterator for CsvReader<R> {
     type Item = Result<Record, RecordError>;
@@ -143,75 +197,69 @@ impl<R: BufRead> Iterator for CsvReader<R> {
         if self.done {
             return None;
         }
-        let mut buf = String::new();
-        loop {
-            buf.clear();
-            match self.read_line(&mut buf) {
-                Ok(false) => {
+        let fail = |line: usize, reason: String, fatal: bool| RecordError {
+            line,
+            reason,
+            fatal,
+        };
+        // Skip blank lines.
+        let first = loop {
+            match self.lines.next_line() {
+                None => {
                     self.done = true;
                     return None;
                 }
-                Ok(true) => {}
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(RecordError {
-                        line: self.line + 1,
-                        reason: e.to_string(),
-                    }));
+                Some(Err(e)) => {
+                    self.done |= e.fatal;
+                    return Some(Err(fail(e.line, e.reason, e.fatal)));
                 }
+                Some(Ok(l)) if l.trim().is_empty() => continue,
+                Some(Ok(l)) => break l,
             }
-            if self.first {
-                self.first = false;
-                if let Some(rest) = buf.strip_prefix('\u{feff}') {
-                    buf = rest.to_string();
-                }
-            }
-            if !buf.trim().is_empty() {
-                break;
-            }
-        }
-        let start = self.line;
+        };
+        let start = self.lines.line();
+        let mut p = RecordParser::new();
+        let mut text = first;
         loop {
-            match parse_record(&buf) {
-                Ok(Some(fields)) => {
-                    return Some(Ok(Record {
-                        line: start,
-                        fields,
-                    }));
-                }
-                Err(reason) => {
-                    return Some(Err(RecordError {
-                        line: start,
-                        reason,
-                    }));
-                }
-                Ok(None) => {
-                    if buf.len() > MAX_RECORD_BYTES {
-                        self.done = true;
-                        return Some(Err(RecordError {
-                            line: start,
-                            reason: "unterminated quoted field".into(),
-                        }));
-                    }
-                    match self.read_line(&mut buf) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            self.done = true;
-                            return Some(Err(RecordError {
-                                line: start,
-                                reason: "unterminated quoted field at end of file".into(),
-                            }));
-                        }
-                        Err(e) => {
-                            self.done = true;
-                            return Some(Err(RecordError {
-                                line: start,
-                                reason: e.to_string(),
-                            }));
-                        }
-                    }
-                }
+            if let Err(reason) = p.feed(&text) {
+                return Some(Err(fail(start, reason, false)));
             }
+            if !p.open() {
+                return Some(Ok(Record {
+                    line: start,
+                    fields: p.finish(),
+                }));
+            }
+            if p.bytes > MAX_RECORD_BYTES {
+                self.done = true;
+                return Some(Err(fail(
+                    start,
+                    format!(
+                        "quoted field longer than {} MiB (unterminated quote?)",
+                        MAX_RECORD_BYTES >> 20
+                    ),
+                    true,
+                )));
+            }
+            text = match self.lines.next_line() {
+                Some(Ok(l)) => l,
+                None => {
+                    self.done = true;
+                    return Some(Err(fail(
+                        start,
+                        "unterminated quoted field at end of file".into(),
+                        false,
+                    )));
+                }
+                Some(Err(e)) => {
+                    self.done |= e.fatal;
+                    return Some(Err(fail(
+                        e.line,
+                        format!("in the record starting on line {start}: {}", e.reason),
+                        e.fatal,
+                    )));
+                }
+            };
         }
     }
 }

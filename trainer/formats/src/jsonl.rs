@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::example::Example;
+use crate::example::Example;
 
 /// Column names for JSONL text+label rows and CSV columns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -53,7 +53,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Saves tensors as safetensors atomically.
 pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = tmp_path(path);
-    candle_core::safetensors::save(tensors, &tmp)?;
+    // candle's error does not name the file: add it (a full volume reads
+    // "<path>: No space left on device (os error 28)").
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| match e {
+        candle_core::Error::Io(io) => TrainerError::io(&tmp, io),
+        other => TrainerError::Checkpoint {
+            path: tmp.clone(),
+            reason: other.to_string(),
+        },
+    })?;
     fsync_file(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| TrainerError::io(path, e))?;
     fsync_dir(parent(path))

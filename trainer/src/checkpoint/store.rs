@@ -4,6 +4,7 @@
 //! place, so a crash never leaves a checkpoint that looks complete.
 
 use candle_core::{Device, Tensor};
+use finetune_formats::manifest::Manifest;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,12 +41,27 @@ pub struct CheckpointState {
     pub extra: serde_json::Value,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Manifest {
-    format: u32,
-    step: usize,
-    files: BTreeMap<String, String>,
+/// Test-only knob: when set to a number of milliseconds, [`CheckpointStore::save`] prints
+/// `checkpoint-phase step=N phase=NAME` on stderr after each phase of a write and sleeps that
+/// long, so that fault tests can SIGKILL the real binary at every point of a write.
+pub const PAUSE_ENV: &str = "FINETUNE_TEST_CHECKPOINT_PAUSE_MS";
+
+fn phase_pause() -> Option<std::time::Duration> {
+    std::env::var(PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
 }
+
+fn phase(pause: Option<std::time::Duration>, step: usize, name: &str) {
+    if let Some(d) = pause {
+        eprintln!("checkpoint-phase step={step} phase={name}");
+        std::thread::sleep(d);
+    }
+}
+
+const TMP_PREFIX: &str = ".tmp-checkpoint-";
+const OLD_PREFIX: &str = ".old-checkpoint-";
 
 /// A verified checkpoint, loaded.
 #[derive(Debug)]
@@ -73,11 +89,28 @@ impl CheckpointStore {
     pub fn new(root: impl Into<PathBuf>, keep_last: usize, keep_best: bool) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| TrainerError::io(&root, e))?;
-        Ok(Self {
+        let store = Self {
             root,
             keep_last: keep_last.max(1),
             keep_best,
-        })
+        };
+        store.remove_stale_temporaries()?;
+        Ok(store)
+    }
+
+    /// Removes what a killed writer left behind (`.tmp-checkpoint-*`, `.old-checkpoint-*`): never
+    /// a checkpoint, but space on a volume that may be nearly full. One trainer owns the directory.
+    fn remove_stale_temporaries(&self) -> Result<()> {
+        let rd = std::fs::read_dir(&self.root).map_err(|e| TrainerError::io(&self.root, e))?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(TMP_PREFIX) || name.starts_with(OLD_PREFIX) {
+                let p = entry.path();
+                tracing::info!(path = %p.display(), "removing the leftover of an interrupted checkpoint write");
+                std::fs::remove_dir_all(&p).map_err(|e| TrainerError::io(&p, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// The root directory.
@@ -96,46 +129,81 @@ impl CheckpointStore {
         weights: &HashMap<String, Tensor>,
         optimizer: &HashMap<String, Tensor>,
     ) -> Result<PathBuf> {
-        let final_dir = self.dir_for(state.step);
         let tmp = self.root.join(format!(
-            ".tmp-{PREFIX}{:08}-{}",
+            "{TMP_PREFIX}{:08}-{}",
             state.step,
             std::process::id()
         ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+        let written = self.write_tmp(&tmp, state, weights, optimizer);
+        if let Err(e) = written {
+            // A failed write (e.g. ENOSPC) leaves no partial folder to fill the volume further;
+            // older checkpoints are untouched.
+            let _ = std::fs::remove_dir_all(&tmp);
+            tracing::error!(error = %e, "checkpoint write failed; older checkpoints are kept");
+            return Err(e);
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+        let pause = phase_pause();
+        let final_dir = self.dir_for(state.step);
+        // An existing folder of the same step is moved aside, not deleted, until the new one is in
+        // place: a crash in between leaves it recoverable, never neither.
+        let old = self.root.join(format!(
+            "{OLD_PREFIX}{:08}-{}",
+            state.step,
+            std::process::id()
+        ));
+        let replaced = final_dir.exists();
+        if replaced {
+            std::fs::rename(&final_dir, &old).map_err(|e| TrainerError::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
+        fsync_dir(&self.root)?;
+        phase(pause, state.step, "renamed");
+        if replaced {
+            std::fs::remove_dir_all(&old).map_err(|e| TrainerError::io(&old, e))?;
+        }
+        self.prune(state.best.map(|b| b.1))?;
+        phase(pause, state.step, "pruned");
+        Ok(final_dir)
+    }
+
+    fn write_tmp(
+        &self,
+        tmp: &Path,
+        state: &CheckpointState,
+        weights: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let pause = phase_pause();
+        if tmp.exists() {
+            std::fs::remove_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
+        }
+        std::fs::create_dir_all(tmp).map_err(|e| TrainerError::io(tmp, e))?;
+        phase(pause, state.step, "tmp-dir");
         save_safetensors_atomic(&tmp.join(WEIGHTS), weights)?;
+        phase(pause, state.step, "weights");
         if optimizer.is_empty() {
             write_atomic(&tmp.join(OPTIMIZER), b"")?;
         } else {
             save_safetensors_atomic(&tmp.join(OPTIMIZER), optimizer)?;
         }
+        phase(pause, state.step, "optimizer");
         write_atomic(
             &tmp.join(STATE),
             serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
+        phase(pause, state.step, "state");
         let mut files = BTreeMap::new();
         for f in [WEIGHTS, OPTIMIZER, STATE] {
             files.insert(f.to_string(), sha256_file(&tmp.join(f))?);
         }
         let manifest = Manifest {
-            format: 1,
+            format: finetune_formats::manifest::FORMAT,
             step: state.step,
             files,
         };
-        write_atomic(
-            &tmp.join(MANIFEST),
-            serde_json::to_string_pretty(&manifest)?.as_bytes(),
-        )?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
-        fsync_dir(&self.root)?;
-        self.prune(state.best.map(|b| b.1))?;
-        Ok(final_dir)
+        write_atomic(&tmp.join(MANIFEST), manifest.to_json()?.as_bytes())?;
+        phase(pause, state.step, "manifest");
+        Ok(())
     }
 
     /// Checkpoint directories with their steps, newest first.
@@ -172,17 +240,20 @@ impl CheckpointStore {
             reason,
         };
         let mpath = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&mpath).map_err(|e| bad(format!("manifest: {e}")))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| bad(format!("manifest: {e}")))?;
+        let bytes = std::fs::read(&mpath).map_err(|e| bad(format!("manifest: {e}")))?;
+        let manifest = Manifest::parse(&bytes).map_err(|e| bad(e.to_string()))?;
         for f in [WEIGHTS, OPTIMIZER, STATE] {
-            let want = manifest
-                .files
-                .get(f)
-                .ok_or_else(|| bad(format!("manifest lacks {f}")))?;
+            let want = manifest.digest(f).map_err(|e| bad(e.to_string()))?;
             let got = sha256_file(&dir.join(f)).map_err(|e| bad(e.to_string()))?;
-            if &got != want {
+            if got != want {
                 return Err(bad(format!("checksum mismatch for {f}")));
+            }
+        }
+        for f in [WEIGHTS, OPTIMIZER] {
+            let p = dir.join(f);
+            let empty = std::fs::metadata(&p).map(|m| m.len() == 0).unwrap_or(false);
+            if !empty {
+                finetune_formats::safetensors::validate_file(&p).map_err(|e| bad(e.to_string()))?;
             }
         }
         Ok(())
@@ -195,7 +266,7 @@ impl CheckpointStore {
         let text =
             std::fs::read_to_string(&state_path).map_err(|e| TrainerError::io(&state_path, e))?;
         let state: CheckpointState = serde_json::from_str(&text)?;
-        let weights = candle_core::safetensors::load(dir.join(WEIGHTS), device)?;
+        let weights = crate::model::weights::load_checked(&dir.join(WEIGHTS), device)?;
         let opt_path = dir.join(OPTIMIZER);
         let opt_len = std::fs::metadata(&opt_path)
             .map_err(|e| TrainerError::io(&opt_path, e))?
@@ -203,7 +274,7 @@ impl CheckpointStore {
         let optimizer = if opt_len == 0 {
             HashMap::new()
         } else {
-            candle_core::safetensors::load(&opt_path, device)?
+            crate::model::weights::load_checked(&opt_path, device)?
         };
         Ok(LoadedCheckpoint {
             dir: dir.to_path_buf(),

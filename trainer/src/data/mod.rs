@@ -2,13 +2,13 @@
 //! tokenisation with a response-only loss mask, and right-padded batches.
 
 pub mod batch;
-pub mod clean;
-pub mod csv;
 pub mod encode;
-pub mod example;
-pub mod jsonl;
 pub mod split;
 pub mod template;
+
+// The readers and the cleaning live in the light `finetune-formats` crate (fuzzed without the
+// numerical stack); they keep their paths here.
+pub use finetune_formats::{clean, csv, example, jsonl};
 
 pub use batch::Batch;
 pub use clean::{CleaningOptions, CleaningReport, InvalidRowPolicy};

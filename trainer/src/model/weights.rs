@@ -15,6 +15,18 @@ pub struct Weights {
     map: HashMap<String, Tensor>,
 }
 
+/// Loads a safetensors file after validating its header (offsets, dtypes, shapes, sizes), so that
+/// candle's loader never sees an inconsistent file.
+pub fn load_checked(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| TrainerError::io(path, e))?;
+    finetune_formats::safetensors::validate(
+        &path.display().to_string(),
+        &bytes,
+        bytes.len() as u64,
+    )?;
+    Ok(candle_core::safetensors::load_buffer(&bytes, device)?)
+}
+
 /// The safetensors files of a model directory: the shards named in `model.safetensors.index.json`,
 /// or `model.safetensors`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -30,6 +42,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .values()
             .filter_map(|f| f.as_str().map(str::to_string))
             .collect();
+        // Shards are plain file names beside the index: `../../etc/passwd` is refused.
+        if let Some(bad) = files
+            .iter()
+            .find(|f| !finetune_formats::manifest::is_plain_file_name(f))
+        {
+            return Err(TrainerError::Config(format!(
+                "{}: shard {bad:?} is not a plain file name in the model directory",
+                index.display()
+            )));
+        }
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -50,6 +72,11 @@ impl Weights {
         let mut map = HashMap::new();
         for f in files {
             let bytes = std::fs::read(f).map_err(|e| TrainerError::io(f, e))?;
+            finetune_formats::safetensors::validate(
+                &f.display().to_string(),
+                &bytes,
+                bytes.len() as u64,
+            )?;
             let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
             drop(bytes);
             for (name, t) in tensors {

@@ -329,8 +329,10 @@ impl Trainer {
             &self.opt.state_tensors(),
         )?;
         let dir = dir.display().to_string();
+        let seconds = t0.elapsed().as_secs_f64();
+        tracing::info!(checkpoint = %dir, step = self.state.step, seconds, "checkpoint saved");
         if let Some(m) = &self.metrics {
-            m.checkpoint_duration.observe(t0.elapsed().as_secs_f64());
+            m.checkpoint_duration.observe(seconds);
             m.checkpoints_total.inc();
         }
         let best = self.monitor.best.map(|(_, s)| format!("checkpoint-{s:08}"));
