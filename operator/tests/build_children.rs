@@ -238,6 +238,7 @@ fn children_are_owned_and_labelled() {
         let owner = &meta.owner_references.as_ref().unwrap()[0];
         assert_eq!(owner.kind, "FineTuneJob");
         assert_eq!(owner.controller, Some(true));
+        assert_eq!(owner.block_owner_deletion, Some(true));
         assert_eq!(
             meta.labels.as_ref().unwrap()["finetune.dev/job"],
             "tiny-sentiment"

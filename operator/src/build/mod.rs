@@ -97,10 +97,15 @@ pub fn children(job: &FineTuneJob, settings: &BuildSettings, attempt: u32) -> Re
     })
 }
 
-/// The owner reference that makes a child garbage-collected with its job.
+/// The owner reference that makes a child garbage-collected with its job. It blocks the owner's
+/// deletion (a foreground delete of the job waits for its pod), which is why the operator's
+/// ClusterRole holds `finetunejobs/finalizers update` (OwnerReferencesPermissionEnforcement).
 pub fn owner_reference(job: &FineTuneJob) -> Result<OwnerReference> {
-    job.controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))
+    let mut owner = job
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 /// Name and namespace of a job.

@@ -5,8 +5,10 @@ use finetune_api::source::{Source, SourceKind};
 use finetune_api::{DatasetFormat, FineTuneJob, TrainerPaths};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
-    PersistentVolumeClaimVolumeSource, SecretKeySelector, Volume, VolumeMount,
+    PersistentVolumeClaimVolumeSource, ResourceRequirements, SecretKeySelector, Volume,
+    VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::BuildSettings;
 use super::pod::restricted_container_security;
@@ -87,6 +89,25 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// Requests and limits of a download step: it streams to disk, so a little memory suffices
+/// (bounded, so that a broken download cannot take the node's memory; checkov CKV_K8S_10-13).
+fn fetch_resources() -> ResourceRequirements {
+    let q = |cpu: &str, memory: &str| {
+        Some(
+            [
+                ("cpu".to_string(), Quantity(cpu.into())),
+                ("memory".to_string(), Quantity(memory.into())),
+            ]
+            .into(),
+        )
+    };
+    ResourceRequirements {
+        requests: q("100m", "64Mi"),
+        limits: q("1", "512Mi"),
+        ..ResourceRequirements::default()
+    }
+}
+
 fn fetch_container(
     name: &str,
     settings: &BuildSettings,
@@ -99,6 +120,7 @@ fn fetch_container(
         args: Some(args),
         volume_mounts: Some(mounts),
         security_context: Some(restricted_container_security()),
+        resources: Some(fetch_resources()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     }
