@@ -7,156 +7,18 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use finetune_api::{FineTuneJob, JobPhase};
-use finetune_e2e::operator::{
-    Assets, OperatorProcess, Workspace, create_demo_data, install_crd, tiny_base,
+use common::job::{
+    NS, TRAIN, active, condition, env, job, job_pods, kubectl_apply, phase, step, tiny_job,
+    wait_job,
 };
-use finetune_e2e::{Cluster, ClusterOptions, NodeSpec, Signal};
+use finetune_api::{FineTuneJob, JobPhase};
+use finetune_e2e::Signal;
+use finetune_e2e::operator::OperatorProcess;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 /// Tests here run real trainers; one at a time keeps the 2-core machine responsive.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const NS: &str = "default";
-
-struct Env {
-    cluster: Cluster,
-    ws: Workspace,
-    assets: Assets,
-    tiny: std::path::PathBuf,
-}
-
-async fn env() -> Env {
-    let ws = Workspace::locate().unwrap();
-    let assets = Assets::fetch(&ws).unwrap();
-    let tiny = tiny_base(&ws, &assets).unwrap();
-    let cluster = Cluster::start(ClusterOptions {
-        nodes: vec![NodeSpec::gpu("sim-gpu-0", 2)],
-        images: ws.image_map(),
-        ..ClusterOptions::default()
-    })
-    .await
-    .unwrap();
-    eprintln!("API server {}", cluster.server_version());
-    install_crd(&cluster, &ws).await.unwrap();
-    create_demo_data(&cluster, NS, &assets, 800).await.unwrap();
-    Env {
-        cluster,
-        ws,
-        assets,
-        tiny,
-    }
-}
-
-/// The demo sample, shortened for tests.
-fn tiny_job(name: &str, max_steps: u32, checkpoint_every: u32) -> String {
-    let sample = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../manifests/samples/tiny-sentiment-cpu.yaml"),
-    )
-    .unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&sample).unwrap();
-    doc["metadata"]["name"] = name.into();
-    let spec = &mut doc["spec"];
-    // LoRA keeps the test runs short and checks the adapter output.
-    spec["method"] = serde_yaml::from_str(
-        "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0, targetModules: [q_proj, v_proj]}}",
-    )
-    .unwrap();
-    spec["hyperparameters"]["maxSteps"] = max_steps.into();
-    spec["hyperparameters"]["warmupSteps"] = 2.into();
-    spec["hyperparameters"]["batchSize"] = 8.into();
-    spec["hyperparameters"]["maxSequenceLength"] = 96.into();
-    spec["evaluation"]["intervalSteps"] = checkpoint_every.into();
-    spec["evaluation"]["retention"]["maxRows"] = 40.into();
-    spec["checkpoints"]["intervalSteps"] = checkpoint_every.into();
-    serde_yaml::to_string(&doc).unwrap()
-}
-
-async fn kubectl_apply(cluster: &Cluster, yaml: &str) -> std::process::Output {
-    cluster
-        .kubectl_with_input(&["apply", "-f", "-"], yaml)
-        .await
-        .unwrap()
-}
-
-async fn job(cluster: &Cluster, name: &str) -> FineTuneJob {
-    Api::<FineTuneJob>::namespaced(cluster.client(), NS)
-        .get(name)
-        .await
-        .unwrap()
-}
-
-async fn wait_job<F: Fn(&FineTuneJob) -> bool>(
-    cluster: &Cluster,
-    name: &str,
-    timeout: Duration,
-    what: &str,
-    f: F,
-) -> FineTuneJob {
-    let api = Api::<FineTuneJob>::namespaced(cluster.client(), NS);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let j = api.get(name).await.unwrap();
-        if f(&j) {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; status: {}",
-            serde_json::to_string_pretty(&j.status).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-fn phase(j: &FineTuneJob) -> Option<JobPhase> {
-    j.status.as_ref().and_then(|s| s.phase)
-}
-
-fn step(j: &FineTuneJob) -> u64 {
-    j.status
-        .as_ref()
-        .and_then(|s| s.progress.as_ref())
-        .map_or(0, |p| p.step)
-}
-
-fn condition(
-    j: &FineTuneJob,
-    type_: &str,
-) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    j.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .cloned()
-}
-
-async fn job_pods(cluster: &Cluster, name: &str) -> Vec<Pod> {
-    Api::<Pod>::namespaced(cluster.client(), NS)
-        .list(&ListParams::default().labels(&format!("finetune.dev/job={name}")))
-        .await
-        .unwrap()
-        .items
-}
-
-fn active(pods: &[Pod]) -> Vec<String> {
-    pods.iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    None | Some("Pending") | Some("Running")
-                )
-        })
-        .map(|p| p.metadata.name.clone().unwrap())
-        .collect()
-}
-
-const TRAIN: Duration = Duration::from_secs(600);
 
 #[tokio::test]
 async fn tiny_sample_succeeds_and_resumes_after_the_trainer_is_killed() {
