@@ -101,6 +101,16 @@ pub fn confine_input(path: &Path, mount_root: &Path) -> Result<PathBuf> {
         Some(Component::Normal(v)) => mount_root.join(v),
         _ => return Err(refused(path, "names no volume beneath the mount root")),
     };
+    // A volume is a mount point, never a symlink (which would move the whole volume elsewhere).
+    if std::fs::symlink_metadata(&volume).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(refused(
+            path,
+            format!(
+                "the volume {} is a symlink, outside its volume root",
+                volume.display()
+            ),
+        ));
+    }
     resolve_beneath(&volume, comps.as_path())
 }
 
