@@ -766,6 +766,20 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         .iter()
         .filter(|(p, _)| p.to_string_lossy().contains("report"))
         .count();
+    // The search reaches what it must: the trainer's report and the logs of both containers.
+    let has = |needle: &str| {
+        files
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains(needle))
+    };
+    assert!(
+        report >= 1,
+        "the trainer report was not among the files searched"
+    );
+    assert!(
+        has("/fetch-model/") && has("/trainer/"),
+        "container logs were not among the files searched"
+    );
     for (p, text) in files {
         places.push((p.display().to_string(), text));
     }
