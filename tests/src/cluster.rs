@@ -307,8 +307,13 @@ impl Cluster {
             cluster.client.clone(),
             cluster.dir.join("volumes"),
         )));
+        // Node i hands out pod IPs 127.(net + i + 1).x.y: a random `net` per cluster keeps pods of
+        // clusters running at the same time on this host (parallel tests) off each other's
+        // addresses (two trainers on one IP: the second cannot bind, the operator of one cluster
+        // would read the other's /progress).
+        let net = network_base(opts.nodes.len())?;
         for (index, spec) in opts.nodes.iter().enumerate() {
-            let handle = sim_node::start_node(cluster.shared.clone(), spec.clone(), index);
+            let handle = sim_node::start_node(cluster.shared.clone(), spec.clone(), net + index);
             cluster.lock_nodes().push(handle);
         }
         cluster.wait_default_service_account(deadline).await?;
@@ -390,6 +395,12 @@ impl Cluster {
             .wait_with_output()
             .await
             .map_err(|e| Error::io("wait for kubectl", e))
+    }
+
+    /// Records a process group the cluster must kill at shutdown, and its reaper if the test
+    /// process dies first (e.g. an operator started by the test in its own process group).
+    pub fn record_process_group(&self, pgid: u32) {
+        self.pids.record(pgid);
     }
 
     /// Process ids of every process the cluster started and that may still run (control plane,
@@ -781,6 +792,18 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 
 fn write(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).map_err(|e| Error::io(format!("write {}", path.display()), e))
+}
+
+/// A random first node index for this cluster's pod network, leaving room for `nodes` nodes in
+/// the 254 second-octet values.
+fn network_base(nodes: usize) -> Result<usize> {
+    let mut buf = [0u8; 2];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| Error::io("read /dev/urandom", e))?;
+    let room = 254usize.saturating_sub(nodes).max(1);
+    Ok(usize::from(u16::from_le_bytes(buf)) % room)
 }
 
 fn random_token() -> Result<String> {

@@ -5,6 +5,7 @@
 //! The binaries are built by `make test` (`cargo build --bins`) before the tests run; a test that
 //! cannot find them fails with that instruction.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -266,8 +267,12 @@ impl OperatorProcess {
             .envs(env.iter().copied())
             .stdout(file)
             .stderr(err)
+            // Its own process group, recorded with the cluster: the cluster's reaper kills it if
+            // the test process dies without dropping this handle.
+            .process_group(0)
             .spawn()
             .map_err(|e| Error::io("start finetune-operator", e))?;
+        cluster.record_process_group(child.id());
         Ok(OperatorProcess {
             child,
             log,

@@ -17,8 +17,10 @@
 //!   period, then removes the pod object (grace 0), as a kubelet does.
 //!
 //! ## Pod network
-//! Every pod gets its own loopback address as `status.podIP`: node *i* (0-based) hands out
-//! `127.(i+1).x.y` (y ≥ 2); `127.(i+1).0.1` is the node's InternalIP. Linux routes all of
+//! Every pod gets its own loopback address as `status.podIP`: node *i* hands out
+//! `127.(i+1).x.y` (y ≥ 2); `127.(i+1).0.1` is the node's InternalIP. [`Cluster`](crate::Cluster)
+//! numbers its nodes from a random offset, so that clusters running at the same time on one host
+//! (parallel tests) do not hand out the same addresses. Linux routes all of
 //! 127.0.0.0/8 to the loopback device, so two pods can listen on the same port on their own IPs.
 //! Processes share the host network namespace (nothing stops a pod from binding 0.0.0.0).
 //!

@@ -19,7 +19,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::job::{
@@ -41,6 +40,12 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The operator with its crash points compiled in (this crate's bin target; the same `main`).
 const OPERATOR: &str = env!("CARGO_BIN_EXE_finetune-operator-failpoints");
+
+/// The operator executable: [`OPERATOR`], or `CHAOS_OPERATOR` (e.g. a build of another commit,
+/// to tell a regression from an old fault).
+fn operator_bin() -> std::path::PathBuf {
+    std::env::var_os("CHAOS_OPERATOR").map_or_else(|| OPERATOR.into(), Into::into)
+}
 
 const STATUS_WRITES_OK: &str = "finetune_operator_status_writes_total{result=\"ok\"}";
 const RECONCILES_OK: &str = "finetune_operator_reconcile_total{result=\"ok\"}";
@@ -167,7 +172,7 @@ impl Harness<'_> {
             &format!("operator-{}", self.runs),
             &[],
             &env,
-            Some(Path::new(OPERATOR)),
+            Some(operator_bin().as_path()),
         )
         .unwrap()
     }
@@ -479,7 +484,7 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
         "operator",
         &[],
         &[("KUBECONFIG", kc.as_str()), ("RUST_LOG", rust_log.as_str())],
-        Some(Path::new(OPERATOR)),
+        Some(operator_bin().as_path()),
     )
     .unwrap();
     let pid = op.pid();
