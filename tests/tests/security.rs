@@ -90,6 +90,8 @@ struct Tally {
     offline_rejected_with_path: usize,
     by_neither: Vec<String>,
     accepted_names: Vec<(String, String, String)>,
+    /// One line per case: name, family, field path, API server verdict, offline verdict.
+    table: Vec<String>,
 }
 
 fn offline_verdict(case: &corpus::Case) -> bool {
@@ -180,6 +182,23 @@ async fn hostile_corpus(cluster: &Cluster) -> Tally {
         if offline {
             t.offline_rejected_with_path += 1;
         }
+        let api_verdict = match (&result, api_named) {
+            (Ok(_), _) if case.family == "unknown field" => "stored (field pruned)",
+            (Ok(_), _) => "stored",
+            (Err(_), true) => "refused, names the path",
+            (Err(_), false) => "refused without the path",
+        };
+        t.table.push(format!(
+            "{}\t{}\t{}\t{api_verdict}\t{}",
+            case.name.replace('\t', " "),
+            case.family,
+            case.path,
+            if offline {
+                "refused, names the path"
+            } else {
+                "accepted"
+            }
+        ));
         if !api_named && !offline {
             t.by_neither.push(case.name.clone());
         }
@@ -193,6 +212,13 @@ async fn hostile_corpus(cluster: &Cluster) -> Tally {
         cases.len(),
         started.elapsed()
     );
+    // Who refused what, case by case, for inspection.
+    let table = std::env::temp_dir().join("finetune-hostile-cases.tsv");
+    let header =
+        "case\tfamily\tfield path\tAPI server v1.20\tvalidate_document / validate_update\n";
+    if std::fs::write(&table, format!("{header}{}\n", t.table.join("\n"))).is_ok() {
+        eprintln!("per-case table: {}", table.display());
+    }
     t
 }
 
