@@ -331,10 +331,8 @@ spec:
         termination_message_file: root.join("termination-log").display().to_string(),
     };
     let c = TrainerConfig::from_spec("paths".into(), &spec.spec, paths, String::new());
-    let f = root.join(format!(
-        "trainer-{}.yaml",
-        std::process::id() ^ dataset.as_os_str().len() as u32 ^ model.as_os_str().len() as u32 * 31
-    ));
+    // One case at a time: the file is rewritten for each.
+    let f = root.join("trainer.yaml");
     std::fs::write(&f, serde_yaml::to_string(&c).unwrap()).unwrap();
     f
 }
