@@ -11,7 +11,7 @@ FETCH_IMAGE ?= ghcr.io/finetune-operator/fetch:0.1.0
 TRAINER_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0
 TRAINER_CUDA_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0-cuda
 
-.PHONY: all build test lint fmt crds crds-check demo bench assets images clean help
+.PHONY: all build test lint fmt crds crds-check demo bench soak assets images clean help
 
 all: build
 
@@ -48,6 +48,9 @@ demo: ## The main job: a real end-to-end fine-tune on CPU.
 
 bench: ## Benchmarks; figures go to BENCHMARKS.md.
 	scripts/bench.sh
+
+soak: ## Long reliability runs: 1,000 jobs for 30 min (memory slope, idle writes, 409s), long fuzzing.
+	scripts/soak.sh
 
 images: ## Build the container images (needs Docker; not possible on the CI machines).
 	docker build -f docker/operator.Dockerfile --target operator -t $(OPERATOR_IMAGE) .

@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store, store::Writer};
 
 use crate::Args;
 use crate::build::BuildSettings;
@@ -21,6 +23,11 @@ pub struct JobMemory {
     pub since: Instant,
     /// When the job was first seen unschedulable.
     pub unschedulable_since: Option<Instant>,
+    /// The job's resourceVersion that this operator's last status write replaced. A reconcile
+    /// that still sees it works from a cache the watch has not caught up with yet; it waits for
+    /// the newer version (its arrival triggers the next reconcile) instead of writing from stale
+    /// state and hitting a 409 conflict.
+    pub superseded_version: Option<String>,
 }
 
 /// Passed to every reconciliation.
@@ -37,6 +44,28 @@ pub struct Context {
     pub recorder: Recorder,
     /// Per-job memory, keyed by uid.
     pub memory: Mutex<HashMap<String, JobMemory>>,
+    /// Caches of the trainer pods and ConfigMaps, filled by the controller's own watches, so a
+    /// reconcile reads its children without a request to the API server.
+    pub caches: ChildCaches,
+    /// The writers of `caches`, taken once by the controller that feeds them.
+    cache_writers: Mutex<Option<ChildCacheWriters>>,
+}
+
+/// Read side of the child caches.
+#[derive(Clone)]
+pub struct ChildCaches {
+    /// Trainer pods (label `finetune.dev/job`), managed fields stripped.
+    pub pods: Store<Pod>,
+    /// Trainer ConfigMaps (they hold the accepted spec), managed fields stripped.
+    pub config_maps: Store<ConfigMap>,
+}
+
+/// Write side of the child caches, fed by the controller's watches.
+pub struct ChildCacheWriters {
+    /// Feeds `ChildCaches::pods`.
+    pub pods: Writer<Pod>,
+    /// Feeds `ChildCaches::config_maps`.
+    pub config_maps: Writer<ConfigMap>,
 }
 
 impl Context {
@@ -46,6 +75,8 @@ impl Context {
             controller: crate::FIELD_MANAGER.into(),
             instance: (!args.identity.is_empty()).then(|| args.identity.clone()),
         };
+        let (pods, pod_writer) = reflector::store();
+        let (config_maps, config_map_writer) = reflector::store();
         Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
             settings: BuildSettings::from(&args),
@@ -53,6 +84,19 @@ impl Context {
             args,
             metrics,
             memory: Mutex::new(HashMap::new()),
+            caches: ChildCaches { pods, config_maps },
+            cache_writers: Mutex::new(Some(ChildCacheWriters {
+                pods: pod_writer,
+                config_maps: config_map_writer,
+            })),
         })
+    }
+
+    /// Takes the writers of the child caches; `None` after the first call.
+    pub fn take_cache_writers(&self) -> Option<ChildCacheWriters> {
+        self.cache_writers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }

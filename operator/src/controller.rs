@@ -11,10 +11,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::watcher;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{info, instrument, warn};
@@ -25,8 +26,8 @@ use crate::lifecycle::{PodOutcome, backoff, classify};
 use crate::names::{self, ATTEMPT_LABEL};
 use crate::spec_change::{MUTABLE_FIELDS, changed_sections, immutable_hash};
 use crate::status::{
-    apply_progress, condition, parse_termination_message, remove_condition, set_condition,
-    set_phase,
+    apply_progress, condition, merge_diff, parse_termination_message, remove_condition,
+    set_condition, set_phase,
 };
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -35,13 +36,37 @@ pub const ACCEPTED_SPEC_KEY: &str = "spec.json";
 
 /// Runs the controller until a shutdown signal.
 pub async fn run(ctx: Arc<Context>) {
+    let Some(writers) = ctx.take_cache_writers() else {
+        warn!("the controller of this context already runs");
+        return;
+    };
     let client = ctx.client.clone();
     let ns = ctx.args.watch_namespace.clone();
-    let jobs: Api<FineTuneJob> = scoped(&client, &ns);
     let children = watcher::Config::default().labels(JOB_LABEL);
-    let controller = Controller::new(jobs, watcher::Config::default().any_semantic())
-        .owns(scoped::<Pod>(&client, &ns), children.clone())
-        .owns(scoped::<ConfigMap>(&client, &ns), children.clone())
+    // Jobs, trainer pods and ConfigMaps are cached without their managed fields (a large share
+    // of every object, never read here); reconciles read children from these caches.
+    let (job_store, job_writer) = reflector::store();
+    let jobs = watcher(
+        scoped::<FineTuneJob>(&client, &ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|j| j.managed_fields_mut().clear())
+    .reflect(job_writer)
+    .applied_objects();
+    let pods = watcher(scoped::<Pod>(&client, &ns), children.clone())
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
+        .reflect(writers.pods)
+        .touched_objects();
+    let config_maps = watcher(scoped::<ConfigMap>(&client, &ns), children.clone())
+        .default_backoff()
+        .modify(|c| c.managed_fields_mut().clear())
+        .reflect(writers.config_maps)
+        .touched_objects();
+    let controller = Controller::for_stream(jobs, job_store)
+        .owns_stream(pods)
+        .owns_stream(config_maps)
         .owns(scoped::<Service>(&client, &ns), children.clone())
         .owns(scoped::<PersistentVolumeClaim>(&client, &ns), children);
     let store = controller.store();
@@ -50,7 +75,9 @@ pub async fn run(ctx: Arc<Context>) {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let mut counts = std::collections::HashMap::new();
-            for job in store.state() {
+            let jobs = store.state();
+            prune_memory(&gauge_ctx, &jobs);
+            for job in jobs {
                 let phase = job
                     .status
                     .as_ref()
@@ -149,6 +176,16 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let (name, ns) = name_and_namespace(job)?;
+    let seen = job.resource_version();
+    if seen.is_some()
+        && remember(ctx, &job.uid().unwrap_or_default(), |m| {
+            m.superseded_version == seen
+        })
+    {
+        // Our own status write is newer than this copy; its watch event brings us back sooner
+        // than this safety requeue (the scheduler keeps only the earliest of the two).
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
     let client = &ctx.client;
     let generation = job.meta().generation;
     let old_status = job.status.clone().unwrap_or_default();
@@ -156,9 +193,18 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
     status.observed_generation = generation;
     let t = now();
 
+    // Children come from the caches; a reconcile never runs before they hold a full list.
+    let caches = &ctx.caches;
+    if caches.pods.wait_until_ready().await.is_err()
+        || caches.config_maps.wait_until_ready().await.is_err()
+    {
+        return Err(Error::Cache);
+    }
+
     // The spec that was accepted when the job started, and what changed since.
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let existing_cm = cms.get_opt(&names::config_map(&name)).await?;
+    let existing_cm = caches
+        .config_maps
+        .get(&ObjectRef::new(&names::config_map(&name)).within(&ns));
     let accepted: Option<FineTuneJobSpec> = existing_cm
         .as_ref()
         .and_then(|cm| cm.data.as_ref())
@@ -232,10 +278,16 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
     }
 
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pods = pods_api
-        .list(&ListParams::default().labels(&format!("{JOB_LABEL}={name}")))
-        .await?
-        .items;
+    let pods: Vec<Pod> = caches
+        .pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && p.labels().get(JOB_LABEL) == Some(&name)
+        })
+        .map(|p| Pod::clone(p))
+        .collect();
     let attempt = status.restarts + status.disruptions;
     let current = pods.iter().find(|p| pod_attempt(p) == Some(attempt));
 
@@ -368,7 +420,8 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
                 generation,
                 &t,
             );
-            Action::requeue(Duration::from_secs(5))
+            // The pod's own events (created, scheduled, started) trigger the next reconcile.
+            Action::await_change()
         }
         Some((_, PodOutcome::Pending(unschedulable))) => {
             match unschedulable {
@@ -406,7 +459,9 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
                     &t,
                 ),
             }
-            Action::requeue(Duration::from_secs(15))
+            // A waiting pod costs nothing: its next change (scheduled, started) triggers the
+            // next reconcile through the pod watch.
+            Action::await_change()
         }
         Some((pod, PodOutcome::Running)) => {
             scheduled(ctx, &uid, &mut status, generation, &t);
@@ -616,8 +671,20 @@ fn remember<T>(ctx: &Context, uid: &str, f: impl FnOnce(&mut JobMemory) -> T) ->
         step: 0,
         since: Instant::now(),
         unschedulable_since: None,
+        superseded_version: None,
     });
     f(entry)
+}
+
+/// Drops what is remembered of jobs that no longer exist, so memory stays bounded by the
+/// number of live jobs.
+fn prune_memory(ctx: &Context, jobs: &[Arc<FineTuneJob>]) {
+    let live: std::collections::HashSet<String> = jobs.iter().filter_map(|j| j.uid()).collect();
+    let mut map = ctx
+        .memory
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    map.retain(|uid, _| live.contains(uid));
 }
 
 fn forget(ctx: &Context, uid: &str) {
@@ -875,20 +942,33 @@ async fn finish(
     if old == new {
         return Ok(());
     }
+    let Some(diff) = merge_diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?) else {
+        return Ok(());
+    };
     let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), ns);
     let patch = serde_json::json!({
         "metadata": { "resourceVersion": job.resource_version() },
-        "status": new,
+        "status": diff,
     });
     ctx.metrics.api_writes.with_label_values(&["status"]).inc();
     let result = api
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(kube::Error::Api(s)) if s.code == 409 => "conflict",
+        Err(_) => "error",
+    };
     ctx.metrics
         .status_writes
-        .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+        .with_label_values(&[outcome])
         .inc();
-    result?;
+    let written = result?;
+    if written.resource_version() != job.resource_version() {
+        remember(ctx, &job.uid().unwrap_or_default(), |m| {
+            m.superseded_version = job.resource_version();
+        });
+    }
     crate::crash_point!("after-status-patch");
     let reason_of = |s: &FineTuneJobStatus| {
         s.conditions

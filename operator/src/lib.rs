@@ -40,6 +40,9 @@ pub enum Error {
     /// The object lacks something the API server always sets (namespace, uid).
     #[error("object is missing {0}")]
     MissingField(&'static str),
+    /// The child caches were dropped before they were filled.
+    #[error("the child caches stopped before their first full list")]
+    Cache,
     /// Leader election failed.
     #[error("leader election: {0}")]
     Leader(String),

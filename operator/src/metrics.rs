@@ -84,7 +84,7 @@ impl Metrics {
         let status_writes = IntCounterVec::new(
             Opts::new(
                 "finetune_operator_status_writes_total",
-                "Status patches sent, by result.",
+                "Status patches sent, by result (ok, conflict: HTTP 409, error).",
             ),
             &["result"],
         )?;
@@ -107,6 +107,8 @@ impl Metrics {
         // Every bounded label value starts at 0, so rates and alerts see a series from the start.
         for result in ["ok", "error"] {
             reconcile_total.with_label_values(&[result]).reset();
+        }
+        for result in ["ok", "conflict", "error"] {
             status_writes.with_label_values(&[result]).reset();
         }
         for reason in ["failure", "oom", "disruption"] {

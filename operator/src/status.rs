@@ -192,6 +192,40 @@ pub fn parse_termination_message(message: &str) -> Option<TrainerProgress> {
     serde_json::from_str(message.trim()).ok()
 }
 
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: changed keys with their new
+/// value, removed keys as `null` (a plain merge patch of `new` would leave a field the new status
+/// no longer has in place, and the write would change nothing). `None` when they are equal.
+pub fn merge_diff(old: &serde_json::Value, new: &serde_json::Value) -> Option<serde_json::Value> {
+    use serde_json::{Map, Value};
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut patch = Map::new();
+            for (key, old_value) in o {
+                match n.get(key) {
+                    None => {
+                        patch.insert(key.clone(), Value::Null);
+                    }
+                    Some(new_value) => {
+                        if let Some(d) = merge_diff(old_value, new_value) {
+                            patch.insert(key.clone(), d);
+                        }
+                    }
+                }
+            }
+            for (key, new_value) in n {
+                if !o.contains_key(key) && !new_value.is_null() {
+                    patch.insert(key.clone(), new_value.clone());
+                }
+            }
+            (!patch.is_empty()).then_some(Value::Object(patch))
+        }
+        _ if old == new => None,
+        // A JSON merge patch cannot express an object replaced by a scalar key by key; `null`
+        // is not a value the status uses, so a changed value is sent whole.
+        _ => Some(new.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +289,38 @@ mod tests {
         assert_eq!(progress.summary, "30/120 (25%)");
         assert_eq!(s.metrics.as_ref().and_then(|m| m.train_loss), Some(0.1235));
         assert_eq!(s.checkpoints.as_ref().and_then(|c| c.latest_step), Some(25));
+    }
+
+    #[test]
+    fn merge_diff_nulls_removed_fields_and_skips_equal_ones() {
+        let old = serde_json::json!({
+            "phase": "Running",
+            "progress": {"step": 5, "etaSeconds": 30, "summary": "5/10"},
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "restarts": 0
+        });
+        let new = serde_json::json!({
+            "phase": "Running",
+            "progress": {"step": 0, "summary": "loading"},
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "restarts": 0
+        });
+        assert_eq!(
+            merge_diff(&old, &new),
+            Some(
+                serde_json::json!({"progress": {"step": 0, "etaSeconds": null, "summary": "loading"}})
+            )
+        );
+        assert_eq!(merge_diff(&old, &old), None);
+        let added = serde_json::json!({"phase": "Running", "restarts": 1, "output": {"path": "x"}});
+        let base = serde_json::json!({"phase": "Running", "restarts": 0});
+        assert_eq!(
+            merge_diff(&base, &added),
+            Some(serde_json::json!({"restarts": 1, "output": {"path": "x"}}))
+        );
+        // Lists are replaced whole (a merge patch cannot edit one element).
+        let fewer = serde_json::json!({"conditions": [{"type": "Ready"}]});
+        let more = serde_json::json!({"conditions": [{"type": "Ready"}, {"type": "Stalled"}]});
+        assert_eq!(merge_diff(&more, &fewer), Some(fewer.clone()));
     }
 }

@@ -3,7 +3,9 @@
 //! job, its peak RSS, and its write requests per idle job over a quiet period.
 //!
 //! The cluster has no node, so the pods stay Pending: this measures the operator, not the
-//! simulated kubelet. Run by `make bench`; results go to BENCHMARKS.md.
+//! simulated kubelet. Run by `make bench` (10-minute quiet period) and by `make soak`
+//! (`scripts/soak.sh`: 30 minutes, with the operator's RSS sampled every minute to give the
+//! memory slope); results go to BENCHMARKS.md and RELIABILITY.md.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -25,6 +27,34 @@ struct Args {
     /// Quiet period over which idle writes are counted, seconds.
     #[arg(long, env = "BENCH_IDLE_SECONDS", default_value_t = 600)]
     idle_seconds: u64,
+    /// Interval between samples of the operator's RSS during the quiet period, seconds.
+    #[arg(long, env = "BENCH_SAMPLE_SECONDS", default_value_t = 60)]
+    sample_seconds: u64,
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Least-squares slope of `(seconds, MiB)` samples, in MiB per hour.
+fn slope_mib_per_hour(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_m = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let cov: f64 = samples
+        .iter()
+        .map(|s| (s.0 - mean_t) * (s.1 - mean_m))
+        .sum();
+    let var: f64 = samples.iter().map(|s| (s.0 - mean_t).powi(2)).sum();
+    if var == 0.0 { 0.0 } else { cov / var * 3600.0 }
 }
 
 fn scrape(addr: &str, metric: &str) -> f64 {
@@ -38,15 +68,6 @@ fn scrape(addr: &str, metric: &str) -> f64 {
         .filter(|l| l.starts_with(metric))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::main]
@@ -110,12 +131,29 @@ async fn main() -> anyhow::Result<()> {
     // Let the status of every job settle (Pending, with the pod created) before measuring idle.
     tokio::time::sleep(Duration::from_secs(30)).await;
     let writes_settled = scrape(&op.metrics, "finetune_operator_api_writes_total");
+    let reconciles_settled = scrape(&op.metrics, "finetune_operator_reconcile_total");
+    let op_pid = op.pid();
     let idle_start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let mut samples = Vec::new();
+    while idle_start.elapsed() < Duration::from_secs(args.idle_seconds) {
+        let mib = rss_kib(op_pid, "VmRSS:") as f64 / 1024.0;
+        samples.push((idle_start.elapsed().as_secs_f64(), mib));
+        let left = Duration::from_secs(args.idle_seconds).saturating_sub(idle_start.elapsed());
+        tokio::time::sleep(left.min(Duration::from_secs(args.sample_seconds.max(1)))).await;
+    }
+    samples.push((
+        idle_start.elapsed().as_secs_f64(),
+        rss_kib(op_pid, "VmRSS:") as f64 / 1024.0,
+    ));
+    let idle = idle_start.elapsed().as_secs_f64();
     let writes_idle = scrape(&op.metrics, "finetune_operator_api_writes_total") - writes_settled;
     let reconciles = scrape(&op.metrics, "finetune_operator_reconcile_total");
-    let op_pid = op.pid();
-    let rss = peak_rss_kib(op_pid);
+    let reconciles_idle = reconciles - reconciles_settled;
+    let conflicts = scrape(
+        &op.metrics,
+        "finetune_operator_status_writes_total{result=\"conflict\"}",
+    );
+    let rss = rss_kib(op_pid, "VmHWM:");
     println!(
         "jobs created: {} in {:.1} s",
         args.jobs,
@@ -136,7 +174,23 @@ async fn main() -> anyhow::Result<()> {
         writes_idle / args.jobs as f64,
         writes_idle
     );
+    let per_job_hour = |n: f64| n / args.jobs as f64 / (idle / 3600.0);
+    println!(
+        "idle: {:.4} writes and {:.4} reconciles per job per hour ({writes_idle} writes, \
+         {reconciles_idle} reconciles in {idle:.0} s)",
+        per_job_hour(writes_idle),
+        per_job_hour(reconciles_idle)
+    );
     println!("reconciles in total: {reconciles}");
+    println!("HTTP 409 conflicts on status writes: {conflicts}");
+    let first = samples.first().map(|s| s.1).unwrap_or(0.0);
+    let last = samples.last().map(|s| s.1).unwrap_or(0.0);
+    println!(
+        "operator RSS over the quiet period: {first:.1} → {last:.1} MiB, slope {:.2} MiB/h \
+         ({} samples)",
+        slope_mib_per_hour(&samples),
+        samples.len()
+    );
     println!("operator peak RSS: {:.1} MiB", rss as f64 / 1024.0);
     drop(op);
     cluster.shutdown().await;
