@@ -11,7 +11,7 @@ FETCH_IMAGE ?= ghcr.io/finetune-operator/fetch:0.1.0
 TRAINER_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0
 TRAINER_CUDA_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0-cuda
 
-.PHONY: all build test lint fmt crds crds-check demo bench soak assets images clean help
+.PHONY: all build test lint fmt crds crds-check demo bench soak supply-chain assets images clean help
 
 all: build
 
@@ -21,9 +21,13 @@ help: ## List the targets.
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-targets
 
-test: ## Run every test (unit, API, cluster end-to-end, trainer, operator end-to-end).
+test: ## Run every test (unit, API, cluster end-to-end, trainer, operator end-to-end, faults, security).
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) supply-chain
+
+supply-chain: ## cargo deny (licenses, bans, sources); RustSec advisories when ADVISORY_DB names a snapshot.
+	scripts/supply-chain.sh
 
 lint: ## rustfmt check, clippy with warnings as errors, CRD drift check.
 	$(CARGO) fmt --all -- --check
