@@ -32,6 +32,7 @@ use finetune_e2e::{Cluster, NodeSpec, Signal};
 use finetune_operator::failpoints::CRASH_POINTS;
 use finetune_operator::names;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 
@@ -60,7 +61,7 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Every child of the job (pods, ConfigMaps, Services, claims carrying the job label) has the
+/// Every child of the job (pods, ConfigMaps, Services, NetworkPolicies, claims with the job label) has the
 /// job as its controller owner; returns how many children there are.
 async fn assert_owned(cluster: &Cluster, j: &FineTuneJob) -> usize {
     let name = j.name_any();
@@ -95,6 +96,16 @@ async fn assert_owned(cluster: &Cluster, j: &FineTuneJob) -> usize {
     {
         children.push((
             format!("service/{}", o.name_any()),
+            o.owner_references().to_vec(),
+        ));
+    }
+    for o in Api::<NetworkPolicy>::namespaced(c.clone(), NS)
+        .list(&lp)
+        .await
+        .unwrap()
+    {
+        children.push((
+            format!("networkpolicy/{}", o.name_any()),
             o.owner_references().to_vec(),
         ));
     }
@@ -231,10 +242,12 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
     let jobs = Api::<FineTuneJob>::namespaced(e.cluster.client(), NS);
 
     // The create path: the operator aborts right after its first write of that kind for a fresh
-    // job (ConfigMap, claim, Service, pod, status, event), is restarted without the crash point,
+    // job (every applied child, the status, the event), is restarted without the crash point,
     // and must end with one pod, every child owned and the status of the current generation.
-    let create_path = &CRASH_POINTS[..6];
-    for (i, point) in create_path.iter().enumerate() {
+    let create_path = CRASH_POINTS
+        .iter()
+        .filter(|p| !p.starts_with("after-delete-"));
+    for (i, point) in create_path.enumerate() {
         if !selected(point) {
             continue;
         }
@@ -598,6 +611,19 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
         eprintln!("etcd compacted at revision {rev}: {compacted}");
         let t_cont = Instant::now();
         signal_pid(pid, Signal::SIGCONT);
+        // Acted on: the operator stops the trainer (reason Suspending) or reports Suspended.
+        wait_job(
+            &e.cluster,
+            name,
+            Duration::from_secs(120),
+            "the suspension acted on",
+            |j| {
+                condition(j, "Ready")
+                    .is_some_and(|c| c.reason == "Suspending" || c.reason == "Suspended")
+            },
+        )
+        .await;
+        let acted = t_cont.elapsed().as_secs_f64();
         let j = wait_job(
             &e.cluster,
             name,
@@ -606,7 +632,7 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
             |j| phase(j) == Some(JobPhase::Suspended),
         )
         .await;
-        let acted = t_cont.elapsed().as_secs_f64();
+        let suspended = t_cont.elapsed().as_secs_f64();
         assert_eq!(
             j.status.as_ref().unwrap().observed_generation,
             j.metadata.generation
@@ -625,7 +651,7 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
             "the operator never saw a 410 Gone; its log since SIGCONT:\n{after}"
         );
         eprintln!(
-            "WATCH EXPIRY: {gone} log line(s) with 410/Expired after SIGCONT; the suspension made during the pause acted on in {acted:.1}s"
+            "WATCH EXPIRY: {gone} log line(s) with 410/Expired after SIGCONT; the suspension made during the pause acted on {acted:.1}s after SIGCONT (trainer stopped, Suspended at {suspended:.1}s)"
         );
         jobs.delete(name, &DeleteParams::background())
             .await
