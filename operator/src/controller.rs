@@ -9,6 +9,7 @@ use finetune_api::{
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -872,6 +873,13 @@ async fn apply_children(
         ctx,
         &Api::<Service>::namespaced(client.clone(), ns),
         &children.metrics_service,
+    )
+    .await?;
+    // Before the pod, so the trainer never runs without its NetworkPolicy.
+    apply(
+        ctx,
+        &Api::<NetworkPolicy>::namespaced(client.clone(), ns),
+        &children.network_policy,
     )
     .await?;
     apply(

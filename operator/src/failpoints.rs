@@ -11,6 +11,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "after-apply-configmap",
     "after-apply-persistentvolumeclaim",
     "after-apply-service",
+    "after-apply-networkpolicy",
     "after-apply-pod",
     "after-status-patch",
     "after-event",

@@ -39,6 +39,11 @@ pub fn metrics_service(job: &str) -> String {
     bounded(job, "metrics")
 }
 
+/// The NetworkPolicy of the job's trainer pods.
+pub fn network_policy(job: &str) -> String {
+    bounded(job, "trainer-network")
+}
+
 /// The trainer pod of one attempt.
 pub fn trainer_pod(job: &str, attempt: u32) -> String {
     bounded(job, &format!("trainer-{attempt}"))

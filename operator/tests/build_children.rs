@@ -260,3 +260,81 @@ fn children_are_owned_and_labelled() {
         "retained claims outlive the job"
     );
 }
+
+/// TCP ports a NetworkPolicy's egress rules allow, with their protocol.
+fn egress_ports(c: &finetune_operator::build::Children) -> Vec<(String, i32)> {
+    let spec = c.network_policy.spec.as_ref().unwrap();
+    spec.egress
+        .iter()
+        .flatten()
+        .flat_map(|r| r.ports.iter().flatten())
+        .map(|p| {
+            let port = match p.port.as_ref().unwrap() {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
+                other => panic!("named port {other:?}"),
+            };
+            (p.protocol.clone().unwrap(), port)
+        })
+        .collect()
+}
+
+#[test]
+fn trainer_network_policy_allows_metrics_in_and_only_dns_and_downloads_out() {
+    let dns = vec![("UDP".to_string(), 53), ("TCP".to_string(), 53)];
+    // Volumes only (ConfigMap dataset, tiny model in the image): DNS and nothing else.
+    let tiny = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let spec = tiny.network_policy.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string(), "Egress".to_string()][..])
+    );
+    assert_eq!(egress_ports(&tiny), dns);
+    let ingress = spec.ingress.as_ref().unwrap();
+    assert_eq!(ingress.len(), 1);
+    let only = &ingress[0].ports.as_ref().unwrap()[0];
+    assert_eq!(
+        only.port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9090))
+    );
+    // The policy selects exactly the trainer pods of this job.
+    let selector = spec
+        .pod_selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .as_ref()
+        .unwrap();
+    let pod_labels = tiny.pod.metadata.labels.as_ref().unwrap();
+    assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    assert_eq!(selector["finetune.dev/job"], "tiny-sentiment");
+    let owner = &tiny
+        .network_policy
+        .metadata
+        .owner_references
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(owner.controller, Some(true));
+
+    // An hf:// model: the hub endpoint's port (443, or a mirror's own port).
+    let seven = children(
+        &job("llama-2-7b-lora-sentiment.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    assert_eq!(egress_ports(&seven)[2..], [("TCP".to_string(), 443)]);
+    let mirror = BuildSettings {
+        hf_endpoint: "http://hub-mirror.internal:8080".into(),
+        ..BuildSettings::default()
+    };
+    let mirrored = children(&job("llama-2-7b-lora-sentiment.yaml"), &mirror, 0).unwrap();
+    assert_eq!(egress_ports(&mirrored)[2..], [("TCP".to_string(), 8080)]);
+    // An https:// dataset.
+    let thirteen = children(&job("llama-2-13b-lora.yaml"), &BuildSettings::default(), 0).unwrap();
+    assert_eq!(egress_ports(&thirteen)[2..], [("TCP".to_string(), 443)]);
+}

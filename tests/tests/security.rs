@@ -777,6 +777,7 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "pods",
         "services",
         "persistentvolumeclaims",
+        "networkpolicies",
         "finetunejobs",
     ] {
         for ns in [JOBS_NS, HOSTILE_NS, NAMESPACE] {
@@ -855,7 +856,13 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
     )
     .unwrap();
     let mut created = 0;
-    for kind in ["pods", "configmaps", "services", "persistentvolumeclaims"] {
+    for kind in [
+        "pods",
+        "configmaps",
+        "services",
+        "persistentvolumeclaims",
+        "networkpolicies",
+    ] {
         for mut item in get_items(&cluster, kind, JOBS_NS).await {
             let owned = item["metadata"]["labels"][finetune_api::JOB_LABEL].is_string();
             if !owned {
@@ -932,8 +939,8 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         failed.len()
     );
     assert!(
-        created >= 4,
-        "pods, configmaps, services and a PVC were dumped"
+        created >= 5,
+        "pods, configmaps, services, a PVC and a NetworkPolicy were dumped"
     );
     assert!(passed > 100, "checkov checked little: {reports:?}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -1117,10 +1124,5 @@ const CHECKOV_SKIPS: &[(&str, &str)] = &[
         "CKV_K8S_35",
         "the Hugging Face token reaches only the short-lived fetch init step, as a secretKeyRef \
          env (hf-hub reads HF_TOKEN); a file mount with HF_TOKEN_PATH is a follow-up",
-    ),
-    (
-        "CKV2_K8S_6",
-        "the operator creates no per-job NetworkPolicy yet; tenant namespaces are expected to \
-         carry a default-deny policy (follow-up)",
     ),
 ];

@@ -1,17 +1,18 @@
 //! Pure construction of the objects a FineTuneJob owns: the trainer ConfigMap, the checkpoint
-//! PersistentVolumeClaim, the metrics Service and the trainer Pod. No I/O: every function here
+//! PersistentVolumeClaim, the metrics Service, the trainer NetworkPolicy and the trainer Pod. No I/O: every function here
 //! takes the job and settings and returns objects, and is tested from YAML fixtures.
 
 mod objects;
 mod pod;
 mod volumes;
 
-pub use objects::{checkpoint_claim, config_map, metrics_service};
+pub use objects::{checkpoint_claim, config_map, metrics_service, trainer_network_policy};
 pub use pod::trainer_pod;
-pub use volumes::{DataPlan, MOUNT_ROOT, plan_volumes};
+pub use volumes::{DataPlan, MOUNT_ROOT, plan_volumes, url_port};
 
 use finetune_api::FineTuneJob;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 
@@ -82,6 +83,8 @@ pub struct Children {
     pub checkpoint_claim: Option<PersistentVolumeClaim>,
     /// The metrics Service.
     pub metrics_service: Service,
+    /// The NetworkPolicy of the trainer pods.
+    pub network_policy: NetworkPolicy,
     /// The trainer pod of the current attempt.
     pub pod: Pod,
 }
@@ -93,6 +96,7 @@ pub fn children(job: &FineTuneJob, settings: &BuildSettings, attempt: u32) -> Re
         config_map: config_map(job, &plan)?,
         checkpoint_claim: checkpoint_claim(job)?,
         metrics_service: metrics_service(job)?,
+        network_policy: trainer_network_policy(job, &plan)?,
         pod: trainer_pod(job, settings, &plan, attempt)?,
     })
 }

@@ -1,4 +1,5 @@
-//! The trainer ConfigMap, the checkpoint claim and the metrics Service.
+//! The trainer ConfigMap, the checkpoint claim, the metrics Service and the trainer
+//! NetworkPolicy.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,12 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, Service, ServicePort, ServiceSpec,
     VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -106,5 +112,48 @@ pub fn metrics_service(job: &FineTuneJob) -> Result<Service> {
             ..ServiceSpec::default()
         }),
         status: None,
+    })
+}
+
+/// The trainer pod's NetworkPolicy: ingress only to the `metrics` port (the operator reads
+/// `/progress` there, Prometheus scrapes `/metrics`); egress only to DNS and, when the job has
+/// download steps, to the ports of the URLs they fetch. A trainer that only reads volumes can
+/// reach nothing else (enforced where the cluster's network plugin supports NetworkPolicy).
+pub fn trainer_network_policy(job: &FineTuneJob, plan: &DataPlan) -> Result<NetworkPolicy> {
+    let (name, _) = name_and_namespace(job)?;
+    let port = |protocol: &str, port: i32| NetworkPolicyPort {
+        protocol: Some(protocol.into()),
+        port: Some(IntOrString::Int(port)),
+        ..NetworkPolicyPort::default()
+    };
+    let mut egress = vec![NetworkPolicyEgressRule {
+        ports: Some(vec![port("UDP", 53), port("TCP", 53)]),
+        to: None,
+    }];
+    if !plan.egress_ports.is_empty() {
+        egress.push(NetworkPolicyEgressRule {
+            ports: Some(
+                plan.egress_ports
+                    .iter()
+                    .map(|p| port("TCP", i32::from(*p)))
+                    .collect(),
+            ),
+            to: None,
+        });
+    }
+    Ok(NetworkPolicy {
+        metadata: meta(job, names::network_policy(&name))?,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(names::trainer_selector(&name)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![port("TCP", i32::from(TRAINER_METRICS_PORT))]),
+                from: None,
+            }]),
+            egress: Some(egress),
+        }),
     })
 }

@@ -35,6 +35,26 @@ pub struct DataPlan {
     pub paths: TrainerPaths,
     /// Claim holding the output.
     pub output_claim: String,
+    /// TCP ports the download steps connect to (443 for https unless the URL names a port); the
+    /// job's NetworkPolicy allows egress to exactly these, plus DNS.
+    pub egress_ports: std::collections::BTreeSet<u16>,
+}
+
+/// The TCP port a URL connects to: the one it names, else 443 for https and 80 for http.
+pub fn url_port(url: &str) -> u16 {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    // `[v6]:port` or `host:port`; a bare IPv6 literal has no port after its `]`.
+    let port = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => port.parse().ok(),
+        _ => None,
+    };
+    port.unwrap_or(if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else {
+        443
+    })
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
@@ -151,6 +171,7 @@ fn plan_file_input(
             format!("{dir}/{key}")
         }
         Source::Https { url } => {
+            plan.egress_ports.insert(url_port(&url));
             plan.volumes.push(empty_dir(volume));
             plan.mounts.push(mount(volume, &dir, true));
             let dest = format!("{dir}/{file_name}");
@@ -256,6 +277,7 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
                         ],
                         vec![mount("model", &dir, false)],
                     );
+                    plan.egress_ports.insert(url_port(&settings.hf_endpoint));
                     let mut envs = vec![env("HF_ENDPOINT", &settings.hf_endpoint)];
                     if let Some(secret) = &spec.model.token_secret_ref {
                         // The token reaches the download step only through the Secret.
@@ -315,4 +337,20 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
         termination_message_file: "/dev/termination-log".into(),
     };
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_port;
+
+    #[test]
+    fn url_ports_come_from_the_url_or_its_scheme() {
+        assert_eq!(url_port("https://example.com/data.csv"), 443);
+        assert_eq!(url_port("https://example.com:8443/data.csv"), 8443);
+        assert_eq!(url_port("http://127.0.0.1:9000"), 9000);
+        assert_eq!(url_port("http://mirror.internal/hub"), 80);
+        assert_eq!(url_port("https://user@example.com:444/x?y=1"), 444);
+        assert_eq!(url_port("https://[2001:db8::1]/x"), 443);
+        assert_eq!(url_port("https://[2001:db8::1]:8443/x"), 8443);
+    }
 }
