@@ -24,6 +24,7 @@ build: ## Build every crate.
 test: ## Run every test (unit, API, cluster end-to-end, trainer, operator end-to-end, faults, security).
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+	scripts/fuzz.sh smoke
 	$(MAKE) supply-chain
 
 supply-chain: ## cargo deny (licenses, bans, sources); RustSec advisories when ADVISORY_DB names a snapshot.

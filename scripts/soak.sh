@@ -13,7 +13,5 @@ echo "== soak: ${jobs} jobs held for ${minutes} min"
 target_dir="${CARGO_TARGET_DIR:-target}"
 BENCH_IDLE_SECONDS=$((minutes * 60)) BENCH_SAMPLE_SECONDS=60 \
 	"${target_dir}/debug/operator-bench" --jobs "${jobs}"
-if [[ -x scripts/fuzz.sh ]]; then
-	echo "== soak: long fuzzing run"
-	scripts/fuzz.sh soak
-fi
+echo "== soak: long fuzzing run"
+scripts/fuzz.sh soak
