@@ -31,8 +31,9 @@ fi
 
 targets=(dataset_reader spec_validator checkpoint_manifest safetensors_header)
 cd "$root/fuzz"
-# The instrumented build has its own target folder (FUZZ_TARGET_DIR to move it).
-target_dir=${FUZZ_TARGET_DIR:-$root/fuzz/target}
+# The instrumented build has its own target folder, kept in the cache like the Kubernetes
+# binaries so a fresh clone reuses the instrumented dependencies (FUZZ_TARGET_DIR to move it).
+target_dir=${FUZZ_TARGET_DIR:-${CACHE_DIR:-$HOME/.cache/finetune-operator}/fuzz-target}
 
 t0=$(date +%s)
 if ! cargo fuzz build -s none --target-dir "$target_dir" >build.log 2>&1; then
