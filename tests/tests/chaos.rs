@@ -174,7 +174,12 @@ impl Harness<'_> {
     fn operator(&mut self, failpoint: Option<&str>) -> OperatorProcess {
         self.runs += 1;
         let spec = failpoint.map(|p| format!("{p}=return"));
-        let env: Vec<(&str, &str)> = spec.iter().map(|s| ("FAILPOINTS", s.as_str())).collect();
+        let log = std::env::var("CHAOS_RUST_LOG").ok();
+        let env: Vec<(&str, &str)> = spec
+            .iter()
+            .map(|s| ("FAILPOINTS", s.as_str()))
+            .chain(log.iter().map(|l| ("RUST_LOG", l.as_str())))
+            .collect();
         OperatorProcess::start_with_env(
             &self.e.cluster,
             &self.e.ws,
