@@ -7,7 +7,7 @@ use finetune_api::fit::effective_gpus;
 use finetune_api::{
     FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, JOB_LABEL, JobPhase, MethodType, OutputStatus,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -194,12 +194,17 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
     status.observed_generation = generation;
     let t = now();
 
-    // Children come from the caches; a reconcile never runs before they hold a full list.
+    // Children come from the caches; a reconcile never acts before they hold a full list. Their
+    // readiness is checked, not awaited: kube-runtime's readiness future wakes only the last of
+    // several concurrent waiters, so awaiting it from parallel reconciles can stall all but one.
     let caches = &ctx.caches;
-    if caches.pods.wait_until_ready().await.is_err()
-        || caches.config_maps.wait_until_ready().await.is_err()
-    {
-        return Err(Error::Cache);
+    match (
+        caches.pods.wait_until_ready().now_or_never(),
+        caches.config_maps.wait_until_ready().now_or_never(),
+    ) {
+        (Some(Ok(())), Some(Ok(()))) => {}
+        (Some(Err(_)), _) | (_, Some(Err(_))) => return Err(Error::Cache),
+        _ => return Ok(Action::requeue(Duration::from_millis(500))),
     }
 
     // The spec that was accepted when the job started, and what changed since.
