@@ -135,9 +135,17 @@ async fn main() -> anyhow::Result<()> {
     let op_pid = op.pid();
     let idle_start = Instant::now();
     let mut samples = Vec::new();
+    // (seconds, API writes, reconciles) at every sample, to show when the quiet-period work
+    // happened (a backlog draining at the start, or a steady rate).
+    let mut counters = Vec::new();
     while idle_start.elapsed() < Duration::from_secs(args.idle_seconds) {
         let mib = rss_kib(op_pid, "VmRSS:") as f64 / 1024.0;
         samples.push((idle_start.elapsed().as_secs_f64(), mib));
+        counters.push((
+            idle_start.elapsed().as_secs_f64(),
+            scrape(&op.metrics, "finetune_operator_api_writes_total"),
+            scrape(&op.metrics, "finetune_operator_reconcile_total"),
+        ));
         let left = Duration::from_secs(args.idle_seconds).saturating_sub(idle_start.elapsed());
         tokio::time::sleep(left.min(Duration::from_secs(args.sample_seconds.max(1)))).await;
     }
@@ -181,6 +189,32 @@ async fn main() -> anyhow::Result<()> {
         per_job_hour(writes_idle),
         per_job_hour(reconciles_idle)
     );
+    counters.push((idle, writes_settled + writes_idle, reconciles));
+    let series: Vec<String> = counters
+        .windows(2)
+        .map(|w| {
+            format!(
+                "{:.0}s:+{}w/+{}r",
+                w[1].0,
+                w[1].1 - w[0].1,
+                w[1].2 - w[0].2
+            )
+        })
+        .collect();
+    println!("quiet period, per sample (writes/reconciles): {}", series.join(" "));
+    // The second half of the quiet period: steady state, after any backlog drained.
+    if let (Some(mid), Some(end)) = (counters.get(counters.len() / 2), counters.last()) {
+        let hours = (end.0 - mid.0) / 3600.0;
+        if hours > 0.0 {
+            println!(
+                "second half of the quiet period ({:.0} s): {:.4} writes and {:.4} reconciles per \
+                 job per hour",
+                end.0 - mid.0,
+                (end.1 - mid.1) / args.jobs as f64 / hours,
+                (end.2 - mid.2) / args.jobs as f64 / hours
+            );
+        }
+    }
     println!("reconciles in total: {reconciles}");
     println!("HTTP 409 conflicts on status writes: {conflicts}");
     let first = samples.first().map(|s| s.1).unwrap_or(0.0);
