@@ -192,16 +192,12 @@ async fn main() -> anyhow::Result<()> {
     counters.push((idle, writes_settled + writes_idle, reconciles));
     let series: Vec<String> = counters
         .windows(2)
-        .map(|w| {
-            format!(
-                "{:.0}s:+{}w/+{}r",
-                w[1].0,
-                w[1].1 - w[0].1,
-                w[1].2 - w[0].2
-            )
-        })
+        .map(|w| format!("{:.0}s:+{}w/+{}r", w[1].0, w[1].1 - w[0].1, w[1].2 - w[0].2))
         .collect();
-    println!("quiet period, per sample (writes/reconciles): {}", series.join(" "));
+    println!(
+        "quiet period, per sample (writes/reconciles): {}",
+        series.join(" ")
+    );
     // The second half of the quiet period: steady state, after any backlog drained.
     if let (Some(mid), Some(end)) = (counters.get(counters.len() / 2), counters.last()) {
         let hours = (end.0 - mid.0) / 3600.0;
