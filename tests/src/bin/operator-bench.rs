@@ -3,7 +3,7 @@
 //! job, its peak RSS, and its write requests per idle job over a quiet period.
 //!
 //! The cluster has no node, so the pods stay Pending: this measures the operator, not the
-//! simulated kubelet. Run by `make bench` (10-minute quiet period) and by `make soak`
+//! simulated kubelet. Every job uses one shared, bound checkpoint claim. Run by `make bench` (10-minute quiet period) and by `make soak`
 //! (`scripts/soak.sh`: 30 minutes, with the operator's RSS sampled every minute to give the
 //! memory slope); results go to BENCHMARKS.md and RELIABILITY.md.
 
@@ -15,7 +15,7 @@ use finetune_api::FineTuneJob;
 use finetune_e2e::operator::{Assets, OperatorProcess, Workspace, install_crd};
 use finetune_e2e::{Cluster, ClusterOptions};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams, PostParams};
 
 #[derive(Parser, Debug)]
@@ -95,7 +95,32 @@ async fn main() -> anyhow::Result<()> {
 
     let sample =
         std::fs::read_to_string(ws.root.join("manifests/samples/tiny-sentiment-cpu.yaml"))?;
-    let template: FineTuneJob = serde_yaml::from_str(&sample)?;
+    let mut template: FineTuneJob = serde_yaml::from_str(&sample)?;
+    // Every job writes its checkpoints to one shared, already bound claim: with a claim per job
+    // the quiet period would measure kube-controller-manager binding 1,000 claims (tens of
+    // minutes here, each binding changing the scheduler's message on the pod), not the operator.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client(), "default");
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bench-checkpoints"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}
+    }))?;
+    claims.create(&PostParams::default(), &claim).await?;
+    let bound_by = Instant::now() + Duration::from_secs(120);
+    while claims
+        .get("bench-checkpoints")
+        .await?
+        .status
+        .and_then(|s| s.phase)
+        .as_deref()
+        != Some("Bound")
+    {
+        anyhow::ensure!(Instant::now() < bound_by, "bench claim not bound in 120 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let storage = &mut template.spec.checkpoints.storage;
+    storage.existing_claim = Some("bench-checkpoints".into());
+    storage.size = None;
+    storage.storage_class_name = None;
     let jobs: Api<FineTuneJob> = Api::namespaced(cluster.client(), "default");
     let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
     let writes_before = scrape(&op.metrics, "finetune_operator_api_writes_total");
