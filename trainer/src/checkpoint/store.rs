@@ -227,7 +227,15 @@ impl CheckpointStore {
         for (i, (step, dir)) in all.iter().enumerate() {
             let keep = i < self.keep_last || (self.keep_best && Some(*step) == best_step);
             if !keep {
-                std::fs::remove_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+                // Renamed out of sight first: a writer killed while deleting must not leave a
+                // visible `checkpoint-*` with half its files (the leftover is removed at the
+                // next start, like the other `.old-checkpoint-*` folders).
+                let doomed = self.root.join(format!(
+                    "{OLD_PREFIX}{step:08}-{}-pruned",
+                    std::process::id()
+                ));
+                std::fs::rename(dir, &doomed).map_err(|e| TrainerError::io(dir, e))?;
+                std::fs::remove_dir_all(&doomed).map_err(|e| TrainerError::io(&doomed, e))?;
             }
         }
         Ok(())
