@@ -3,11 +3,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use super::rope::{Rope, RopeParameters};
 use crate::{Result, TrainerError};
 
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
 fn default_act() -> String {
     "silu".to_string()
 }
@@ -37,9 +35,18 @@ pub struct LlamaConfig {
     /// RMSNorm epsilon.
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    /// Rotary base frequency.
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Per-head width; `hidden_size / num_attention_heads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Rotary base frequency (classic layout; see [`LlamaConfig::rope`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Rotary scaling (classic layout), e.g. `{"rope_type": "llama3", "factor": 8, …}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeParameters>,
+    /// Base frequency and scaling together (the layout transformers 5 writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
     /// MLP activation (`silu`, `gelu`, `relu`).
     #[serde(default = "default_act")]
     pub hidden_act: String,
@@ -68,13 +75,32 @@ impl LlamaConfig {
 
     /// Per-head dimension.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Width of all query heads together (`q_proj`'s output, `o_proj`'s input).
+    pub fn attention_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// The rotary embedding, from either layout of the config.
+    pub fn rope(&self) -> Result<Rope> {
+        Rope::resolve(
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.rope_parameters.as_ref(),
+            self.head_dim(),
+            self.max_position_embeddings,
+        )
     }
 
     /// Checks divisibility constraints.
     pub fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || (self.head_dim.is_none()
+                && !self.hidden_size.is_multiple_of(self.num_attention_heads))
+            || self.head_dim() == 0
             || self.kv_heads() == 0
             || !self.num_attention_heads.is_multiple_of(self.kv_heads())
             || !self.head_dim().is_multiple_of(2)
@@ -87,11 +113,14 @@ impl LlamaConfig {
             )));
         }
         match self.hidden_act.as_str() {
-            "silu" | "gelu" | "gelu_pytorch_tanh" | "relu" => Ok(()),
-            other => Err(TrainerError::Config(format!(
-                "unsupported hidden_act {other}"
-            ))),
+            "silu" | "gelu" | "gelu_pytorch_tanh" | "relu" => {}
+            other => {
+                return Err(TrainerError::Config(format!(
+                    "unsupported hidden_act {other}"
+                )));
+            }
         }
+        self.rope().map(|_| ())
     }
 
     /// Reads `config.json`.
@@ -106,7 +135,8 @@ impl LlamaConfig {
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
         let kv = self.kv_heads() * self.head_dim();
-        let per_layer = h * h * 2 + h * kv * 2 + 3 * h * self.intermediate_size + 2 * h;
+        let q = self.attention_width();
+        let per_layer = h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + 2 * h;
         let head = if self.tie_word_embeddings {
             0
         } else {
@@ -131,7 +161,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.kv_heads(), 8);
         assert_eq!(c.head_dim(), 128);
-        assert_eq!(c.rope_theta, 10_000.0);
+        assert_eq!(c.rope().unwrap().theta, 10_000.0);
         assert_eq!(c.num_parameters(), 68_976_648_192);
         let back = serde_json::to_value(&c).unwrap();
         assert_eq!(back["torch_dtype"], "float16");

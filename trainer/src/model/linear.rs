@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use super::frozen::frozen_matmul;
 use crate::Result;
 use crate::rng::Rng;
 
@@ -12,6 +13,9 @@ pub struct FwdCtx {
     pub train: bool,
     /// Random stream for LoRA dropout; dropout is applied only when training and this is set.
     pub dropout_rng: Option<Rng>,
+    /// Multiply frozen weights with candle's plain `matmul`, whose backward also computes the
+    /// (unused) weight gradient: the path [`frozen_matmul`] replaces, kept for equality tests.
+    pub reference_matmul: bool,
 }
 
 impl FwdCtx {
@@ -20,6 +24,7 @@ impl FwdCtx {
         Self {
             train: true,
             dropout_rng,
+            reference_matmul: false,
         }
     }
 
@@ -28,6 +33,7 @@ impl FwdCtx {
         Self {
             train: false,
             dropout_rng: None,
+            reference_matmul: false,
         }
     }
 
@@ -87,7 +93,11 @@ impl Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         let w = ctx.param(&self.weight);
-        let mut y = x2.matmul(&w.t()?)?;
+        let mut y = if w.is_variable() || ctx.reference_matmul {
+            x2.matmul(&w.t()?)?
+        } else {
+            frozen_matmul(&x2, &w)?
+        };
         if let Some(l) = &self.lora {
             let a = ctx.param(l.a.as_tensor());
             let b = ctx.param(l.b.as_tensor());

@@ -6,10 +6,13 @@
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use super::config::LlamaConfig;
+use super::frozen::frozen_matmul;
 use super::linear::{FwdCtx, Linear, LoraAdapter};
 use super::lora::{ALL_TARGETS, LoraSettings, module_path, peft_name};
+use super::rope::Rope;
 use super::weights::Weights;
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
@@ -55,6 +58,9 @@ pub struct Llama {
     device: Device,
     dtype: DType,
     trainable: Vec<(String, Var)>,
+    rope: Rope,
+    /// `(cos, sin)` per sequence length, built once on the device in the model's dtype.
+    rope_tables: Mutex<HashMap<usize, (Tensor, Tensor)>>,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -123,8 +129,10 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
+        let rope = cfg.rope()?;
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
+        let qw = cfg.attention_width();
         let kv = cfg.kv_heads() * hd;
         let inter = cfg.intermediate_size;
         let mut trainable: Vec<(String, Var)> = Vec::new();
@@ -179,10 +187,10 @@ impl Llama {
                 }
                 Ok(l)
             };
-            let q = lin("q_proj", h, h)?;
+            let q = lin("q_proj", qw, h)?;
             let k = lin("k_proj", kv, h)?;
             let v = lin("v_proj", kv, h)?;
-            let o = lin("o_proj", h, h)?;
+            let o = lin("o_proj", h, qw)?;
             let gate = lin("gate_proj", inter, h)?;
             let up = lin("up_proj", inter, h)?;
             let down = lin("down_proj", h, inter)?;
@@ -234,6 +242,8 @@ impl Llama {
             device: device.clone(),
             dtype,
             trainable,
+            rope,
+            rope_tables: Mutex::new(HashMap::new()),
         })
     }
 
@@ -257,23 +267,25 @@ impl Llama {
         self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// The rotary embedding in use.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// The `(cos, sin)` tables for `s` positions, cached per length.
     fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
-        let hd = self.cfg.head_dim();
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(s * hd);
-        let mut sin = Vec::with_capacity(s * hd);
-        for pos in 0..s {
-            for _half_copy in 0..2 {
-                for i in 0..half {
-                    let inv = 1.0 / self.cfg.rope_theta.powf((2 * i) as f64 / hd as f64);
-                    let a = pos as f64 * inv;
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
-                }
-            }
+        let mut cache = self
+            .rope_tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = cache.get(&s) {
+            return Ok(t.clone());
         }
+        let hd = self.cfg.head_dim();
+        let (cos, sin) = self.rope.tables(s);
         let cos = Tensor::from_vec(cos, (s, hd), &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (s, hd), &self.device)?.to_dtype(self.dtype)?;
+        cache.insert(s, (cos.clone(), sin.clone()));
         Ok((cos, sin))
     }
 
@@ -339,7 +351,7 @@ impl Llama {
                 * scale)?;
             let att = att.broadcast_add(&bias)?;
             let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(self.dtype)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
             let y = blk.o.forward(&y, ctx)?;
             x = (x + y)?;
             let xn = rms_norm(&x, &ctx.param(&blk.post_norm), eps)?;
@@ -354,7 +366,12 @@ impl Llama {
     /// Logits (n, vocab) in f32 for the given rows of a (n, hidden) matrix.
     pub fn project(&self, hidden_rows: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
         let w = ctx.param(&self.lm_head);
-        Ok(hidden_rows.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+        let logits = if w.is_variable() || ctx.reference_matmul {
+            hidden_rows.matmul(&w.t()?)?
+        } else {
+            frozen_matmul(hidden_rows, &w)?
+        };
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// All-position logits (b, s, vocab), f32.

@@ -2,10 +2,12 @@
 //! padding masks, built only from differentiable candle ops.
 
 pub mod config;
+pub mod frozen;
 pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod pretrain;
+pub mod rope;
 pub mod tiny;
 pub mod weights;
 

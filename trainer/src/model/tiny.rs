@@ -20,7 +20,10 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
         num_attention_heads: 4,
         num_key_value_heads: Some(4),
         rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
+        head_dim: None,
+        rope_theta: Some(super::rope::DEFAULT_ROPE_THETA),
+        rope_scaling: None,
+        rope_parameters: None,
         hidden_act: "silu".into(),
         max_position_embeddings: 512,
         bos_token_id: Some(1),
@@ -50,6 +53,7 @@ pub fn init_weights(
     };
     let h = cfg.hidden_size;
     let kv = cfg.kv_heads() * cfg.head_dim();
+    let qw = cfg.attention_width();
     let inter = cfg.intermediate_size;
     let mut m = HashMap::new();
     m.insert(
@@ -58,10 +62,10 @@ pub fn init_weights(
     );
     for i in 0..cfg.num_hidden_layers {
         for (module, out, inp) in [
-            ("q_proj", h, h),
+            ("q_proj", qw, h),
             ("k_proj", kv, h),
             ("v_proj", kv, h),
-            ("o_proj", h, h),
+            ("o_proj", h, qw),
             ("gate_proj", inter, h),
             ("up_proj", inter, h),
             ("down_proj", h, inter),
