@@ -506,6 +506,18 @@ impl Cluster {
             .signal(Signal::SIGSTOP)
     }
 
+    /// `Some(status)` when the kube-apiserver the harness started has exited by itself (e.g. a
+    /// fatal PostStartHook), with the tail of its log.
+    pub fn apiserver_exited(&self) -> Option<String> {
+        let mut guard = self.lock_apiserver();
+        let status = guard.as_mut().and_then(ManagedProcess::exited)?;
+        let log = guard
+            .as_ref()
+            .map(|p| tail(p.log(), 20))
+            .unwrap_or_default();
+        Some(format!("{status}; log tail:\n{log}"))
+    }
+
     /// Fault hook: resumes a frozen kube-apiserver (SIGCONT).
     pub fn thaw_apiserver(&self) -> Result<()> {
         self.lock_apiserver()
@@ -646,10 +658,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until kube-apiserver is ready: `/readyz` answers `ok` (every PostStartHook has
+    /// finished) and the `default` namespace is served. Serving requests alone is not enough:
+    /// the `rbac/bootstrap-roles` hook keeps polling for up to 30 s of wall-clock time after the
+    /// server answers and kills the process when that runs out, so a fault injected before it
+    /// finished (a 30 s SIGSTOP) made kube-apiserver exit at SIGCONT (RELIABILITY.md §1).
     async fn wait_apiserver_ready(&self, deadline: Instant) -> Result<()> {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         loop {
-            if let Ok(ns) = namespaces.get("default").await
+            if self.apiserver_readyz().await
+                && let Ok(ns) = namespaces.get("default").await
                 && ns.metadata.name.is_some()
             {
                 return Ok(());
@@ -670,12 +688,23 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 return Err(Error::Timeout(format!(
-                    "kube-apiserver not ready; log tail:\n{}",
+                    "kube-apiserver not ready (/readyz and the default namespace); log tail:\n{}",
                     tail(&self.dir.join("logs/kube-apiserver.log"), 20)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Whether `GET /readyz` answers `ok`.
+    async fn apiserver_readyz(&self) -> bool {
+        let Ok(req) = http::Request::get("/readyz").body(Vec::new()) else {
+            return false;
+        };
+        self.client
+            .request_text(req)
+            .await
+            .is_ok_and(|body| body.trim() == "ok")
     }
 
     async fn wait_default_service_account(&self, deadline: Instant) -> Result<()> {

@@ -414,8 +414,16 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
     e.cluster.shutdown().await;
 }
 
-/// Polls the operator's `/metrics` until `series` exceeds `base`; seconds since the call.
-async fn first_write_after(op: &OperatorProcess, series: &str, base: f64, limit: Duration) -> f64 {
+/// Polls the operator's `/metrics` until `series` exceeds `base`; seconds since the call. On
+/// timeout the failure shows the operator's log, the API server's log and what the proxy saw.
+async fn first_write_after(
+    op: &OperatorProcess,
+    cluster: &Cluster,
+    proxy: &CountingProxy,
+    series: &str,
+    base: f64,
+    limit: Duration,
+) -> f64 {
     let t0 = Instant::now();
     loop {
         let addr = op.metrics.clone();
@@ -426,11 +434,28 @@ async fn first_write_after(op: &OperatorProcess, series: &str, base: f64, limit:
         if v > base {
             return t0.elapsed().as_secs_f64();
         }
-        assert!(
-            t0.elapsed() < limit,
-            "no successful write within {limit:?} after recovery; log tail:\n{}",
-            tail(&op.log_text(), 30)
-        );
+        // A dead API server is the control plane's failure, not the operator's: say so.
+        if let Some(exit) = cluster.apiserver_exited() {
+            panic!(
+                "kube-apiserver exited {:.1}s after recovery, before the operator could write: \
+                 {exit}",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        if t0.elapsed() >= limit {
+            let now = Instant::now();
+            let apiserver = std::fs::read_to_string(cluster.dir().join("logs/kube-apiserver.log"))
+                .unwrap_or_default();
+            panic!(
+                "no successful write within {limit:?} after recovery; the proxy accepted {} \
+                 connections since, {} of them refused upstream; operator log tail:\n{}\n\
+                 kube-apiserver log tail:\n{}",
+                proxy.accepted_between(t0, now),
+                proxy.refused_between(t0, now),
+                tail(&op.log_text(), 30),
+                tail(&apiserver, 40)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -684,7 +709,15 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
     let base = base.max(scrape(&op, STATUS_WRITES_OK).await);
     e.cluster.start_apiserver().await.unwrap();
     let down_for = t_stop.elapsed().as_secs_f64();
-    let recovered = first_write_after(&op, STATUS_WRITES_OK, base, Duration::from_secs(120)).await;
+    let recovered = first_write_after(
+        &op,
+        &e.cluster,
+        &proxy,
+        STATUS_WRITES_OK,
+        base,
+        Duration::from_secs(120),
+    )
+    .await;
     let rate = conns as f64 / (t_end - t_stop).as_secs_f64();
     eprintln!(
         "API STOPPED {down_for:.0}s: {conns} connection attempts ({refused} refused) = {rate:.2}/s; first status write {recovered:.1}s after the API server served again"
@@ -704,7 +737,15 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
     let conns = proxy.accepted_between(t_freeze, t_thaw);
     let base = base.max(scrape(&op, STATUS_WRITES_OK).await);
     e.cluster.thaw_apiserver().unwrap();
-    let recovered = first_write_after(&op, STATUS_WRITES_OK, base, Duration::from_secs(120)).await;
+    let recovered = first_write_after(
+        &op,
+        &e.cluster,
+        &proxy,
+        STATUS_WRITES_OK,
+        base,
+        Duration::from_secs(120),
+    )
+    .await;
     let rate = conns as f64 / (t_thaw - t_freeze).as_secs_f64();
     eprintln!(
         "API FROZEN 30s: {conns} new connections = {rate:.2}/s; first status write {recovered:.1}s after SIGCONT"

@@ -59,8 +59,8 @@ pub struct Llama {
     dtype: DType,
     trainable: Vec<(String, Var)>,
     rope: Rope,
-    /// `(cos, sin)` per sequence length, built once on the device in the model's dtype.
-    rope_tables: Mutex<HashMap<usize, (Tensor, Tensor)>>,
+    /// RoPE tables and the causal bias for the longest sequence seen, on the device.
+    position_tables: Mutex<Option<PositionTables>>,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -83,23 +83,64 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
 }
 
-/// Builds the additive attention bias (b, 1, s, s): causal, plus padded keys masked.
-fn attention_bias(mask: Option<&[Vec<u8>]>, b: usize, s: usize, device: &Device) -> Result<Tensor> {
-    let mut v = vec![0f32; b * s * s];
-    for bi in 0..b {
-        for i in 0..s {
-            for j in 0..s {
-                let pad = mask
-                    .and_then(|m| m.get(bi))
-                    .map(|row| row.get(j).copied().unwrap_or(0) == 0 && j != 0)
-                    .unwrap_or(false);
-                if j > i || pad {
-                    v[(bi * s + i) * s + j] = f32::NEG_INFINITY;
+/// Per-position tensors shared by every forward up to `len` tokens.
+#[derive(Debug)]
+struct PositionTables {
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
+    causal: Tensor,
+}
+
+impl PositionTables {
+    fn build(rope: &Rope, len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let hd = rope.head_dim;
+        let (cos, sin) = rope.tables(len);
+        let causal: Vec<f32> = (0..len * len)
+            .map(|k| {
+                if k % len > k / len {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
                 }
+            })
+            .collect();
+        Ok(Self {
+            len,
+            cos: Tensor::from_vec(cos, (len, hd), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (len, hd), device)?.to_dtype(dtype)?,
+            causal: Tensor::from_vec(causal, (1, 1, len, len), device)?,
+        })
+    }
+}
+
+/// The additive bias of right-padded keys, (b, 1, 1, s): `-inf` where a row's mask is 0 (the
+/// first position is never masked, so a row always attends to something); `None` without padding.
+fn padding_bias(
+    mask: Option<&[Vec<u8>]>,
+    b: usize,
+    s: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let Some(mask) = mask else { return Ok(None) };
+    let mut v = vec![0f32; b * s];
+    let mut any = false;
+    for (bi, row) in v.chunks_mut(s).enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            let real = mask
+                .get(bi)
+                .is_none_or(|m| m.get(j).copied().unwrap_or(0) != 0);
+            if !real && j != 0 {
+                *x = f32::NEG_INFINITY;
+                any = true;
             }
         }
     }
-    Ok(Tensor::from_vec(v, (b, 1, s, s), device)?)
+    Ok(if any {
+        Some(Tensor::from_vec(v, (b, 1, 1, s), device)?)
+    } else {
+        None
+    })
 }
 
 fn make_param(
@@ -243,7 +284,7 @@ impl Llama {
             dtype,
             trainable,
             rope,
-            rope_tables: Mutex::new(HashMap::new()),
+            position_tables: Mutex::new(None),
         })
     }
 
@@ -272,21 +313,29 @@ impl Llama {
         &self.rope
     }
 
-    /// The `(cos, sin)` tables for `s` positions, cached per length.
-    fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
+    /// The `(cos, sin)` RoPE tables (s, head_dim) in the model's dtype and the causal bias
+    /// (1, 1, s, s) in f32. They are built on the device for the longest length seen so far and
+    /// narrowed for shorter batches, so memory stays that of one length.
+    fn position_tables(&self, s: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let mut cache = self
-            .rope_tables
+            .position_tables
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(t) = cache.get(&s) {
-            return Ok(t.clone());
-        }
-        let hd = self.cfg.head_dim();
-        let (cos, sin) = self.rope.tables(s);
-        let cos = Tensor::from_vec(cos, (s, hd), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (s, hd), &self.device)?.to_dtype(self.dtype)?;
-        cache.insert(s, (cos.clone(), sin.clone()));
-        Ok((cos, sin))
+        let built = cache.as_ref().filter(|t| t.len >= s);
+        let tables = match built {
+            Some(t) => t,
+            None => cache.insert(PositionTables::build(
+                &self.rope,
+                s,
+                self.dtype,
+                &self.device,
+            )?),
+        };
+        Ok((
+            tables.cos.narrow(0, 0, s)?,
+            tables.sin.narrow(0, 0, s)?,
+            tables.causal.narrow(2, 0, s)?.narrow(3, 0, s)?,
+        ))
     }
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {
@@ -317,8 +366,11 @@ impl Llama {
         let mut x = embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, s, h))?;
-        let bias = attention_bias(mask, b, s, &self.device)?;
-        let (cos, sin) = self.rope_tables(s)?;
+        let (cos, sin, causal) = self.position_tables(s)?;
+        let bias = match padding_bias(mask, b, s, &self.device)? {
+            Some(pad) => causal.broadcast_add(&pad)?,
+            None => causal,
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             let xn = rms_norm(&x, &ctx.param(&blk.input_norm), eps)?;
