@@ -12,3 +12,10 @@ if [ "${BENCH_TORCH:-0}" = "1" ]; then
   t="$(grep -o '= [0-9]* tokens/s' <<<"$torch_line" | tr -dc 0-9)"
   python3 -c "print(f'ratio candle/pytorch = {$c/$t:.2f}')"
 fi
+# LoRA (r=16 on q,v): the frozen-matmul op against the plain-matmul path it replaced, each in its own
+# process (peak RSS is per process), same shape and steps.
+lora="$(BENCH_METHOD=lora BENCH_CSV_ROWS=0 MIMALLOC_PURGE_DELAY=-1 cargo bench -q -p finetune-trainer --bench throughput 2>/dev/null | tee /dev/stderr)"
+plain="$(BENCH_METHOD=lora BENCH_REFERENCE_MATMUL=1 BENCH_CSV_ROWS=0 MIMALLOC_PURGE_DELAY=-1 cargo bench -q -p finetune-trainer --bench throughput 2>/dev/null | tee /dev/stderr)"
+a="$(grep -o '= [0-9]* tokens/s' <<<"$lora" | tr -dc 0-9)"
+b="$(grep -o '= [0-9]* tokens/s' <<<"$plain" | tr -dc 0-9)"
+python3 -c "print(f'ratio LoRA frozen-matmul/plain-matmul tokens/s = {$a/$b:.2f}')"

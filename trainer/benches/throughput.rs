@@ -5,7 +5,10 @@
 //!
 //! Env: BENCH_STEPS (measured steps, default 5), BENCH_WARMUP (default 1), BENCH_CSV_ROWS
 //! (default 1000000; 0 skips the data benchmark), FINETUNE_ASSETS_DIR (tokenizer for the data
-//! benchmark's tokenisation; skipped when absent).
+//! benchmark's tokenisation; skipped when absent), BENCH_METHOD (`full`, the default, or `lora`:
+//! r=16 on q_proj and v_proj, everything else frozen), BENCH_REFERENCE_MATMUL=1 (frozen weights
+//! through candle's plain matmul, whose backward also computes their unused gradients: the path
+//! the frozen-matmul op replaced; run it as its own process, peak RSS is per process).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -20,7 +23,7 @@ use finetune_trainer::data::{Encoder, PromptTemplate};
 use finetune_trainer::metrics::registry::peak_memory_bytes;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::weights::Weights;
-use finetune_trainer::model::{Llama, TrainableSpec, tiny};
+use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec, tiny};
 use finetune_trainer::optim::{AdamW, AdamWParams, clip_grad_norm};
 use finetune_trainer::rng::Rng;
 use finetune_trainer::train::loss::masked_cross_entropy;
@@ -46,9 +49,21 @@ fn train_bench() -> anyhow::Result<()> {
     cfg.max_position_embeddings = seq;
     let dev = Device::Cpu;
     let w = tiny::init_weights(&cfg, 1, &dev)?;
-    let spec = TrainableSpec::Full {
-        layers: None,
-        embeddings_and_head: true,
+    let lora = std::env::var("BENCH_METHOD").is_ok_and(|m| m == "lora");
+    let reference_matmul = std::env::var_os("BENCH_REFERENCE_MATMUL").is_some();
+    let spec = if lora {
+        TrainableSpec::Lora(LoraSettings {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            layers: None,
+        })
+    } else {
+        TrainableSpec::Full {
+            layers: None,
+            embeddings_and_head: true,
+        }
     };
     let model = Llama::from_weights(&cfg, Weights::from_map(w), &spec, 1, &dev)?;
     let mut opt = AdamW::new(AdamWParams::default());
@@ -78,6 +93,7 @@ fn train_bench() -> anyhow::Result<()> {
             t0 = Instant::now();
         }
         let mut ctx = FwdCtx::train(None);
+        ctx.reference_matmul = reference_matmul;
         let logits = model.logits_at(&b.ids, Some(&b.attention), &b.rows, &mut ctx)?;
         let loss = masked_cross_entropy(&logits, &b.targets)?;
         last_loss = loss.to_scalar::<f32>()?;
@@ -93,8 +109,14 @@ fn train_bench() -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let tokens = (steps * batch * seq) as f64;
     println!(
-        "train stories15M-shape ({} params) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
+        "train stories15M-shape ({} params, {}{}) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
         cfg.num_parameters(),
+        if lora { "LoRA r=16 q,v" } else { "full" },
+        if reference_matmul {
+            ", frozen weights through plain matmul"
+        } else {
+            ""
+        },
         tokens / secs,
         peak_memory_bytes().unwrap_or(0) as f64 / 1e9
     );

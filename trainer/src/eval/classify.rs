@@ -4,7 +4,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use super::sequence_log_likelihoods;
+use super::{sequence_log_likelihoods, shared_prefix_log_likelihoods};
 use crate::Result;
 use crate::data::encode::{Encoded, Encoder};
 use crate::data::example::Example;
@@ -143,19 +143,33 @@ impl ClassificationSet {
         })
     }
 
-    /// Predicts each example's label by the highest log-likelihood of `label + EOS`.
+    /// Predicts each example's label by the highest log-likelihood of `label + EOS`. On a GPU
+    /// the labels of one example continue its prompt, run once with a KV cache (k labels cost
+    /// about one prompt forward instead of k); on the CPU, batches of `batch_size` full
+    /// candidates are faster for small models (2× in the dev profile on the tiny model, 64
+    /// prompts of 60–120 tokens, 2 labels). Both give the same scores (`tests/kv_cache.rs`).
     pub fn evaluate(
         &self,
         model: &Llama,
         batch_size: usize,
         device: &Device,
     ) -> Result<ClassificationReport> {
-        let flat: Vec<&Encoded> = self.candidates.iter().flatten().collect();
-        let ll = sequence_log_likelihoods(model, &flat, batch_size, device)?;
         let k = self.labels.len().max(1);
+        let batched = if device.is_cuda() {
+            None
+        } else {
+            let flat: Vec<&Encoded> = self.candidates.iter().flatten().collect();
+            Some(sequence_log_likelihoods(model, &flat, batch_size, device)?)
+        };
         let mut pairs = Vec::with_capacity(self.truth.len());
-        for (i, t) in self.truth.iter().enumerate() {
-            let scores = &ll[i * k..(i + 1) * k];
+        for (i, (t, candidates)) in self.truth.iter().zip(&self.candidates).enumerate() {
+            let scores = match &batched {
+                Some(ll) => ll[i * k..(i + 1) * k].to_vec(),
+                None => {
+                    let refs: Vec<&Encoded> = candidates.iter().collect();
+                    shared_prefix_log_likelihoods(model, &refs, device)?
+                }
+            };
             let mut best = 0;
             for (j, s) in scores.iter().enumerate() {
                 if s.0 > scores[best].0 {

@@ -8,13 +8,13 @@ pub mod report;
 pub use classify::{ClassMetrics, ClassificationReport};
 pub use overfit::{EvalPoint, OverfitMonitor, OverfitVerdict};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use crate::Result;
 use crate::data::batch::Batch;
 use crate::data::encode::{Encoded, Encoder};
-use crate::model::Llama;
 use crate::model::linear::FwdCtx;
+use crate::model::{KvCache, Llama};
 use crate::train::loss::token_log_probs;
 
 /// Sum of target log-probabilities per example, and their token counts, for encoded examples.
@@ -40,6 +40,59 @@ pub fn sequence_log_likelihoods(
             }
         }
         out.extend(sums);
+    }
+    Ok(out)
+}
+
+/// [`sequence_log_likelihoods`] for candidates that continue one prompt (each label of a
+/// classification): their longest common prefix is run once, with a KV cache, and each
+/// candidate's own tokens continue from a copy of that cache, so k labels cost about one
+/// forward of the prompt instead of k.
+pub fn shared_prefix_log_likelihoods(
+    model: &Llama,
+    items: &[&Encoded],
+    device: &Device,
+) -> Result<Vec<(f64, usize)>> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let common = items.iter().fold(first.ids.len(), |c, e| {
+        c.min(
+            e.ids
+                .iter()
+                .zip(&first.ids)
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
+    });
+    if common == 0 {
+        return sequence_log_likelihoods(model, items, 1, device);
+    }
+    let mut prefix_cache = KvCache::new();
+    let prefix = model.hidden_cached(&first.ids[..common], &mut prefix_cache)?;
+    let mut out = Vec::with_capacity(items.len());
+    for e in items {
+        let rows: Vec<u32> = (1..e.ids.len())
+            .filter(|&t| e.target.get(t).copied() == Some(1))
+            .map(|t| (t - 1) as u32)
+            .collect();
+        if rows.is_empty() {
+            out.push((0.0, 0));
+            continue;
+        }
+        let hidden = if e.ids.len() > common {
+            let mut cache = prefix_cache.clone();
+            let rest = model.hidden_cached(&e.ids[common..], &mut cache)?;
+            Tensor::cat(&[&prefix, &rest], 0)?
+        } else {
+            prefix.clone()
+        };
+        let targets: Vec<u32> = rows.iter().map(|&r| e.ids[r as usize + 1]).collect();
+        let picked = hidden.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+        let logits = model.project(&picked, &FwdCtx::eval())?;
+        let lp = token_log_probs(&logits, &Tensor::new(targets.as_slice(), device)?)?;
+        let lp = lp.to_vec1::<f32>()?;
+        out.push((lp.iter().map(|v| *v as f64).sum(), lp.len()));
     }
     Ok(out)
 }

@@ -83,6 +83,32 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
 }
 
+/// Keys and values of the positions a sequence has been run through, per decoder layer, for
+/// [`Llama::hidden_cached`]. Cloning is cheap (tensors are shared), so candidates that continue
+/// one prefix each start from a clone.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Per-position tensors shared by every forward up to `len` tokens.
 #[derive(Debug)]
 struct PositionTables {
@@ -356,63 +382,113 @@ impl Llama {
         ctx: &mut FwdCtx,
     ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        let h = self.cfg.hidden_size;
-        let nh = self.cfg.num_attention_heads;
-        let nkv = self.cfg.kv_heads();
-        let hd = self.cfg.head_dim();
-        let rep = nh / nkv;
-        let eps = self.cfg.rms_norm_eps;
-        let embed = ctx.param(&self.embed);
-        let mut x = embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, h))?;
+        let mut x = self.embed_ids(ids, ctx)?;
         let (cos, sin, causal) = self.position_tables(s)?;
         let bias = match padding_bias(mask, b, s, &self.device)? {
             Some(pad) => causal.broadcast_add(&pad)?,
             None => causal,
         };
-        let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
-            let xn = rms_norm(&x, &ctx.param(&blk.input_norm), eps)?;
-            let q = blk.q.forward(&xn, ctx)?;
-            let k = blk.k.forward(&xn, ctx)?;
-            let v = blk.v.forward(&xn, ctx)?;
-            let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let k = apply_rope(&k, &cos, &sin)?;
-            let (k, v) = if rep > 1 {
-                let k = k
-                    .unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, s, hd))?
-                    .contiguous()?
-                    .reshape((b, nh, s, hd))?;
-                let v = v
-                    .unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, s, hd))?
-                    .contiguous()?
-                    .reshape((b, nh, s, hd))?;
-                (k, v)
-            } else {
-                (k, v)
-            };
-            let att = (q
-                .to_dtype(DType::F32)?
-                .matmul(&k.to_dtype(DType::F32)?.t()?)?
-                * scale)?;
-            let att = att.broadcast_add(&bias)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(self.dtype)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-            let y = blk.o.forward(&y, ctx)?;
-            x = (x + y)?;
-            let xn = rms_norm(&x, &ctx.param(&blk.post_norm), eps)?;
-            let g = self.act(&blk.gate.forward(&xn, ctx)?)?;
-            let u = blk.up.forward(&xn, ctx)?;
-            let y = blk.down.forward(&(g * u)?, ctx)?;
-            x = (x + y)?;
+            x = self.layer(blk, &x, (&cos, &sin), &bias, None, ctx)?;
         }
-        rms_norm(&x, &ctx.param(&self.norm), eps)
+        rms_norm(&x, &ctx.param(&self.norm), self.cfg.rms_norm_eps)
+    }
+
+    /// Final hidden states (n, hidden) of `ids`, the tokens at positions `cache.len()..` of one
+    /// sequence, attending to the keys and values `cache` holds for the earlier positions (which
+    /// it then extends). No backward graph. Equal to the last n rows of [`Llama::hidden`] of the
+    /// whole sequence.
+    pub fn hidden_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let n = ids.len();
+        let start = cache.len;
+        if cache.layers.len() != self.blocks.len() {
+            cache.layers = vec![None; self.blocks.len()];
+        }
+        let mut ctx = FwdCtx::eval();
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed_ids(&ids, &ctx)?;
+        let (cos, sin, causal) = self.position_tables(start + n)?;
+        let cos = cos.narrow(0, start, n)?;
+        let sin = sin.narrow(0, start, n)?;
+        let bias = causal.narrow(2, start, n)?;
+        for (blk, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer(blk, &x, (&cos, &sin), &bias, Some(slot), &mut ctx)?;
+        }
+        cache.len = start + n;
+        let x = rms_norm(&x, &ctx.param(&self.norm), self.cfg.rms_norm_eps)?;
+        Ok(x.squeeze(0)?)
+    }
+
+    fn embed_ids(&self, ids: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let embed = ctx.param(&self.embed);
+        Ok(embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?)
+    }
+
+    /// One decoder layer on `x` (b, n, hidden). `rope` holds the (n, head_dim) tables of the
+    /// n positions, `bias` the additive attention bias (b or 1, 1, n, keys). With `cache`, the
+    /// layer's keys and values of earlier positions come first and this call's are appended.
+    /// Grouped-query heads share their K/V through a batched matmul (no copy per query head).
+    fn layer(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &mut FwdCtx,
+    ) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let nh = self.cfg.num_attention_heads;
+        let nkv = self.cfg.kv_heads();
+        let hd = self.cfg.head_dim();
+        let rep = nh / nkv;
+        let eps = self.cfg.rms_norm_eps;
+        let xn = rms_norm(x, &ctx.param(&blk.input_norm), eps)?;
+        let q = blk.q.forward(&xn, ctx)?;
+        let k = blk.k.forward(&xn, ctx)?;
+        let v = blk.v.forward(&xn, ctx)?;
+        let q = q.reshape((b, n, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        let keys = k.dim(2)?;
+        // Query heads kv·rep … kv·rep + rep − 1 share key/value head kv: fold them into rows.
+        let qg = q.reshape((b, nkv, rep * n, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (qg
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
+        let att = att.reshape((b, nh, n, keys))?.broadcast_add(bias)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(self.dtype)?;
+        let y = att
+            .reshape((b, nkv, rep * n, keys))?
+            .matmul(&v)?
+            .reshape((b, nh, n, hd))?
+            .transpose(1, 2)?
+            .reshape((b, n, nh * hd))?;
+        let y = blk.o.forward(&y, ctx)?;
+        let x = (x + y)?;
+        let xn = rms_norm(&x, &ctx.param(&blk.post_norm), eps)?;
+        let g = self.act(&blk.gate.forward(&xn, ctx)?)?;
+        let u = blk.up.forward(&xn, ctx)?;
+        let y = blk.down.forward(&(g * u)?, ctx)?;
+        Ok((x + y)?)
     }
 
     /// Logits (n, vocab) in f32 for the given rows of a (n, hidden) matrix.
@@ -514,22 +590,30 @@ impl Llama {
         Ok(())
     }
 
-    /// Greedy decoding of up to `max_new` tokens after `prompt` (no KV cache: recomputes).
+    /// Greedy decoding of up to `max_new` tokens after `prompt`, with a KV cache. Past
+    /// `max_position_embeddings` tokens it keeps the last window of that size (recomputed).
     pub fn generate_greedy(
         &self,
         prompt: &[u32],
         max_new: usize,
         eos: Option<u32>,
     ) -> Result<Vec<u32>> {
+        let window = self.cfg.max_position_embeddings.max(1);
         let mut ids = prompt.to_vec();
         let mut out = Vec::new();
+        let mut cache = KvCache::new();
+        let mut pending = ids[ids.len().saturating_sub(window)..].to_vec();
         for _ in 0..max_new {
-            let start = ids.len().saturating_sub(self.cfg.max_position_embeddings);
-            let window = &ids[start..];
-            let t = Tensor::new(window, &self.device)?.unsqueeze(0)?;
-            let row = Tensor::new(&[(window.len() - 1) as u32], &self.device)?;
-            let mut ctx = FwdCtx::eval();
-            let logits = self.logits_at(&t, None, &row, &mut ctx)?;
+            if cache.len() + pending.len() > window {
+                cache = KvCache::new();
+                pending = ids[ids.len().saturating_sub(window)..].to_vec();
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let hidden = self.hidden_cached(&pending, &mut cache)?;
+            let last = hidden.narrow(0, pending.len() - 1, 1)?;
+            let logits = self.project(&last, &FwdCtx::eval())?;
             let next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             let Some(&tok) = next.first() else { break };
             if Some(tok) == eos {
@@ -537,6 +621,7 @@ impl Llama {
             }
             ids.push(tok);
             out.push(tok);
+            pending = vec![tok];
         }
         Ok(out)
     }
