@@ -1740,6 +1740,15 @@ fn log_tail(path: &Path, lines: usize, max: usize) -> String {
     tail.get(start..).unwrap_or_default().to_string()
 }
 
+/// Container processes start with every signal at its default disposition, as a container
+/// runtime starts them: a harness started in the background by a non-interactive shell (CI
+/// scripts, `cmd &`) has SIGINT and SIGQUIT ignored, children inherit that through exec, and a
+/// container would then survive the SIGINT a test sends it. GNU `env --default-signal` resets
+/// them (no `unsafe` `pre_exec` needed) and then execs the container's command (same pid).
+const RESET_SIGNALS_ENV: &str = "/usr/bin/env";
+/// See [`RESET_SIGNALS_ENV`].
+const RESET_SIGNALS_FLAG: &str = "--default-signal";
+
 fn spawn_process(
     ctx: &PodCtx,
     c: &Container,
@@ -1820,7 +1829,7 @@ fn spawn_process(
                 .filter(|w| !w.is_empty())
                 .unwrap_or_else(|| "/".into());
             script.push_str(&format!(
-                "mkdir -p {wd} && cd {wd}\nexec \"$@\"\n",
+                "mkdir -p {wd} && cd {wd}\nexec {RESET_SIGNALS_ENV} {RESET_SIGNALS_FLAG} -- \"$@\"\n",
                 wd = sh_quote(&wd)
             ));
             let mut cmd = tokio::process::Command::new("unshare");
@@ -1838,7 +1847,11 @@ fn spawn_process(
             cmd
         }
         Isolation::PathEnv => {
-            let mut cmd = tokio::process::Command::new(program);
+            if program.contains('/') && !Path::new(program).is_file() {
+                return Err(format!("starting {program}: no such file"));
+            }
+            let mut cmd = tokio::process::Command::new(RESET_SIGNALS_ENV);
+            cmd.arg(RESET_SIGNALS_FLAG).arg("--").arg(program);
             cmd.args(&argv[1..]);
             let mapping: Vec<String> = mounts
                 .iter()
