@@ -66,17 +66,6 @@ fn model(spec: &TrainableSpec) -> (LlamaConfig, Llama) {
     (cfg, model)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn lora_spec(all_modules: bool) -> TrainableSpec {
     let mut ls = common::lora_all(RANK);
     if !all_modules {
@@ -103,7 +92,7 @@ fn assert_same_gradients(spec: &TrainableSpec, tol: f32) -> (GradStore, GradStor
             .to_scalar::<f32>()
             .unwrap();
         assert!(norm > 0.0, "{name}: zero reference gradient");
-        let d = max_abs_diff(a, b);
+        let d = common::max_abs_diff(a, b);
         assert!(
             d <= tol * norm.max(1.0),
             "{name}: |Δgrad| {d} (max |grad| {norm})"
@@ -169,7 +158,7 @@ fn nothing_is_recorded_when_the_input_tracks_no_gradient() {
     let y = frozen_matmul(&x, &w).unwrap();
     assert!(!y.track_op());
     let reference = x.matmul(&w.t().unwrap()).unwrap();
-    assert_eq!(max_abs_diff(&y, &reference), 0.0);
+    assert_eq!(common::max_abs_diff(&y, &reference), 0.0);
 }
 
 #[test]
@@ -226,10 +215,10 @@ fn bf16_products_match_the_plain_matmul() {
     let ours = frozen_matmul(x.as_tensor(), &w).unwrap();
     let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
     let as_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    assert_eq!(max_abs_diff(&as_f32(&ours), &as_f32(&plain)), 0.0);
+    assert_eq!(common::max_abs_diff(&as_f32(&ours), &as_f32(&plain)), 0.0);
     let g_ours = ours.sum_all().unwrap().backward().unwrap();
     let g_plain = plain.sum_all().unwrap().backward().unwrap();
-    let d = max_abs_diff(
+    let d = common::max_abs_diff(
         &as_f32(g_ours.get(x.as_tensor()).unwrap()),
         &as_f32(g_plain.get(x.as_tensor()).unwrap()),
     );

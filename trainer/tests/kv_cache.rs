@@ -20,17 +20,6 @@ fn model(kv_heads: usize, max_pos: usize) -> Llama {
     common::build(&cfg, &w, &TrainableSpec::Frozen)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn pieces_through_the_cache_equal_one_full_forward() {
     let ids = [1u32, 7, 3, 9, 22, 41, 5, 8, 13, 2, 30];
@@ -55,7 +44,7 @@ fn pieces_through_the_cache_equal_one_full_forward() {
         }
         assert_eq!(cache.len(), ids.len());
         let cached = Tensor::cat(&parts, 0).unwrap();
-        let d = max_diff(&full, &cached);
+        let d = common::max_abs_diff(&full, &cached);
         assert!(d < 1e-5, "kv heads {kv}: max |Δhidden| {d}");
     }
 }

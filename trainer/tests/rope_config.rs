@@ -157,16 +157,7 @@ fn the_model_uses_the_configured_rope() {
         r#","rope_parameters":{"rope_type":"default","rope_theta":50000.0}"#,
     ));
     let old = logits(&config(""));
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = common::max_abs_diff;
     assert_eq!(diff(&classic, &v5), 0.0);
     assert!(diff(&classic, &old) > 1e-4, "theta had no effect");
 }

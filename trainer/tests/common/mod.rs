@@ -81,3 +81,15 @@ pub fn assets_dir() -> Option<PathBuf> {
 pub fn require_assets() -> bool {
     std::env::var("FINETUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
 }
+
+/// max |a − b| over all elements, as f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
