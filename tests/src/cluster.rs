@@ -507,15 +507,15 @@ impl Cluster {
     }
 
     /// `Some(status)` when the kube-apiserver the harness started has exited by itself (e.g. a
-    /// fatal PostStartHook), with the tail of its log.
+    /// fatal PostStartHook), with its log's path and tail.
     pub fn apiserver_exited(&self) -> Option<String> {
         let mut guard = self.lock_apiserver();
         let status = guard.as_mut().and_then(ManagedProcess::exited)?;
-        let log = guard
+        let (path, log) = guard
             .as_ref()
-            .map(|p| tail(p.log(), 20))
+            .map(|p| (p.log().display().to_string(), tail(p.log(), 20)))
             .unwrap_or_default();
-        Some(format!("{status}; log tail:\n{log}"))
+        Some(format!("{status}; log: {path}\n{log}"))
     }
 
     /// Fault hook: resumes a frozen kube-apiserver (SIGCONT).
@@ -672,18 +672,9 @@ impl Cluster {
             {
                 return Ok(());
             }
-            let exited = {
-                let mut guard = self.lock_apiserver();
-                let status = guard.as_mut().and_then(ManagedProcess::exited);
-                status.map(|s| (s, guard.as_ref().map(|p| p.log().to_path_buf())))
-            };
-            if let Some((status, log)) = exited {
+            if let Some(exit) = self.apiserver_exited() {
                 return Err(Error::ControlPlane(format!(
-                    "kube-apiserver exited ({status}); log: {}\n{}",
-                    log.as_ref()
-                        .map(|l| l.display().to_string())
-                        .unwrap_or_default(),
-                    log.map(|l| tail(&l, 20)).unwrap_or_default()
+                    "kube-apiserver exited: {exit}"
                 )));
             }
             if Instant::now() > deadline {

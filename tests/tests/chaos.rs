@@ -414,16 +414,19 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
     e.cluster.shutdown().await;
 }
 
-/// Polls the operator's `/metrics` until `series` exceeds `base`; seconds since the call. On
-/// timeout the failure shows the operator's log, the API server's log and what the proxy saw.
+/// How long the operator may take to write again after the API server is back.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+
+/// Polls the operator's `/metrics` until its successful status writes exceed `base`; seconds
+/// since the call. Past [`RECOVERY_LIMIT`] the failure shows the operator's log, the API server's
+/// log and what the proxy saw.
 async fn first_write_after(
     op: &OperatorProcess,
     cluster: &Cluster,
     proxy: &CountingProxy,
-    series: &str,
     base: f64,
-    limit: Duration,
 ) -> f64 {
+    let (series, limit) = (STATUS_WRITES_OK, RECOVERY_LIMIT);
     let t0 = Instant::now();
     loop {
         let addr = op.metrics.clone();
@@ -709,15 +712,7 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
     let base = base.max(scrape(&op, STATUS_WRITES_OK).await);
     e.cluster.start_apiserver().await.unwrap();
     let down_for = t_stop.elapsed().as_secs_f64();
-    let recovered = first_write_after(
-        &op,
-        &e.cluster,
-        &proxy,
-        STATUS_WRITES_OK,
-        base,
-        Duration::from_secs(120),
-    )
-    .await;
+    let recovered = first_write_after(&op, &e.cluster, &proxy, base).await;
     let rate = conns as f64 / (t_end - t_stop).as_secs_f64();
     eprintln!(
         "API STOPPED {down_for:.0}s: {conns} connection attempts ({refused} refused) = {rate:.2}/s; first status write {recovered:.1}s after the API server served again"
@@ -737,15 +732,7 @@ async fn the_operator_rides_out_node_loss_api_outages_and_watch_expiry() {
     let conns = proxy.accepted_between(t_freeze, t_thaw);
     let base = base.max(scrape(&op, STATUS_WRITES_OK).await);
     e.cluster.thaw_apiserver().unwrap();
-    let recovered = first_write_after(
-        &op,
-        &e.cluster,
-        &proxy,
-        STATUS_WRITES_OK,
-        base,
-        Duration::from_secs(120),
-    )
-    .await;
+    let recovered = first_write_after(&op, &e.cluster, &proxy, base).await;
     let rate = conns as f64 / (t_thaw - t_freeze).as_secs_f64();
     eprintln!(
         "API FROZEN 30s: {conns} new connections = {rate:.2}/s; first status write {recovered:.1}s after SIGCONT"

@@ -531,38 +531,35 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
     finish(cluster).await;
 }
 
-/// `GET http://{addr}{path_and_query}` over HTTP/1.0; the body.
-fn http_get(addr: &str, path_and_query: &str) -> String {
+/// `GET http://{addr}{path_and_query}` over HTTP/1.0: the response head and body, or `None`
+/// when nothing answers.
+fn http_response(addr: &str, path_and_query: &str) -> Option<(String, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
+    s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "GET {path_and_query}: {head}\n{body}"
-    );
-    body.to_string()
+    Some((head.to_string(), body.to_string()))
+}
+
+fn is_ok_head(head: &str) -> bool {
+    head.starts_with("HTTP/1.") && head.contains(" 200 ")
+}
+
+/// `GET http://{addr}{path_and_query}` over HTTP/1.0; the body (it must answer 200).
+fn http_get(addr: &str, path_and_query: &str) -> String {
+    let (head, body) = http_response(addr, path_and_query)
+        .unwrap_or_else(|| panic!("GET {path_and_query}: no answer from {addr}"));
+    assert!(is_ok_head(&head), "GET {path_and_query}: {head}\n{body}");
+    body
 }
 
 /// Whether `GET /-/ready` answers 200; false while Prometheus is still starting (no listener
 /// yet, or 503).
 fn ready(addr: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(s, "GET /-/ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.lines()
-        .next()
-        .is_some_and(|status| status.contains(" 200 "))
+    http_response(addr, "/-/ready").is_some_and(|(head, _)| is_ok_head(&head))
 }
 
 fn url_encode(s: &str) -> String {

@@ -238,14 +238,7 @@ fn padding_does_not_change_real_positions() {
         .unwrap()
         .narrow(1, 0, 4)
         .unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&a, &b);
     assert!(d < 1e-5, "{d}");
 }
 

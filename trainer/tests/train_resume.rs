@@ -76,14 +76,7 @@ fn check_resume(spec: TrainableSpec, name: &str) {
     let wa = a.model.trainable_tensors();
     let wc = c.model.trainable_tensors();
     for (k, t) in &wa {
-        let d = (t - &wc[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(t, &wc[k]);
         assert_eq!(d, 0.0, "{k} differs after resume");
     }
     // Loss moved (training happened).
@@ -210,22 +203,8 @@ fn peft_adapter_export_roundtrips() {
     let a = t.model.forward(&ids, None, &mut ctx).unwrap();
     let b = m2.forward(&ids, None, &mut ctx).unwrap();
     let c = m3.forward(&ids, None, &mut ctx).unwrap();
-    let d1 = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let d2 = (&a - &c)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d1 = common::max_abs_diff(&a, &b);
+    let d2 = common::max_abs_diff(&a, &c);
     assert_eq!(d1, 0.0);
     assert!(d2 < 1e-4, "{d2}");
     let _ = std::fs::remove_dir_all(&work);

@@ -72,11 +72,9 @@ pub fn shared_prefix_log_likelihoods(
     let prefix = model.hidden_cached(&first.ids[..common], &mut prefix_cache)?;
     let mut out = Vec::with_capacity(items.len());
     for e in items {
-        let rows: Vec<u32> = (1..e.ids.len())
-            .filter(|&t| e.target.get(t).copied() == Some(1))
-            .map(|t| (t - 1) as u32)
-            .collect();
-        if rows.is_empty() {
+        // A batch of one: its rows are the positions whose logits predict the targets.
+        let batch = Batch::new(&[e], 0, device)?;
+        if batch.n_targets == 0 {
             out.push((0.0, 0));
             continue;
         }
@@ -87,11 +85,8 @@ pub fn shared_prefix_log_likelihoods(
         } else {
             prefix.clone()
         };
-        let targets: Vec<u32> = rows.iter().map(|&r| e.ids[r as usize + 1]).collect();
-        let picked = hidden.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
-        let logits = model.project(&picked, &FwdCtx::eval())?;
-        let lp = token_log_probs(&logits, &Tensor::new(targets.as_slice(), device)?)?;
-        let lp = lp.to_vec1::<f32>()?;
+        let logits = model.project(&hidden.index_select(&batch.rows, 0)?, &FwdCtx::eval())?;
+        let lp = token_log_probs(&logits, &batch.targets)?.to_vec1::<f32>()?;
         out.push((lp.iter().map(|v| *v as f64).sum(), lp.len()));
     }
     Ok(out)

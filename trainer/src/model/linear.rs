@@ -41,6 +41,17 @@ impl FwdCtx {
     pub fn param(&self, t: &Tensor) -> Tensor {
         if self.train { t.clone() } else { t.detach() }
     }
+
+    /// `x · wᵀ` for a rank-2 `x` and a weight `w` already passed through [`FwdCtx::param`]:
+    /// candle's matmul when `w` is trained (it needs its gradient) or [`FwdCtx::reference_matmul`]
+    /// is set, [`frozen_matmul`] otherwise (no gradient for `w`).
+    pub fn matmul_t(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if w.is_variable() || self.reference_matmul {
+            Ok(x.matmul(&w.t()?)?)
+        } else {
+            frozen_matmul(x, w)
+        }
+    }
 }
 
 /// LoRA adapter `scale · B·A` with trainable `A` (rank × in) and `B` (out × rank).
@@ -93,11 +104,7 @@ impl Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         let w = ctx.param(&self.weight);
-        let mut y = if w.is_variable() || ctx.reference_matmul {
-            x2.matmul(&w.t()?)?
-        } else {
-            frozen_matmul(&x2, &w)?
-        };
+        let mut y = ctx.matmul_t(&x2, &w)?;
         if let Some(l) = &self.lora {
             let a = ctx.param(l.a.as_tensor());
             let b = ctx.param(l.b.as_tensor());

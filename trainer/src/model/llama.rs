@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use super::config::LlamaConfig;
-use super::frozen::frozen_matmul;
 use super::linear::{FwdCtx, Linear, LoraAdapter};
 use super::lora::{ALL_TARGETS, LoraSettings, module_path, peft_name};
 use super::rope::Rope;
@@ -494,12 +493,7 @@ impl Llama {
     /// Logits (n, vocab) in f32 for the given rows of a (n, hidden) matrix.
     pub fn project(&self, hidden_rows: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
         let w = ctx.param(&self.lm_head);
-        let logits = if w.is_variable() || ctx.reference_matmul {
-            hidden_rows.matmul(&w.t()?)?
-        } else {
-            frozen_matmul(hidden_rows, &w)?
-        };
-        Ok(logits.to_dtype(DType::F32)?)
+        Ok(ctx.matmul_t(hidden_rows, &w)?.to_dtype(DType::F32)?)
     }
 
     /// All-position logits (b, s, vocab), f32.
