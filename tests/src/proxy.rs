@@ -36,7 +36,17 @@ impl CountingProxy {
         let log = Arc::new(Mutex::new(Log::default()));
         let task_log = log.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            loop {
+                // An accept error (e.g. out of file descriptors) must not end the proxy: every
+                // later connection would hang in its TLS handshake, which reads as an operator
+                // that cannot reconnect.
+                let mut client = match listener.accept().await {
+                    Ok((client, _)) => client,
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 lock(&task_log).accepted.push(Instant::now());
                 let log = task_log.clone();
                 tokio::spawn(async move {
