@@ -38,8 +38,10 @@ lint: ## rustfmt check, clippy with warnings as errors, CRD drift check.
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
-crds: ## Regenerate crds/finetunejob.yaml from the Rust types.
+crds: ## Regenerate crds/finetunejob.yaml from the Rust types (and its chart and manifest copies).
 	$(CARGO) run -q -p finetune-api --bin crdgen > crds/finetunejob.yaml
+	cp crds/finetunejob.yaml charts/finetune-operator/crds/finetunejob.yaml
+	cp crds/finetunejob.yaml manifests/default/finetunejob-crd.yaml
 
 crds-check: ## Fail when crds/finetunejob.yaml is stale.
 	@$(CARGO) run -q -p finetune-api --bin crdgen | diff -u crds/finetunejob.yaml - \

@@ -47,6 +47,14 @@ pub fn effective_precision(spec: &FineTuneJobSpec) -> Precision {
         })
 }
 
+/// Whether the trainer recomputes decoder layers in the backward: the spec's choice, or on
+/// with GPUs and off without.
+pub fn effective_gradient_checkpointing(spec: &FineTuneJobSpec) -> bool {
+    spec.hyperparameters
+        .gradient_checkpointing
+        .unwrap_or(effective_gpus(spec) > 0)
+}
+
 /// GPUs the trainer pod gets: the spec's, or the preset's default.
 pub fn effective_gpus(spec: &FineTuneJobSpec) -> u32 {
     spec.resources

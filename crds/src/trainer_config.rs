@@ -31,6 +31,9 @@ pub struct TrainerConfig {
     pub output: OutputSpec,
     /// Precision resolved from the spec and the GPU count.
     pub precision: Precision,
+    /// Activation checkpointing resolved from the spec and the GPU count.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Whether the trainer should use a GPU.
     pub use_gpu: bool,
     /// Local paths inside the trainer pod.
@@ -79,6 +82,7 @@ impl TrainerConfig {
             checkpoints: spec.checkpoints.clone(),
             output: spec.output.clone(),
             precision: crate::fit::effective_precision(spec),
+            gradient_checkpointing: crate::fit::effective_gradient_checkpointing(spec),
             use_gpu: crate::fit::effective_gpus(spec) > 0,
             paths,
             metrics_address,

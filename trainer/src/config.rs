@@ -177,6 +177,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         max_grad_norm: h.max_grad_norm,
         seed: h.seed,
         bf16: c.precision == Precision::Bf16,
+        gradient_checkpointing: c.gradient_checkpointing,
         use_gpu: c.use_gpu,
         eval,
         checkpoint_dir: PathBuf::from(&c.paths.checkpoint_dir),

@@ -50,6 +50,12 @@ pub struct Hyperparameters {
     /// without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
+    /// Activation (gradient) checkpointing: the forward keeps only each decoder layer's input
+    /// and the backward recomputes the layer, trading one more forward of the trained layers
+    /// for activation memory that no longer grows with the number of layers. Default: on with
+    /// GPUs, off without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
     /// Seed of weight initialisation, dropout and data order.
     #[serde(default = "super::dataset::default_seed")]
     #[schemars(range(min = 0, max = 4_294_967_295u64))]
@@ -70,6 +76,7 @@ impl Default for Hyperparameters {
             weight_decay: 0.0,
             max_grad_norm: default_max_grad_norm(),
             precision: None,
+            gradient_checkpointing: None,
             seed: super::dataset::default_seed(),
         }
     }

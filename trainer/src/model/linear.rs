@@ -6,11 +6,15 @@ use super::frozen::frozen_matmul;
 use crate::Result;
 use crate::rng::Rng;
 
-/// Per-forward context: whether to build the backward graph, and the dropout stream.
+/// Per-forward context: training behaviour, whether to build the backward graph, and the
+/// dropout stream.
 #[derive(Debug, Default)]
 pub struct FwdCtx {
-    /// Track gradients (training); when false, trainable tensors are detached so no graph is built.
+    /// Training behaviour: LoRA dropout is applied (when [`FwdCtx::dropout_rng`] is set).
     pub train: bool,
+    /// Build the backward graph: trainable tensors enter the ops as themselves. When false they
+    /// are detached, so no op records its inputs.
+    pub graph: bool,
     /// Random stream for LoRA dropout; dropout is applied only when training and this is set.
     pub dropout_rng: Option<Rng>,
     /// Multiply frozen weights with candle's plain `matmul`, whose backward also computes the
@@ -23,6 +27,7 @@ impl FwdCtx {
     pub fn train(dropout_rng: Option<Rng>) -> Self {
         Self {
             train: true,
+            graph: true,
             dropout_rng,
             reference_matmul: false,
         }
@@ -32,14 +37,26 @@ impl FwdCtx {
     pub fn eval() -> Self {
         Self {
             train: false,
+            graph: false,
             dropout_rng: None,
             reference_matmul: false,
         }
     }
 
+    /// This pass with training behaviour but no backward graph: the first forward of activation
+    /// checkpointing, whose layers are recomputed with the graph in the backward.
+    pub fn without_graph(&self) -> Self {
+        Self {
+            train: self.train,
+            graph: false,
+            dropout_rng: self.dropout_rng,
+            reference_matmul: self.reference_matmul,
+        }
+    }
+
     /// The tensor to use for a parameter in this pass.
     pub fn param(&self, t: &Tensor) -> Tensor {
-        if self.train { t.clone() } else { t.detach() }
+        if self.graph { t.clone() } else { t.detach() }
     }
 
     /// `x · wᵀ` for a rank-2 `x` and a weight `w` already passed through [`FwdCtx::param`]:

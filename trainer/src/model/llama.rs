@@ -16,6 +16,9 @@ use super::weights::Weights;
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
 
+mod recompute;
+pub use recompute::{Gradients, LossAndGrads};
+
 /// What to train.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainableSpec {
@@ -382,11 +385,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let mut x = self.embed_ids(ids, ctx)?;
-        let (cos, sin, causal) = self.position_tables(s)?;
-        let bias = match padding_bias(mask, b, s, &self.device)? {
-            Some(pad) => causal.broadcast_add(&pad)?,
-            None => causal,
-        };
+        let (cos, sin, bias) = self.attention_inputs(mask, b, s)?;
         for blk in &self.blocks {
             x = self.layer(blk, &x, (&cos, &sin), &bias, None, ctx)?;
         }
@@ -416,6 +415,22 @@ impl Llama {
         cache.len = start + n;
         let x = rms_norm(&x, &ctx.param(&self.norm), self.cfg.rms_norm_eps)?;
         Ok(x.squeeze(0)?)
+    }
+
+    /// The RoPE tables of `s` positions and the attention bias (causal, plus the right padding
+    /// of `mask`) of a (b, s) batch.
+    fn attention_inputs(
+        &self,
+        mask: Option<&[Vec<u8>]>,
+        b: usize,
+        s: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (cos, sin, causal) = self.position_tables(s)?;
+        let bias = match padding_bias(mask, b, s, &self.device)? {
+            Some(pad) => causal.broadcast_add(&pad)?,
+            None => causal,
+        };
+        Ok((cos, sin, bias))
     }
 
     fn embed_ids(&self, ids: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {

@@ -13,5 +13,5 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use linear::Linear;
-pub use llama::{KvCache, Llama, TrainableSpec};
+pub use llama::{Gradients, KvCache, Llama, LossAndGrads, TrainableSpec};
 pub use lora::LoraSettings;

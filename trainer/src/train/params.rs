@@ -102,6 +102,9 @@ pub struct TrainParams {
     pub seed: u64,
     /// Use bf16 base weights (CUDA); f32 otherwise.
     pub bf16: bool,
+    /// Activation checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in the backward.
+    pub gradient_checkpointing: bool,
     /// Use the GPU when built with CUDA.
     pub use_gpu: bool,
     /// Evaluation settings.
@@ -164,6 +167,7 @@ impl TrainParams {
             max_grad_norm: 1.0,
             seed: 42,
             bf16: false,
+            gradient_checkpointing: false,
             use_gpu: false,
             eval: EvalParams::default(),
             checkpoint_dir: work.join("checkpoints"),

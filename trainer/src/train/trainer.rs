@@ -1,9 +1,8 @@
 //! The training loop: micro-batches with gradient accumulation, clipping, AdamW with a schedule,
 //! periodic evaluation, checkpoints (also on SIGTERM) and exact resume.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -19,7 +18,7 @@ use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdic
 use crate::metrics::{Metrics, Phase};
 use crate::model::linear::FwdCtx;
 use crate::model::weights::Weights;
-use crate::model::{Llama, LlamaConfig};
+use crate::model::{Gradients, Llama, LlamaConfig};
 use crate::optim::{AdamW, AdamWParams, Schedule, clip_grad_norm};
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
@@ -442,7 +441,7 @@ impl Trainer {
 
     /// Runs one optimizer step over `group` micro-batches; returns the step record.
     fn optimizer_step(&mut self, group: &[Vec<usize>]) -> Result<StepRecord> {
-        let mut acc: HashMap<String, Tensor> = HashMap::new();
+        let mut acc = Gradients::new();
         let mut loss_sum = 0f32;
         let mut tokens = 0;
         for idx in group {
@@ -454,26 +453,21 @@ impl Trainer {
             }
             let dropout_rng = Some(self.state.rng);
             let mut ctx = FwdCtx::train(dropout_rng);
-            let logits =
-                self.model
-                    .logits_at(&batch.ids, Some(&batch.attention), &batch.rows, &mut ctx)?;
+            let step = self.model.loss_and_grads(
+                &batch.ids,
+                Some(&batch.attention),
+                &batch.rows,
+                &mut ctx,
+                self.params.gradient_checkpointing,
+                |logits| masked_cross_entropy(logits, &batch.targets),
+            )?;
             if let Some(r) = ctx.dropout_rng {
                 self.state.rng = r;
             }
-            let loss = masked_cross_entropy(&logits, &batch.targets)?;
-            loss_sum += loss.to_scalar::<f32>()?;
-            let grads = loss.backward()?;
-            for (name, var) in self.model.trainable() {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let g = g.to_dtype(DType::F32)?;
-                    let merged = match acc.remove(name) {
-                        Some(prev) => (prev + g)?,
-                        None => g,
-                    };
-                    acc.insert(name.clone(), merged);
-                }
-            }
+            loss_sum += step.loss;
+            acc.merge(step.grads)?;
         }
+        let mut acc = acc.into_map();
         let n = group.len().max(1) as f64;
         if n > 1.0 {
             for g in acc.values_mut() {
