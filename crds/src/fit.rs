@@ -1,40 +1,8 @@
-//! The fit check: an estimate of the GPU memory a job needs, compared with what it asks for.
-//!
-//! The estimate follows the usual accounting for mixed-precision AdamW training:
-//! - frozen weights: parameters × bytes of the precision;
-//! - trainable parameters: an f32 master copy, an f32 gradient and two f32 AdamW moments
-//!   (16 bytes each); for LoRA they are the adapters, for full fine-tuning the selected layers;
-//! - activations kept for backward: per layer `seq × batch × hidden × 34 + 5 × heads × seq² ×
-//!   batch` elements (Korthikanti et al., "Reducing Activation Recomputation"), scaled by the
-//!   precision; with LoRA only the trained layers and those above them keep activations;
-//! - logits: `batch × seq × vocab` in f32, twice (values and gradient);
-//! - 10 % fragmentation overhead and 1.5 GiB of CUDA context per GPU.
-//!
-//! Parameters are assumed to be sharded evenly over the pod's GPUs. For a 7B model this gives
-//! about 125 GB for full fine-tuning and 20-30 GB for LoRA at the defaults, in line with
-//! published figures (LLaMA-Factory: 120 GB and 16 GB).
+//! The fit check: the job's memory plan ([`crate::memory`]) against one GPU's memory, and the
+//! settings the plan resolves from a spec (precision, checkpointing, GPUs and their memory).
 
-use crate::presets::ModelArchitecture;
-use crate::v1alpha1::{FineTuneJobSpec, MethodType, Precision, TargetModule, TrainableLayers};
-
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-const CUDA_CONTEXT_GIB: f64 = 1.5;
-const FRAGMENTATION: f64 = 1.10;
-
-/// An estimate of the memory a job needs, in GiB.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MemoryEstimate {
-    /// Frozen and trainable weights.
-    pub weights_gib: f64,
-    /// Gradients, master weights and optimizer moments of the trainable parameters.
-    pub optimizer_gib: f64,
-    /// Activations and logits kept for backward.
-    pub activations_gib: f64,
-    /// Everything, with overheads.
-    pub total_gib: f64,
-    /// Trainable parameter count.
-    pub trainable_parameters: u64,
-}
+use crate::memory::{GIB, MemoryPlan, PlanInput, PlannedMethod, plan};
+use crate::v1alpha1::{FineTuneJobSpec, MethodType, Precision, TargetModule};
 
 /// Precision the job trains in: the spec's, or bf16 with GPUs and f32 without.
 pub fn effective_precision(spec: &FineTuneJobSpec) -> Precision {
@@ -72,133 +40,123 @@ pub fn effective_gpu_memory_gib(spec: &FineTuneJobSpec) -> u32 {
         })
 }
 
-/// Parameters of one transformer layer.
-fn layer_parameters(a: &ModelArchitecture) -> u64 {
-    let h = u64::from(a.hidden_size);
-    let kv = h * u64::from(a.num_kv_heads) / u64::from(a.num_heads);
-    let attn = h * h * 2 + h * kv * 2;
-    let mlp = 3 * h * u64::from(a.intermediate_size);
-    attn + mlp + 2 * h
-}
-
-/// Input and output sizes of a projection.
-fn projection_shape(a: &ModelArchitecture, m: TargetModule) -> (u64, u64) {
-    let h = u64::from(a.hidden_size);
-    let kv = h * u64::from(a.num_kv_heads) / u64::from(a.num_heads);
-    let f = u64::from(a.intermediate_size);
-    match m {
-        TargetModule::QProj | TargetModule::OProj => (h, h),
-        TargetModule::KProj | TargetModule::VProj => (h, kv),
-        TargetModule::GateProj | TargetModule::UpProj => (h, f),
-        TargetModule::DownProj => (f, h),
+/// Checks the job's memory plan against one GPU: the trainer trains on one GPU until
+/// multi-GPU training exists, so the budget is one GPU's memory whatever `resources.gpus` says.
+/// Returns the plan, or a message with the estimate, the budget and what would make it fit (each
+/// alternative planned too). CPU jobs (no GPUs) are not checked.
+pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
+    let input = PlanInput::from_spec(spec);
+    let p = plan(&input);
+    if p.fits {
+        return Ok(p);
     }
-}
-
-/// Estimates the memory the job needs in total (over all its GPUs).
-pub fn estimate(spec: &FineTuneJobSpec) -> MemoryEstimate {
-    let a = spec.model.preset.architecture();
-    let precision = effective_precision(spec);
-    let bytes = precision.bytes() as f64;
-    let layers = TrainableLayers::resolve(spec.method.trainable_layers.as_ref(), a.num_layers);
-    let trained_layers = layers.len() as u64;
-    let lowest_trained = layers.first().copied().unwrap_or(a.num_layers);
-
-    let trainable_parameters = match spec.method.lora_or_default() {
-        Some(lora) => {
-            let mut modules = lora.target_modules.clone();
-            modules.sort_unstable();
-            modules.dedup();
-            let per_layer: u64 = modules
-                .iter()
-                .map(|m| {
-                    let (i, o) = projection_shape(&a, *m);
-                    u64::from(lora.rank) * (i + o)
-                })
-                .sum();
-            per_layer * trained_layers
-        }
-        None => layer_parameters(&a) * trained_layers,
+    let gib = |b: u64| b as f64 / GIB as f64;
+    let parts: Vec<String> = p
+        .components
+        .iter()
+        .filter(|c| c.bytes >= GIB / 10)
+        .map(|c| format!("{} {:.1}", c.name, gib(c.bytes)))
+        .collect();
+    let mut options = Vec::new();
+    let mut try_option = |what: String, changed: PlanInput| {
+        let q = plan(&changed);
+        options.push(format!(
+            "{what} ({:.1} GiB{})",
+            gib(q.per_gpu_bytes),
+            if q.fits { ", fits" } else { "" }
+        ));
     };
-    let weights = a.parameters as f64 * bytes
-        + if spec.method.method_type == MethodType::Lora {
-            trainable_parameters as f64 * 4.0
-        } else {
-            0.0
-        };
-    // f32 gradient + two f32 moments, plus an f32 master copy when weights are bf16 (full).
-    let master = match (spec.method.method_type, precision) {
-        (MethodType::Full, Precision::Bf16) => 4.0,
-        _ => 0.0,
-    };
-    let optimizer = trainable_parameters as f64 * (12.0 + master);
-
-    let h = f64::from(a.hidden_size);
-    let s = f64::from(spec.hyperparameters.max_sequence_length);
-    let b = f64::from(spec.hyperparameters.batch_size);
-    let heads = f64::from(a.num_heads);
-    let per_layer_elements = s * b * h * 34.0 + 5.0 * heads * s * s * b;
-    // Backward needs activations from the lowest trained layer upwards.
-    let layers_with_activations = f64::from(a.num_layers - lowest_trained.min(a.num_layers));
-    let activations = per_layer_elements * layers_with_activations * bytes / 2.0
-        + 2.0 * b * s * f64::from(a.vocab_size) * 4.0;
-
-    let gpus = f64::from(effective_gpus(spec).max(1));
-    let total = (weights + optimizer + activations) / GIB * FRAGMENTATION
-        + if effective_gpus(spec) > 0 {
-            CUDA_CONTEXT_GIB * gpus
-        } else {
-            0.0
-        };
-    MemoryEstimate {
-        weights_gib: weights / GIB,
-        optimizer_gib: optimizer / GIB,
-        activations_gib: activations / GIB,
-        total_gib: total,
-        trainable_parameters,
-    }
-}
-
-/// Checks the estimate against the GPUs the job asks for. Returns the error message (estimate,
-/// available memory and shortfall) when it does not fit. CPU jobs (no GPUs) are not checked.
-pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryEstimate, String> {
-    let est = estimate(spec);
-    let gpus = effective_gpus(spec);
-    if gpus == 0 {
-        return Ok(est);
-    }
-    let available = f64::from(gpus) * f64::from(effective_gpu_memory_gib(spec));
-    if est.total_gib > available {
-        return Err(format!(
-            "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.0} GiB \
-             (weights {:.0}, optimizer {:.0}, activations {:.0}) but {} GPU(s) × {} GiB = {:.0} GiB \
-             are requested: short by {:.0} GiB. Use LoRA, fewer trainable layers, a smaller batch \
-             or sequence length, or more GPUs.",
-            spec.model.preset,
-            match spec.method.method_type {
-                MethodType::Lora => "LoRA",
-                MethodType::Full => "full",
+    if !input.checkpointing {
+        try_option(
+            "hyperparameters.gradientCheckpointing: true".into(),
+            PlanInput {
+                checkpointing: true,
+                ..input.clone()
             },
-            effective_precision(spec),
-            spec.hyperparameters.batch_size,
-            spec.hyperparameters.max_sequence_length,
-            est.total_gib,
-            est.weights_gib,
-            est.optimizer_gib,
-            est.activations_gib,
-            gpus,
-            effective_gpu_memory_gib(spec),
-            available,
-            est.total_gib - available,
+        );
+    }
+    if input.batch > 1 {
+        try_option(
+            format!(
+                "batchSize 1 with gradientAccumulationSteps × {} (the same effective batch)",
+                input.batch
+            ),
+            PlanInput {
+                batch: 1,
+                loss_rows: input.sequence,
+                ..input.clone()
+            },
+        );
+    }
+    if input.sequence > 256 {
+        let half = input.sequence / 2;
+        try_option(
+            format!("maxSequenceLength {half}"),
+            PlanInput {
+                sequence: half,
+                loss_rows: input.batch * half,
+                ..input.clone()
+            },
+        );
+    }
+    if !input.checkpointing && input.batch > 1 {
+        try_option(
+            "both of the above".into(),
+            PlanInput {
+                checkpointing: true,
+                batch: 1,
+                loss_rows: input.sequence,
+                ..input.clone()
+            },
+        );
+    }
+    if matches!(input.method, PlannedMethod::Full { .. }) {
+        try_option(
+            "method.type: lora".into(),
+            PlanInput {
+                method: PlannedMethod::Lora {
+                    rank: 8,
+                    targets: vec![TargetModule::QProj, TargetModule::VProj],
+                    dropout: true,
+                },
+                ..input.clone()
+            },
+        );
+    }
+    let weights = p.component("weights");
+    if weights > input.budget_bytes {
+        options.push(format!(
+            "the base weights alone are {:.1} GiB: a GPU with more memory (gpuMemoryGiB), or \
+             a quantized base once supported",
+            gib(weights)
         ));
     }
-    Ok(est)
+    Err(format!(
+        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB on one \
+         GPU ({}) but a GPU has {} GiB: short by {:.1} GiB. The trainer uses one GPU per job \
+         until multi-GPU training exists, so more GPUs do not help yet. To fit: {}.",
+        spec.model.preset,
+        match spec.method.method_type {
+            MethodType::Lora => "LoRA",
+            MethodType::Full => "full",
+        },
+        effective_precision(spec),
+        input.batch,
+        input.sequence,
+        gib(p.per_gpu_bytes),
+        parts.join(", "),
+        effective_gpu_memory_gib(spec),
+        gib(p.per_gpu_bytes) - gib(input.budget_bytes),
+        options.join("; ")
+    ))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::presets::ModelPreset;
-    use crate::v1alpha1::{Hyperparameters, MethodSpec};
+    use crate::v1alpha1::{Hyperparameters, MethodSpec, TrainableLayers};
 
     fn spec(preset: ModelPreset, method: MethodType, gpus: u32) -> FineTuneJobSpec {
         let mut s = FineTuneJobSpec::default();
@@ -215,30 +173,74 @@ mod tests {
         s
     }
 
+    fn gib(spec: &FineTuneJobSpec) -> f64 {
+        plan(&PlanInput::from_spec(spec)).per_gpu_bytes as f64 / GIB as f64
+    }
+
     #[test]
-    fn seven_b_estimates_agree_with_published_figures() {
-        let full = estimate(&spec(ModelPreset::Llama2_7b, MethodType::Full, 1));
-        assert!(
-            (100.0..160.0).contains(&full.total_gib),
-            "7B full: {full:?}"
-        );
-        let lora = estimate(&spec(ModelPreset::Llama2_7b, MethodType::Lora, 1));
-        assert!((14.0..40.0).contains(&lora.total_gib), "7B LoRA: {lora:?}");
+    fn seven_b_lora_fits_one_gpu_and_full_fine_tuning_does_not() {
+        let lora = spec(ModelPreset::Llama2_7b, MethodType::Lora, 1);
+        let p = check(&lora).unwrap();
         // Default LoRA (rank 8 on q,v) trains about 4 M parameters on 7B.
         assert!(
-            (3_000_000..6_000_000).contains(&lora.trainable_parameters),
-            "{lora:?}"
+            (3_000_000..6_000_000).contains(&p.trainable_parameters),
+            "{p:?}"
+        );
+        assert!(
+            (14.0..40.0).contains(&gib(&lora)),
+            "7B LoRA: {}",
+            gib(&lora)
+        );
+        let full = spec(ModelPreset::Llama2_7b, MethodType::Full, 1);
+        // bf16 weights, f32 gradients (two copies) and moments: 2 + 8 + 8 bytes a parameter.
+        assert!(gib(&full) > 18.0 * 6.7 / 1.074, "7B full: {}", gib(&full));
+        let msg = check(&full).unwrap_err();
+        assert!(
+            msg.contains("short by") && msg.contains("method.type: lora"),
+            "{msg}"
         );
     }
 
     #[test]
-    fn seventy_b_full_on_one_gpu_is_refused_and_seven_b_lora_fits() {
-        let err = check(&spec(ModelPreset::Llama2_70b, MethodType::Full, 1));
-        let msg = err.err().unwrap_or_default();
-        assert!(msg.contains("short by"), "{msg}");
-        assert!(check(&spec(ModelPreset::Llama2_7b, MethodType::Lora, 1)).is_ok());
-        assert!(check(&spec(ModelPreset::Llama2_70b, MethodType::Lora, 4)).is_ok());
-        assert!(check(&spec(ModelPreset::Llama2_70b, MethodType::Lora, 1)).is_err());
+    fn seventy_b_is_refused_however_many_gpus_until_multi_gpu_training() {
+        for gpus in [1, 4] {
+            let msg = check(&spec(ModelPreset::Llama2_70b, MethodType::Lora, gpus)).unwrap_err();
+            assert!(msg.contains("more GPUs do not help yet"), "{msg}");
+            assert!(msg.contains("the base weights alone are"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_changes_that_fit_and_plans_them() {
+        let mut s = spec(ModelPreset::Llama2_7b, MethodType::Lora, 1);
+        s.hyperparameters.batch_size = 16;
+        s.hyperparameters.max_sequence_length = 1024;
+        s.hyperparameters.gradient_checkpointing = Some(false);
+        let msg = check(&s).unwrap_err();
+        assert!(
+            msg.contains("hyperparameters.gradientCheckpointing: true")
+                && msg.contains("batchSize 1 with gradientAccumulationSteps × 16")
+                && msg.contains("maxSequenceLength 512"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(", fits"),
+            "at least one alternative fits: {msg}"
+        );
+        s.hyperparameters.gradient_checkpointing = None;
+        assert!(gib(&s) < 80.0 || check(&s).is_err());
+    }
+
+    #[test]
+    fn checkpointing_defaults_on_with_gpus_and_lowers_the_plan() {
+        let mut s = spec(ModelPreset::Llama2_13b, MethodType::Lora, 1);
+        assert!(effective_gradient_checkpointing(&s));
+        let on = gib(&s);
+        s.hyperparameters.gradient_checkpointing = Some(false);
+        assert!(gib(&s) > on + 5.0, "off {} vs on {on}", gib(&s));
+        s.resources.gpus = Some(0);
+        s.hyperparameters.gradient_checkpointing = None;
+        assert!(!effective_gradient_checkpointing(&s));
     }
 
     #[test]
@@ -249,6 +251,6 @@ mod tests {
             last: Some(4),
             indices: None,
         });
-        assert!(estimate(&last4).total_gib < estimate(&all).total_gib / 2.0);
+        assert!(gib(&last4) < gib(&all) / 2.0);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod document;
 pub mod fit;
+pub mod memory;
 pub mod presets;
 pub mod progress;
 pub mod source;

@@ -453,7 +453,7 @@ fn the_fit_check_message_names_estimate_and_shortfall() {
         msg.contains("needs an estimated") && msg.contains("short by"),
         "{msg}"
     );
-    assert!(msg.contains("1 GPU(s) × 80 GiB"), "{msg}");
+    assert!(msg.contains("a GPU has 80 GiB"), "{msg}");
 }
 
 #[test]

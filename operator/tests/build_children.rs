@@ -97,7 +97,7 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
         Some(finetune_operator::build::DEFAULT_TRAINER_CUDA_IMAGE)
     );
 
-    let mut seventy = job("llama-2-70b-lora.yaml");
+    let mut seventy = job("multi-gpu/llama-2-70b-lora.yaml");
     seventy.spec.resources.gpus = None; // the preset's default
     let c = children(&seventy, &BuildSettings::default(), 0).unwrap();
     let res = trainer(&c.pod).resources.as_ref().unwrap();

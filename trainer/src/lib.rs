@@ -20,6 +20,7 @@ pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod rng;
 pub mod run;
 pub mod train;

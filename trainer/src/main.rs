@@ -107,6 +107,16 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
     },
+    /// Print the memory plan of a FineTuneJob manifest or a trainer configuration: what one
+    /// device needs, component by component, against the GPU budget (the operator's fit check).
+    /// Exits 1 when it does not fit.
+    Plan {
+        /// The manifest or trainer configuration (YAML or JSON).
+        file: PathBuf,
+        /// Print JSON (`perGpuBytes`, `gpuBudgetBytes`, `fits`, `components`, `refusal`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the report of a finished run.
     Report {
         /// Output directory holding report.json.
@@ -195,6 +205,18 @@ fn main() -> anyhow::Result<()> {
             raw,
             max_new_tokens,
         } => generate(model, adapter, tokenizer, prompt, raw, max_new_tokens),
+        Command::Plan { file, json } => {
+            let report = finetune_trainer::plan::plan_file(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", finetune_trainer::plan::table(&report));
+            }
+            if !report.plan.fits {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Report { dir } => {
             println!("{}", finetune_trainer::run::print_report(&dir)?);
             Ok(())

@@ -122,6 +122,17 @@ pub enum TargetModule {
 }
 
 impl TargetModule {
+    /// Every projection of a decoder layer, in forward order.
+    pub const ALL: [TargetModule; 7] = [
+        TargetModule::QProj,
+        TargetModule::KProj,
+        TargetModule::VProj,
+        TargetModule::OProj,
+        TargetModule::GateProj,
+        TargetModule::UpProj,
+        TargetModule::DownProj,
+    ];
+
     /// The module path inside a layer, as in Hugging Face weight names (`self_attn.q_proj`).
     pub fn hf_path(self) -> &'static str {
         match self {

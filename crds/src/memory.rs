@@ -1,0 +1,386 @@
+//! The memory plan: what the trainer allocates on one device for one optimizer step, component
+//! by component. The fit check compares it with a GPU's memory; `finetune-trainer plan` prints it.
+//!
+//! The activation terms count the tensors the trainer's own forward (`trainer/src/model`) keeps
+//! for the backward, op by op; candle keeps every intermediate of a recorded op until the loss is
+//! dropped. Per decoder layer, with `s` = batch × sequence rows, `a` the activation dtype's bytes
+//! and `S` = batch × heads × sequence² attention scores:
+//! - each RMSNorm: f32 square and scaled copies, plus the dtype conversions and the weight product;
+//! - a frozen projection: its output; a LoRA projection also the f32 adapter path (input
+//!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the mask and
+//!   the masked input; a trained projection: its output;
+//! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each);
+//! - attention: six f32 copies of `S` (scores, scale, bias, shifted, exp, normalised) and one in
+//!   the activation dtype when that is not f32; the value product and its re-layout; the residuals;
+//! - the MLP: gate, activation, up, product, down.
+//!
+//! Layers below the lowest trained one record nothing (their inputs need no gradient) unless the
+//! embeddings are trained. With activation checkpointing the forward keeps one (s, hidden) input
+//! per layer and the backward holds one recomputed layer at a time. The backward's working set is
+//! taken as one layer's activations. Parameters are not sharded: the trainer runs on one GPU
+//! until multi-GPU training exists, so the plan is per device and the budget is one GPU's memory.
+
+use serde::Serialize;
+
+use crate::fit::{
+    effective_gpu_memory_gib, effective_gpus, effective_gradient_checkpointing, effective_precision,
+};
+use crate::presets::ModelArchitecture;
+use crate::v1alpha1::{FineTuneJobSpec, TargetModule, TrainableLayers};
+
+/// Bytes in a GiB.
+pub const GIB: u64 = 1 << 30;
+/// The CUDA context and kernels' memory on each GPU, outside the allocator.
+pub const CUDA_CONTEXT_BYTES: u64 = 3 * GIB / 2;
+/// The trainer process on CPU outside its tensors: code, thread pools, tokenizer, dataset.
+pub const CPU_RUNTIME_BYTES: u64 = 96 << 20;
+/// Fragmentation of the device allocator, as a fraction of the tensor bytes.
+pub const FRAGMENTATION: f64 = 0.10;
+
+/// What is trained.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PlannedMethod {
+    /// LoRA adapters of `rank` on `targets`, with or without dropout on their input.
+    Lora {
+        /// Adapter rank.
+        rank: u64,
+        /// Adapted projections.
+        targets: Vec<TargetModule>,
+        /// Whether dropout masks are drawn (dropout > 0).
+        dropout: bool,
+    },
+    /// The weights of the trained layers, and with `embeddings_and_head` the embeddings, the
+    /// final norm and the LM head.
+    Full {
+        /// Also train the embeddings, the final norm and the LM head.
+        embeddings_and_head: bool,
+    },
+}
+
+/// Everything the plan depends on, independent of the Kubernetes types.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanInput {
+    /// The model's shape.
+    pub architecture: ModelArchitecture,
+    /// Whether the LM head is the embedding matrix (`tie_word_embeddings`).
+    pub tied_embeddings: bool,
+    /// What is trained.
+    pub method: PlannedMethod,
+    /// Indices of the trained decoder layers, sorted.
+    pub trained_layers: Vec<u32>,
+    /// Sequences per micro-batch.
+    pub batch: u64,
+    /// Tokens per sequence (the longest the batch is padded to).
+    pub sequence: u64,
+    /// Positions whose logits enter the loss; the fit check assumes every position.
+    pub loss_rows: u64,
+    /// Bytes of a weight and activation element (2 for bf16, 4 for f32).
+    pub dtype_bytes: u64,
+    /// Activation checkpointing.
+    pub checkpointing: bool,
+    /// Whether the trainer runs on a GPU (CUDA context and allocator overheads) or the CPU.
+    pub gpu: bool,
+    /// Memory of the one device it runs on.
+    pub budget_bytes: u64,
+}
+
+/// One line of the plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanComponent {
+    /// What it is.
+    pub name: &'static str,
+    /// Bytes it needs at the step's peak.
+    pub bytes: u64,
+    /// How it was counted.
+    pub detail: String,
+}
+
+/// The plan: components, the total per device, the budget and the verdict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryPlan {
+    /// The components, in the order they are allocated.
+    pub components: Vec<PlanComponent>,
+    /// Sum of the components: what one device needs.
+    pub per_gpu_bytes: u64,
+    /// Memory of the device (0 for a CPU run, which is not checked).
+    pub gpu_budget_bytes: u64,
+    /// Whether `per_gpu_bytes` ≤ `gpu_budget_bytes` (always true on CPU).
+    pub fits: bool,
+    /// Trainable parameters.
+    pub trainable_parameters: u64,
+}
+
+impl MemoryPlan {
+    /// The bytes of the component called `name` (0 when absent).
+    pub fn component(&self, name: &str) -> u64 {
+        self.components
+            .iter()
+            .filter(|c| c.name == name)
+            .map(|c| c.bytes)
+            .sum()
+    }
+}
+
+impl PlanInput {
+    /// The plan's input for a job: the preset's shape, the method, the batch at its longest
+    /// (every position in the loss), the resolved precision and checkpointing, one GPU's memory.
+    pub fn from_spec(spec: &FineTuneJobSpec) -> Self {
+        let architecture = spec.model.preset.architecture();
+        let method = match spec.method.lora_or_default() {
+            Some(lora) => {
+                let mut targets = lora.target_modules.clone();
+                targets.sort_unstable();
+                targets.dedup();
+                PlannedMethod::Lora {
+                    rank: u64::from(lora.rank),
+                    targets,
+                    dropout: lora.dropout > 0.0,
+                }
+            }
+            None => PlannedMethod::Full {
+                embeddings_and_head: spec.method.trainable_layers.is_none(),
+            },
+        };
+        let trained_layers = TrainableLayers::resolve(
+            spec.method.trainable_layers.as_ref(),
+            architecture.num_layers,
+        );
+        let batch = u64::from(spec.hyperparameters.batch_size);
+        let sequence = u64::from(spec.hyperparameters.max_sequence_length);
+        let gpu = effective_gpus(spec) > 0;
+        PlanInput {
+            architecture,
+            tied_embeddings: false,
+            method,
+            trained_layers,
+            batch,
+            sequence,
+            loss_rows: batch * sequence,
+            dtype_bytes: effective_precision(spec).bytes(),
+            checkpointing: effective_gradient_checkpointing(spec),
+            gpu,
+            budget_bytes: if gpu {
+                u64::from(effective_gpu_memory_gib(spec)) * GIB
+            } else {
+                0
+            },
+        }
+    }
+
+    fn widths(&self) -> Widths {
+        let a = &self.architecture;
+        let h = u64::from(a.hidden_size);
+        Widths {
+            h,
+            kv: h * u64::from(a.num_kv_heads) / u64::from(a.num_heads.max(1)),
+            f: u64::from(a.intermediate_size),
+            vocab: u64::from(a.vocab_size),
+        }
+    }
+
+    fn is_lora_target(&self, m: TargetModule) -> bool {
+        matches!(&self.method, PlannedMethod::Lora { targets, .. } if targets.contains(&m))
+    }
+
+    /// Trainable parameters.
+    pub fn trainable_parameters(&self) -> u64 {
+        let w = self.widths();
+        let layers = self.trained_layers.len() as u64;
+        match &self.method {
+            PlannedMethod::Lora { rank, targets, .. } => {
+                let per_layer: u64 = targets
+                    .iter()
+                    .map(|m| {
+                        let (i, o) = w.projection(*m);
+                        rank * (i + o)
+                    })
+                    .sum();
+                per_layer * layers
+            }
+            PlannedMethod::Full {
+                embeddings_and_head,
+            } => {
+                let per_layer = w.layer_parameters();
+                let head = if *embeddings_and_head {
+                    let copies = if self.tied_embeddings { 1 } else { 2 };
+                    copies * w.vocab * w.h + w.h
+                } else {
+                    0
+                };
+                per_layer * layers + head
+            }
+        }
+    }
+
+    /// Bytes one decoder layer keeps for its backward.
+    pub fn layer_activation_bytes(&self) -> u64 {
+        let w = self.widths();
+        let a = self.dtype_bytes;
+        let s = self.batch * self.sequence;
+        let scores = self.batch * u64::from(self.architecture.num_heads) * self.sequence.pow(2);
+        let not_f32 = u64::from(a != 4);
+        let norm = s * w.h * (8 + a + not_f32 * (4 + a));
+        let projection = |m: TargetModule| -> u64 {
+            let (i, o) = w.projection(m);
+            let mut bytes = s * o * a;
+            if self.is_lora_target(m)
+                && let PlannedMethod::Lora { rank, dropout, .. } = &self.method
+            {
+                let drop = if *dropout { 2 * s * i * a } else { 0 };
+                bytes += drop + not_f32 * s * i * 4 + s * rank * 4 + 2 * s * o * 4;
+                bytes += not_f32 * s * o * a + s * o * a;
+            }
+            bytes
+        };
+        let projections: u64 = TargetModule::ALL.iter().map(|m| projection(*m)).sum();
+        let heads_layout = s * (w.h + 2 * w.kv) * a;
+        let rope = s * (w.h + w.kv) * a * 9 / 2;
+        let attention = scores * (6 * 4 + not_f32 * a) + not_f32 * s * (w.h + w.kv) * 4;
+        let attention_out = 2 * s * w.h * a;
+        let residuals = 2 * s * w.h * a;
+        let mlp = 3 * s * w.f * a;
+        2 * norm + projections + heads_layout + rope + attention + attention_out + residuals + mlp
+    }
+}
+
+struct Widths {
+    h: u64,
+    kv: u64,
+    f: u64,
+    vocab: u64,
+}
+
+impl Widths {
+    fn projection(&self, m: TargetModule) -> (u64, u64) {
+        match m {
+            TargetModule::QProj | TargetModule::OProj => (self.h, self.h),
+            TargetModule::KProj | TargetModule::VProj => (self.h, self.kv),
+            TargetModule::GateProj | TargetModule::UpProj => (self.h, self.f),
+            TargetModule::DownProj => (self.f, self.h),
+        }
+    }
+
+    fn layer_parameters(&self) -> u64 {
+        2 * self.h * self.h + 2 * self.h * self.kv + 3 * self.h * self.f + 2 * self.h
+    }
+}
+
+fn line(name: &'static str, bytes: u64, detail: String) -> PlanComponent {
+    PlanComponent {
+        name,
+        bytes,
+        detail,
+    }
+}
+
+/// The memory plan of `input`.
+pub fn plan(input: &PlanInput) -> MemoryPlan {
+    let w = input.widths();
+    let a = input.dtype_bytes;
+    let arch = &input.architecture;
+    let layers = u64::from(arch.num_layers);
+    let trainable = input.trainable_parameters();
+    let s = input.batch * input.sequence;
+    let mut components = Vec::new();
+
+    // Weights: the model in its dtype; LoRA adapters in f32 beside it.
+    components.push(line(
+        "weights",
+        arch.parameters * a,
+        format!("{} parameters × {a} bytes", arch.parameters),
+    ));
+    let (master, moments_detail) = match input.method {
+        PlannedMethod::Lora { .. } => (trainable * 4, "adapters in f32"),
+        PlannedMethod::Full { .. } => (0, "trained weights are the model's own"),
+    };
+    components.push(line("trainable", master, moments_detail.to_string()));
+    components.push(line(
+        "gradients",
+        trainable * 4 * 2,
+        format!("{trainable} trainable × f32, the backward's and the accumulated copy"),
+    ));
+    components.push(line(
+        "optimizer",
+        trainable * 4 * 2,
+        "AdamW first and second moments in f32".to_string(),
+    ));
+
+    // Activations of the layers that record: from the lowest trained one up.
+    let embeddings_trained = matches!(
+        input.method,
+        PlannedMethod::Full {
+            embeddings_and_head: true
+        }
+    );
+    let lowest = if embeddings_trained {
+        0
+    } else {
+        input
+            .trained_layers
+            .first()
+            .map_or(layers, |l| u64::from(*l))
+    };
+    let recording = layers.saturating_sub(lowest);
+    let per_layer = input.layer_activation_bytes();
+    if input.checkpointing {
+        components.push(line(
+            "activations",
+            layers * s * w.h * a + 2 * per_layer,
+            format!(
+                "checkpointed: {layers} layer inputs of {s} × {} plus one recomputed layer \
+                 ({per_layer} bytes) and its backward",
+                w.h
+            ),
+        ));
+    } else {
+        components.push(line(
+            "activations",
+            recording * per_layer + per_layer,
+            format!(
+                "{recording} recording layers × {per_layer} bytes, plus the backward's working \
+                 set (one layer)"
+            ),
+        ));
+    }
+    let rows = input.loss_rows;
+    let logit_copies = if input.gpu { 6 } else { 2 };
+    components.push(line(
+        "logits",
+        rows * w.vocab * (a + 4 * logit_copies) + s * w.h * (12 + a),
+        format!(
+            "{rows} loss rows × vocabulary {}: the projection and {logit_copies} f32 copies \
+             (loss and its gradient), and the final norm",
+            w.vocab
+        ),
+    ));
+    let tensors: u64 = components.iter().map(|c| c.bytes).sum();
+    if input.gpu {
+        let frag = (tensors as f64 * FRAGMENTATION) as u64;
+        components.push(line(
+            "fragmentation",
+            frag,
+            format!("{:.0} % of the tensors", FRAGMENTATION * 100.0),
+        ));
+        components.push(line(
+            "runtime",
+            CUDA_CONTEXT_BYTES,
+            "CUDA context and kernels".to_string(),
+        ));
+    } else {
+        components.push(line(
+            "runtime",
+            CPU_RUNTIME_BYTES,
+            "the process outside its tensors".to_string(),
+        ));
+    }
+    let per_gpu_bytes = components.iter().map(|c| c.bytes).sum();
+    MemoryPlan {
+        components,
+        per_gpu_bytes,
+        gpu_budget_bytes: input.budget_bytes,
+        fits: !input.gpu || per_gpu_bytes <= input.budget_bytes,
+        trainable_parameters: trainable,
+    }
+}

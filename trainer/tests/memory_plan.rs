@@ -1,0 +1,268 @@
+//! The memory plan (`finetune_api::memory`) against the trainer's measured peak memory: each
+//! CPU shape trains two optimizer steps in a fresh process (this test binary re-run with one
+//! shape), which reports its peak resident set (`VmHWM`) above its resident set at start; the
+//! plan without its fixed runtime term must be within ±25 % of it. LoRA and full fine-tuning,
+//! activation checkpointing on and off.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use candle_core::{Device, Tensor};
+use finetune_api::memory::{CPU_RUNTIME_BYTES, PlanInput, PlannedMethod, plan};
+use finetune_api::presets::ModelArchitecture;
+use finetune_api::v1alpha1::TargetModule;
+use finetune_trainer::model::linear::FwdCtx;
+use finetune_trainer::model::weights::Weights;
+use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
+use finetune_trainer::optim::{AdamW, AdamWParams, clip_grad_norm};
+use finetune_trainer::rng::Rng;
+use finetune_trainer::train::loss::masked_cross_entropy;
+
+/// The environment variable that makes [`measure_one_shape`] run a shape.
+const SHAPE_ENV: &str = "FINETUNE_MEMORY_PLAN_SHAPE";
+/// The plan's allowed error against the measurement.
+const TOLERANCE: f64 = 0.25;
+
+/// A CPU shape: the model, the method and the batch.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    name: &'static str,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    vocab: usize,
+    batch: usize,
+    sequence: usize,
+    lora: bool,
+    checkpointing: bool,
+}
+
+const BASE: Shape = Shape {
+    name: "lora",
+    hidden: 256,
+    intermediate: 688,
+    layers: 6,
+    heads: 4,
+    vocab: 8000,
+    batch: 4,
+    sequence: 256,
+    lora: true,
+    checkpointing: false,
+};
+
+const SHAPES: [Shape; 4] = [
+    BASE,
+    Shape {
+        name: "lora-checkpointed",
+        checkpointing: true,
+        ..BASE
+    },
+    Shape {
+        name: "full",
+        lora: false,
+        ..BASE
+    },
+    Shape {
+        name: "full-checkpointed",
+        lora: false,
+        checkpointing: true,
+        ..BASE
+    },
+];
+impl Shape {
+    fn config(&self) -> LlamaConfig {
+        let mut c = tiny::tiny_config(self.vocab);
+        c.hidden_size = self.hidden;
+        c.intermediate_size = self.intermediate;
+        c.num_hidden_layers = self.layers;
+        c.num_attention_heads = self.heads;
+        c.num_key_value_heads = Some(self.heads);
+        c.max_position_embeddings = self.sequence;
+        c.tie_word_embeddings = false;
+        c
+    }
+
+    fn spec(&self) -> TrainableSpec {
+        if self.lora {
+            TrainableSpec::Lora(LoraSettings {
+                rank: 16,
+                alpha: 32.0,
+                dropout: 0.05,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+                layers: None,
+            })
+        } else {
+            TrainableSpec::Full {
+                layers: None,
+                embeddings_and_head: true,
+            }
+        }
+    }
+
+    fn plan_input(&self) -> PlanInput {
+        let (h, f, v, l) = (
+            self.hidden as u64,
+            self.intermediate as u64,
+            self.vocab as u64,
+            self.layers as u64,
+        );
+        let layer = 4 * h * h + 3 * h * f + 2 * h;
+        let architecture = ModelArchitecture {
+            parameters: 2 * v * h + l * layer + h,
+            hidden_size: self.hidden as u32,
+            intermediate_size: self.intermediate as u32,
+            num_layers: self.layers as u32,
+            num_heads: self.heads as u32,
+            num_kv_heads: self.heads as u32,
+            vocab_size: self.vocab as u32,
+            max_position_embeddings: self.sequence as u32,
+        };
+        let (b, s) = (self.batch as u64, self.sequence as u64);
+        PlanInput {
+            architecture,
+            tied_embeddings: false,
+            method: if self.lora {
+                PlannedMethod::Lora {
+                    rank: 16,
+                    targets: vec![TargetModule::QProj, TargetModule::VProj],
+                    dropout: true,
+                }
+            } else {
+                PlannedMethod::Full {
+                    embeddings_and_head: true,
+                }
+            },
+            trained_layers: (0..self.layers as u32).collect(),
+            batch: b,
+            sequence: s,
+            loss_rows: b * s,
+            dtype_bytes: 4,
+            checkpointing: self.checkpointing,
+            gpu: false,
+            budget_bytes: 0,
+        }
+    }
+}
+
+/// `VmRSS` or `VmHWM` of this process, bytes.
+fn status_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/self/status"));
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Two optimizer steps of `shape` as the trainer takes them (every position in the loss);
+/// returns the peak resident set above the one at the start.
+fn train_two_steps(shape: &Shape) -> u64 {
+    let start = status_bytes("VmRSS:");
+    let cfg = shape.config();
+    let weights = tiny::init_weights(&cfg, 7, &Device::Cpu).unwrap();
+    let model = Llama::from_weights(
+        &cfg,
+        Weights::from_map(weights),
+        &shape.spec(),
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut opt = AdamW::new(AdamWParams::default());
+    let mut rng = Rng::new(3);
+    let (b, s) = (shape.batch, shape.sequence);
+    for _ in 0..2 {
+        let ids: Vec<u32> = (0..b * s)
+            .map(|_| (rng.next_f32() * (shape.vocab - 1) as f32) as u32)
+            .collect();
+        let ids = Tensor::from_vec(ids.clone(), (b, s), &Device::Cpu).unwrap();
+        let rows = Tensor::arange(0u32, (b * s) as u32, &Device::Cpu).unwrap();
+        let targets = ids.flatten_all().unwrap();
+        let mut ctx = FwdCtx::train(Some(rng));
+        let step = model
+            .loss_and_grads(&ids, None, &rows, &mut ctx, shape.checkpointing, |l| {
+                masked_cross_entropy(l, &targets)
+            })
+            .unwrap();
+        rng = ctx.dropout_rng.unwrap();
+        let mut grads = step.grads.into_map();
+        clip_grad_norm(model.trainable(), &mut grads, 1.0).unwrap();
+        opt.step(model.trainable(), &grads, 1e-4).unwrap();
+    }
+    status_bytes("VmHWM:").saturating_sub(start)
+}
+
+/// Run by [`the_plan_predicts_the_measured_peak`] in a child process, one shape each.
+#[test]
+#[ignore = "a child of the_plan_predicts_the_measured_peak"]
+fn measure_one_shape() {
+    let Ok(name) = std::env::var(SHAPE_ENV) else {
+        return;
+    };
+    let shape = SHAPES.iter().find(|s| s.name == name).unwrap();
+    println!("PEAK_ABOVE_START={}", train_two_steps(shape));
+}
+
+#[test]
+fn the_plan_predicts_the_measured_peak() {
+    let exe = std::env::current_exe().unwrap();
+    let mut lines = Vec::new();
+    let mut misses = Vec::new();
+    for shape in &SHAPES {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "measure_one_shape", "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env(SHAPE_ENV, shape.name)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {text}{}",
+            shape.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let measured: u64 = text
+            .lines()
+            .find_map(|l| l.split_once("PEAK_ABOVE_START=").map(|(_, v)| v))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no measurement in {text}", shape.name));
+        let p = plan(&shape.plan_input());
+        let planned = p.per_gpu_bytes - CPU_RUNTIME_BYTES;
+        let error = planned as f64 / measured as f64 - 1.0;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let parts: Vec<String> = p
+            .components
+            .iter()
+            .map(|c| format!("{} {:.0}", c.name, mib(c.bytes)))
+            .collect();
+        let line = format!(
+            "{}: measured {:.0} MiB, planned {:.0} MiB ({:+.0} %; {})",
+            shape.name,
+            mib(measured),
+            mib(planned),
+            error * 100.0,
+            parts.join(", ")
+        );
+        eprintln!("{line}");
+        if error.abs() > TOLERANCE {
+            misses.push(line.clone());
+        }
+        lines.push((shape.name, measured));
+    }
+    assert!(
+        misses.is_empty(),
+        "off by more than {:.0} %:\n{}",
+        TOLERANCE * 100.0,
+        misses.join("\n")
+    );
+    let get = |n: &str| lines.iter().find(|l| l.0 == n).unwrap().1;
+    assert!(
+        get("lora-checkpointed") < get("lora") && get("full-checkpointed") < get("full"),
+        "checkpointing lowers the peak: {lines:?}"
+    );
+}
