@@ -11,7 +11,7 @@ FETCH_IMAGE ?= ghcr.io/finetune-operator/fetch:0.1.0
 TRAINER_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0
 TRAINER_CUDA_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0-cuda
 
-.PHONY: all build test lint fmt crds crds-check demo bench soak supply-chain assets images clean help
+.PHONY: all build test lint fmt crds crds-check cuda-build cuda-check gpu-check demo bench soak supply-chain assets images clean help
 
 all: build
 
@@ -30,10 +30,20 @@ test: ## Run every test (unit, API, cluster end-to-end, trainer, operator end-to
 supply-chain: ## cargo deny (licenses, bans, sources); RustSec advisories when ADVISORY_DB names a snapshot.
 	scripts/supply-chain.sh
 
-lint: ## rustfmt check, clippy with warnings as errors, CRD drift check.
+lint: ## rustfmt check, clippy with warnings as errors, CRD drift check, the CUDA variant compiles.
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(MAKE) crds-check
+	$(MAKE) cuda-check
+
+cuda-build: ## Build the CUDA trainer for the GPU machines (nvcc from Debian non-free, CUDA 13 sonames).
+	scripts/cuda-build.sh
+
+cuda-check: ## Compile-check the trainer with --features cuda (no GPU needed).
+	scripts/cuda-build.sh --check
+
+gpu-check: ## On a GPU machine: CUDA vs CPU logits, 7B-shaped LoRA against PyTorch + PEFT, the plan's error.
+	scripts/gpu-check.sh
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all

@@ -14,9 +14,12 @@ WORKDIR /src
 COPY . .
 RUN cargo build --locked --release -p finetune-trainer --bin finetune-trainer --features cuda \
  && install -D -m 0755 target/release/finetune-trainer /out/finetune-trainer
-RUN assets="$(scripts/fetch-assets.sh)" \
+# The build stage has no GPU: the tiny base is initialised with a CPU build of the trainer (its
+# own target directory), never by running the CUDA binary here.
+RUN cargo build --locked --release -p finetune-trainer --bin finetune-trainer --target-dir target/cpu \
+ && assets="$(scripts/fetch-assets.sh)" \
  && install -D -m 0644 "$assets/tokenizer.json" /out/tokenizer/tokenizer.json \
- && /out/finetune-trainer init-tiny --out /out/tiny-base --tokenizer "$assets/tokenizer.json" \
+ && target/cpu/release/finetune-trainer init-tiny --out /out/tiny-base --tokenizer "$assets/tokenizer.json" \
       --pretrain-text "$assets/nyt_general.txt"
 
 FROM docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04

@@ -1115,3 +1115,28 @@ fn dashboards_match_their_generator() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CUDA image's build stage has no GPU: none of its `RUN` commands may execute the CUDA
+/// build of the trainer (it is only installed); the tiny base comes from a CPU build.
+#[test]
+fn the_cuda_image_build_never_runs_the_cuda_binary() {
+    let text = read("docker/trainer-cuda.Dockerfile").replace("\\\n", " ");
+    let cuda_binaries = ["/out/finetune-trainer", "target/release/finetune-trainer"];
+    let mut runs = 0;
+    for run in text.lines().filter_map(|l| l.strip_prefix("RUN ")) {
+        runs += 1;
+        for command in run.split("&&") {
+            let program = command.split_whitespace().next().unwrap_or_default();
+            assert!(
+                !cuda_binaries.contains(&program),
+                "the build stage runs the CUDA binary: `{}`",
+                command.trim()
+            );
+        }
+    }
+    assert!(runs >= 2, "no RUN instructions found");
+    assert!(
+        text.contains("target/cpu/release/finetune-trainer init-tiny"),
+        "the tiny base is initialised by the CPU build"
+    );
+}

@@ -117,6 +117,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the logits of a model for token ids as JSON (`{"device", "logits": [[f32]]}`),
+    /// one row per position: the CPU-against-CUDA check of scripts/gpu-check.sh.
+    Logits {
+        /// HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Token ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+        /// Run on the GPU (a CUDA build).
+        #[arg(long)]
+        gpu: bool,
+    },
     /// Print the report of a finished run.
     Report {
         /// Output directory holding report.json.
@@ -217,6 +230,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Logits { model, ids, gpu } => logits(model, ids, gpu),
         Command::Report { dir } => {
             println!("{}", finetune_trainer::run::print_report(&dir)?);
             Ok(())
@@ -336,6 +350,26 @@ fn init_tiny(
         out.display(),
         cfg.num_parameters()
     );
+    Ok(())
+}
+
+fn logits(model_dir: PathBuf, ids: Vec<u32>, gpu: bool) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        bail!("--ids: give at least one token id");
+    }
+    let device = finetune_trainer::train::trainer::select_device(gpu)?;
+    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    let weights = Weights::from_dir(&model_dir, candle_core::DType::F32, &device)?;
+    let model = Llama::from_weights(&cfg, weights, &TrainableSpec::Frozen, 0, &device)?;
+    let n = ids.len();
+    let ids = candle_core::Tensor::from_vec(ids, (1, n), &device)?;
+    let mut ctx = finetune_trainer::model::linear::FwdCtx::eval();
+    let rows = model
+        .forward(&ids, None, &mut ctx)?
+        .squeeze(0)?
+        .to_vec2::<f32>()?;
+    let name = if device.is_cuda() { "cuda" } else { "cpu" };
+    println!("{}", serde_json::json!({"device": name, "logits": rows}));
     Ok(())
 }
 

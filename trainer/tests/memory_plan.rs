@@ -68,6 +68,31 @@ const SHAPES: [Shape; 4] = [
         ..BASE
     },
 ];
+/// The mid-size CPU shape of BENCHMARKS.md (dim 1024, 8 layers, sequence 512): too slow for
+/// every test run, measured with `cargo test -p finetune-trainer --test memory_plan --
+/// --ignored mid_size --nocapture`.
+const MID: Shape = Shape {
+    name: "mid-lora",
+    hidden: 1024,
+    intermediate: 2816,
+    layers: 8,
+    heads: 16,
+    vocab: 32000,
+    batch: 1,
+    sequence: 512,
+    lora: true,
+    checkpointing: false,
+};
+
+const MID_SHAPES: [Shape; 2] = [
+    MID,
+    Shape {
+        name: "mid-lora-checkpointed",
+        checkpointing: true,
+        ..MID
+    },
+];
+
 impl Shape {
     fn config(&self) -> LlamaConfig {
         let mut c = tiny::tiny_config(self.vocab);
@@ -203,56 +228,66 @@ fn measure_one_shape() {
     let Ok(name) = std::env::var(SHAPE_ENV) else {
         return;
     };
-    let shape = SHAPES.iter().find(|s| s.name == name).unwrap();
+    let shape = SHAPES
+        .iter()
+        .chain(&MID_SHAPES)
+        .find(|s| s.name == name)
+        .unwrap();
     println!("PEAK_ABOVE_START={}", train_two_steps(shape));
+}
+
+/// Runs `shape` in a child process; returns its measured peak and the report line.
+fn measure(shape: &Shape) -> (u64, f64, String) {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(&exe)
+        .args(["--exact", "measure_one_shape", "--ignored", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env(SHAPE_ENV, shape.name)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {text}{}",
+        shape.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let measured: u64 = text
+        .lines()
+        .find_map(|l| l.split_once("PEAK_ABOVE_START=").map(|(_, v)| v))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{}: no measurement in {text}", shape.name));
+    let p = plan(&shape.plan_input());
+    let planned = p.per_gpu_bytes - CPU_RUNTIME_BYTES;
+    let error = planned as f64 / measured as f64 - 1.0;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let parts: Vec<String> = p
+        .components
+        .iter()
+        .map(|c| format!("{} {:.0}", c.name, mib(c.bytes)))
+        .collect();
+    let line = format!(
+        "{}: measured {:.0} MiB, planned {:.0} MiB ({:+.0} %; {})",
+        shape.name,
+        mib(measured),
+        mib(planned),
+        error * 100.0,
+        parts.join(", ")
+    );
+    eprintln!("{line}");
+    (measured, error, line)
 }
 
 #[test]
 fn the_plan_predicts_the_measured_peak() {
-    let exe = std::env::current_exe().unwrap();
-    let mut lines = Vec::new();
+    let mut peaks = Vec::new();
     let mut misses = Vec::new();
     for shape in &SHAPES {
-        let out = std::process::Command::new(&exe)
-            .args(["--exact", "measure_one_shape", "--ignored", "--nocapture"])
-            .args(["--test-threads", "1"])
-            .env(SHAPE_ENV, shape.name)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}: {text}{}",
-            shape.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let measured: u64 = text
-            .lines()
-            .find_map(|l| l.split_once("PEAK_ABOVE_START=").map(|(_, v)| v))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{}: no measurement in {text}", shape.name));
-        let p = plan(&shape.plan_input());
-        let planned = p.per_gpu_bytes - CPU_RUNTIME_BYTES;
-        let error = planned as f64 / measured as f64 - 1.0;
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let parts: Vec<String> = p
-            .components
-            .iter()
-            .map(|c| format!("{} {:.0}", c.name, mib(c.bytes)))
-            .collect();
-        let line = format!(
-            "{}: measured {:.0} MiB, planned {:.0} MiB ({:+.0} %; {})",
-            shape.name,
-            mib(measured),
-            mib(planned),
-            error * 100.0,
-            parts.join(", ")
-        );
-        eprintln!("{line}");
+        let (measured, error, line) = measure(shape);
         if error.abs() > TOLERANCE {
-            misses.push(line.clone());
+            misses.push(line);
         }
-        lines.push((shape.name, measured));
+        peaks.push((shape.name, measured));
     }
     assert!(
         misses.is_empty(),
@@ -260,9 +295,24 @@ fn the_plan_predicts_the_measured_peak() {
         TOLERANCE * 100.0,
         misses.join("\n")
     );
-    let get = |n: &str| lines.iter().find(|l| l.0 == n).unwrap().1;
+    let get = |n: &str| peaks.iter().find(|l| l.0 == n).unwrap().1;
     assert!(
         get("lora-checkpointed") < get("lora") && get("full-checkpointed") < get("full"),
-        "checkpointing lowers the peak: {lines:?}"
+        "checkpointing lowers the peak: {peaks:?}"
+    );
+}
+
+/// The mid-size shape with and without checkpointing, for BENCHMARKS.md: the measured factor
+/// against the planned one.
+#[test]
+#[ignore = "about two minutes; run for BENCHMARKS.md"]
+fn mid_size_checkpointing_factor() {
+    let (plain, _, _) = measure(&MID_SHAPES[0]);
+    let (ckpt, _, _) = measure(&MID_SHAPES[1]);
+    let planned = |s: &Shape| (plan(&s.plan_input()).per_gpu_bytes - CPU_RUNTIME_BYTES) as f64;
+    eprintln!(
+        "checkpointing lowers the peak by {:.2}x measured, {:.2}x planned",
+        plain as f64 / ckpt as f64,
+        planned(&MID_SHAPES[0]) / planned(&MID_SHAPES[1])
     );
 }
