@@ -2,7 +2,7 @@
 # Builds the trainer's CUDA variant on a machine without a GPU, for GPU machines with a CUDA 13
 # driver (recipe and the facts behind it: ../shared/notes/gpu-build.md).
 #
-#   scripts/cuda-build.sh          release build, stripped: target/cuda/release/finetune-trainer
+#   scripts/cuda-build.sh          release build, stripped: target/cuda/finetune-trainer
 #   scripts/cuda-build.sh --check  `cargo check --features cuda` only (what CI runs: no link step)
 #
 # - nvcc: Debian bookworm's `nvidia-cuda-toolkit` (11.8, from non-free), installed once through a
@@ -12,8 +12,7 @@
 #   unversioned links to the CUDA 13 libraries of NVIDIA's PyPI wheels (cached), so the binary
 #   needs libcublas.so.13, libcudart.so.13, libcurand.so.10 and libcuda.so.1: what the GPU
 #   machines' PyTorch environment and driver provide.
-# - Its own target directory (target/cuda): the CUDA RUSTFLAGS would otherwise rebuild the
-#   CPU workspace in target/.
+# - Its own target directory under the cache (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,14 +50,18 @@ ensure_nvcc() {
 
 # Unversioned links to the CUDA 13 libraries, for the linker.
 ensure_link_dir() {
-  local lib="$cache/wheels/nvidia/cu13/lib" links="$cache/link"
-  if [ ! -f "$lib/libcublas.so.13" ]; then
+  local lib="$cache/wheels/nvidia/cu13/lib" links="$cache/link" so missing=0
+  local libs=(libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libnvrtc.so.13 libcurand.so.10)
+  for so in "${libs[@]}"; do [ -f "$lib/$so" ] || missing=1; done
+  if [ "$missing" = 1 ]; then
     log "fetching the CUDA 13 libraries from PyPI (${wheels[*]})"
+    rm -rf "$cache/whl" "$cache/wheels.partial"
     python3 -m pip download -q --no-deps -d "$cache/whl" "${wheels[@]}"
-    for w in "$cache"/whl/*.whl; do python3 -m zipfile -e "$w" "$cache/wheels"; done
+    for w in "$cache"/whl/*.whl; do python3 -m zipfile -e "$w" "$cache/wheels.partial"; done
+    rm -rf "$cache/wheels" && mv "$cache/wheels.partial" "$cache/wheels"
   fi
   mkdir -p "$links"
-  for so in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libnvrtc.so.13 libcurand.so.10; do
+  for so in "${libs[@]}"; do
     ln -sf "$lib/$so" "$links/${so%%.so*}.so"
   done
   echo "$links"
@@ -66,7 +69,9 @@ ensure_link_dir() {
 
 ensure_nvcc
 export CUDA_COMPUTE_CAP=80 CUDARC_CUDA_VERSION=13000
-export CARGO_TARGET_DIR="$PWD/target/cuda"
+# The CUDA build's own target directory, in the cache: the CUDA RUSTFLAGS would otherwise rebuild
+# the CPU workspace in target/, and candle's CUDA kernels (nvcc, minutes) compile once per machine.
+export CARGO_TARGET_DIR="$cache/target"
 if [ "$mode" = check ]; then
   # No link step, so no CUDA libraries needed; every target, so the CUDA code paths compile.
   cargo=(cargo check --locked -p finetune-trainer --all-targets --features cuda)
@@ -80,7 +85,9 @@ cargo=(cargo build --locked --release -p finetune-trainer --bin finetune-trainer
 log "${cargo[*]}"
 "${cargo[@]}"
 
-bin="$CARGO_TARGET_DIR/release/finetune-trainer"
+mkdir -p target/cuda
+install -m 0755 "$CARGO_TARGET_DIR/release/finetune-trainer" target/cuda/finetune-trainer
+bin=target/cuda/finetune-trainer
 size=$(stat -c %s "$bin")
 needed=$(readelf -d "$bin" | awk '/NEEDED/ {gsub(/[][]/, "", $5); print $5}' | tr '\n' ' ')
 log "$bin: $((size / 1048576)) MiB; NEEDED: $needed"

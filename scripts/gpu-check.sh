@@ -4,7 +4,7 @@
 #
 #   make cuda-build && mkdir -p target/gpu-check \
 #     && cp "$(scripts/fetch-assets.sh)/tokenizer.json" target/gpu-check/
-#   # carry target/cuda/release/finetune-trainer and target/gpu-check; run this script there.
+#   # carry target/cuda/finetune-trainer and target/gpu-check; run this script there.
 #
 # It (1) checks CUDA logits against CPU logits on the tiny model; (2) trains a Llama-2-7B-shaped
 # model with random weights (LoRA r=16 on q,v, bf16, sequence 1024, batch 1 and 4, 20 steps) with
@@ -28,7 +28,7 @@ if [ "$dry" = 1 ]; then
   bin=${GPU_CHECK_BIN:-$root/target/debug/finetune-trainer}
   shape=tiny preset=tiny steps=3 seq=128 batches="1 2" gpu=false precision=f32
 else
-  bin=${GPU_CHECK_BIN:-$root/target/cuda/release/finetune-trainer}
+  bin=${GPU_CHECK_BIN:-$root/target/cuda/finetune-trainer}
   shape=7b preset=llama-2-7b steps=20 seq=1024 batches="1 4" gpu=true precision=bf16
 fi
 tokenizer=${GPU_CHECK_TOKENIZER:-$root/target/gpu-check/tokenizer.json}
