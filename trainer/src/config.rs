@@ -131,6 +131,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
     let e = &c.evaluation;
     let eval = EvalParams {
         interval: e.interval_steps as usize,
+        max_rows: e.max_rows as usize,
         early_stopping_patience: e.early_stopping.as_ref().map(|s| s.patience as usize),
         min_delta: e.early_stopping.as_ref().map_or(0.0, |s| s.min_delta),
         max_gap: e.overfitting.max_gap,

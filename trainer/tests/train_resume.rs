@@ -4,48 +4,10 @@
 
 mod common;
 
-use finetune_trainer::data::jsonl::ColumnMapping;
-use finetune_trainer::model::{TrainableSpec, tiny};
-use finetune_trainer::train::{StopReason, TrainParams, Trainer};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn setup(name: &str) -> (PathBuf, PathBuf) {
-    let work = std::env::temp_dir().join(format!("ft-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    let model = work.join("model");
-    let cfg = common::small_config(64, 2);
-    let w = common::random_weights(&cfg, 4);
-    tiny::write_hf_model(&model, &cfg, &w).unwrap();
-    (work, model)
-}
-
-fn params(work: &Path, model: &Path, run: &str, spec: TrainableSpec) -> TrainParams {
-    let mut p = TrainParams::with_defaults(
-        model,
-        fixtures().join("tokenizer-wordlevel.json"),
-        fixtures().join("reviews-small.csv"),
-        work.join(run),
-    );
-    p.cleaning.columns = ColumnMapping {
-        text: "ReviewText".into(),
-        label: "SentimentLabel".into(),
-        ..Default::default()
-    };
-    p.method = spec;
-    p.batch_size = 4;
-    p.grad_accum = 2;
-    p.max_steps = Some(8);
-    p.learning_rate = 5e-3;
-    p.warmup_steps = 2;
-    p.eval.interval = 3;
-    p.checkpoint_interval = 2;
-    p.max_seq_len = 48;
-    p
-}
+use common::{fixtures, params, setup};
+use finetune_trainer::model::TrainableSpec;
+use finetune_trainer::train::{StopReason, Trainer};
+use std::path::PathBuf;
 
 fn lora() -> TrainableSpec {
     let mut l = common::lora_all(4);

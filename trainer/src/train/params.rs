@@ -13,6 +13,8 @@ use crate::optim::ScheduleKind;
 pub struct EvalParams {
     /// Evaluate every N optimizer steps (0: only at epoch ends).
     pub interval: usize,
+    /// Validation rows scored per evaluation (the first ones of the split).
+    pub max_rows: usize,
     /// Stop after this many evaluations without improvement (by more than `min_delta`).
     pub early_stopping_patience: Option<usize>,
     /// Minimum improvement of the validation loss.
@@ -39,6 +41,7 @@ impl Default for EvalParams {
     fn default() -> Self {
         Self {
             interval: 50,
+            max_rows: finetune_api::v1alpha1::DEFAULT_EVALUATION_MAX_ROWS as usize,
             early_stopping_patience: None,
             min_delta: 0.0,
             max_gap: 0.5,

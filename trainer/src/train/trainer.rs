@@ -225,7 +225,7 @@ impl Trainer {
         let classification = match (&data.majority_class, data.labels.is_empty()) {
             (Some(maj), false) => Some(ClassificationSet::new(
                 &encoder,
-                &data.val_examples,
+                &data.val_examples[..data.val_examples.len().min(params.eval.max_rows)],
                 &data.labels,
                 maj,
             )?),
@@ -369,7 +369,8 @@ impl Trainer {
     /// Evaluates on the validation split (forward only) and updates the monitor.
     pub fn evaluate(&mut self) -> Result<EvalRecord> {
         self.progress(|p| p.phase = Phase::Evaluating);
-        let val_loss = crate::eval::mean_nll(&self.model, &self.data.val, 32, &self.device)?;
+        let scored = &self.data.val[..self.data.val.len().min(self.params.eval.max_rows)];
+        let val_loss = crate::eval::mean_nll(&self.model, scored, 32, &self.device)?;
         let classification = match &self.classification {
             Some(c) => Some(c.evaluate(&self.model, 32, &self.device)?),
             None => None,

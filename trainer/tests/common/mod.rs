@@ -5,7 +5,10 @@ use candle_core::{Device, Tensor};
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use finetune_trainer::data::jsonl::ColumnMapping;
+use finetune_trainer::train::TrainParams;
 
 /// A small config (GQA when `kv_heads < 4`).
 pub fn small_config(vocab: usize, kv_heads: usize) -> LlamaConfig {
@@ -92,4 +95,45 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The trainer tests' fixture directory.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A work directory for `name` and a small random model written in it (HF layout).
+pub fn setup(name: &str) -> (PathBuf, PathBuf) {
+    let work = std::env::temp_dir().join(format!("ft-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let model = work.join("model");
+    let cfg = small_config(64, 2);
+    let w = random_weights(&cfg, 4);
+    tiny::write_hf_model(&model, &cfg, &w).unwrap();
+    (work, model)
+}
+
+/// Short-run parameters (8 steps, batch 4 × 2 accumulated) on the small review fixture.
+pub fn params(work: &Path, model: &Path, run: &str, spec: TrainableSpec) -> TrainParams {
+    let mut p = TrainParams::with_defaults(
+        model,
+        fixtures().join("tokenizer-wordlevel.json"),
+        fixtures().join("reviews-small.csv"),
+        work.join(run),
+    );
+    p.cleaning.columns = ColumnMapping {
+        text: "ReviewText".into(),
+        label: "SentimentLabel".into(),
+        ..Default::default()
+    };
+    p.method = spec;
+    p.batch_size = 4;
+    p.grad_accum = 2;
+    p.max_steps = Some(8);
+    p.learning_rate = 5e-3;
+    p.warmup_steps = 2;
+    p.eval.interval = 3;
+    p.checkpoint_interval = 2;
+    p.max_seq_len = 48;
+    p
 }
