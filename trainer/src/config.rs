@@ -173,6 +173,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         max_steps: h.max_steps.map(|m| m as usize),
         batch_size: h.batch_size as usize,
         grad_accum: h.gradient_accumulation_steps as usize,
+        group_by_length: h.group_by_length,
         max_seq_len: h.max_sequence_length as usize,
         weight_decay: h.weight_decay,
         max_grad_norm: h.max_grad_norm,

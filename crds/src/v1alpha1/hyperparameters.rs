@@ -33,6 +33,12 @@ pub struct Hyperparameters {
     #[serde(default = "default_accumulation")]
     #[schemars(range(min = 1, max = 1024))]
     pub gradient_accumulation_steps: u32,
+    /// Micro-batches of rows of similar length (the epoch's shuffled rows cut into buckets of 50
+    /// micro-batches, each sorted by length, the micro-batches shuffled again; the longest
+    /// first, so a batch that does not fit fails at the first step): little padding, and memory
+    /// bounded by the bucket rather than the epoch's longest row. `false`: a plain shuffle.
+    #[serde(default = "default_group_by_length")]
+    pub group_by_length: bool,
     /// Longest tokenised sequence; longer examples are truncated (and counted in the report).
     #[serde(default = "default_max_sequence_length")]
     #[schemars(range(min = 8, max = 32768))]
@@ -72,6 +78,7 @@ impl Default for Hyperparameters {
             max_steps: None,
             batch_size: default_batch_size(),
             gradient_accumulation_steps: default_accumulation(),
+            group_by_length: default_group_by_length(),
             max_sequence_length: default_max_sequence_length(),
             weight_decay: 0.0,
             max_grad_norm: default_max_grad_norm(),
@@ -93,6 +100,9 @@ fn default_batch_size() -> u32 {
 }
 fn default_accumulation() -> u32 {
     1
+}
+fn default_group_by_length() -> bool {
+    true
 }
 fn default_max_sequence_length() -> u32 {
     512

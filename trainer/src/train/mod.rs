@@ -1,5 +1,6 @@
 //! Training: parameters, data preparation, masked loss and the training loop.
 
+pub mod batching;
 pub mod data_prep;
 pub mod export;
 pub mod fused_ce;

@@ -95,6 +95,8 @@ pub struct TrainParams {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Length-grouped micro-batches ([`crate::train::batching`]); a plain shuffle when false.
+    pub group_by_length: bool,
     /// Maximum tokens per example.
     pub max_seq_len: usize,
     /// AdamW weight decay.
@@ -165,6 +167,7 @@ impl TrainParams {
             max_steps: None,
             batch_size: 8,
             grad_accum: 1,
+            group_by_length: true,
             max_seq_len: 128,
             weight_decay: 0.0,
             max_grad_norm: 1.0,

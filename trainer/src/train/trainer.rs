@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use super::batching::micro_batches;
 use super::data_prep::{PreparedData, prepare};
 use super::loss::masked_cross_entropy;
 use super::params::TrainParams;
@@ -117,12 +118,6 @@ pub struct RunOutcome {
     pub seconds: f64,
     /// Training tokens processed in this call.
     pub tokens: usize,
-}
-
-fn micro_batches(n: usize, batch: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..n).collect();
-    Rng::derive(seed, 0xE90C + epoch as u64).shuffle(&mut order);
-    order.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
 }
 
 /// The device to use: the CPU, or the first GPU the process sees (`CUDA_VISIBLE_DEVICES`, which
@@ -502,11 +497,13 @@ impl Trainer {
         let ckpt_interval = self.params.checkpoint_interval;
         let mut last_log = Instant::now();
         while self.state.step < self.total_steps && self.state.epoch < self.params.epochs.max(1) {
+            let lengths: Vec<usize> = self.data.train.iter().map(|e| e.ids.len()).collect();
             let batches = micro_batches(
-                self.data.train.len(),
+                &lengths,
                 self.params.batch_size,
                 self.params.seed,
                 self.state.epoch,
+                self.params.group_by_length,
             );
             while self.state.batch_in_epoch < batches.len() && self.state.step < self.total_steps {
                 let end = (self.state.batch_in_epoch + accum).min(batches.len());
