@@ -19,3 +19,11 @@ plain="$(BENCH_METHOD=lora BENCH_REFERENCE_MATMUL=1 BENCH_CSV_ROWS=0 MIMALLOC_PU
 a="$(grep -o '= [0-9]* tokens/s' <<<"$lora" | tr -dc 0-9)"
 b="$(grep -o '= [0-9]* tokens/s' <<<"$plain" | tr -dc 0-9)"
 python3 -c "print(f'ratio LoRA frozen-matmul/plain-matmul tokens/s = {$a/$b:.2f}')"
+if [ "${BENCH_TORCH:-0}" = "1" ]; then
+  # transformers and transformers + PEFT as peers of the full and the LoRA runs above, same run.
+  hf_full="$("$root/benches/run-pytorch.sh" hf full 2>/dev/null | tee /dev/stderr)"
+  hf_lora="$("$root/benches/run-pytorch.sh" hf lora 2>/dev/null | tee /dev/stderr)"
+  f="$(grep -o '= [0-9]* tokens/s' <<<"$hf_full" | tr -dc 0-9)"
+  l="$(grep -o '= [0-9]* tokens/s' <<<"$hf_lora" | tr -dc 0-9)"
+  python3 -c "print(f'ratio candle/transformers (full) = {$c/$f:.2f}; candle/transformers+PEFT (LoRA) = {$a/$l:.2f}')"
+fi
