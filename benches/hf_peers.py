@@ -8,16 +8,12 @@ every position, AdamW, gradient clipping, f32 on CPU):
 One mode per process, so peak RSS is the mode's own. Run through benches/run-pytorch.sh peers
 (BENCH_TORCH=1 make bench). Env: BENCH_STEPS (default 5), BENCH_WARMUP (default 1).
 """
-import os
-import resource
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-DIM, HIDDEN, LAYERS, HEADS, VOCAB, SEQ, BATCH = 288, 768, 6, 6, 32000, 256, 8
+from torch_ref import DIM, HEADS, HIDDEN, LAYERS, SEQ, VOCAB, report, timed_steps
 
 
 def main(mode):
@@ -34,28 +30,9 @@ def main(mode):
                                                  target_modules=["q_proj", "v_proj"]))
         label = "transformers+peft-lora"
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
-    warmup = int(os.environ.get("BENCH_WARMUP", "1"))
-    steps = int(os.environ.get("BENCH_STEPS", "5"))
-    t0 = time.perf_counter()
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     n = sum(p.numel() for p in params)
-    print(
-        f"{label} stories15M-shape ({n} trainable) batch {BATCH}x{SEQ}: "
-        f"{steps} steps in {secs:.2f} s = {steps * BATCH * SEQ / secs:.0f} tokens/s "
-        f"(loss {loss.item():.3f}), threads {torch.get_num_threads()}, peak RSS {rss:.2f} GB"
-    )
+    result = timed_steps(lambda ids: model(input_ids=ids).logits, params)
+    report(label, f"{n} trainable", *result)
 
 
 if __name__ == "__main__":

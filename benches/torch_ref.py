@@ -83,10 +83,12 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def main():
-    torch.manual_seed(0)
-    model = Llama()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+def timed_steps(forward, params):
+    """The bench's step (next-token loss on every position, AdamW, clipping) on one fixed batch,
+    BENCH_WARMUP untimed then BENCH_STEPS timed; `forward(ids)` gives the logits. Returns
+    (steps, seconds, last loss, peak RSS in GB). Shared with hf_peers.py, so every peer takes the
+    same step."""
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     warmup = int(os.environ.get("BENCH_WARMUP", "1"))
     steps = int(os.environ.get("BENCH_STEPS", "5"))
@@ -94,20 +96,31 @@ def main():
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        logits = model(ids)
+        logits = forward(ids)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    n = sum(p.numel() for p in model.parameters())
+    return steps, secs, loss.item(), rss
+
+
+def report(label, trainable, steps, secs, loss, rss):
     print(
-        f"pytorch {torch.__version__} stories15M-shape ({n} params) batch {BATCH}x{SEQ}: "
+        f"{label} stories15M-shape ({trainable}) batch {BATCH}x{SEQ}: "
         f"{steps} steps in {secs:.2f} s = {steps * BATCH * SEQ / secs:.0f} tokens/s "
-        f"(loss {loss.item():.3f}), threads {torch.get_num_threads()}, peak RSS {rss:.2f} GB"
+        f"(loss {loss:.3f}), threads {torch.get_num_threads()}, peak RSS {rss:.2f} GB"
     )
+
+
+def main():
+    torch.manual_seed(0)
+    model = Llama()
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    report(f"pytorch {torch.__version__}", f"{n} params", *timed_steps(model, params))
 
 
 if __name__ == "__main__":

@@ -291,11 +291,11 @@ pub fn plan(input: &PlanInput) -> MemoryPlan {
         arch.parameters * a,
         format!("{} parameters × {a} bytes", arch.parameters),
     ));
-    let (master, moments_detail) = match input.method {
+    let (adapters, adapters_detail) = match input.method {
         PlannedMethod::Lora { .. } => (trainable * 4, "adapters in f32"),
         PlannedMethod::Full { .. } => (0, "trained weights are the model's own"),
     };
-    components.push(line("trainable", master, moments_detail.to_string()));
+    components.push(line("trainable", adapters, adapters_detail.to_string()));
     components.push(line(
         "gradients",
         trainable * 4 * 2,

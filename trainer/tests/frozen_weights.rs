@@ -56,13 +56,7 @@ fn model(spec: &TrainableSpec) -> (LlamaConfig, Llama) {
     let cfg = common::small_config(VOCAB, 2);
     let w = common::random_weights(&cfg, 13);
     let model = common::build(&cfg, &w, spec);
-    // LoRA B starts at zero, which makes A's gradient zero: perturb B first.
-    for (name, var) in model.trainable() {
-        if name.contains("lora_B") {
-            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    common::perturb_lora_b(&model);
     (cfg, model)
 }
 
@@ -84,19 +78,7 @@ fn assert_same_gradients(spec: &TrainableSpec, tol: f32) -> (GradStore, GradStor
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let b = reference.get(var.as_tensor()).unwrap();
-        let norm = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm > 0.0, "{name}: zero reference gradient");
-        let d = common::max_abs_diff(a, b);
-        assert!(
-            d <= tol * norm.max(1.0),
-            "{name}: |Δgrad| {d} (max |grad| {norm})"
-        );
+        common::assert_close_to_reference(name, a, b, tol);
     }
     (ours, reference)
 }

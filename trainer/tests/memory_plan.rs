@@ -124,15 +124,8 @@ impl Shape {
     }
 
     fn plan_input(&self) -> PlanInput {
-        let (h, f, v, l) = (
-            self.hidden as u64,
-            self.intermediate as u64,
-            self.vocab as u64,
-            self.layers as u64,
-        );
-        let layer = 4 * h * h + 3 * h * f + 2 * h;
         let architecture = ModelArchitecture {
-            parameters: 2 * v * h + l * layer + h,
+            parameters: self.config().num_parameters() as u64,
             hidden_size: self.hidden as u32,
             intermediate_size: self.intermediate as u32,
             num_layers: self.layers as u32,

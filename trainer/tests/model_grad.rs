@@ -33,13 +33,7 @@ fn assert_all_grads(spec: TrainableSpec, kv: usize, expected_count: usize) {
     let cfg = common::small_config(VOCAB, kv);
     let w = common::random_weights(&cfg, 11);
     let model = common::build(&cfg, &w, &spec);
-    // LoRA B starts at zero, which makes A's gradient zero: perturb B first.
-    for (name, var) in model.trainable() {
-        if name.contains("lora_B") {
-            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    common::perturb_lora_b(&model);
     assert_eq!(model.trainable().len(), expected_count);
     let loss = loss_of(&model);
     let grads = loss.backward().unwrap();

@@ -10,12 +10,6 @@ use common::{params, setup};
 use finetune_trainer::model::TrainableSpec;
 use finetune_trainer::train::Trainer;
 
-fn lora() -> TrainableSpec {
-    let mut l = common::lora_all(4);
-    l.dropout = 0.1;
-    TrainableSpec::Lora(l)
-}
-
 fn full() -> TrainableSpec {
     TrainableSpec::Full {
         layers: None,
@@ -50,7 +44,7 @@ fn same_training_with_checkpointing(spec: TrainableSpec, name: &str) {
 
 #[test]
 fn lora_training_is_the_same_with_gradient_checkpointing() {
-    same_training_with_checkpointing(lora(), "ckpt-lora");
+    same_training_with_checkpointing(common::lora_with_dropout(), "ckpt-lora");
 }
 
 #[test]
@@ -61,7 +55,7 @@ fn full_training_is_the_same_with_gradient_checkpointing() {
 #[test]
 fn an_evaluation_scores_the_first_max_rows_validation_rows() {
     let (work, model) = setup("max-rows");
-    let mut p = params(&work, &model, "a", lora());
+    let mut p = params(&work, &model, "a", common::lora_with_dropout());
     p.eval.max_rows = 2;
     let mut t = Trainer::new(p, false, None).unwrap();
     assert!(t.data.val.len() > 2, "the fixture has more validation rows");

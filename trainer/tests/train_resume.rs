@@ -9,12 +9,6 @@ use finetune_trainer::model::TrainableSpec;
 use finetune_trainer::train::{StopReason, Trainer};
 use std::path::PathBuf;
 
-fn lora() -> TrainableSpec {
-    let mut l = common::lora_all(4);
-    l.dropout = 0.1; // exercises the saved dropout stream
-    TrainableSpec::Lora(l)
-}
-
 fn check_resume(spec: TrainableSpec, name: &str) {
     let (work, model) = setup(name);
     let mut a = Trainer::new(params(&work, &model, "a", spec.clone()), false, None).unwrap();
@@ -48,7 +42,7 @@ fn check_resume(spec: TrainableSpec, name: &str) {
 
 #[test]
 fn lora_resume_is_bit_identical() {
-    check_resume(lora(), "resume-lora");
+    check_resume(common::lora_with_dropout(), "resume-lora");
 }
 
 #[test]
@@ -65,7 +59,12 @@ fn full_resume_is_bit_identical() {
 #[test]
 fn corrupt_newest_checkpoint_is_skipped() {
     let (work, model) = setup("corrupt");
-    let mut b = Trainer::new(params(&work, &model, "b", lora()), false, None).unwrap();
+    let mut b = Trainer::new(
+        params(&work, &model, "b", common::lora_with_dropout()),
+        false,
+        None,
+    )
+    .unwrap();
     b.run(Some(4)).unwrap();
     drop(b);
     let ckpts = work.join("b/checkpoints");
@@ -88,7 +87,12 @@ fn corrupt_newest_checkpoint_is_skipped() {
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;
     std::fs::write(corrupt.join("optimizer.safetensors"), bytes).unwrap();
-    let c = Trainer::new(params(&work, &model, "b", lora()), true, None).unwrap();
+    let c = Trainer::new(
+        params(&work, &model, "b", common::lora_with_dropout()),
+        true,
+        None,
+    )
+    .unwrap();
     let (from, skipped) = c.resumed_from.clone().unwrap();
     assert!(from.ends_with("checkpoint-00000004"), "{from}");
     assert_eq!(skipped.len(), 2, "{skipped:?}");
@@ -107,7 +111,7 @@ fn peft_adapter_export_roundtrips() {
     use finetune_trainer::model::Llama;
     use finetune_trainer::model::weights::Weights;
     let (work, model) = setup("peft");
-    let spec = lora();
+    let spec = common::lora_with_dropout();
     let mut t = Trainer::new(params(&work, &model, "p", spec.clone()), false, None).unwrap();
     t.run(Some(2)).unwrap();
     let out = work.join("out");

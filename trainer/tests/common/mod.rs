@@ -85,6 +85,41 @@ pub fn require_assets() -> bool {
     std::env::var("FINETUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
 }
 
+/// LoRA B starts at zero, which makes A's gradient zero: gives every B small random values.
+pub fn perturb_lora_b(model: &Llama) {
+    for (name, var) in model.trainable() {
+        if name.contains("lora_B") {
+            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+/// Asserts that `reference` is not all zero and that `got` is within `tol` of it, relative to
+/// max |reference| (at least 1); `what` names the tensor in the failure.
+pub fn assert_close_to_reference(what: &str, got: &Tensor, reference: &Tensor, tol: f32) {
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(scale > 0.0, "{what}: zero reference");
+    let d = max_abs_diff(got, reference);
+    assert!(
+        d <= tol * scale.max(1.0),
+        "{what}: differs by {d} from the reference (max |reference| {scale})"
+    );
+}
+
+/// LoRA r=4 on every module with dropout 0.1 (exercises the dropout stream).
+pub fn lora_with_dropout() -> TrainableSpec {
+    let mut l = lora_all(4);
+    l.dropout = 0.1;
+    TrainableSpec::Lora(l)
+}
+
 /// max |a − b| over all elements, as f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

@@ -156,10 +156,10 @@ impl Llama {
                 input
             };
             let mut again = FwdCtx {
+                graph: true,
                 dropout_rng: start,
                 ..ctx.without_graph()
             };
-            again.graph = true;
             let y = self.layer(
                 &self.blocks[i],
                 &input,
