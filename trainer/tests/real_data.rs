@@ -114,3 +114,30 @@ fn loss_falls_on_amazon_reviews() {
     assert!(!t.monitor.ever_overfit, "{:?}", t.evals);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// The fetched tokenizer is Llama 2's own (not Mistral-7B's, which has the same size and
+/// specials): reference ids from Meta's tokenizer as transformers loads it for Llama-2-7b-hf.
+#[test]
+fn the_tokenizer_is_the_genuine_llama2_one() {
+    let Some(dir) = assets() else { return };
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let ids = |text: &str| tok.encode(text, true).unwrap().get_ids().to_vec();
+    assert_eq!(ids("[INST]"), [1, 518, 25580, 29962], "Mistral gives 1 733 16289 28793");
+    assert_eq!(ids("Hello world"), [1, 15043, 3186]);
+    assert_eq!(ids("<<SYS>>"), [1, 3532, 14816, 29903, 6778]);
+    assert_eq!(ids("</s>"), [1, 2]);
+    assert_eq!(tok.token_to_id("▁the"), Some(278));
+    assert_eq!(tok.token_to_id("▁Hello"), Some(15043));
+    assert_eq!(tok.token_to_id("<unk>"), Some(0));
+    assert_eq!(tok.token_to_id("<0x00>"), Some(3));
+    assert_eq!(tok.token_to_id("<0xFF>"), Some(258));
+    assert_eq!(tok.get_vocab_size(false), 32000);
+    // Byte fallback: a character outside the vocabulary becomes its UTF-8 bytes (3 + byte value),
+    // and decoding gives the text back.
+    let emoji = ids("🦙");
+    let bytes: Vec<u32> = "🦙".bytes().map(|b| 3 + u32::from(b)).collect();
+    assert!(emoji.ends_with(&bytes), "{emoji:?}");
+    let text = "Works exactly as described, I would buy it again. 🦙";
+    let round = tok.decode(&ids(text), true).unwrap();
+    assert_eq!(round, text);
+}
