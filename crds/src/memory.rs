@@ -10,8 +10,8 @@
 //!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the mask and
 //!   the masked input; a trained projection: its output;
 //! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each);
-//! - attention: six f32 copies of `S` (scores, scale, bias, shifted, exp, normalised) and one in
-//!   the activation dtype when that is not f32; the value product and its re-layout; the residuals;
+//! - attention: two copies of `S` in the activation dtype (the scores and the fused softmax's
+//!   output, `trainer/src/model/softmax.rs`); the value product and its re-layout; the residuals;
 //! - the MLP: gate, activation, up, product, down.
 //!
 //! Layers below the lowest trained one record nothing (their inputs need no gradient) unless the
@@ -237,7 +237,7 @@ impl PlanInput {
         let projections: u64 = TargetModule::ALL.iter().map(|m| projection(*m)).sum();
         let heads_layout = s * (w.h + 2 * w.kv) * a;
         let rope = s * (w.h + w.kv) * a * 9 / 2;
-        let attention = scores * (6 * 4 + not_f32 * a) + not_f32 * s * (w.h + w.kv) * 4;
+        let attention = scores * 2 * a;
         let attention_out = 2 * s * w.h * a;
         let residuals = 2 * s * w.h * a;
         let mlp = 3 * s * w.f * a;

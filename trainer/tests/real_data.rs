@@ -122,7 +122,11 @@ fn the_tokenizer_is_the_genuine_llama2_one() {
     let Some(dir) = assets() else { return };
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let ids = |text: &str| tok.encode(text, true).unwrap().get_ids().to_vec();
-    assert_eq!(ids("[INST]"), [1, 518, 25580, 29962], "Mistral gives 1 733 16289 28793");
+    assert_eq!(
+        ids("[INST]"),
+        [1, 518, 25580, 29962],
+        "Mistral gives 1 733 16289 28793"
+    );
     assert_eq!(ids("Hello world"), [1, 15043, 3186]);
     assert_eq!(ids("<<SYS>>"), [1, 3532, 14816, 29903, 6778]);
     assert_eq!(ids("</s>"), [1, 2]);

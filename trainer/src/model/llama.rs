@@ -12,6 +12,7 @@ use super::config::LlamaConfig;
 use super::linear::{FwdCtx, Linear, LoraAdapter};
 use super::lora::{ALL_TARGETS, LoraSettings, module_path, peft_name};
 use super::rope::Rope;
+use super::softmax::biased_softmax;
 use super::weights::Weights;
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
@@ -483,13 +484,10 @@ impl Llama {
         let keys = k.dim(2)?;
         // Query heads kv·rep … kv·rep + rep − 1 share key/value head kv: fold them into rows.
         let qg = q.reshape((b, nkv, rep * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (qg
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * scale)?;
-        let att = att.reshape((b, nh, n, keys))?.broadcast_add(bias)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(self.dtype)?;
+        // Scores in the model's dtype (the GEMM accumulates in f32); the softmax widens each row
+        // internally and keeps only its bf16 output, so no f32 heads × s × s copy stays alive.
+        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, n, keys))?;
+        let att = biased_softmax(&scores, bias, 1.0 / (hd as f64).sqrt())?;
         let y = att
             .reshape((b, nkv, rep * n, keys))?
             .matmul(&v)?

@@ -8,6 +8,7 @@ pub mod llama;
 pub mod lora;
 pub mod pretrain;
 pub mod rope;
+pub mod softmax;
 pub mod tiny;
 pub mod weights;
 
