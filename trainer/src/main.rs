@@ -2,7 +2,6 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -10,10 +9,12 @@ use finetune_trainer::data::Encoder;
 use finetune_trainer::data::clean::{CleaningOptions, Format, read_dataset_file};
 use finetune_trainer::data::jsonl::ColumnMapping;
 use finetune_trainer::data::template::PromptTemplate;
+use finetune_trainer::eval::heldout::{HeldOutOptions, HeldOutSet, compare, evaluate_model};
 use finetune_trainer::metrics::{Metrics, Phase};
+use finetune_trainer::model::load::{ModelRef, load_for_inference};
 use finetune_trainer::model::pretrain::{PretrainSettings, pretrain};
 use finetune_trainer::model::weights::Weights;
-use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
+use finetune_trainer::model::{Llama, LlamaConfig, TrainableSpec, tiny};
 
 /// mimalloc reuses freed memory instead of returning every large intermediate tensor to the
 /// kernel (run with `MIMALLOC_PURGE_DELAY=-1` to keep it all; see BENCHMARKS.md).
@@ -26,6 +27,92 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     #[command(subcommand)]
     command: Command,
+}
+
+/// The held-out file of `evaluate` and `compare`, and how to read it.
+#[derive(clap::Args, Debug)]
+struct HeldOutArgs {
+    /// Labelled CSV or JSONL file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Trainer configuration whose columns, cleaning, prompt template and sequence length are
+    /// used, so the rows are read exactly as in training (overrides the column flags).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Text column (without --config).
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Label column (without --config).
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// The classes, comma-separated (default: the labels found in the file).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Longest encoded example in tokens (without --config).
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Fail on the first invalid row (default: skip it and count it in the report), as
+    /// `dataset.cleaning.onInvalidRow: fail` does in training.
+    #[arg(long)]
+    fail_on_invalid: bool,
+    /// Evaluate at most this many rows (the first ones kept by the cleaning).
+    #[arg(long)]
+    max_rows: Option<usize>,
+    /// tokenizer.json (default: the first model's directory).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Run on the GPU (a CUDA build).
+    #[arg(long)]
+    gpu: bool,
+}
+
+impl HeldOutArgs {
+    /// The reading options: from --config when given, else from the flags.
+    fn options(&self) -> anyhow::Result<HeldOutOptions> {
+        if let Some(c) = &self.config {
+            let p =
+                finetune_trainer::config::to_params(&finetune_trainer::config::read_config(c)?)?;
+            let mut cleaning = p.cleaning;
+            if !self.labels.is_empty() {
+                cleaning.allowed_labels = self.labels.clone();
+            }
+            if self.fail_on_invalid {
+                cleaning.on_invalid_row = finetune_trainer::data::InvalidRowPolicy::Fail;
+            }
+            return Ok(HeldOutOptions {
+                format: None,
+                cleaning,
+                template: p.template,
+                max_seq_len: p.max_seq_len,
+                max_rows: self.max_rows,
+                batch_size: p.batch_size,
+            });
+        }
+        Ok(HeldOutOptions {
+            format: None,
+            cleaning: CleaningOptions {
+                columns: ColumnMapping {
+                    text: self.text_column.clone(),
+                    label: self.label_column.clone(),
+                    ..Default::default()
+                },
+                allowed_labels: self.labels.clone(),
+                on_invalid_row: if self.fail_on_invalid {
+                    finetune_trainer::data::InvalidRowPolicy::Fail
+                } else {
+                    finetune_trainer::data::InvalidRowPolicy::Skip
+                },
+                ..Default::default()
+            },
+            template: PromptTemplate::default(),
+            max_seq_len: self.max_seq_len,
+            max_rows: self.max_rows,
+            batch_size: 16,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -130,6 +217,39 @@ enum Command {
         #[arg(long)]
         gpu: bool,
     },
+    /// Classify every row of a labelled CSV or JSONL file with a model (a base, a base + PEFT
+    /// adapter, or merged weights), cleaned and templated as in training; writes
+    /// evaluation.json and evaluation.md (accuracy, per-class precision/recall/F1, confusion
+    /// matrix, majority baseline, the misclassified rows) into --out.
+    Evaluate {
+        /// HF model directory (a base or merged weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory applied on top of --model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        held_out: HeldOutArgs,
+    },
+    /// Run two models on the same rows of a labelled file and put them side by side: metrics of
+    /// each and every row where their answers differ, with both answers; writes comparison.json
+    /// and comparison.md into --out.
+    Compare {
+        /// Model A's HF directory (usually the base).
+        #[arg(long)]
+        model_a: PathBuf,
+        /// Model A's PEFT adapter.
+        #[arg(long)]
+        adapter_a: Option<PathBuf>,
+        /// Model B's HF directory (the tuned model, or the base again with --adapter-b).
+        #[arg(long)]
+        model_b: PathBuf,
+        /// Model B's PEFT adapter.
+        #[arg(long)]
+        adapter_b: Option<PathBuf>,
+        #[command(flatten)]
+        held_out: HeldOutArgs,
+    },
     /// Print the report of a finished run.
     Report {
         /// Output directory holding report.json.
@@ -231,11 +351,62 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Logits { model, ids, gpu } => logits(model, ids, gpu),
+        Command::Evaluate {
+            model,
+            adapter,
+            held_out,
+        } => {
+            let model = ModelRef { model, adapter };
+            let (set, opts, tokenizer, device) = read_held_out(&held_out, &model)?;
+            let evaluation = evaluate_model(&model, &tokenizer, &set, &opts, &device)?;
+            evaluation.write(&held_out.out)?;
+            print!("{}", evaluation.markdown());
+            Ok(())
+        }
+        Command::Compare {
+            model_a,
+            adapter_a,
+            model_b,
+            adapter_b,
+            held_out,
+        } => {
+            let a = ModelRef {
+                model: model_a,
+                adapter: adapter_a,
+            };
+            let b = ModelRef {
+                model: model_b,
+                adapter: adapter_b,
+            };
+            let (set, opts, tokenizer, device) = read_held_out(&held_out, &a)?;
+            let comparison = compare(
+                evaluate_model(&a, &tokenizer, &set, &opts, &device)?,
+                evaluate_model(&b, &tokenizer, &set, &opts, &device)?,
+            )?;
+            comparison.write(&held_out.out)?;
+            print!("{}", comparison.markdown());
+            Ok(())
+        }
         Command::Report { dir } => {
             println!("{}", finetune_trainer::run::print_report(&dir)?);
             Ok(())
         }
     }
+}
+
+/// The held-out set, how to encode it, the tokenizer and the device of `evaluate`/`compare`.
+fn read_held_out(
+    args: &HeldOutArgs,
+    first: &ModelRef,
+) -> anyhow::Result<(HeldOutSet, HeldOutOptions, PathBuf, candle_core::Device)> {
+    let opts = args.options()?;
+    let set = HeldOutSet::read(&args.data, opts.format, &opts.cleaning, opts.max_rows)?;
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| first.model.join("tokenizer.json"));
+    let device = finetune_trainer::train::trainer::select_device(args.gpu)?;
+    Ok((set, opts, tokenizer, device))
 }
 
 fn train(config: PathBuf, resume: Resume) -> anyhow::Result<()> {
@@ -385,45 +556,15 @@ fn generate(
     max_new: usize,
 ) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
-    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
     let tok = tokenizer.unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    let (model, cfg) = load_for_inference(
+        &ModelRef {
+            model: model_dir,
+            adapter,
+        },
+        &device,
+    )?;
     let enc = Encoder::from_file(&tok, PromptTemplate::default(), cfg.max_position_embeddings)?;
-    let weights = Weights::from_dir(&model_dir, candle_core::DType::F32, &device)?;
-    let (spec, tensors) = match &adapter {
-        Some(a) => {
-            let c: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json"))?)?;
-            let rank = c["r"].as_u64().context("adapter_config.json: r")? as usize;
-            let settings = LoraSettings {
-                rank,
-                alpha: c["lora_alpha"].as_f64().unwrap_or(rank as f64),
-                dropout: 0.0,
-                target_modules: c["target_modules"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .filter_map(|x| x.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                layers: c["layers_to_transform"].as_array().map(|v| {
-                    v.iter()
-                        .filter_map(|x| x.as_u64().map(|n| n as usize))
-                        .collect()
-                }),
-            };
-            let t = finetune_trainer::model::weights::load_checked(
-                &a.join("adapter_model.safetensors"),
-                &device,
-            )?;
-            (TrainableSpec::Lora(settings), t)
-        }
-        None => (TrainableSpec::Frozen, HashMap::new()),
-    };
-    let model = Llama::from_weights(&cfg, weights, &spec, 0, &device)?;
-    if adapter.is_some() {
-        model.load_trainable(&tensors)?;
-    }
     let text = if raw {
         let mut ids = vec![enc.bos];
         ids.extend(enc.tokens(&prompt)?);

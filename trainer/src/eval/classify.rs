@@ -40,6 +40,39 @@ pub struct ClassificationReport {
     pub n: usize,
 }
 
+impl ClassificationReport {
+    /// The per-class precision, recall, F1 and support as a Markdown table.
+    pub fn per_class_table(&self) -> String {
+        let mut s =
+            String::from("| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n");
+        for (label, m) in &self.per_class {
+            s.push_str(&format!(
+                "| {label} | {:.3} | {:.3} | {:.3} | {} |\n",
+                m.precision, m.recall, m.f1, m.support
+            ));
+        }
+        s
+    }
+
+    /// The confusion matrix as a Markdown table (rows: true class, columns: predicted).
+    pub fn confusion_table(&self) -> String {
+        let labels: Vec<&String> = self.confusion.keys().collect();
+        let mut s = String::from("| true \\ predicted |");
+        for l in &labels {
+            s.push_str(&format!(" {l} |"));
+        }
+        s.push_str(&format!("\n|---|{}\n", "---|".repeat(labels.len())));
+        for (truth, row) in &self.confusion {
+            s.push_str(&format!("| {truth} |"));
+            for l in &labels {
+                s.push_str(&format!(" {} |", row.get(*l).copied().unwrap_or(0)));
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
 /// Computes metrics from (true, predicted) pairs.
 pub fn metrics_from_pairs(
     labels: &[String],
@@ -154,6 +187,22 @@ impl ClassificationSet {
         batch_size: usize,
         device: &Device,
     ) -> Result<ClassificationReport> {
+        let predicted = self.predict(model, batch_size, device)?;
+        let pairs: Vec<(String, String)> = self
+            .truth
+            .iter()
+            .zip(predicted)
+            .map(|(t, p)| (t.clone(), self.labels[p].clone()))
+            .collect();
+        Ok(metrics_from_pairs(
+            &self.labels,
+            &pairs,
+            &self.majority_class,
+        ))
+    }
+
+    /// The index into `labels` of each example's predicted label (see [`Self::evaluate`]).
+    pub fn predict(&self, model: &Llama, batch_size: usize, device: &Device) -> Result<Vec<usize>> {
         let k = self.labels.len().max(1);
         let batched = if device.is_cuda() {
             None
@@ -161,8 +210,8 @@ impl ClassificationSet {
             let flat: Vec<&Encoded> = self.candidates.iter().flatten().collect();
             Some(sequence_log_likelihoods(model, &flat, batch_size, device)?)
         };
-        let mut pairs = Vec::with_capacity(self.truth.len());
-        for (i, (t, candidates)) in self.truth.iter().zip(&self.candidates).enumerate() {
+        let mut predicted = Vec::with_capacity(self.truth.len());
+        for (i, candidates) in self.candidates.iter().enumerate() {
             let scores = match &batched {
                 Some(ll) => ll[i * k..(i + 1) * k].to_vec(),
                 None => {
@@ -176,13 +225,9 @@ impl ClassificationSet {
                     best = j;
                 }
             }
-            pairs.push((t.clone(), self.labels[best].clone()));
+            predicted.push(best);
         }
-        Ok(metrics_from_pairs(
-            &self.labels,
-            &pairs,
-            &self.majority_class,
-        ))
+        Ok(predicted)
     }
 }
 

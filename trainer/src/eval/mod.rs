@@ -2,6 +2,7 @@
 //! log-likelihood with per-class metrics, retention perplexity, overfitting detection, samples.
 
 pub mod classify;
+pub mod heldout;
 pub mod overfit;
 pub mod report;
 

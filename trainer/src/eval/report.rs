@@ -163,22 +163,8 @@ impl Report {
                 c.majority_class,
                 100.0 * c.majority_baseline
             );
-            let _ = writeln!(
-                s,
-                "| class | precision | recall | F1 | support |\n|---|---|---|---|---|"
-            );
-            for (l, m) in &c.per_class {
-                let _ = writeln!(
-                    s,
-                    "| {l} | {:.3} | {:.3} | {:.3} | {} |",
-                    m.precision, m.recall, m.f1, m.support
-                );
-            }
-            let _ = writeln!(
-                s,
-                "\nconfusion (rows true, columns predicted): {:?}",
-                c.confusion
-            );
+            let _ = writeln!(s, "{}", c.per_class_table());
+            let _ = write!(s, "{}", c.confusion_table());
         }
         if let Some(f) = &self.forgetting {
             let _ = writeln!(

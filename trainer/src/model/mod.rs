@@ -5,6 +5,7 @@ pub mod config;
 pub mod frozen;
 pub mod linear;
 pub mod llama;
+pub mod load;
 pub mod lora;
 pub mod pretrain;
 pub mod rope;

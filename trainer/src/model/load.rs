@@ -1,0 +1,71 @@
+//! Loading a model for inference: a Hugging Face model directory (a base, or merged weights), and
+//! optionally a PEFT LoRA adapter on top, as `generate`, `evaluate` and `compare` take them.
+
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+use super::{Llama, LlamaConfig, LoraSettings, TrainableSpec};
+use crate::model::weights::{Weights, load_checked};
+use crate::{Result, TrainerError};
+
+/// A model to run: its directory and an optional PEFT adapter directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRef {
+    /// Hugging Face model directory (`config.json`, safetensors).
+    pub model: PathBuf,
+    /// PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelRef {
+    /// How the model is named in reports: the directory, with `+ adapter` when there is one.
+    pub fn describe(&self) -> String {
+        match &self.adapter {
+            Some(a) => format!("{} + {}", self.model.display(), a.display()),
+            None => self.model.display().to_string(),
+        }
+    }
+}
+
+/// The LoRA settings of a PEFT `adapter_config.json` (rank, alpha, target modules, layers).
+pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::io(&path, e))?;
+    let c: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TrainerError::Config(format!("{}: {e}", path.display())))?;
+    let field = |name: &str| TrainerError::Config(format!("{}: field {name}", path.display()));
+    let rank = c["r"].as_u64().ok_or_else(|| field("r"))? as usize;
+    let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+    };
+    Ok(LoraSettings {
+        rank,
+        alpha: c["lora_alpha"].as_f64().unwrap_or(rank as f64),
+        dropout: 0.0,
+        target_modules: strings(&c["target_modules"]).ok_or_else(|| field("target_modules"))?,
+        layers: c["layers_to_transform"].as_array().map(|v| {
+            v.iter()
+                .filter_map(|x| x.as_u64().map(|n| n as usize))
+                .collect()
+        }),
+    })
+}
+
+/// Loads the model (f32) with its adapter, if any, ready for inference.
+pub fn load_for_inference(model: &ModelRef, device: &Device) -> Result<(Llama, LlamaConfig)> {
+    let cfg = LlamaConfig::from_file(&model.model.join("config.json"))?;
+    let weights = Weights::from_dir(&model.model, DType::F32, device)?;
+    let Some(adapter) = &model.adapter else {
+        let llama = Llama::from_weights(&cfg, weights, &TrainableSpec::Frozen, 0, device)?;
+        return Ok((llama, cfg));
+    };
+    let settings = read_adapter_config(adapter)?;
+    let tensors = load_checked(&adapter.join("adapter_model.safetensors"), device)?;
+    let llama = Llama::from_weights(&cfg, weights, &TrainableSpec::Lora(settings), 0, device)?;
+    llama.load_trainable(&tensors)?;
+    Ok((llama, cfg))
+}

@@ -1,0 +1,291 @@
+//! `finetune-trainer evaluate` and `compare`: a model (a base, or a base + the PEFT adapter a
+//! LoRA run exported) scored on a labelled held-out file, and two models side by side.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use finetune_trainer::data::clean::CleaningOptions;
+use finetune_trainer::data::jsonl::ColumnMapping;
+use finetune_trainer::data::{Encoder, PromptTemplate};
+use finetune_trainer::eval::classify::ClassificationSet;
+use finetune_trainer::eval::heldout::{
+    Comparison, Evaluation, HeldOutOptions, HeldOutSet, compare, evaluate_model,
+};
+use finetune_trainer::model::TrainableSpec;
+use finetune_trainer::model::load::{ModelRef, load_for_inference};
+use finetune_trainer::run::run_job;
+
+const BIN: &str = env!("CARGO_BIN_EXE_finetune-trainer");
+
+fn options() -> HeldOutOptions {
+    HeldOutOptions {
+        format: None,
+        cleaning: CleaningOptions {
+            columns: ColumnMapping {
+                text: "ReviewText".into(),
+                label: "SentimentLabel".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        template: PromptTemplate::default(),
+        max_seq_len: 48,
+        max_rows: None,
+        batch_size: 8,
+    }
+}
+
+fn tokenizer() -> PathBuf {
+    common::fixtures().join("tokenizer-wordlevel.json")
+}
+
+fn held_out() -> PathBuf {
+    common::fixtures().join("reviews-small.csv")
+}
+
+/// A base model and the adapter of a short LoRA run on it.
+fn base_and_adapter(name: &str) -> (PathBuf, ModelRef, ModelRef) {
+    let (work, model) = common::setup(name);
+    let p = common::params(
+        &work,
+        &model,
+        "lora",
+        TrainableSpec::Lora(common::lora_all(4)),
+    );
+    let out = p.output_dir.clone();
+    run_job(p, false, None).unwrap();
+    let base = ModelRef {
+        model: model.clone(),
+        adapter: None,
+    };
+    let tuned = ModelRef {
+        model,
+        adapter: Some(out.join("adapter")),
+    };
+    (work, base, tuned)
+}
+
+fn evaluation(model: &ModelRef, set: &HeldOutSet) -> Evaluation {
+    evaluate_model(model, &tokenizer(), set, &options(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn evaluate_scores_every_row_as_validation_does_and_compare_lists_each_difference() {
+    let (work, base, tuned) = base_and_adapter("evaluate");
+    let set = HeldOutSet::read(&held_out(), None, &options().cleaning, None).unwrap();
+    assert_eq!(set.labels, ["Negative", "Positive"]);
+    let a = evaluation(&base, &set);
+    let b = evaluation(&tuned, &set);
+    for e in [&a, &b] {
+        assert_eq!(e.predictions.len(), set.examples.len());
+        assert_eq!(e.metrics.n, set.examples.len());
+        let right = e
+            .predictions
+            .iter()
+            .filter(|p| p.truth == p.predicted)
+            .count();
+        assert!((e.metrics.accuracy - right as f64 / e.predictions.len() as f64).abs() < 1e-12);
+        let lines: Vec<usize> = set.examples.iter().map(|x| x.line).collect();
+        let got: Vec<usize> = e.predictions.iter().map(|p| p.line).collect();
+        assert_eq!(got, lines);
+    }
+    // The same metrics as the training loop's validation scoring of those rows.
+    let (model, _) = load_for_inference(&tuned, &Device::Cpu).unwrap();
+    let enc = Encoder::from_file(&tokenizer(), PromptTemplate::default(), 48).unwrap();
+    let classes =
+        ClassificationSet::new(&enc, &set.examples, &set.labels, &set.majority_class).unwrap();
+    assert_eq!(
+        classes.evaluate(&model, 8, &Device::Cpu).unwrap(),
+        b.metrics
+    );
+    // The adapter changed the model: the two disagree somewhere, and compare lists exactly those
+    // rows with both answers.
+    let c = compare(a.clone(), b.clone()).unwrap();
+    let differ: Vec<usize> = a
+        .predictions
+        .iter()
+        .zip(&b.predictions)
+        .filter(|(x, y)| x.predicted != y.predicted)
+        .map(|(x, _)| x.line)
+        .collect();
+    assert!(
+        !differ.is_empty(),
+        "base and tuned model answer alike on every row"
+    );
+    assert_eq!(
+        c.disagreements.iter().map(|d| d.line).collect::<Vec<_>>(),
+        differ
+    );
+    for d in &c.disagreements {
+        let (x, y) = (
+            a.predictions.iter().find(|p| p.line == d.line).unwrap(),
+            b.predictions.iter().find(|p| p.line == d.line).unwrap(),
+        );
+        assert_eq!(
+            (&d.a, &d.b, &d.truth),
+            (&x.predicted, &y.predicted, &x.truth)
+        );
+    }
+    let n = a.predictions.len();
+    assert!((c.agreement - (n - differ.len()) as f64 / n as f64).abs() < 1e-12);
+    // Fixed minus broken is the change in correct answers.
+    let correct = |e: &Evaluation| {
+        e.predictions
+            .iter()
+            .filter(|p| p.truth == p.predicted)
+            .count()
+    };
+    assert_eq!(
+        c.fixed_by_b as i64 - c.broken_by_b as i64,
+        correct(&b) as i64 - correct(&a) as i64
+    );
+    let md = c.markdown();
+    assert!(md.contains(&format!("{} differ", differ.len())), "{md}");
+    // Different rows are refused, not compared.
+    let fewer = HeldOutSet::read(&held_out(), None, &options().cleaning, Some(10)).unwrap();
+    let err = compare(a, evaluation(&tuned, &fewer))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not evaluated on the same rows"), "{err}");
+    let _ = std::fs::remove_dir_all(work);
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn the_commands_write_json_and_markdown_and_name_the_bad_line() {
+    let (work, base, tuned) = base_and_adapter("evaluate-cli");
+    let common_args = |out: &Path| {
+        vec![
+            "--data".to_string(),
+            path(&held_out()),
+            "--text-column".into(),
+            "ReviewText".into(),
+            "--label-column".into(),
+            "SentimentLabel".into(),
+            "--max-seq-len".into(),
+            "48".into(),
+            "--tokenizer".into(),
+            path(&tokenizer()),
+            "--out".into(),
+            path(out),
+        ]
+    };
+    let out = work.join("eval");
+    let mut args = vec![
+        "evaluate".to_string(),
+        "--model".into(),
+        path(&tuned.model),
+        "--adapter".into(),
+        path(tuned.adapter.as_ref().unwrap()),
+    ];
+    args.extend(common_args(&out));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&refs);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let written: Evaluation =
+        serde_json::from_str(&std::fs::read_to_string(out.join("evaluation.json")).unwrap())
+            .unwrap();
+    let set = HeldOutSet::read(&held_out(), None, &options().cleaning, None).unwrap();
+    assert_eq!(written.predictions, evaluation(&tuned, &set).predictions);
+    let md = std::fs::read_to_string(out.join("evaluation.md")).unwrap();
+    assert!(
+        md.contains("| class | precision | recall | F1 | support |"),
+        "{md}"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
+
+    let out = work.join("compare");
+    let mut args = vec![
+        "compare".to_string(),
+        "--model-a".into(),
+        path(&base.model),
+        "--model-b".into(),
+        path(&tuned.model),
+        "--adapter-b".into(),
+        path(tuned.adapter.as_ref().unwrap()),
+    ];
+    args.extend(common_args(&out));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&refs);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c: Comparison =
+        serde_json::from_str(&std::fs::read_to_string(out.join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(c.b.predictions, written.predictions);
+    assert!(out.join("comparison.md").exists());
+
+    // A row with another label and an unlabelled one are skipped and counted, as in training;
+    // with --fail-on-invalid the error names the file and the line, and nothing is written.
+    let bad = work.join("mislabelled.csv");
+    std::fs::write(
+        &bad,
+        "ReviewText,SentimentLabel\ngood blender,Positive\nawful blender,Neutral\nbad,Negative\nmeh,\n",
+    )
+    .unwrap();
+    let out = work.join("skipped");
+    let mut args = vec!["evaluate".to_string(), "--model".into(), path(&base.model)];
+    args.extend(common_args(&out));
+    args[4] = path(&bad);
+    args.extend(["--labels".to_string(), "Negative,Positive".into()]);
+    let common_out_index = args.len() - 3;
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&refs);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let skipped: Evaluation =
+        serde_json::from_str(&std::fs::read_to_string(out.join("evaluation.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (skipped.cleaning.rows_read, skipped.cleaning.rows_kept),
+        (4, 2)
+    );
+    assert_eq!(skipped.cleaning.dropped["invalid"], 2, "{:?}", skipped.cleaning);
+    assert_eq!(skipped.predictions.len(), 2);
+    let out = work.join("bad");
+    args[common_out_index] = path(&out);
+    args.push("--fail-on-invalid".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&refs);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("mislabelled.csv") && err.contains(":3:"),
+        "{err}"
+    );
+    assert!(!out.join("evaluation.json").exists());
+    let _ = std::fs::remove_dir_all(work);
+}
+
+#[test]
+fn a_file_with_one_class_is_refused_by_name() {
+    let work = std::env::temp_dir().join(format!("ft-one-class-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let f = work.join("one.csv");
+    std::fs::write(
+        &f,
+        "ReviewText,SentimentLabel\ngood,Positive\nfine,Positive\n",
+    )
+    .unwrap();
+    let err = HeldOutSet::read(&f, None, &options().cleaning, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("one.csv") && err.contains("at least two"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(work);
+}
