@@ -83,9 +83,9 @@ impl ModelPreset {
     pub fn architecture(self) -> ModelArchitecture {
         match self {
             ModelPreset::Tiny => ModelArchitecture {
-                parameters: 8_700_000,
+                parameters: 8_995_968,
                 hidden_size: 128,
-                intermediate_size: 344,
+                intermediate_size: 352,
                 num_layers: 4,
                 num_heads: 4,
                 num_kv_heads: 4,

@@ -16,12 +16,11 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use crate::images::{ImageMap, ImageSpec};
 use crate::{Cluster, Error, Result};
 
-/// Image names the operator uses by default (must match `finetune_operator::build`).
-pub const TRAINER_IMAGE: &str = "ghcr.io/finetune-operator/trainer:0.1.0";
-/// CUDA variant of the trainer image.
-pub const TRAINER_CUDA_IMAGE: &str = "ghcr.io/finetune-operator/trainer:0.1.0-cuda";
-/// Image of the download init steps.
-pub const FETCH_IMAGE: &str = "ghcr.io/finetune-operator/fetch:0.1.0";
+/// The operator's default image names (one home: `finetune_operator::build`).
+pub use finetune_operator::build::{
+    DEFAULT_FETCH_IMAGE as FETCH_IMAGE, DEFAULT_TRAINER_CUDA_IMAGE as TRAINER_CUDA_IMAGE,
+    DEFAULT_TRAINER_IMAGE as TRAINER_IMAGE,
+};
 
 /// The workspace: its root and the directory holding the built binaries.
 #[derive(Clone, Debug)]

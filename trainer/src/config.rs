@@ -2,8 +2,8 @@
 //! trainer's own [`TrainParams`]; the API crate is the single source of truth for the fields.
 
 use finetune_api::{
-    Activation, DatasetFormat, LrScheduler, MethodType, OnInvalidRow, Precision, PromptStyle,
-    TargetModule, TrainableLayers, TrainerConfig,
+    Activation, DatasetFormat, EvaluationSpec, LoraSpec, MethodType, OnInvalidRow, Precision,
+    PromptStyle, TargetModule, TrainableLayers, TrainerConfig,
 };
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,6 @@ use crate::data::clean::{CleaningOptions, Format, InvalidRowPolicy};
 use crate::data::jsonl::ColumnMapping;
 use crate::data::template::PromptTemplate;
 use crate::model::{LlamaConfig, LoraSettings, TrainableSpec};
-use crate::optim::ScheduleKind;
 use crate::train::params::{EvalParams, TrainParams};
 use crate::{Result, TrainerError};
 
@@ -67,16 +66,10 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
     let layers: Vec<usize> = layers_sel.iter().map(|&i| i as usize).collect();
     let all_layers = c.method.trainable_layers.is_none();
     let method = match c.method.method_type {
-        MethodType::Lora => {
-            let l = c.method.lora_or_default().unwrap_or_default();
-            TrainableSpec::Lora(LoraSettings {
-                rank: l.rank as usize,
-                alpha: l.alpha,
-                dropout: l.dropout as f32,
-                target_modules: l.target_modules.iter().map(target_name).collect(),
-                layers: if all_layers { None } else { Some(layers) },
-            })
-        }
+        MethodType::Lora => TrainableSpec::Lora(lora_settings(
+            &c.method.lora_or_default().unwrap_or_default(),
+            if all_layers { None } else { Some(layers) },
+        )),
         MethodType::Full => TrainableSpec::Full {
             layers: if all_layers { None } else { Some(layers) },
             embeddings_and_head: all_layers,
@@ -128,21 +121,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         },
     };
     let h = &c.hyperparameters;
-    let e = &c.evaluation;
-    let eval = EvalParams {
-        interval: e.interval_steps as usize,
-        max_rows: e.max_rows as usize,
-        early_stopping_patience: e.early_stopping.as_ref().map(|s| s.patience as usize),
-        min_delta: e.early_stopping.as_ref().map_or(0.0, |s| s.min_delta),
-        max_gap: e.overfitting.max_gap,
-        max_ratio: e.overfitting.max_ratio,
-        rising_evaluations: e.overfitting.rising_evaluations as usize,
-        sample_prompts: e.sample_prompts.clone(),
-        sample_max_new_tokens: e.sample_max_new_tokens as usize,
-        retention_file,
-        retention_max_rows: e.retention.as_ref().map_or(200, |r| r.max_rows as usize),
-        retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
-    };
+    let eval = eval_params(&c.evaluation, retention_file);
     Ok(TrainParams {
         job: c.job.clone(),
         model_dir,
@@ -162,22 +141,6 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
             .activation
             .as_ref()
             .map(|a| activation_name(a).to_string()),
-        learning_rate: h.learning_rate,
-        schedule: match h.scheduler {
-            LrScheduler::Constant => ScheduleKind::Constant,
-            LrScheduler::Linear => ScheduleKind::Linear,
-            LrScheduler::Cosine => ScheduleKind::Cosine,
-        },
-        warmup_steps: h.warmup_steps as usize,
-        epochs: h.epochs as usize,
-        max_steps: h.max_steps.map(|m| m as usize),
-        batch_size: h.batch_size as usize,
-        grad_accum: h.gradient_accumulation_steps as usize,
-        group_by_length: h.group_by_length,
-        max_seq_len: h.max_sequence_length as usize,
-        weight_decay: h.weight_decay,
-        max_grad_norm: h.max_grad_norm,
-        seed: h.seed,
         bf16: c.precision == Precision::Bf16,
         gradient_checkpointing: c.gradient_checkpointing,
         use_gpu: c.use_gpu,
@@ -197,5 +160,40 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
             .or_else(|| Some(c.metrics_address.clone()).filter(|a| !a.is_empty())),
         termination_message_file: Some(PathBuf::from(&c.paths.termination_message_file))
             .filter(|p| !p.as_os_str().is_empty()),
+        ..TrainParams::from_hyperparameters(h)
     })
+}
+
+/// The trainer's LoRA settings for the API's LoRA section, on `layers` (all when `None`).
+pub fn lora_settings(l: &LoraSpec, layers: Option<Vec<usize>>) -> LoraSettings {
+    LoraSettings {
+        rank: l.rank as usize,
+        alpha: l.alpha,
+        dropout: l.dropout as f32,
+        target_modules: l.target_modules.iter().map(target_name).collect(),
+        layers,
+    }
+}
+
+/// The trainer's evaluation settings for the API's evaluation section.
+pub fn eval_params(e: &EvaluationSpec, retention_file: Option<PathBuf>) -> EvalParams {
+    EvalParams {
+        interval: e.interval_steps as usize,
+        max_rows: e.max_rows as usize,
+        early_stopping_patience: e.early_stopping.as_ref().map(|s| s.patience as usize),
+        min_delta: e.early_stopping.as_ref().map_or(0.0, |s| s.min_delta),
+        max_gap: e.overfitting.max_gap,
+        max_ratio: e.overfitting.max_ratio,
+        rising_evaluations: e.overfitting.rising_evaluations as usize,
+        sample_prompts: e.sample_prompts.clone(),
+        sample_max_new_tokens: e.sample_max_new_tokens as usize,
+        retention_file,
+        retention_max_rows: e
+            .retention
+            .as_ref()
+            .map_or(finetune_api::v1alpha1::DEFAULT_RETENTION_MAX_ROWS, |r| {
+                r.max_rows
+            }) as usize,
+        retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
+    }
 }

@@ -3,9 +3,9 @@
 
 mod common;
 
+use finetune_api::LrScheduler;
 use finetune_trainer::data::PromptTemplate;
 use finetune_trainer::model::{TrainableSpec, tiny};
-use finetune_trainer::optim::ScheduleKind;
 
 #[test]
 fn demo_config_maps_onto_params() {
@@ -48,7 +48,7 @@ fn demo_config_maps_onto_params() {
         }
     );
     assert_eq!((p.epochs, p.batch_size, p.max_seq_len), (2, 16, 96));
-    assert_eq!(p.schedule, ScheduleKind::Cosine);
+    assert_eq!(p.schedule, LrScheduler::Cosine);
     assert_eq!(p.eval.early_stopping_patience, Some(3));
     assert_eq!(
         p.eval.retention_file.as_deref(),

@@ -84,7 +84,7 @@ fn planted_overfit_is_flagged_and_stopped_early_keeping_the_best() {
         embeddings_and_head: true,
     };
     let mut p = params(&work, "o", full, 1e-2, 60);
-    p.schedule = finetune_trainer::optim::ScheduleKind::Constant;
+    p.schedule = finetune_api::LrScheduler::Constant;
     p.eval.early_stopping_patience = Some(3);
     p.eval.max_gap = 0.5;
     p.eval.rising_evaluations = 2;

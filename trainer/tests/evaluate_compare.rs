@@ -253,7 +253,11 @@ fn the_commands_write_json_and_markdown_and_name_the_bad_line() {
         (skipped.cleaning.rows_read, skipped.cleaning.rows_kept),
         (4, 2)
     );
-    assert_eq!(skipped.cleaning.dropped["invalid"], 2, "{:?}", skipped.cleaning);
+    assert_eq!(
+        skipped.cleaning.dropped["invalid"], 2,
+        "{:?}",
+        skipped.cleaning
+    );
     assert_eq!(skipped.predictions.len(), 2);
     let out = work.join("bad");
     args[common_out_index] = path(&out);

@@ -2,7 +2,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The training data and how it becomes prompts.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DatasetSpec {
     /// Where the data is: `pvc://claim/path/file.csv` (an existing claim), `configmap://name/key`
@@ -38,6 +38,22 @@ pub struct DatasetSpec {
     #[serde(default = "default_seed")]
     #[schemars(range(min = 0, max = 4_294_967_295u64))]
     pub seed: u64,
+}
+
+/// The serde defaults (what a manifest that leaves the fields out gets), with no source.
+impl Default for DatasetSpec {
+    fn default() -> Self {
+        DatasetSpec {
+            source: String::new(),
+            sha256: None,
+            format: DatasetFormat::default(),
+            columns: ColumnMapping::default(),
+            prompt_template: PromptTemplate::default(),
+            validation_split: default_validation_split(),
+            cleaning: CleaningSpec::default(),
+            seed: default_seed(),
+        }
+    }
 }
 
 pub(crate) fn default_seed() -> u64 {

@@ -156,6 +156,9 @@ pub struct RetentionSpec {
     pub every_evaluation: bool,
 }
 
+/// Passages of the retention text evaluated when `retention.maxRows` is not set.
+pub const DEFAULT_RETENTION_MAX_ROWS: u32 = 200;
+
 fn default_retention_rows() -> u32 {
-    200
+    DEFAULT_RETENTION_MAX_ROWS
 }

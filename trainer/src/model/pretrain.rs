@@ -12,10 +12,11 @@ use super::weights::Weights;
 use crate::data::batch::Batch;
 use crate::data::encode::Encoder;
 use crate::eval::encode_lm_lines;
-use crate::optim::{AdamW, AdamWParams, Schedule, ScheduleKind, clip_grad_norm};
+use crate::optim::{AdamW, AdamWParams, Schedule, clip_grad_norm};
 use crate::rng::Rng;
 use crate::train::loss::masked_cross_entropy;
 use crate::{Result, TrainerError};
+use finetune_api::LrScheduler;
 
 /// Pretraining settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +81,7 @@ pub fn pretrain(
         base_lr: s.learning_rate,
         warmup: s.steps / 20,
         total: s.steps,
-        kind: ScheduleKind::Cosine,
+        kind: LrScheduler::Cosine,
     };
     let mut rng = Rng::new(s.seed);
     let mut order: Vec<usize> = (0..data.len()).collect();

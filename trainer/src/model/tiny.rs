@@ -10,22 +10,25 @@ use super::lora::module_path;
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
 
-/// The tiny preset's configuration for a vocabulary size (32000 for the Llama 2 tokenizer).
+/// The tiny preset's configuration for a vocabulary size (32000 for the Llama 2 tokenizer): the
+/// architecture of `finetune_api::ModelPreset::Tiny` (the one the fit check sizes), with the
+/// tokenizer's vocabulary.
 pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
+    let a = finetune_api::ModelPreset::Tiny.architecture();
     LlamaConfig {
-        hidden_size: 128,
-        intermediate_size: 352,
+        hidden_size: a.hidden_size as usize,
+        intermediate_size: a.intermediate_size as usize,
         vocab_size,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(4),
+        num_hidden_layers: a.num_layers as usize,
+        num_attention_heads: a.num_heads as usize,
+        num_key_value_heads: Some(a.num_kv_heads as usize),
         rms_norm_eps: 1e-5,
         head_dim: None,
         rope_theta: Some(super::rope::DEFAULT_ROPE_THETA),
         rope_scaling: None,
         rope_parameters: None,
         hidden_act: "silu".into(),
-        max_position_embeddings: 512,
+        max_position_embeddings: a.max_position_embeddings as usize,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
         tie_word_embeddings: false,
@@ -106,4 +109,17 @@ pub fn write_hf_model(
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
     crate::checkpoint::atomic::save_safetensors_atomic(&dir.join("model.safetensors"), weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tiny_model_is_the_preset_the_fit_check_sizes() {
+        let preset = finetune_api::ModelPreset::Tiny.architecture();
+        let cfg = tiny_config(preset.vocab_size as usize);
+        assert_eq!(cfg.num_parameters() as u64, preset.parameters);
+        assert_eq!(cfg.intermediate_size as u32, preset.intermediate_size);
+    }
 }

@@ -6,4 +6,4 @@ pub mod schedule;
 
 pub use adamw::{AdamW, AdamWParams};
 pub use clip::clip_grad_norm;
-pub use schedule::{Schedule, ScheduleKind};
+pub use schedule::Schedule;

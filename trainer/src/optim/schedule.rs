@@ -2,17 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Shape of the schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
-    /// Constant after warmup.
-    Constant,
-    /// Linear decay to zero at the last step.
-    Linear,
-    /// Cosine decay to zero at the last step.
-    Cosine,
-}
+use finetune_api::LrScheduler;
 
 /// A learning-rate schedule over optimizer steps.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -23,8 +13,8 @@ pub struct Schedule {
     pub warmup: usize,
     /// Total optimizer steps.
     pub total: usize,
-    /// Decay shape.
-    pub kind: ScheduleKind,
+    /// Decay shape after warmup: the API's own enum (`hyperparameters.scheduler`).
+    pub kind: LrScheduler,
 }
 
 impl Schedule {
@@ -36,9 +26,9 @@ impl Schedule {
         let span = self.total.saturating_sub(self.warmup).max(1) as f64;
         let progress = ((step - self.warmup.min(step)) as f64 / span).clamp(0.0, 1.0);
         match self.kind {
-            ScheduleKind::Constant => self.base_lr,
-            ScheduleKind::Linear => self.base_lr * (1.0 - progress),
-            ScheduleKind::Cosine => {
+            LrScheduler::Constant => self.base_lr,
+            LrScheduler::Linear => self.base_lr * (1.0 - progress),
+            LrScheduler::Cosine => {
                 self.base_lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
         }
@@ -56,7 +46,7 @@ mod tests {
             base_lr: 1.0,
             warmup: 4,
             total: 14,
-            kind: ScheduleKind::Cosine,
+            kind: LrScheduler::Cosine,
         };
         assert!((s.lr(0) - 0.25).abs() < 1e-12);
         assert!((s.lr(3) - 1.0).abs() < 1e-12);
@@ -64,12 +54,12 @@ mod tests {
         assert!((s.lr(9) - 0.5).abs() < 1e-12);
         assert!(s.lr(14).abs() < 1e-12);
         let l = Schedule {
-            kind: ScheduleKind::Linear,
+            kind: LrScheduler::Linear,
             ..s
         };
         assert!((l.lr(9) - 0.5).abs() < 1e-12);
         let c = Schedule {
-            kind: ScheduleKind::Constant,
+            kind: LrScheduler::Constant,
             ..s
         };
         assert!((c.lr(13) - 1.0).abs() < 1e-12);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::data::clean::{CleaningOptions, Format};
 use crate::data::template::PromptTemplate;
 use crate::model::TrainableSpec;
-use crate::optim::ScheduleKind;
+use finetune_api::LrScheduler;
 
 /// Evaluation settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,21 +38,9 @@ pub struct EvalParams {
 }
 
 impl Default for EvalParams {
+    /// The API's defaults (`evaluation` left out of the spec).
     fn default() -> Self {
-        Self {
-            interval: 50,
-            max_rows: finetune_api::v1alpha1::DEFAULT_EVALUATION_MAX_ROWS as usize,
-            early_stopping_patience: None,
-            min_delta: 0.0,
-            max_gap: 0.5,
-            max_ratio: 1.5,
-            rising_evaluations: 3,
-            sample_prompts: vec![],
-            sample_max_new_tokens: 16,
-            retention_file: None,
-            retention_max_rows: 200,
-            retention_every_evaluation: false,
-        }
+        crate::config::eval_params(&finetune_api::EvaluationSpec::default(), None)
     }
 }
 
@@ -84,7 +72,7 @@ pub struct TrainParams {
     /// Peak learning rate.
     pub learning_rate: f64,
     /// Schedule shape.
-    pub schedule: ScheduleKind,
+    pub schedule: LrScheduler,
     /// Warmup steps.
     pub warmup_steps: usize,
     /// Epochs.
@@ -133,8 +121,9 @@ pub struct TrainParams {
 }
 
 impl TrainParams {
-    /// Parameters with defaults for a model, tokenizer and dataset, writing under `work_dir`
-    /// (`checkpoints/`, `output/`): LoRA r=8 on q/v, lr 2e-4 cosine, 1 epoch, batch 8.
+    /// Parameters for a model, tokenizer and dataset, writing under `work_dir` (`checkpoints/`,
+    /// `output/`), with the API's defaults: what a FineTuneJob gets when it leaves a field out
+    /// (LoRA on q/v, the default hyperparameters and evaluation), on the CPU in f32.
     pub fn with_defaults(
         model_dir: impl Into<PathBuf>,
         tokenizer: impl Into<PathBuf>,
@@ -142,6 +131,8 @@ impl TrainParams {
         work_dir: impl Into<PathBuf>,
     ) -> Self {
         let work: PathBuf = work_dir.into();
+        let checkpoints = finetune_api::CheckpointSpec::default();
+        let dataset_spec = finetune_api::DatasetSpec::default();
         Self {
             job: "local".into(),
             model_dir: model_dir.into(),
@@ -150,37 +141,65 @@ impl TrainParams {
             format: None,
             cleaning: CleaningOptions::default(),
             template: PromptTemplate::default(),
-            validation_split: 0.1,
-            data_seed: 42,
-            method: TrainableSpec::Lora(crate::model::LoraSettings {
-                rank: 8,
-                alpha: 16.0,
-                dropout: 0.05,
-                target_modules: vec!["q_proj".into(), "v_proj".into()],
-                layers: None,
-            }),
+            validation_split: dataset_spec.validation_split,
+            data_seed: dataset_spec.seed,
+            method: TrainableSpec::Lora(crate::config::lora_settings(
+                &finetune_api::LoraSpec::default(),
+                None,
+            )),
             activation: None,
-            learning_rate: 2e-4,
-            schedule: ScheduleKind::Cosine,
-            warmup_steps: 0,
-            epochs: 1,
-            max_steps: None,
-            batch_size: 8,
-            grad_accum: 1,
-            group_by_length: true,
-            max_seq_len: 128,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            seed: 42,
             bf16: false,
             gradient_checkpointing: false,
             use_gpu: false,
             eval: EvalParams::default(),
             checkpoint_dir: work.join("checkpoints"),
-            checkpoint_interval: 0,
-            keep_last: 2,
-            keep_best: true,
+            checkpoint_interval: checkpoints.interval_steps as usize,
+            keep_last: checkpoints.keep_last as usize,
+            keep_best: checkpoints.keep_best,
             output_dir: work.join("output"),
+            merge_weights: false,
+            metrics_address: None,
+            termination_message_file: None,
+            ..Self::from_hyperparameters(&finetune_api::Hyperparameters::default())
+        }
+    }
+
+    /// The optimisation settings of the API's `hyperparameters` section; everything else is
+    /// empty (paths) or off, for [`Self::with_defaults`] and `config::to_params` to fill in.
+    pub fn from_hyperparameters(h: &finetune_api::Hyperparameters) -> Self {
+        Self {
+            job: String::new(),
+            model_dir: PathBuf::new(),
+            tokenizer: PathBuf::new(),
+            dataset: PathBuf::new(),
+            format: None,
+            cleaning: CleaningOptions::default(),
+            template: PromptTemplate::default(),
+            validation_split: 0.0,
+            data_seed: h.seed,
+            method: TrainableSpec::Frozen,
+            activation: None,
+            learning_rate: h.learning_rate,
+            schedule: h.scheduler,
+            warmup_steps: h.warmup_steps as usize,
+            epochs: h.epochs as usize,
+            max_steps: h.max_steps.map(|m| m as usize),
+            batch_size: h.batch_size as usize,
+            grad_accum: h.gradient_accumulation_steps as usize,
+            group_by_length: h.group_by_length,
+            max_seq_len: h.max_sequence_length as usize,
+            weight_decay: h.weight_decay,
+            max_grad_norm: h.max_grad_norm,
+            seed: h.seed,
+            bf16: false,
+            gradient_checkpointing: false,
+            use_gpu: false,
+            eval: EvalParams::default(),
+            checkpoint_dir: PathBuf::new(),
+            checkpoint_interval: 0,
+            keep_last: 0,
+            keep_best: false,
+            output_dir: PathBuf::new(),
             merge_weights: false,
             metrics_address: None,
             termination_message_file: None,
