@@ -8,6 +8,7 @@
 pub mod document;
 pub mod fit;
 pub mod memory;
+pub mod mutability;
 pub mod presets;
 pub mod progress;
 pub mod source;
@@ -16,11 +17,12 @@ pub mod v1alpha1;
 pub mod validate;
 
 pub use document::validate_document;
+pub use mutability::validate_update;
 pub use presets::{ModelArchitecture, ModelPreset, PresetDefaults};
 pub use progress::{TrainerPhase, TrainerProgress};
 pub use trainer_config::{TrainerConfig, TrainerPaths};
 pub use v1alpha1::*;
-pub use validate::{FieldError, FieldWarning, validate, validate_update, warnings};
+pub use validate::{FieldError, FieldWarning, validate, warnings};
 
 /// API group of every resource in this crate.
 pub const GROUP: &str = "finetune.dev";

@@ -25,12 +25,12 @@ use crate::build::{self, Children, name_and_namespace};
 use crate::context::{Context, JobMemory};
 use crate::lifecycle::{PodOutcome, backoff, classify};
 use crate::names::{self, ATTEMPT_LABEL};
-use crate::spec_change::{MUTABLE_FIELDS, changed_sections, immutable_hash};
 use crate::status::{
     apply_progress, condition, merge_diff, parse_termination_message, remove_condition,
     set_condition, set_phase,
 };
 use crate::{Error, FIELD_MANAGER, Result};
+use finetune_api::mutability::{changed_sections, mutable_fields_sentence};
 
 /// Key of the accepted spec in the trainer ConfigMap.
 pub const ACCEPTED_SPEC_KEY: &str = "spec.json";
@@ -157,17 +157,14 @@ fn effective_spec(
     job: &FineTuneJob,
     accepted: Option<FineTuneJobSpec>,
 ) -> (FineTuneJobSpec, Option<Vec<String>>) {
-    match accepted {
-        Some(acc) if immutable_hash(&acc) != immutable_hash(&job.spec) => {
-            let sections = changed_sections(&acc, &job.spec);
-            let mut spec = acc;
-            spec.suspend = job.spec.suspend;
-            spec.backoff_limit = job.spec.backoff_limit;
-            spec.active_deadline_seconds = job.spec.active_deadline_seconds;
-            spec.ttl_seconds_after_finished = job.spec.ttl_seconds_after_finished;
-            (spec, Some(sections))
-        }
-        _ => (job.spec.clone(), None),
+    let Some(acc) = accepted else {
+        return (job.spec.clone(), None);
+    };
+    let sections = changed_sections(&acc, &job.spec);
+    if sections.is_empty() {
+        (job.spec.clone(), None)
+    } else {
+        (acc.with_mutable_fields_of(&job.spec), Some(sections))
     }
 }
 
@@ -232,7 +229,7 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
                 "changes to {} are refused after the job started (only {} may change); the job \
                  continues with the spec it started with",
                 sections.join(", "),
-                MUTABLE_FIELDS.join(", ")
+                mutable_fields_sentence()
             ),
             generation,
             &t,

@@ -18,7 +18,6 @@ pub mod metrics;
 pub mod names;
 pub mod progress;
 pub mod server;
-pub mod spec_change;
 pub mod status;
 pub mod telemetry;
 

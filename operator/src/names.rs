@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use finetune_api::JOB_LABEL;
+use sha2::{Digest, Sha256};
 
 /// Label carrying the attempt number of a trainer pod (0 for the first).
 pub const ATTEMPT_LABEL: &str = "finetune.dev/attempt";
@@ -11,6 +12,12 @@ pub const SPEC_HASH_ANNOTATION: &str = "finetune.dev/spec-hash";
 /// Name of the trainer container.
 pub const TRAINER_CONTAINER: &str = "trainer";
 
+/// First 10 hex digits of the SHA-256 of `bytes`.
+pub fn short_hash(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Kubernetes names are at most 63 characters where they become labels or DNS names; long job
 /// names are cut and suffixed with a short hash so children stay unique.
 fn bounded(base: &str, suffix: &str) -> String {
@@ -18,7 +25,7 @@ fn bounded(base: &str, suffix: &str) -> String {
     if full.len() <= 63 {
         return full;
     }
-    let hash = crate::spec_change::short_hash(base.as_bytes());
+    let hash = short_hash(base.as_bytes());
     let keep = 63 - suffix.len() - hash.len() - 2;
     let cut: String = base.chars().take(keep).collect();
     format!("{}-{hash}-{suffix}", cut.trim_end_matches('-'))

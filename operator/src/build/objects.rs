@@ -22,7 +22,6 @@ use super::volumes::{CONFIG_FILE, DataPlan};
 use super::{name_and_namespace, owner_reference};
 use crate::Result;
 use crate::names::{self, SPEC_HASH_ANNOTATION};
-use crate::spec_change::immutable_hash;
 
 /// Default size of a checkpoint claim the operator creates.
 pub const DEFAULT_CHECKPOINT_SIZE: &str = "10Gi";
@@ -39,7 +38,7 @@ fn meta(job: &FineTuneJob, name: String) -> Result<ObjectMeta> {
 }
 
 /// The trainer configuration, rendered from the spec and the planned paths. Its annotation
-/// records the hash of the spec's immutable parts (see [`crate::spec_change`]).
+/// records the hash of the spec's immutable parts (see `finetune_api::mutability`).
 pub fn config_map(job: &FineTuneJob, plan: &DataPlan) -> Result<ConfigMap> {
     let (name, namespace) = name_and_namespace(job)?;
     let config = TrainerConfig::from_spec(
@@ -51,7 +50,11 @@ pub fn config_map(job: &FineTuneJob, plan: &DataPlan) -> Result<ConfigMap> {
     let mut m = meta(job, names::config_map(&name))?;
     m.annotations = Some(BTreeMap::from([(
         SPEC_HASH_ANNOTATION.to_string(),
-        immutable_hash(&job.spec),
+        names::short_hash(
+            finetune_api::mutability::immutable_part(&job.spec)
+                .to_string()
+                .as_bytes(),
+        ),
     )]));
     Ok(ConfigMap {
         metadata: m,
