@@ -30,6 +30,24 @@ pub struct JobMemory {
     pub superseded_version: Option<String>,
 }
 
+impl JobMemory {
+    /// Nothing seen yet: step 0 from now.
+    pub fn new() -> Self {
+        JobMemory {
+            step: 0,
+            since: Instant::now(),
+            unschedulable_since: None,
+            superseded_version: None,
+        }
+    }
+}
+
+impl Default for JobMemory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Passed to every reconciliation.
 pub struct Context {
     /// Kubernetes client.
@@ -90,6 +108,41 @@ impl Context {
                 config_maps: config_map_writer,
             })),
         })
+    }
+
+    /// Runs `f` on what is remembered of the job `uid` (a fresh entry when there is none).
+    pub fn remember<T>(&self, uid: &str, f: impl FnOnce(&mut JobMemory) -> T) -> T {
+        let mut map = self
+            .memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(map.entry(uid.to_string()).or_default())
+    }
+
+    /// Forgets the job `uid` (it finished for good).
+    pub fn forget(&self, uid: &str) {
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(uid);
+    }
+
+    /// Keeps what is remembered of the jobs for which `live(uid)` holds.
+    pub fn retain_memory(&self, live: impl Fn(&str) -> bool) {
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|uid, _| live(uid));
+    }
+
+    /// Jobs currently remembered as unschedulable.
+    pub fn count_unschedulable(&self) -> i64 {
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|m| m.unschedulable_since.is_some())
+            .count() as i64
     }
 
     /// Takes the writers of the child caches; `None` after the first call.

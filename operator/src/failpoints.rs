@@ -74,7 +74,7 @@ mod tests {
 
     #[test]
     fn every_declared_crash_point_is_placed_in_the_reconciler() {
-        let source = include_str!("controller.rs");
+        let source = include_str!("controller/apply.rs");
         for name in CRASH_POINTS {
             let kind = name.strip_prefix("after-apply-");
             let placed = source.contains(&format!("crash_point!(\"{name}\")"))

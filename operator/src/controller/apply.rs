@@ -1,0 +1,264 @@
+//! Apply: carry out a [`Plan`] — remember what it says, run its writes in order (server-side
+//! apply with one field manager, deletes, the status patch), then count what it counted.
+
+use finetune_api::{FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, JobPhase};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::ACCEPTED_SPEC_KEY;
+use super::decide::{Plan, Write};
+use crate::build::{Children, name_and_namespace};
+use crate::context::Context;
+use crate::names;
+use crate::status::{condition, merge_diff};
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// Executes `plan` for `job`, whose spec as run is `spec` (recorded with the children).
+pub async fn execute(
+    job: &FineTuneJob,
+    ctx: &Context,
+    spec: &FineTuneJobSpec,
+    plan: Plan,
+) -> Result<()> {
+    let (name, ns) = name_and_namespace(job)?;
+    let uid = job.uid().unwrap_or_default();
+    if plan.forget {
+        ctx.forget(&uid);
+    } else {
+        ctx.remember(&uid, |m| {
+            let superseded = m.superseded_version.take();
+            *m = plan.memory.clone();
+            m.superseded_version = superseded;
+        });
+    }
+    if let Some(waited) = plan.unschedulable_for {
+        ctx.metrics
+            .unschedulable_seconds
+            .observe(waited.as_secs_f64());
+    }
+    ctx.metrics
+        .unschedulable_jobs
+        .set(ctx.count_unschedulable());
+    let old = job.status.clone().unwrap_or_default();
+    for write in plan.writes {
+        match write {
+            Write::ApplyChildren(children) => apply_children(ctx, &ns, *children, spec).await?,
+            Write::DeletePods { names, grace } => delete_pods(ctx, &ns, &names, grace).await?,
+            Write::Status => write_status(job, ctx, &ns, &name, &old, &plan.status).await?,
+            Write::DeleteConfigMapAndService => {
+                delete_config_map_and_service(ctx, &ns, &name).await?
+            }
+        }
+    }
+    if let Some(class) = plan.restart {
+        ctx.metrics.pod_restarts.with_label_values(&[class]).inc();
+    }
+    Ok(())
+}
+
+async fn delete_pods(ctx: &Context, ns: &str, pods: &[String], grace: Option<u32>) -> Result<()> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for pod in pods {
+        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+        let dp = DeleteParams {
+            grace_period_seconds: grace,
+            ..DeleteParams::background()
+        };
+        match api.delete(pod, &dp).await {
+            Ok(_) => {
+                info!(pod, "deleted trainer pod");
+                crate::crash_point!("after-delete-pod");
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn apply<K>(ctx: &Context, api: &Api<K>, obj: &K) -> Result<()>
+where
+    K: Resource<DynamicType = ()>
+        + Serialize
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let name = obj
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    let mut value = serde_json::to_value(obj)?;
+    value["apiVersion"] = serde_json::Value::String(K::api_version(&()).into_owned());
+    value["kind"] = serde_json::Value::String(K::kind(&()).into_owned());
+    ctx.metrics.api_writes.with_label_values(&["apply"]).inc();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await?;
+    crate::crash_point!(&format!("after-apply-{}", K::kind(&()).to_lowercase()));
+    Ok(())
+}
+
+/// Applies every child with server-side apply. The ConfigMap also records the accepted spec.
+async fn apply_children(
+    ctx: &Context,
+    ns: &str,
+    mut children: Children,
+    spec: &FineTuneJobSpec,
+) -> Result<()> {
+    let client = &ctx.client;
+    children
+        .config_map
+        .data
+        .get_or_insert_with(Default::default)
+        .insert(ACCEPTED_SPEC_KEY.into(), serde_json::to_string(spec)?);
+    apply(
+        ctx,
+        &Api::<ConfigMap>::namespaced(client.clone(), ns),
+        &children.config_map,
+    )
+    .await?;
+    if let Some(pvc) = &children.checkpoint_claim {
+        let api = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
+        // A claim's spec is immutable once bound: create it once, never re-apply.
+        if api.get_opt(&pvc.name_any()).await?.is_none() {
+            apply(ctx, &api, pvc).await?;
+        }
+    }
+    apply(
+        ctx,
+        &Api::<Service>::namespaced(client.clone(), ns),
+        &children.metrics_service,
+    )
+    .await?;
+    // Before the pod, so the trainer never runs without its NetworkPolicy.
+    apply(
+        ctx,
+        &Api::<NetworkPolicy>::namespaced(client.clone(), ns),
+        &children.network_policy,
+    )
+    .await?;
+    apply(
+        ctx,
+        &Api::<Pod>::namespaced(client.clone(), ns),
+        &children.pod,
+    )
+    .await?;
+    Ok(())
+}
+
+/// TTL of a finished job: its ConfigMap and Service go (the job and its claim stay).
+async fn delete_config_map_and_service(ctx: &Context, ns: &str, name: &str) -> Result<()> {
+    let client = &ctx.client;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    if cms.get_opt(&names::config_map(name)).await?.is_some() {
+        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+        cms.delete(&names::config_map(name), &DeleteParams::default())
+            .await?;
+        crate::crash_point!("after-delete-configmap");
+    }
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    if svcs.get_opt(&names::metrics_service(name)).await?.is_some() {
+        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+        svcs.delete(&names::metrics_service(name), &DeleteParams::default())
+            .await?;
+        crate::crash_point!("after-delete-service");
+    }
+    Ok(())
+}
+
+/// Writes the status when it changed (never otherwise: an idle job causes no writes), with the
+/// object's resourceVersion as a precondition so a reconcile working from a stale cache cannot
+/// count a failure twice. Publishes an event when the phase or its reason changed.
+pub(super) async fn write_status(
+    job: &FineTuneJob,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    old: &FineTuneJobStatus,
+    new: &FineTuneJobStatus,
+) -> Result<()> {
+    if old == new {
+        return Ok(());
+    }
+    let Some(diff) = merge_diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?) else {
+        return Ok(());
+    };
+    let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": job.resource_version() },
+        "status": diff,
+    });
+    ctx.metrics.api_writes.with_label_values(&["status"]).inc();
+    let result = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(kube::Error::Api(s)) if s.code == 409 => "conflict",
+        Err(_) => "error",
+    };
+    ctx.metrics
+        .status_writes
+        .with_label_values(&[outcome])
+        .inc();
+    let written = result?;
+    if written.resource_version() != job.resource_version() {
+        ctx.remember(&job.uid().unwrap_or_default(), |m| {
+            m.superseded_version = job.resource_version();
+        });
+    }
+    crate::crash_point!("after-status-patch");
+    let reason_of = |s: &FineTuneJobStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY)
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let (old_reason, new_reason) = (reason_of(old), reason_of(new));
+    if old.phase != new.phase
+        || old_reason.as_ref().map(|r| &r.0) != new_reason.as_ref().map(|r| &r.0)
+    {
+        let (reason, message) = new_reason.unwrap_or_default();
+        let warning = matches!(new.phase, Some(JobPhase::Failed))
+            || matches!(
+                reason.as_str(),
+                "OOMKilled"
+                    | "Error"
+                    | "Unschedulable"
+                    | "Stalled"
+                    | "NodeLost"
+                    | "Disrupted"
+                    | "InvalidSpec"
+            );
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.clone(),
+            note: Some(message.chars().take(1000).collect()),
+            action: new
+                .phase
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default(),
+            secondary: None,
+        };
+        info!(phase = ?new.phase, %reason, "status changed");
+        if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+            warn!(error = %e, "could not publish event");
+        }
+        crate::crash_point!("after-event");
+    }
+    Ok(())
+}

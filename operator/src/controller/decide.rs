@@ -1,0 +1,635 @@
+//! Decide: the pure heart of the reconciler. From the job, what was observed (its accepted spec,
+//! its pods, node loss, the trainer's progress, what is remembered of it), the settings and the
+//! clock, to a [`Plan`]: the status, the ordered writes, the requeue and what to remember. No
+//! I/O, so every rule (validation, immutable fields, deadline, suspend, backoff, scheduling, node
+//! loss, stall, success, failure and `backoffLimit`, disruption, TTL) is tested from YAML fixtures
+//! (`operator/tests/decide.rs`).
+
+use std::time::{Duration, Instant};
+
+use finetune_api::fit::effective_gpus;
+use finetune_api::mutability::{changed_sections, mutable_fields_sentence};
+use finetune_api::{
+    FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, JobPhase, MethodType, OutputStatus,
+    TrainerProgress,
+};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+
+use crate::Result;
+use crate::build::{self, BuildSettings, Children};
+use crate::context::JobMemory;
+use crate::lifecycle::{PodOutcome, backoff, classify};
+use crate::names::ATTEMPT_LABEL;
+use crate::status::{
+    apply_progress, condition, parse_termination_message, remove_condition, set_condition,
+    set_phase,
+};
+
+/// What the observe step found, the input of [`decide`] besides the job itself.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// The spec accepted when the job started (recorded in its ConfigMap); `None` before.
+    pub accepted: Option<FineTuneJobSpec>,
+    /// The job's trainer pods, every attempt.
+    pub pods: Vec<Pod>,
+    /// Whether the node of the current attempt's running pod is gone.
+    pub node_lost: bool,
+    /// The running trainer's progress, when it answered.
+    pub progress: Option<TrainerProgress>,
+    /// What is remembered of the job between reconciles.
+    pub memory: JobMemory,
+}
+
+/// The lifecycle settings the rules use (operator flags) and the builders' settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Settings of the pure builders.
+    pub build: BuildSettings,
+    /// First wait after a counted failure.
+    pub base_backoff: Duration,
+    /// Longest wait after a counted failure.
+    pub max_backoff: Duration,
+    /// A step not advancing for this long sets `Stalled`.
+    pub stall_timeout: Duration,
+    /// How often a running trainer's progress is read.
+    pub progress_interval: Duration,
+}
+
+impl Settings {
+    /// The settings of the operator's flags.
+    pub fn from_args(args: &crate::Args) -> Self {
+        Settings {
+            build: BuildSettings::from(args),
+            base_backoff: args.base_backoff,
+            max_backoff: args.max_backoff,
+            stall_timeout: args.stall_timeout,
+            progress_interval: args.progress_interval,
+        }
+    }
+}
+
+/// The time of a reconcile: wall clock for the status, monotonic for durations.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    /// Wall-clock time.
+    pub wall: Time,
+    /// Monotonic time.
+    pub mono: Instant,
+}
+
+impl Clock {
+    /// Now.
+    pub fn now() -> Self {
+        Clock {
+            wall: Time(k8s_openapi::jiff::Timestamp::now()),
+            mono: Instant::now(),
+        }
+    }
+}
+
+/// One write of a plan, executed in order by the apply step.
+#[derive(Clone, Debug)]
+pub enum Write {
+    /// Server-side apply of the children (ConfigMap recording the accepted spec, checkpoint
+    /// claim when absent, metrics Service, NetworkPolicy, then the pod).
+    ApplyChildren(Box<Children>),
+    /// Delete these pods, with this grace period (`None`: the pod's own).
+    DeletePods {
+        /// Pod names.
+        names: Vec<String>,
+        /// Grace period in seconds.
+        grace: Option<u32>,
+    },
+    /// Write the plan's status (skipped when unchanged).
+    Status,
+    /// TTL: delete the trainer ConfigMap and the metrics Service.
+    DeleteConfigMapAndService,
+}
+
+impl Write {
+    /// A short description, for logs and fixture tests: `apply children (pod NAME)`,
+    /// `delete pods A,B (grace 0)`, `status`, `delete configmap and service`.
+    pub fn describe(&self) -> String {
+        match self {
+            Write::ApplyChildren(c) => format!("apply children (pod {})", c.pod.name_any()),
+            Write::DeletePods { names, grace } => match grace {
+                Some(g) => format!("delete pods {} (grace {g})", names.join(",")),
+                None => format!("delete pods {}", names.join(",")),
+            },
+            Write::Status => "status".into(),
+            Write::DeleteConfigMapAndService => "delete configmap and service".into(),
+        }
+    }
+}
+
+/// When to look at the job again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// Only when the job or a child changes.
+    AwaitChange,
+    /// After this long (or sooner, on a change).
+    After(Duration),
+}
+
+/// Everything a reconcile does, decided before anything is done.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The status to write.
+    pub status: FineTuneJobStatus,
+    /// The writes, in order (exactly one is [`Write::Status`]).
+    pub writes: Vec<Write>,
+    /// When to reconcile again.
+    pub requeue: Requeue,
+    /// What to remember of the job.
+    pub memory: JobMemory,
+    /// Forget the job (it finished for good).
+    pub forget: bool,
+    /// A restart to count in `finetune_operator_pod_restarts_total` (`failure`, `oom`,
+    /// `disruption`).
+    pub restart: Option<&'static str>,
+    /// An Unschedulable episode ended after this long.
+    pub unschedulable_for: Option<Duration>,
+}
+
+/// The attempt number of a trainer pod.
+pub fn pod_attempt(pod: &Pod) -> Option<u32> {
+    pod.labels().get(ATTEMPT_LABEL).and_then(|a| a.parse().ok())
+}
+
+fn is_active(pod: &Pod) -> bool {
+    matches!(classify(pod), PodOutcome::Pending(_) | PodOutcome::Running)
+}
+
+fn not_deleting<'a>(pods: impl Iterator<Item = &'a Pod>) -> Vec<String> {
+    pods.filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect()
+}
+
+/// When the trainer container of a pod terminated (seconds since the epoch).
+fn finished_at(pod: &Pod) -> Option<i64> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref())
+        .map(|t| t.0.as_second())
+        .max()
+}
+
+/// The spec the job runs with: the one it started with plus any change to a mutable field, and
+/// the sections of a refused change; the current spec for a job that has not started.
+pub fn effective_spec(
+    job: &FineTuneJob,
+    accepted: Option<FineTuneJobSpec>,
+) -> (FineTuneJobSpec, Option<Vec<String>>) {
+    let Some(acc) = accepted else {
+        return (job.spec.clone(), None);
+    };
+    let sections = changed_sections(&acc, &job.spec);
+    if sections.is_empty() {
+        (job.spec.clone(), None)
+    } else {
+        (acc.with_mutable_fields_of(&job.spec), Some(sections))
+    }
+}
+
+/// A plan under construction: the status being edited and the bookkeeping beside it.
+struct Draft<'a> {
+    status: FineTuneJobStatus,
+    memory: JobMemory,
+    generation: Option<i64>,
+    clock: &'a Clock,
+    forget: bool,
+    restart: Option<&'static str>,
+    unschedulable_for: Option<Duration>,
+}
+
+impl Draft<'_> {
+    fn phase(&mut self, phase: JobPhase, reason: &str, message: &str) {
+        set_phase(
+            &mut self.status,
+            phase,
+            reason,
+            message,
+            self.generation,
+            &self.clock.wall,
+        );
+    }
+
+    fn condition(&mut self, type_: &str, on: bool, reason: &str, message: &str) {
+        set_condition(
+            &mut self.status.conditions,
+            type_,
+            on,
+            reason,
+            message,
+            self.generation,
+            &self.clock.wall,
+        );
+    }
+
+    fn has_condition(&self, type_: &str, status: Option<&str>) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && status.is_none_or(|s| c.status == s))
+    }
+
+    /// The trainer pod got a node: close the Unschedulable episode.
+    fn scheduled(&mut self) {
+        if let Some(since) = self.memory.unschedulable_since.take() {
+            self.unschedulable_for = Some(self.clock.mono.saturating_duration_since(since));
+        }
+        if self.has_condition(condition::UNSCHEDULABLE, Some("True")) {
+            self.condition(
+                condition::UNSCHEDULABLE,
+                false,
+                "Scheduled",
+                "the trainer pod was scheduled",
+            );
+        }
+    }
+
+    fn overfitting(&mut self, p: &TrainerProgress) {
+        if p.overfitting {
+            let why = p
+                .overfitting_reason
+                .clone()
+                .unwrap_or_else(|| "validation loss diverges from training loss".into());
+            self.condition(condition::OVERFITTING, true, "GeneralizationGap", &why);
+        } else if self.has_condition(condition::OVERFITTING, None) {
+            self.condition(
+                condition::OVERFITTING,
+                false,
+                "WithinThresholds",
+                "validation loss tracks training loss",
+            );
+        }
+    }
+
+    /// Whether the step has not advanced for `timeout` (remembering a new step when it did).
+    fn stalled(&mut self, step: u64, timeout: Duration) -> bool {
+        if self.memory.step != step {
+            self.memory.step = step;
+            self.memory.since = self.clock.mono;
+        }
+        self.clock.mono.saturating_duration_since(self.memory.since) >= timeout
+    }
+
+    fn done(self, mut writes: Vec<Write>, requeue: Requeue) -> Plan {
+        writes.retain(|w| !matches!(w, Write::DeletePods { names, .. } if names.is_empty()));
+        Plan {
+            status: self.status,
+            writes,
+            requeue,
+            memory: self.memory,
+            forget: self.forget,
+            restart: self.restart,
+            unschedulable_for: self.unschedulable_for,
+        }
+    }
+}
+
+/// Decides what a reconcile of `job` does.
+pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) -> Result<Plan> {
+    let mut status = job.status.clone().unwrap_or_default();
+    let generation = job.metadata.generation;
+    status.observed_generation = generation;
+    let mut d = Draft {
+        status,
+        memory: obs.memory.clone(),
+        generation,
+        clock,
+        forget: false,
+        restart: None,
+        unschedulable_for: None,
+    };
+    let started = obs.accepted.is_some();
+    let (spec, refused) = effective_spec(job, obs.accepted.clone());
+    let mut effective = job.clone();
+    effective.spec = spec;
+    let spec = &effective.spec;
+
+    // Validate. An invalid spec never creates a pod.
+    match &refused {
+        Some(sections) => d.condition(
+            condition::INVALID_SPEC,
+            true,
+            "ImmutableFieldChanged",
+            &format!(
+                "changes to {} are refused after the job started (only {} may change); the job \
+                 continues with the spec it started with",
+                sections.join(", "),
+                mutable_fields_sentence()
+            ),
+        ),
+        None => match finetune_api::validate(spec) {
+            Err(errors) => {
+                let message = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                d.condition(condition::INVALID_SPEC, true, "InvalidSpec", &message);
+                if !started {
+                    d.phase(JobPhase::Failed, "InvalidSpec", &message);
+                    d.status.completion_time.get_or_insert(clock.wall.clone());
+                    return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
+                }
+            }
+            Ok(()) => remove_condition(&mut d.status.conditions, condition::INVALID_SPEC),
+        },
+    }
+    for w in finetune_api::warnings(spec) {
+        d.condition(
+            w.condition,
+            true,
+            "NotRecommended",
+            &format!("{}: {}", w.path, w.message),
+        );
+    }
+
+    let pods = &obs.pods;
+    let attempt = d.status.restarts + d.status.disruptions;
+    let current = pods.iter().find(|p| pod_attempt(p) == Some(attempt));
+
+    // Finished jobs: only the TTL remains to be honoured.
+    if d.status.phase.is_some_and(JobPhase::is_finished) {
+        return Ok(finished(d, job, pods));
+    }
+
+    // Deadline.
+    if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, &d.status.start_time) {
+        let elapsed = clock.wall.0.as_second() - start.0.as_second();
+        if elapsed >= limit {
+            let active = pods.iter().filter(|p| is_active(p)).map(|p| p.name_any());
+            let delete = Write::DeletePods {
+                names: active.collect(),
+                grace: Some(0),
+            };
+            let msg = format!("ran {elapsed}s, longer than activeDeadlineSeconds {limit}");
+            d.phase(JobPhase::Failed, "DeadlineExceeded", &msg);
+            d.status.completion_time = Some(clock.wall.clone());
+            return Ok(d.done(vec![delete, Write::Status], Requeue::AwaitChange));
+        }
+    }
+
+    // Suspend: stop the trainer (it checkpoints on SIGTERM), then report Suspended.
+    if spec.suspend {
+        let active: Vec<&Pod> = pods.iter().filter(|p| is_active(p)).collect();
+        let delete = Write::DeletePods {
+            names: not_deleting(active.iter().copied()),
+            grace: None,
+        };
+        if active.is_empty() {
+            d.phase(
+                JobPhase::Suspended,
+                "Suspended",
+                "suspended; resumes from its latest checkpoint when spec.suspend is false",
+            );
+            return Ok(d.done(vec![delete, Write::Status], Requeue::AwaitChange));
+        }
+        d.phase(
+            JobPhase::Running,
+            "Suspending",
+            "stopping the trainer after a checkpoint",
+        );
+        return Ok(d.done(
+            vec![delete, Write::Status],
+            Requeue::After(Duration::from_secs(2)),
+        ));
+    }
+
+    let plan = match current.map(|p| (p, classify(p))) {
+        None => {
+            // Wait out the backoff after a counted failure, measured from when it ended.
+            if d.status.restarts > 0 {
+                let wait = backoff(d.status.restarts, s.base_backoff, s.max_backoff);
+                let ended = pods
+                    .iter()
+                    .filter(|p| pod_attempt(p) == attempt.checked_sub(1))
+                    .filter_map(finished_at)
+                    .max();
+                if let Some(ended) = ended {
+                    let ready_at = ended + wait.as_secs() as i64;
+                    let now = clock.wall.0.as_second();
+                    if now < ready_at {
+                        let left = (ready_at - now).max(1) as u64;
+                        let msg = format!(
+                            "retrying in {left}s (restart {} of {})",
+                            d.status.restarts, spec.backoff_limit
+                        );
+                        d.phase(JobPhase::Pending, "BackoffAfterFailure", &msg);
+                        return Ok(d.done(
+                            vec![Write::Status],
+                            Requeue::After(Duration::from_secs(left)),
+                        ));
+                    }
+                }
+            }
+            let children = build::children(&effective, &s.build, attempt)?;
+            // Old attempts' pods are kept only for the previous attempt (for its logs).
+            let stale = pods
+                .iter()
+                .filter(|p| pod_attempt(p).is_some_and(|a| a + 1 < attempt));
+            let msg = if attempt == 0 {
+                "trainer pod created".to_string()
+            } else {
+                format!(
+                    "trainer pod for attempt {attempt} created; resuming from the latest checkpoint"
+                )
+            };
+            d.phase(JobPhase::Pending, "PodCreated", &msg);
+            // The pod's own events (created, scheduled, started) trigger the next reconcile.
+            d.done(
+                vec![
+                    Write::ApplyChildren(Box::new(children)),
+                    Write::DeletePods {
+                        names: not_deleting(stale),
+                        grace: None,
+                    },
+                    Write::Status,
+                ],
+                Requeue::AwaitChange,
+            )
+        }
+        Some((_, PodOutcome::Pending(unschedulable))) => {
+            match unschedulable {
+                Some(msg) => {
+                    d.memory.unschedulable_since.get_or_insert(clock.mono);
+                    d.condition(condition::UNSCHEDULABLE, true, "Unschedulable", &msg);
+                    let gpus = effective_gpus(spec);
+                    d.phase(
+                        JobPhase::Pending,
+                        "Unschedulable",
+                        &format!(
+                            "no node can take the trainer pod ({gpus} GPU(s) requested): {msg}"
+                        ),
+                    );
+                }
+                None => d.phase(
+                    JobPhase::Pending,
+                    "PodPending",
+                    "waiting for the trainer pod to start",
+                ),
+            }
+            // A waiting pod costs nothing: its next change (scheduled, started) triggers the
+            // next reconcile through the pod watch.
+            d.done(vec![Write::Status], Requeue::AwaitChange)
+        }
+        Some((pod, PodOutcome::Running)) => {
+            d.scheduled();
+            if obs.node_lost {
+                d.status.disruptions += 1;
+                d.restart = Some("disruption");
+                let node = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
+                let msg = format!(
+                    "node {node} is gone; rescheduling from the latest checkpoint (not counted against backoffLimit)"
+                );
+                d.phase(JobPhase::Pending, "NodeLost", &msg);
+                return Ok(d.done(
+                    vec![
+                        Write::DeletePods {
+                            names: vec![pod.name_any()],
+                            grace: Some(0),
+                        },
+                        Write::Status,
+                    ],
+                    Requeue::After(Duration::from_secs(1)),
+                ));
+            }
+            d.status
+                .start_time
+                .get_or_insert_with(|| clock.wall.clone());
+            let mut reason = "Training";
+            if let Some(p) = &obs.progress {
+                apply_progress(&mut d.status, p);
+                d.overfitting(p);
+                if d.stalled(p.step, s.stall_timeout) {
+                    reason = "Stalled";
+                    d.condition(
+                        condition::STALLED,
+                        true,
+                        "NoProgress",
+                        &format!("step {} has not advanced for {:?}", p.step, s.stall_timeout),
+                    );
+                } else if d.has_condition(condition::STALLED, None) {
+                    d.condition(condition::STALLED, false, "Progressing", "steps advance");
+                }
+            }
+            let summary = d
+                .status
+                .progress
+                .as_ref()
+                .map(|p| p.summary.clone())
+                .unwrap_or_else(|| "trainer starting".into());
+            d.phase(JobPhase::Running, reason, &summary);
+            d.done(vec![Write::Status], Requeue::After(s.progress_interval))
+        }
+        Some((_, PodOutcome::Succeeded(message))) => {
+            d.scheduled();
+            let final_progress = parse_termination_message(&message);
+            if let Some(p) = &final_progress {
+                apply_progress(&mut d.status, p);
+                d.overfitting(p);
+            }
+            let out = build::plan_volumes(&effective, &s.build)?;
+            d.status.output = Some(OutputStatus {
+                claim_name: out.output_claim,
+                path: spec.output.path.clone(),
+                adapter: (spec.method.method_type == MethodType::Lora)
+                    .then(|| format!("{}/adapter", spec.output.path)),
+                merged: (spec.output.merge_weights || spec.method.method_type == MethodType::Full)
+                    .then(|| format!("{}/merged", spec.output.path)),
+                report: Some(format!("{}/report.md", spec.output.path)),
+            });
+            d.status
+                .start_time
+                .get_or_insert_with(|| clock.wall.clone());
+            d.status.completion_time = Some(clock.wall.clone());
+            let why = final_progress
+                .and_then(|p| p.stop_reason)
+                .unwrap_or_else(|| "training finished".into());
+            d.phase(JobPhase::Succeeded, "Completed", &why);
+            d.forget = true;
+            d.done(vec![Write::Status], Requeue::AwaitChange)
+        }
+        Some((_, PodOutcome::Failed(failure))) => {
+            d.status.restarts += 1;
+            d.restart = Some(if failure.reason == "OOMKilled" {
+                "oom"
+            } else {
+                "failure"
+            });
+            if d.status.restarts > spec.backoff_limit {
+                let msg = format!(
+                    "{} failures exceed backoffLimit {}; last: {}",
+                    d.status.restarts, spec.backoff_limit, failure.message
+                );
+                d.phase(JobPhase::Failed, "BackoffLimitExceeded", &msg);
+                d.status.completion_time = Some(clock.wall.clone());
+                d.forget = true;
+                return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
+            }
+            let wait = backoff(d.status.restarts, s.base_backoff, s.max_backoff);
+            let msg = format!(
+                "{} (restart {} of {}, next attempt in {}s from the latest checkpoint)",
+                failure.message,
+                d.status.restarts,
+                spec.backoff_limit,
+                wait.as_secs()
+            );
+            d.phase(JobPhase::Pending, &failure.reason, &msg);
+            d.done(
+                vec![Write::Status],
+                Requeue::After(wait.max(Duration::from_secs(1))),
+            )
+        }
+        Some((_, PodOutcome::Disrupted(msg))) => {
+            d.status.disruptions += 1;
+            d.restart = Some("disruption");
+            d.phase(
+                JobPhase::Pending,
+                "Disrupted",
+                &format!("{msg}; rescheduling (not counted against backoffLimit)"),
+            );
+            d.done(vec![Write::Status], Requeue::After(Duration::from_secs(1)))
+        }
+    };
+    Ok(plan)
+}
+
+/// A finished job: write the status, and once `ttlSecondsAfterFinished` has passed since
+/// completion delete its pods, ConfigMap and Service (the job and its claim stay).
+fn finished(d: Draft<'_>, job: &FineTuneJob, pods: &[Pod]) -> Plan {
+    let (Some(ttl), Some(done)) = (
+        job.spec.ttl_seconds_after_finished,
+        &d.status.completion_time,
+    ) else {
+        return d.done(vec![Write::Status], Requeue::AwaitChange);
+    };
+    let left = done.0.as_second() + i64::from(ttl) - d.clock.wall.0.as_second();
+    if left > 0 {
+        return d.done(
+            vec![Write::Status],
+            Requeue::After(Duration::from_secs(left as u64)),
+        );
+    }
+    let names = not_deleting(pods.iter());
+    d.done(
+        vec![
+            Write::Status,
+            Write::DeletePods { names, grace: None },
+            Write::DeleteConfigMapAndService,
+        ],
+        Requeue::AwaitChange,
+    )
+}

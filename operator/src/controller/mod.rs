@@ -1,0 +1,154 @@
+//! The reconciler, as a pipeline: [`observe`] (caches, pods, node, progress, memory) →
+//! [`decide`] (pure: job + observation + settings + clock → plan) → [`apply`] (the plan's writes
+//! in order: server-side apply with one field manager, deletes, the status patch).
+
+mod apply;
+pub mod decide;
+mod observe;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use finetune_api::{FineTuneJob, JOB_LABEL, JobPhase};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Resource, ResourceExt};
+use tracing::{instrument, warn};
+
+use crate::context::Context;
+use crate::{Error, Result};
+use decide::{Clock, Requeue, Settings, decide, effective_spec};
+use observe::{Observation, observe};
+
+/// Key of the accepted spec in the trainer ConfigMap.
+pub const ACCEPTED_SPEC_KEY: &str = "spec.json";
+
+/// Runs the controller until a shutdown signal.
+pub async fn run(ctx: Arc<Context>) {
+    let Some(writers) = ctx.take_cache_writers() else {
+        warn!("the controller of this context already runs");
+        return;
+    };
+    let client = ctx.client.clone();
+    let ns = ctx.args.watch_namespace.clone();
+    let children = watcher::Config::default().labels(JOB_LABEL);
+    // Jobs, trainer pods and ConfigMaps are cached without their managed fields (a large share
+    // of every object, never read here); reconciles read children from these caches.
+    let (job_store, job_writer) = reflector::store();
+    let jobs = watcher(
+        scoped::<FineTuneJob>(&client, &ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|j| j.managed_fields_mut().clear())
+    .reflect(job_writer)
+    .applied_objects();
+    let pods = watcher(scoped::<Pod>(&client, &ns), children.clone())
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
+        .reflect(writers.pods)
+        .touched_objects();
+    let config_maps = watcher(scoped::<ConfigMap>(&client, &ns), children.clone())
+        .default_backoff()
+        .modify(|c| c.managed_fields_mut().clear())
+        .reflect(writers.config_maps)
+        .touched_objects();
+    let controller = Controller::for_stream(jobs, job_store)
+        .owns_stream(pods)
+        .owns_stream(config_maps)
+        .owns(scoped::<Service>(&client, &ns), children.clone())
+        .owns(scoped::<PersistentVolumeClaim>(&client, &ns), children);
+    let store = controller.store();
+    let gauge_ctx = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let mut counts = std::collections::HashMap::new();
+            let jobs = store.state();
+            prune_memory(&gauge_ctx, &jobs);
+            for job in jobs {
+                let phase = job
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .unwrap_or_default();
+                *counts.entry(phase).or_insert(0i64) += 1;
+            }
+            for phase in JobPhase::ALL {
+                gauge_ctx
+                    .metrics
+                    .jobs
+                    .with_label_values(&[phase.as_str()])
+                    .set(counts.get(&phase).copied().unwrap_or(0));
+            }
+        }
+    });
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn scoped<K>(client: &kube::Client, ns: &str) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    if ns.is_empty() {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), ns)
+    }
+}
+
+/// Retry failed reconciliations after a short delay (the controller adds its own backoff).
+pub fn error_policy(_job: Arc<FineTuneJob>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(%error, "requeueing after error");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Reconciles one FineTuneJob.
+#[instrument(skip_all, fields(namespace = job.namespace().unwrap_or_default(), job = job.name_any()))]
+pub async fn reconcile(job: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_job(&job, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconcile_total
+        .with_label_values(&[label])
+        .inc();
+    result
+}
+
+async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
+    let observed = match observe(job, ctx).await? {
+        Observation::NotNow(action) => return Ok(action),
+        Observation::Ready(observed) => observed,
+    };
+    let settings = Settings::from_args(&ctx.args);
+    let plan = decide(job, &observed, &settings, &Clock::now())?;
+    let requeue = plan.requeue;
+    let (spec, _) = effective_spec(job, observed.accepted.clone());
+    apply::execute(job, ctx, &spec, plan).await?;
+    Ok(match requeue {
+        Requeue::AwaitChange => Action::await_change(),
+        Requeue::After(d) => Action::requeue(d),
+    })
+}
+
+/// Drops what is remembered of jobs that no longer exist, so memory stays bounded by the
+/// number of live jobs.
+fn prune_memory(ctx: &Context, jobs: &[Arc<FineTuneJob>]) {
+    let live: std::collections::HashSet<String> = jobs.iter().filter_map(|j| j.uid()).collect();
+    ctx.retain_memory(|uid| live.contains(uid));
+}

@@ -1,0 +1,114 @@
+//! Observe: everything a decision needs, read before anything is decided — the child caches
+//! (accepted spec, pods), the node of a running trainer, the trainer's progress, and what is
+//! remembered of the job. Reads only.
+
+use std::time::Duration;
+
+use finetune_api::{FineTuneJob, FineTuneJobSpec, JOB_LABEL, JobPhase};
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use super::ACCEPTED_SPEC_KEY;
+use super::decide::{Observed, pod_attempt};
+use crate::build::name_and_namespace;
+use crate::context::Context;
+use crate::lifecycle::{PodOutcome, classify};
+use crate::names;
+use crate::{Error, Result};
+
+/// What observing found: either the inputs of a decision, or a reason to come back later.
+#[derive(Debug)]
+pub enum Observation {
+    /// Nothing to decide now: come back as this action says.
+    NotNow(Action),
+    /// The inputs of [`super::decide::decide`].
+    Ready(Box<Observed>),
+}
+
+/// Observes `job`.
+pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
+    if job.meta().deletion_timestamp.is_some() {
+        // Owner references make the garbage collector delete the children.
+        return Ok(Observation::NotNow(Action::await_change()));
+    }
+    let (name, ns) = name_and_namespace(job)?;
+    let uid = job.uid().unwrap_or_default();
+    let seen = job.resource_version();
+    if seen.is_some() && ctx.remember(&uid, |m| m.superseded_version == seen) {
+        // Our own status write is newer than this copy; its watch event brings us back sooner
+        // than this safety requeue (the scheduler keeps only the earliest of the two).
+        return Ok(Observation::NotNow(Action::requeue(Duration::from_secs(
+            30,
+        ))));
+    }
+
+    // Children come from the caches; a reconcile never acts before they hold a full list. Their
+    // readiness is checked, not awaited: kube-runtime's readiness future wakes only the last of
+    // several concurrent waiters, so awaiting it from parallel reconciles can stall all but one.
+    let caches = &ctx.caches;
+    match (
+        caches.pods.wait_until_ready().now_or_never(),
+        caches.config_maps.wait_until_ready().now_or_never(),
+    ) {
+        (Some(Ok(())), Some(Ok(()))) => {}
+        (Some(Err(_)), _) | (_, Some(Err(_))) => return Err(Error::Cache),
+        _ => {
+            return Ok(Observation::NotNow(Action::requeue(Duration::from_millis(
+                500,
+            ))));
+        }
+    }
+    let accepted: Option<FineTuneJobSpec> = caches
+        .config_maps
+        .get(&ObjectRef::new(&names::config_map(&name)).within(&ns))
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref())
+        .and_then(|d| d.get(ACCEPTED_SPEC_KEY))
+        .and_then(|s| serde_json::from_str(s).ok());
+    let pods: Vec<Pod> = caches
+        .pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && p.labels().get(JOB_LABEL) == Some(&name)
+        })
+        .map(|p| Pod::clone(p))
+        .collect();
+
+    // A running trainer of the current attempt (of a job neither finished nor suspended): is
+    // its node still there, and how far has it got?
+    let status = job.status.clone().unwrap_or_default();
+    let attempt = status.restarts + status.disruptions;
+    let running = pods
+        .iter()
+        .find(|p| pod_attempt(p) == Some(attempt))
+        .filter(|p| classify(p) == PodOutcome::Running)
+        .filter(|_| !status.phase.is_some_and(JobPhase::is_finished) && !job.spec.suspend);
+    let (mut node_lost, mut progress) = (false, None);
+    if let Some(pod) = running {
+        node_lost = is_node_lost(&ctx.client, pod).await?;
+        if !node_lost && let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) {
+            progress = crate::progress::fetch(&ip, None, Duration::from_secs(3)).await;
+        }
+    }
+    Ok(Observation::Ready(Box::new(Observed {
+        accepted,
+        pods,
+        node_lost,
+        progress,
+        memory: ctx.remember(&uid, |m| m.clone()),
+    })))
+}
+
+async fn is_node_lost(client: &kube::Client, pod: &Pod) -> Result<bool> {
+    let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        return Ok(false);
+    };
+    let nodes: Api<Node> = Api::all(client.clone());
+    Ok(nodes.get_opt(&node).await?.is_none())
+}
