@@ -48,6 +48,32 @@ pub enum Error {
     /// An I/O error (metrics server, progress polling).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// One write of a reconcile's plan failed (the writes before it were made).
+    #[error("{write} failed: {source}")]
+    Write {
+        /// The write, as `controller::plan::Write::describe` names it.
+        write: String,
+        /// Why.
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    /// Whether retrying the same request can succeed without anything else changing: API
+    /// conflicts, throttling, timeouts, server and transport errors are transient; a request
+    /// the API server refuses as invalid or forbidden, or an object the operator cannot
+    /// render, stays refused until the job or the cluster changes (which triggers a reconcile
+    /// by itself).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => {
+                matches!(status.code, 409 | 429) || status.code >= 500
+            }
+            Error::Kube(_) | Error::Io(_) | Error::Cache | Error::Leader(_) => true,
+            Error::Serialize(_) | Error::Render(_) | Error::MissingField(_) => false,
+            Error::Write { source, .. } => source.is_transient(),
+        }
+    }
 }
 
 /// Result alias of this crate.
@@ -55,3 +81,36 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The field manager of every server-side apply and status patch the operator makes.
 pub const FIELD_MANAGER: &str = "finetune-operator";
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    fn api(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        })))
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_congestion_is_transient() {
+        for code in [409, 429, 500, 503] {
+            assert!(api(code).is_transient(), "{code}");
+        }
+        for code in [400, 403, 404, 422] {
+            assert!(!api(code).is_transient(), "{code}");
+        }
+        assert!(!Error::Render("bad name".into()).is_transient());
+        let wrapped = Error::Write {
+            write: "apply children (pod x)".into(),
+            source: Box::new(api(422)),
+        };
+        assert!(!wrapped.is_transient());
+        assert!(
+            wrapped
+                .to_string()
+                .starts_with("apply children (pod x) failed: ")
+        );
+    }
+}

@@ -46,14 +46,19 @@ pub async fn execute(
         .set(ctx.count_unschedulable());
     let old = job.status.clone().unwrap_or_default();
     for write in plan.writes {
-        match write {
-            Write::ApplyChildren(children) => apply_children(ctx, &ns, *children, spec).await?,
-            Write::DeletePods { names, grace } => delete_pods(ctx, &ns, &names, grace).await?,
-            Write::Status => write_status(job, ctx, &ns, &name, &old, &plan.status).await?,
+        let what = write.describe();
+        let done = match write {
+            Write::ApplyChildren(children) => apply_children(ctx, &ns, *children, spec).await,
+            Write::DeletePods { names, grace } => delete_pods(ctx, &ns, &names, grace).await,
+            Write::Status => write_status(job, ctx, &ns, &name, &old, &plan.status).await,
             Write::DeleteConfigMapAndService => {
-                delete_config_map_and_service(ctx, &ns, &name).await?
+                delete_config_map_and_service(ctx, &ns, &name).await
             }
-        }
+        };
+        done.map_err(|e| Error::Write {
+            write: what,
+            source: Box::new(e),
+        })?;
     }
     if let Some(class) = plan.restart {
         ctx.metrics.pod_restarts.with_label_values(&[class]).inc();

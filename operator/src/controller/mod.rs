@@ -5,6 +5,7 @@
 mod apply;
 pub mod decide;
 mod observe;
+pub mod plan;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,11 +109,24 @@ where
     }
 }
 
-/// Retry failed reconciliations after a short delay (the controller adds its own backoff).
+/// A failed reconcile whose error can pass is retried after [`TRANSIENT_RETRY`]; one that
+/// cannot pass by itself (the API server refused the request as invalid or forbidden, the
+/// object cannot be rendered) after [`PERMANENT_RETRY`]: a change to the job or its children
+/// reconciles it sooner anyway, so it is not hammered every few seconds.
 pub fn error_policy(_job: Arc<FineTuneJob>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(%error, "requeueing after error");
-    Action::requeue(Duration::from_secs(5))
+    if error.is_transient() {
+        warn!(%error, retry_in = ?TRANSIENT_RETRY, "reconcile failed; retrying");
+        Action::requeue(TRANSIENT_RETRY)
+    } else {
+        warn!(%error, retry_in = ?PERMANENT_RETRY, "reconcile failed; retrying will not help until the job or the cluster changes");
+        Action::requeue(PERMANENT_RETRY)
+    }
 }
+
+/// Retry delay after an error that can pass (conflict, throttling, server or transport error).
+pub const TRANSIENT_RETRY: Duration = Duration::from_secs(5);
+/// Retry delay after an error that stays until something changes.
+pub const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 
 /// Reconciles one FineTuneJob.
 #[instrument(skip_all, fields(namespace = job.namespace().unwrap_or_default(), job = job.name_any()))]
