@@ -11,7 +11,7 @@ FETCH_IMAGE ?= ghcr.io/finetune-operator/fetch:0.1.0
 TRAINER_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0
 TRAINER_CUDA_IMAGE ?= ghcr.io/finetune-operator/trainer:0.1.0-cuda
 
-.PHONY: all build test lint fmt crds crds-check cuda-build cuda-check gpu-check demo bench soak supply-chain assets images clean help
+.PHONY: all build test test-unit test-e2e lint fmt crds crds-check cuda-build cuda-check gpu-check demo bench soak supply-chain assets images clean help
 
 all: build
 
@@ -26,6 +26,13 @@ test: ## Run every test (unit, API, cluster end-to-end, trainer, operator end-to
 	$(CARGO) test --workspace --no-fail-fast
 	scripts/fuzz.sh smoke
 	$(MAKE) supply-chain
+
+test-unit: ## The fast tests: API, formats, operator (decide table, builders) and trainer; no cluster.
+	$(CARGO) test -p finetune-api -p finetune-formats -p finetune-operator -p finetune-trainer --no-fail-fast
+
+test-e2e: ## The end-to-end tests on the local control plane (real kube-apiserver, scheduler, etcd).
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p finetune-e2e --no-fail-fast
 
 supply-chain: ## cargo deny (licenses, bans, sources); RustSec advisories when ADVISORY_DB names a snapshot.
 	scripts/supply-chain.sh
