@@ -345,14 +345,22 @@ fn image_names_and_tags_agree_everywhere() {
             "manifests/default {env}"
         );
     }
-    // The test harness's image map.
-    let harness = read("tests/src/operator.rs");
-    for key in ["trainer", "trainerCuda", "fetch"] {
-        assert!(
-            harness.contains(&format!("\"{}\"", defaults[key])),
-            "tests/src/operator.rs lacks {}",
-            defaults[key]
-        );
+    // The test harness's image map uses the operator's constants themselves (no copy to check).
+    for (harness, operator) in [
+        (
+            finetune_e2e::operator::TRAINER_IMAGE,
+            defaults["trainer"].as_str(),
+        ),
+        (
+            finetune_e2e::operator::TRAINER_CUDA_IMAGE,
+            defaults["trainerCuda"].as_str(),
+        ),
+        (
+            finetune_e2e::operator::FETCH_IMAGE,
+            defaults["fetch"].as_str(),
+        ),
+    ] {
+        assert_eq!(harness, operator, "tests/src/operator.rs");
     }
     // Dockerfiles (their usage lines) and `make images`.
     let expected_tags: BTreeSet<&str> = defaults.values().map(String::as_str).collect();
