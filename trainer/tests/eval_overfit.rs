@@ -115,6 +115,25 @@ fn planted_overfit_is_flagged_and_stopped_early_keeping_the_best() {
         "{md}"
     );
     assert_eq!(report.samples.len(), 1);
+    // The curves beside the report: one point per evaluation on each loss line, and the
+    // validation accuracy against the majority baseline (the fixture is a classification set).
+    assert!(
+        md.contains("![loss](loss.svg)") && md.contains("![accuracy](accuracy.svg)"),
+        "{md}"
+    );
+    let loss = std::fs::read_to_string(p.output_dir.join("loss.svg")).unwrap();
+    assert_eq!(
+        loss.matches("<polyline").count(),
+        2,
+        "training and validation loss"
+    );
+    let first_line = &loss[loss.find("points=\"").unwrap()..];
+    let points = first_line[8..first_line[8..].find('"').unwrap() + 8]
+        .split(' ')
+        .count();
+    assert_eq!(points, report.evaluations.len());
+    let accuracy = std::fs::read_to_string(p.output_dir.join("accuracy.svg")).unwrap();
+    assert!(accuracy.contains("majority class"), "{accuracy}");
     let _ = std::fs::remove_dir_all(&work);
 }
 

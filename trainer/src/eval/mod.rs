@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod heldout;
 pub mod overfit;
+pub mod plot;
 pub mod report;
 
 pub use classify::{ClassMetrics, ClassificationReport};

@@ -5,11 +5,17 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::classify::ClassificationReport;
+use super::plot::{Series, line_chart};
 use crate::Result;
 use crate::checkpoint::atomic::write_atomic;
 use crate::data::clean::CleaningReport;
 use crate::train::export::Exported;
 use crate::train::trainer::EvalRecord;
+
+/// The loss curves' file, beside `report.md`.
+pub const LOSS_CHART: &str = "loss.svg";
+/// The accuracy curve's file, beside `report.md`.
+pub const ACCURACY_CHART: &str = "accuracy.svg";
 
 /// Base vs tuned output for one sample prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +132,13 @@ impl Report {
                 .clone()
                 .unwrap_or_else(|| "not flagged".into())
         );
+        let charts = self.charts();
+        if !charts.is_empty() {
+            let _ = writeln!(s, "\n## Curves\n");
+            for (file, _) in &charts {
+                let _ = writeln!(s, "![{}]({file})", file.trim_end_matches(".svg"));
+            }
+        }
         let d = &self.data;
         let _ = writeln!(
             s,
@@ -234,12 +247,69 @@ impl Report {
         s
     }
 
-    /// Writes `report.json` and `report.md` into `dir`, and the summary into `termination`.
+    /// The curves of the run's evaluations as SVG files: `loss.svg` (training and validation
+    /// loss by step) and, for classification, `accuracy.svg` (validation accuracy by step, with
+    /// the majority baseline). Empty without evaluations.
+    pub fn charts(&self) -> Vec<(&'static str, String)> {
+        let points = |f: &dyn Fn(&EvalRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+            self.evaluations
+                .iter()
+                .filter_map(|e| f(e).map(|v| (e.point.step as f64, v)))
+                .collect()
+        };
+        let mut charts = Vec::new();
+        let loss = [
+            Series {
+                name: "training loss".into(),
+                colour: "#1f77b4",
+                dashed: false,
+                points: points(&|e| Some(e.point.train_loss)),
+            },
+            Series {
+                name: "validation loss".into(),
+                colour: "#d62728",
+                dashed: false,
+                points: points(&|e| Some(e.point.val_loss)),
+            },
+        ];
+        if let Some(svg) = line_chart("Loss", "optimizer step", "loss", &loss) {
+            charts.push((LOSS_CHART, svg));
+        }
+        let accuracy = points(&|e| e.point.accuracy.map(|a| 100.0 * a));
+        if !accuracy.is_empty() {
+            let mut series = vec![Series {
+                name: "validation accuracy".into(),
+                colour: "#2ca02c",
+                dashed: false,
+                points: accuracy.clone(),
+            }];
+            if let Some(c) = &self.classification {
+                let (first, last) = (accuracy[0].0, accuracy[accuracy.len() - 1].0);
+                let base = 100.0 * c.majority_baseline;
+                series.push(Series {
+                    name: format!("majority class ({})", c.majority_class),
+                    colour: "#7f7f7f",
+                    dashed: true,
+                    points: vec![(first, base), (last, base)],
+                });
+            }
+            if let Some(svg) = line_chart("Validation accuracy", "optimizer step", "%", &series) {
+                charts.push((ACCURACY_CHART, svg));
+            }
+        }
+        charts
+    }
+
+    /// Writes `report.json`, `report.md` and its charts into `dir`, and the summary into
+    /// `termination`.
     pub fn write(&self, dir: &Path, termination: Option<&Path>) -> Result<()> {
         write_atomic(
             &dir.join("report.json"),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )?;
+        for (file, svg) in self.charts() {
+            write_atomic(&dir.join(file), svg.as_bytes())?;
+        }
         write_atomic(&dir.join("report.md"), self.markdown().as_bytes())?;
         if let Some(t) = termination {
             if let Some(p) = t.parent() {
