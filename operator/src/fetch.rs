@@ -205,12 +205,34 @@ pub fn download(
             .truncate(!append)
             .open(&part)
             .map_err(io_err(&part))?;
+        let already = if append { have } else { 0 };
+        let length = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let name = dest
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut bar = finetune_api::console::ProgressBar::new(
+            format!("download {name}"),
+            "bytes",
+            length.map_or(0, |l| l + already),
+        )
+        .resumed_at(already);
+        let mut written = already;
         let mut reader = resp.body_mut().as_reader();
         let mut buf = vec![0u8; 1 << 16];
         let complete = loop {
             match reader.read(&mut buf) {
                 Ok(0) => break true,
-                Ok(n) => file.write_all(&buf[..n]).map_err(io_err(&part))?,
+                Ok(n) => {
+                    file.write_all(&buf[..n]).map_err(io_err(&part))?;
+                    written += n as u64;
+                    if length.is_some() {
+                        bar.set(written, "");
+                    }
+                }
                 Err(e) => {
                     last = format!("transfer broke: {e}");
                     break false;

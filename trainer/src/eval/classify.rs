@@ -204,11 +204,23 @@ impl ClassificationSet {
     /// The index into `labels` of each example's predicted label (see [`Self::evaluate`]).
     pub fn predict(&self, model: &Llama, batch_size: usize, device: &Device) -> Result<Vec<usize>> {
         let k = self.labels.len().max(1);
+        let mut bar = finetune_api::console::ProgressBar::new(
+            "classify",
+            "rows",
+            self.candidates.len() as u64,
+        );
         let batched = if device.is_cuda() {
             None
         } else {
+            // Whole batches per chunk, so the batches are the ones one call over every
+            // candidate would make; the bar moves between chunks.
             let flat: Vec<&Encoded> = self.candidates.iter().flatten().collect();
-            Some(sequence_log_likelihoods(model, &flat, batch_size, device)?)
+            let mut scores = Vec::with_capacity(flat.len());
+            for chunk in flat.chunks(batch_size.max(1) * 8) {
+                scores.extend(sequence_log_likelihoods(model, chunk, batch_size, device)?);
+                bar.set((scores.len() / k) as u64, "");
+            }
+            Some(scores)
         };
         let mut predicted = Vec::with_capacity(self.truth.len());
         for (i, candidates) in self.candidates.iter().enumerate() {
@@ -216,6 +228,7 @@ impl ClassificationSet {
                 Some(ll) => ll[i * k..(i + 1) * k].to_vec(),
                 None => {
                     let refs: Vec<&Encoded> = candidates.iter().collect();
+                    bar.set(i as u64 + 1, "");
                     shared_prefix_log_likelihoods(model, &refs, device)?
                 }
             };

@@ -87,6 +87,7 @@ pub fn pretrain(
     let mut order: Vec<usize> = (0..data.len()).collect();
     let mut pos = order.len();
     let mut losses = Vec::with_capacity(s.steps);
+    let mut bar = finetune_api::console::ProgressBar::new("pretrain", "steps", s.steps as u64);
     for step in 0..s.steps {
         let mut items = Vec::with_capacity(s.batch_size);
         for _ in 0..s.batch_size {
@@ -110,7 +111,8 @@ pub fn pretrain(
             .collect();
         clip_grad_norm(model.trainable(), &mut grads, 1.0)?;
         opt.step(model.trainable(), &grads, sched.lr(step))?;
-        if step % 25 == 0 {
+        bar.set(step as u64 + 1, &format!("loss {:.4}", losses[step]));
+        if !bar.enabled() && step % 25 == 0 {
             tracing::info!(step, loss = losses[step], "pretrain");
         }
     }

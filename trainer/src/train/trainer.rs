@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use finetune_api::console::ProgressBar;
+
 use super::batching::micro_batches;
 use super::data_prep::{PreparedData, prepare};
 use super::loss::masked_cross_entropy;
@@ -496,6 +498,8 @@ impl Trainer {
         let eval_interval = self.params.eval.interval;
         let ckpt_interval = self.params.checkpoint_interval;
         let mut last_log = Instant::now();
+        let mut bar = ProgressBar::new("train", "steps", self.total_steps as u64)
+            .resumed_at(start_step as u64);
         while self.state.step < self.total_steps && self.state.epoch < self.params.epochs.max(1) {
             let lengths: Vec<usize> = self.data.train.iter().map(|e| e.ids.len()).collect();
             let batches = micro_batches(
@@ -539,7 +543,8 @@ impl Trainer {
                     p.eta_seconds = Some(eta as u64);
                     p.tokens_per_second = Some(tps);
                 });
-                if last_log.elapsed().as_secs_f64() > 5.0 || step == 1 {
+                bar.set(step as u64, &format!("loss {:.4}", rec.loss));
+                if !bar.enabled() && (last_log.elapsed().as_secs_f64() > 5.0 || step == 1) {
                     tracing::info!(
                         step,
                         total,
@@ -563,8 +568,10 @@ impl Trainer {
                     || epoch_end
                     || last
                 {
+                    bar.clear();
                     let ev = self.evaluate()?;
                     if ev.verdict.improved && self.params.keep_best {
+                        bar.clear();
                         self.checkpoint()?;
                     }
                     if let Some(why) = ev.verdict.stop.clone() {
@@ -575,6 +582,7 @@ impl Trainer {
                     && self.state.step.is_multiple_of(ckpt_interval)
                     && !self.checkpointed_now()
                 {
+                    bar.clear();
                     self.checkpoint()?;
                 }
                 if let Some(r) = stop_reason {
@@ -582,6 +590,7 @@ impl Trainer {
                         m.early_stopped.set(1.0);
                     }
                     if !self.checkpointed_now() {
+                        bar.clear();
                         self.checkpoint()?;
                     }
                     return Ok(RunOutcome {
@@ -595,6 +604,7 @@ impl Trainer {
                     || stop_at_step.is_some_and(|s| self.state.step >= s)
                 {
                     if !self.checkpointed_now() {
+                        bar.clear();
                         self.checkpoint()?;
                     }
                     return Ok(RunOutcome {
@@ -614,6 +624,7 @@ impl Trainer {
             }
         }
         if !self.checkpointed_now() {
+            bar.clear();
             self.checkpoint()?;
         }
         Ok(RunOutcome {
