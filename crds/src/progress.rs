@@ -112,6 +112,12 @@ pub struct TrainerProgress {
     /// Retention perplexity after / before training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_perplexity_ratio: Option<f64>,
+    /// Accuracy of the base model on the test set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_test_accuracy: Option<f64>,
+    /// Accuracy of the tuned model on the test set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
     /// Output directory (relative to the output volume) once exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<String>,

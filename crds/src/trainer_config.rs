@@ -56,6 +56,9 @@ pub struct TrainerPaths {
     /// The retention text file, when `evaluation.retention` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_file: Option<String>,
+    /// The held-out test file, when `evaluation.testSet` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_set_file: Option<String>,
     /// Checkpoint directory (on the checkpoint volume).
     pub checkpoint_dir: String,
     /// Output directory (adapter, merged weights, report).

@@ -375,6 +375,17 @@ fn validate_evaluation(spec: &FineTuneJobSpec, e: &mut Errors) {
     {
         e.add("spec.evaluation.retention.source", err.to_string());
     }
+    if let Some(t) = &ev.test_set {
+        if let Err(err) = Source::parse(&t.source, SourceKind::Dataset) {
+            e.add("spec.evaluation.testSet.source", err.to_string());
+        }
+        if spec.dataset.columns.task() != Some(DatasetTask::Classification) {
+            e.add(
+                "spec.evaluation.testSet",
+                "needs a classification dataset (dataset.columns.text and .label)",
+            );
+        }
+    }
 }
 
 fn validate_storage(spec: &FineTuneJobSpec, e: &mut Errors) {

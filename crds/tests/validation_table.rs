@@ -82,6 +82,29 @@ fn invalid_specs_are_refused_with_the_field_path() {
             with(base(L7B), "/model/tokenSecretRef/name", json!("Bad_Name")),
             "spec.model.tokenSecretRef.name",
         ),
+        // evaluation.testSet
+        (
+            "plain http test set",
+            with(
+                base(TINY),
+                "/evaluation/testSet",
+                json!({"source": "http://example.com/test.csv"}),
+            ),
+            "spec.evaluation.testSet.source",
+        ),
+        (
+            "test set of a prompt/completion dataset",
+            with(
+                with(
+                    base(TINY),
+                    "/dataset/columns",
+                    json!({"prompt": "q", "completion": "a"}),
+                ),
+                "/evaluation/testSet",
+                json!({"source": "configmap://held-out/test.csv"}),
+            ),
+            "spec.evaluation.testSet",
+        ),
         // dataset
         (
             "plain http dataset",

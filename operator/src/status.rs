@@ -177,6 +177,8 @@ pub fn apply_progress(status: &mut FineTuneJobStatus, p: &TrainerProgress) {
         validation_accuracy: round(p.validation_accuracy),
         tokens_per_second: p.tokens_per_second.map(|t| t.round()),
         retention_perplexity_ratio: round(p.retention_perplexity_ratio),
+        base_test_accuracy: round(p.base_test_accuracy),
+        test_accuracy: round(p.test_accuracy),
     });
     if p.latest_checkpoint.is_some() || p.best_checkpoint.is_some() {
         status.checkpoints = Some(CheckpointStatus {

@@ -338,3 +338,52 @@ fn trainer_network_policy_allows_metrics_in_and_only_dns_and_downloads_out() {
     let thirteen = children(&job("llama-2-13b-lora.yaml"), &BuildSettings::default(), 0).unwrap();
     assert_eq!(egress_ports(&thirteen)[2..], [("TCP".to_string(), 443)]);
 }
+
+#[test]
+fn a_test_set_is_mounted_or_downloaded_like_the_dataset() {
+    let mut j = job("tiny-sentiment-cpu.yaml");
+    j.spec.evaluation.test_set = Some(finetune_api::v1alpha1::TestSetSpec {
+        source: "configmap://held-out/test.csv".into(),
+        sha256: None,
+        max_rows: 200,
+    });
+    let c = children(&j, &BuildSettings::default(), 0).unwrap();
+    let cfg: TrainerConfig =
+        serde_json::from_str(&c.config_map.data.as_ref().unwrap()["trainer.json"]).unwrap();
+    assert_eq!(
+        cfg.paths.test_set_file.as_deref(),
+        Some("/var/lib/finetune/test-set/test.csv")
+    );
+    assert_eq!(cfg.evaluation.test_set.as_ref().unwrap().max_rows, 200);
+    let spec = c.pod.spec.as_ref().unwrap();
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.config_map.as_ref().is_some_and(|m| m.name == "held-out"))
+        .expect("the ConfigMap is a volume");
+    let mount = trainer(&c.pod)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume.name)
+        .expect("and mounted in the trainer");
+    assert!(mount.read_only.unwrap_or(false));
+    // Over https it is fetched by an init step, checked against its digest.
+    j.spec.evaluation.test_set = Some(finetune_api::v1alpha1::TestSetSpec {
+        source: "https://data.example.com/test.csv".into(),
+        sha256: Some("ab".repeat(32)),
+        max_rows: 200,
+    });
+    let c = children(&j, &BuildSettings::default(), 0).unwrap();
+    let inits = c
+        .pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .clone()
+        .unwrap();
+    let fetch = inits.iter().find(|i| i.name == "fetch-test-set").unwrap();
+    assert!(fetch.args.clone().unwrap().contains(&"ab".repeat(32)));
+}

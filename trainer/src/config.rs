@@ -58,6 +58,10 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         Some(r) => Some(confine(Path::new(r))?),
         None => None,
     };
+    let test_set_file = match &c.paths.test_set_file {
+        Some(t) => Some(confine(Path::new(t))?),
+        None => None,
+    };
     let cfg = LlamaConfig::from_file(&config_file)?;
     let layers_sel = TrainableLayers::resolve(
         c.method.trainable_layers.as_ref(),
@@ -121,7 +125,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         },
     };
     let h = &c.hyperparameters;
-    let eval = eval_params(&c.evaluation, retention_file);
+    let eval = eval_params(&c.evaluation, retention_file, test_set_file);
     Ok(TrainParams {
         job: c.job.clone(),
         model_dir,
@@ -175,8 +179,13 @@ pub fn lora_settings(l: &LoraSpec, layers: Option<Vec<usize>>) -> LoraSettings {
     }
 }
 
-/// The trainer's evaluation settings for the API's evaluation section.
-pub fn eval_params(e: &EvaluationSpec, retention_file: Option<PathBuf>) -> EvalParams {
+/// The trainer's evaluation settings for the API's evaluation section, with the resolved
+/// retention and test files.
+pub fn eval_params(
+    e: &EvaluationSpec,
+    retention_file: Option<PathBuf>,
+    test_set_file: Option<PathBuf>,
+) -> EvalParams {
     EvalParams {
         interval: e.interval_steps as usize,
         max_rows: e.max_rows as usize,
@@ -195,5 +204,12 @@ pub fn eval_params(e: &EvaluationSpec, retention_file: Option<PathBuf>) -> EvalP
                 r.max_rows
             }) as usize,
         retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
+        test_set_file,
+        test_set_max_rows: e
+            .test_set
+            .as_ref()
+            .map_or(finetune_api::v1alpha1::DEFAULT_TEST_SET_MAX_ROWS, |t| {
+                t.max_rows
+            }) as usize,
     }
 }

@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::eval::report::{Before, Forgetting, Report, SamplePair};
+use crate::eval::classify::ClassificationReport;
+use crate::eval::heldout::{HeldOutSet, evaluate};
+use crate::eval::report::{Before, Forgetting, Report, SamplePair, TestSetScores};
 use crate::eval::{encode_lm_lines, perplexity, sample};
 use crate::metrics::{Metrics, Phase};
 use crate::model::TrainableSpec;
@@ -31,7 +33,31 @@ fn retention_set(t: &Trainer) -> Result<Option<Vec<crate::data::Encoded>>> {
     )?))
 }
 
-fn measure_before(t: &mut Trainer, retention: Option<&[crate::data::Encoded]>) -> Result<Before> {
+/// The held-out test file, read and cleaned as the dataset is.
+fn test_set(t: &Trainer) -> Result<Option<HeldOutSet>> {
+    let Some(path) = &t.params.eval.test_set_file else {
+        return Ok(None);
+    };
+    let set = HeldOutSet::read(
+        path,
+        t.params.format,
+        &t.params.cleaning,
+        Some(t.params.eval.test_set_max_rows),
+    )?;
+    Ok(Some(set))
+}
+
+/// The current model's classification metrics on the test set.
+fn score(t: &Trainer, set: &HeldOutSet) -> Result<ClassificationReport> {
+    let name = t.params.model_dir.display().to_string();
+    Ok(evaluate(&t.model, &name, &t.encoder, set, 32, &t.device)?.metrics)
+}
+
+fn measure_before(
+    t: &mut Trainer,
+    retention: Option<&[crate::data::Encoded]>,
+    test: Option<&HeldOutSet>,
+) -> Result<Before> {
     let path = t.params.output_dir.join("before.json");
     if let Ok(text) = std::fs::read_to_string(&path)
         && let Ok(b) = serde_json::from_str::<Before>(&text)
@@ -62,11 +88,16 @@ fn measure_before(t: &mut Trainer, retention: Option<&[crate::data::Encoded]>) -
             sample(&t.model, &t.encoder, p, t.params.eval.sample_max_new_tokens)?,
         ));
     }
+    let test_set = match test {
+        Some(set) => Some(score(t, set)?),
+        None => None,
+    };
     let b = Before {
         validation_loss,
         classification,
         retention_perplexity,
         samples,
+        test_set,
     };
     std::fs::create_dir_all(&t.params.output_dir)
         .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
@@ -80,7 +111,12 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
     signal_hook::flag::register(signal_hook::consts::SIGTERM, t.stop_flag())
         .map_err(|e| TrainerError::io("SIGTERM handler", e))?;
     let retention = retention_set(&t)?;
-    let before = measure_before(&mut t, retention.as_deref())?;
+    let test = test_set(&t)?;
+    let before = measure_before(&mut t, retention.as_deref(), test.as_ref())?;
+    if let (Some(m), Some(c)) = (&metrics, &before.test_set) {
+        let accuracy = c.accuracy;
+        m.update_progress(|p| p.base_test_accuracy = Some(accuracy));
+    }
     if let (Some(m), Some(r)) = (&metrics, before.retention_perplexity) {
         m.retention_perplexity.with_label_values(&["before"]).set(r);
     }
@@ -94,6 +130,7 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
         ),
     };
     let mut outputs = Exported::default();
+    let mut test_scores = None;
     let mut forgetting = None;
     let mut samples = Vec::new();
     if outcome.reason != StopReason::Interrupted {
@@ -123,6 +160,13 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
                 prompt: p.clone(),
                 before: b.clone(),
                 after,
+            });
+        }
+        if let (Some(set), Some(before)) = (&test, &before.test_set) {
+            test_scores = Some(TestSetScores {
+                file: set.file.display().to_string(),
+                before: before.clone(),
+                after: score(&t, set)?,
             });
         }
         if let Some(m) = &metrics {
@@ -175,6 +219,7 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
         evaluations: t.evals.clone(),
         outputs,
         resumed_from: t.resumed_from.as_ref().map(|r| r.0.clone()),
+        test_set: test_scores,
     };
     std::fs::create_dir_all(&t.params.output_dir)
         .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
@@ -194,12 +239,16 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
         };
         let early = report.status == "early-stopped";
         let ratio = report.forgetting.map(|f| f.ratio);
+        let base_test = report.before.test_set.as_ref().map(|c| c.accuracy);
+        let tuned_test = report.test_set.as_ref().map(|s| s.after.accuracy);
         let out = t.params.output_dir.display().to_string();
         m.update_progress(|p| {
             p.phase = st;
             p.stop_reason = Some(reason);
             p.early_stopped = early;
             p.retention_perplexity_ratio = ratio;
+            p.base_test_accuracy = base_test;
+            p.test_accuracy = tuned_test;
             if st == Phase::Done && p.output_dir.is_none() {
                 p.output_dir = Some(out);
             }

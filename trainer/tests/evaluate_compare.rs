@@ -293,3 +293,38 @@ fn a_file_with_one_class_is_refused_by_name() {
     );
     let _ = std::fs::remove_dir_all(work);
 }
+
+/// `evaluation.testSet`: the held-out file is classified by the base model before training and
+/// by the tuned model after, with the same scoring as `evaluate`, into the report.
+#[test]
+fn a_jobs_test_set_is_scored_before_and_after_training() {
+    let (work, model) = common::setup("test-set");
+    let mut p = common::params(
+        &work,
+        &model,
+        "lora",
+        TrainableSpec::Lora(common::lora_all(4)),
+    );
+    p.eval.test_set_file = Some(held_out());
+    p.eval.test_set_max_rows = 40;
+    let out = p.output_dir.clone();
+    let report = run_job(p, false, None).unwrap();
+    let scores = report.test_set.as_ref().expect("test set in the report");
+    assert_eq!((scores.before.n, scores.after.n), (40, 40));
+    assert_eq!(report.before.test_set.as_ref(), Some(&scores.before));
+    // The same numbers as scoring the exported adapter and the base with `evaluate`.
+    let set = HeldOutSet::read(&held_out(), None, &options().cleaning, Some(40)).unwrap();
+    let base = ModelRef {
+        model: model.clone(),
+        adapter: None,
+    };
+    let tuned = ModelRef {
+        model,
+        adapter: Some(out.join("adapter")),
+    };
+    assert_eq!(evaluation(&base, &set).metrics, scores.before);
+    assert_eq!(evaluation(&tuned, &set).metrics, scores.after);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Held-out test set"), "{md}");
+    let _ = std::fs::remove_dir_all(work);
+}

@@ -95,6 +95,7 @@ fn job(name: &str, max_steps: u32, interval: u32) -> Job {
             .to_string(),
         dataset_file: fixtures().join("reviews-small.csv").display().to_string(),
         retention_file: None,
+        test_set_file: None,
         checkpoint_dir: ckpt.display().to_string(),
         output_dir: work.join("output").display().to_string(),
         termination_message_file: work.join("termination-log").display().to_string(),

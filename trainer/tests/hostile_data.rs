@@ -326,6 +326,7 @@ spec:
         tokenizer_file: tokenizer.display().to_string(),
         dataset_file: dataset.display().to_string(),
         retention_file: None,
+        test_set_file: None,
         checkpoint_dir: root.join("checkpoints/c").display().to_string(),
         output_dir: root.join("checkpoints/out").display().to_string(),
         termination_message_file: root.join("termination-log").display().to_string(),

@@ -39,6 +39,12 @@ pub struct EvaluationSpec {
     /// general ability was lost (forgetting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionSpec>,
+    /// A held-out labelled file (same format, columns, cleaning and prompt template as the
+    /// dataset; never trained on) classified by the base model before training and by the tuned
+    /// model after: accuracy, per-class metrics and the confusion matrix go to the report, the
+    /// two accuracies to `status.metrics`. Classification datasets (`text` + `label`) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_set: Option<TestSetSpec>,
 }
 
 impl Default for EvaluationSpec {
@@ -51,6 +57,7 @@ impl Default for EvaluationSpec {
             sample_prompts: Vec::new(),
             sample_max_new_tokens: default_sample_tokens(),
             retention: None,
+            test_set: None,
         }
     }
 }
@@ -154,6 +161,33 @@ pub struct RetentionSpec {
     /// Also measure retention perplexity at every evaluation, not only before and after.
     #[serde(default)]
     pub every_evaluation: bool,
+}
+
+/// A held-out test file scored before and after training.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TestSetSpec {
+    /// The file (`pvc://claim/path`, `configmap://name/key` or `https://…`).
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^(pvc|configmap|https)://.+$")
+    )]
+    pub source: String,
+    /// Expected SHA-256 of the file (hex), checked after download or before reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 64, max = 64), regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+    /// Rows scored (the first ones the cleaning keeps).
+    #[serde(default = "default_test_rows")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_rows: u32,
+}
+
+/// Rows of `evaluation.testSet` scored when `maxRows` is not set.
+pub const DEFAULT_TEST_SET_MAX_ROWS: u32 = 1000;
+
+fn default_test_rows() -> u32 {
+    DEFAULT_TEST_SET_MAX_ROWS
 }
 
 /// Passages of the retention text evaluated when `retention.maxRows` is not set.

@@ -140,6 +140,12 @@ pub struct TrainingMetrics {
     /// Retention perplexity after / before training (forgetting; 1.0 means none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_perplexity_ratio: Option<f64>,
+    /// Accuracy of the base model on `evaluation.testSet` (0-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_test_accuracy: Option<f64>,
+    /// Accuracy of the tuned model on `evaluation.testSet` (0-1), once training ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
 }
 
 /// Checkpoints on the checkpoint volume.

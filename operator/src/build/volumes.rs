@@ -326,12 +326,24 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
         )?),
         None => None,
     };
+    let test_set_file = match &spec.evaluation.test_set {
+        Some(t) => Some(plan_file_input(
+            &mut plan,
+            "test-set",
+            &t.source,
+            t.sha256.as_deref(),
+            &format!("test.{ext}"),
+            settings,
+        )?),
+        None => None,
+    };
 
     plan.paths = TrainerPaths {
         model_dir,
         tokenizer_file,
         dataset_file,
         retention_file,
+        test_set_file,
         checkpoint_dir: format!("{ckpt_dir}/checkpoints"),
         output_dir,
         termination_message_file: "/dev/termination-log".into(),

@@ -50,6 +50,20 @@ pub struct Before {
     pub retention_perplexity: Option<f64>,
     /// Base model outputs for the sample prompts.
     pub samples: Vec<(String, String)>,
+    /// Classification metrics of the base model on the held-out test set.
+    #[serde(default)]
+    pub test_set: Option<ClassificationReport>,
+}
+
+/// The held-out test set (`evaluation.testSet`), scored by the base and the tuned model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestSetScores {
+    /// The file scored.
+    pub file: String,
+    /// The base model's metrics.
+    pub before: ClassificationReport,
+    /// The tuned model's metrics.
+    pub after: ClassificationReport,
 }
 
 /// The full report of a run.
@@ -95,6 +109,9 @@ pub struct Report {
     pub outputs: Exported,
     /// Checkpoint the run resumed from.
     pub resumed_from: Option<String>,
+    /// The held-out test set before and after training, when one was given.
+    #[serde(default)]
+    pub test_set: Option<TestSetScores>,
 }
 
 impl Report {
@@ -178,6 +195,21 @@ impl Report {
             );
             let _ = writeln!(s, "{}", c.per_class_table());
             let _ = write!(s, "{}", c.confusion_table());
+        }
+        if let Some(t) = &self.test_set {
+            let _ = writeln!(
+                s,
+                "\n## Held-out test set\n\n`{}`, {} rows: accuracy **{:.1} %** after training \
+                 (base model {:.1} %; majority class {:?} {:.1} %)\n",
+                t.file,
+                t.after.n,
+                100.0 * t.after.accuracy,
+                100.0 * t.before.accuracy,
+                t.after.majority_class,
+                100.0 * t.after.majority_baseline
+            );
+            let _ = writeln!(s, "{}", t.after.per_class_table());
+            let _ = write!(s, "{}", t.after.confusion_table());
         }
         if let Some(f) = &self.forgetting {
             let _ = writeln!(

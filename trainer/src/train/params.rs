@@ -35,12 +35,16 @@ pub struct EvalParams {
     pub retention_max_rows: usize,
     /// Also measure retention at each evaluation.
     pub retention_every_evaluation: bool,
+    /// Held-out labelled file classified before and after training (`evaluation.testSet`).
+    pub test_set_file: Option<PathBuf>,
+    /// Rows of the test file scored.
+    pub test_set_max_rows: usize,
 }
 
 impl Default for EvalParams {
     /// The API's defaults (`evaluation` left out of the spec).
     fn default() -> Self {
-        crate::config::eval_params(&finetune_api::EvaluationSpec::default(), None)
+        crate::config::eval_params(&finetune_api::EvaluationSpec::default(), None, None)
     }
 }
 
