@@ -7,11 +7,41 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::names::TRAINER_CONTAINER;
 
+/// Why a trainer pod has not started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// Nothing is wrong (yet): being scheduled, pulled or started.
+    Starting,
+    /// The scheduler cannot place it; its message.
+    Unschedulable(String),
+    /// Held by scheduling gates (a queue such as Kueue has not admitted it); its message.
+    Gated(String),
+    /// A container cannot start: the kubelet's reason (`ImagePullBackOff`, `ErrImagePull`,
+    /// `InvalidImageName`, `CreateContainerConfigError` for a missing Secret or ConfigMap key,
+    /// `CreateContainerError`) and its message.
+    Blocked {
+        /// The kubelet's reason.
+        reason: String,
+        /// What it said, with the container's name.
+        message: String,
+    },
+}
+
+/// Container waiting reasons that will not clear by themselves (the label values of
+/// `finetune_operator_blocked_jobs`).
+pub const BLOCKING_WAIT_REASONS: [&str; 5] = [
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
 /// How a trainer pod ended, or where it stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodOutcome {
-    /// Not yet scheduled; `Some(message)` when the scheduler said why it cannot be.
-    Pending(Option<String>),
+    /// Not yet running, and why.
+    Pending(Waiting),
     /// Running.
     Running,
     /// Exited 0; the termination message (the final progress document).
@@ -34,7 +64,7 @@ pub struct Failure {
 /// Classifies a trainer pod.
 pub fn classify(pod: &Pod) -> PodOutcome {
     let Some(status) = pod.status.as_ref() else {
-        return PodOutcome::Pending(None);
+        return PodOutcome::Pending(Waiting::Starting);
     };
     let pod_reason = status.reason.clone().unwrap_or_default();
     let disrupted = matches!(
@@ -65,24 +95,59 @@ pub fn classify(pod: &Pod) -> PodOutcome {
         )),
         Some("Failed") => PodOutcome::Failed(failure(pod)),
         Some("Running") => PodOutcome::Running,
-        _ => {
-            let unschedulable = status
-                .conditions
-                .iter()
-                .flatten()
-                .find(|c| {
-                    c.type_ == "PodScheduled"
-                        && c.status == "False"
-                        && c.reason.as_deref() == Some("Unschedulable")
-                })
-                .map(|c| {
-                    c.message
-                        .clone()
-                        .unwrap_or_else(|| "no node fits the pod".into())
-                });
-            PodOutcome::Pending(unschedulable)
+        _ => PodOutcome::Pending(waiting(status)),
+    }
+}
+
+/// Why a pending pod waits: the scheduler's verdict, its gates, or a container the kubelet
+/// cannot start (init containers first, as they run first).
+fn waiting(status: &k8s_openapi::api::core::v1::PodStatus) -> Waiting {
+    let scheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+    if let Some(c) = scheduled {
+        let message = c.message.clone();
+        match c.reason.as_deref() {
+            Some("Unschedulable") => {
+                return Waiting::Unschedulable(
+                    message.unwrap_or_else(|| "no node fits the pod".into()),
+                );
+            }
+            Some("SchedulingGated") => {
+                return Waiting::Gated(
+                    message.unwrap_or_else(|| "the pod has scheduling gates".into()),
+                );
+            }
+            _ => {}
         }
     }
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        if let Some(reason) = w
+            .reason
+            .as_deref()
+            .filter(|r| BLOCKING_WAIT_REASONS.contains(r))
+        {
+            return Waiting::Blocked {
+                reason: reason.to_string(),
+                message: format!(
+                    "container {}: {}",
+                    c.name,
+                    w.message.clone().unwrap_or_default()
+                ),
+            };
+        }
+    }
+    Waiting::Starting
 }
 
 fn failure(pod: &Pod) -> Failure {
@@ -200,7 +265,7 @@ mod tests {
     fn unschedulable_carries_the_scheduler_message() {
         let p = pod(include_str!("../tests/fixtures/pod-unschedulable.yaml"));
         match classify(&p) {
-            PodOutcome::Pending(Some(m)) => {
+            PodOutcome::Pending(Waiting::Unschedulable(m)) => {
                 assert!(m.contains("Insufficient nvidia.com/gpu"), "{m}")
             }
             other => panic!("{other:?}"),

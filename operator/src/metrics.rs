@@ -21,6 +21,9 @@ pub struct Metrics {
     pub unschedulable_seconds: Histogram,
     /// `finetune_operator_unschedulable_jobs`: jobs currently unschedulable.
     pub unschedulable_jobs: IntGauge,
+    /// `finetune_operator_blocked_jobs{reason}`: jobs whose trainer pod cannot start, by the
+    /// kubelet's reason (`lifecycle::BLOCKING_WAIT_REASONS`).
+    pub blocked_jobs: IntGaugeVec,
     /// `finetune_operator_leader`: 1 on the replica holding the leader Lease.
     pub leader: IntGauge,
     /// `finetune_operator_status_writes_total`: status patches sent.
@@ -77,6 +80,14 @@ impl Metrics {
             "finetune_operator_unschedulable_jobs",
             "Jobs whose trainer pod cannot be scheduled now.",
         )?;
+        let blocked_jobs = IntGaugeVec::new(
+            Opts::new(
+                "finetune_operator_blocked_jobs",
+                "Jobs whose trainer pod cannot start (image pull, missing Secret or ConfigMap), \
+                 by the kubelet's reason.",
+            ),
+            &["reason"],
+        )?;
         let leader = IntGauge::new(
             "finetune_operator_leader",
             "1 when this replica is the leader.",
@@ -102,6 +113,7 @@ impl Metrics {
         registry.register(Box::new(pod_restarts.clone()))?;
         registry.register(Box::new(unschedulable_seconds.clone()))?;
         registry.register(Box::new(unschedulable_jobs.clone()))?;
+        registry.register(Box::new(blocked_jobs.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
         // Every bounded label value starts at 0, so rates and alerts see a series from the start.
@@ -117,6 +129,9 @@ impl Metrics {
         for verb in ["apply", "delete", "status"] {
             api_writes.with_label_values(&[verb]).reset();
         }
+        for reason in crate::lifecycle::BLOCKING_WAIT_REASONS {
+            blocked_jobs.with_label_values(&[reason]).set(0);
+        }
         for phase in finetune_api::JobPhase::ALL {
             jobs.with_label_values(&[phase.as_str()]).set(0);
         }
@@ -128,6 +143,7 @@ impl Metrics {
             pod_restarts,
             unschedulable_seconds,
             unschedulable_jobs,
+            blocked_jobs,
             leader,
             status_writes,
             api_writes,

@@ -147,6 +147,16 @@ fn check(case: &Value) {
     if let Some(reason) = want.get("reason") {
         assert_eq!(ready.as_deref(), reason.as_str(), "{name}: reason");
     }
+    if let Some(text) = want.get("messageContains").and_then(Value::as_str) {
+        let message = plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains(text), "{name}: {message}");
+    }
     let writes: Vec<String> = plan.writes.iter().map(|w| w.describe()).collect();
     let want_writes: Vec<String> = want["writes"]
         .as_array()

@@ -244,6 +244,11 @@ pub(super) async fn write_status(
                     | "NodeLost"
                     | "Disrupted"
                     | "InvalidSpec"
+                    | "ImagePullBackOff"
+                    | "ErrImagePull"
+                    | "InvalidImageName"
+                    | "CreateContainerConfigError"
+                    | "CreateContainerError"
             );
         let event = Event {
             type_: if warning {

@@ -20,7 +20,7 @@ pub use super::plan::{Clock, Observed, Plan, Requeue, Settings, Write};
 use crate::Result;
 use crate::build;
 use crate::context::JobMemory;
-use crate::lifecycle::{PodOutcome, backoff, classify};
+use crate::lifecycle::{PodOutcome, Waiting, backoff, classify};
 use crate::names::ATTEMPT_LABEL;
 use crate::status::{
     apply_progress, condition, parse_termination_message, remove_condition, set_condition,
@@ -331,9 +331,9 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 Requeue::AwaitChange,
             )
         }
-        Some((_, PodOutcome::Pending(unschedulable))) => {
-            match unschedulable {
-                Some(msg) => {
+        Some((_, PodOutcome::Pending(waiting))) => {
+            match waiting {
+                Waiting::Unschedulable(msg) => {
                     d.memory.unschedulable_since.get_or_insert(clock.mono);
                     d.condition(condition::UNSCHEDULABLE, true, "Unschedulable", &msg);
                     let gpus = effective_gpus(spec);
@@ -345,7 +345,30 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                         ),
                     );
                 }
-                None => d.phase(
+                Waiting::Gated(msg) => d.phase(
+                    JobPhase::Pending,
+                    "SchedulingGated",
+                    &format!("the trainer pod waits for admission (scheduling gates): {msg}"),
+                ),
+                Waiting::Blocked { reason, message } => {
+                    let hint = match reason.as_str() {
+                        "CreateContainerConfigError" => {
+                            " (a Secret or ConfigMap the pod names is missing: check \
+                             model.tokenSecretRef and the dataset's ConfigMap)"
+                        }
+                        "ImagePullBackOff" | "ErrImagePull" | "InvalidImageName" => {
+                            " (the trainer image cannot be pulled: check the operator's \
+                             --trainer-image and the registry's pull secret)"
+                        }
+                        _ => "",
+                    };
+                    d.phase(
+                        JobPhase::Pending,
+                        &reason,
+                        &format!("the trainer pod cannot start: {message}{hint}"),
+                    );
+                }
+                Waiting::Starting => d.phase(
                     JobPhase::Pending,
                     "PodPending",
                     "waiting for the trainer pod to start",

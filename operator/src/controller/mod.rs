@@ -20,6 +20,7 @@ use kube::{Resource, ResourceExt};
 use tracing::{instrument, warn};
 
 use crate::context::Context;
+use crate::lifecycle::BLOCKING_WAIT_REASONS;
 use crate::{Error, Result};
 use decide::{Clock, Requeue, Settings, decide, effective_spec};
 use observe::{Observation, observe};
@@ -70,13 +71,32 @@ pub async fn run(ctx: Arc<Context>) {
             let mut counts = std::collections::HashMap::new();
             let jobs = store.state();
             prune_memory(&gauge_ctx, &jobs);
-            for job in jobs {
+            for job in &jobs {
                 let phase = job
                     .status
                     .as_ref()
                     .and_then(|s| s.phase)
                     .unwrap_or_default();
                 *counts.entry(phase).or_insert(0i64) += 1;
+            }
+            let mut blocked = std::collections::HashMap::new();
+            for job in &jobs {
+                let reason = job.status.as_ref().and_then(|s| {
+                    s.conditions
+                        .iter()
+                        .find(|c| c.type_ == crate::status::condition::READY)
+                        .map(|c| c.reason.clone())
+                });
+                if let Some(r) = reason.filter(|r| BLOCKING_WAIT_REASONS.contains(&r.as_str())) {
+                    *blocked.entry(r).or_insert(0i64) += 1;
+                }
+            }
+            for reason in BLOCKING_WAIT_REASONS {
+                gauge_ctx
+                    .metrics
+                    .blocked_jobs
+                    .with_label_values(&[reason])
+                    .set(blocked.get(reason).copied().unwrap_or(0));
             }
             for phase in JobPhase::ALL {
                 gauge_ctx
