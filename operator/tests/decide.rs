@@ -247,6 +247,13 @@ fn check(case: &Value) {
         assert_eq!(out.report.as_deref(), report.as_str(), "{name}");
         assert!(plan.status.completion_time.is_some(), "{name}");
     }
+    if let Some(start) = field("startTime") {
+        assert_eq!(
+            plan.status.start_time.as_ref().map(|t| t.0.to_string()),
+            start.as_str().map(str::to_string),
+            "{name}: startTime"
+        );
+    }
     assert_eq!(plan.status.observed_generation, Some(1), "{name}");
 }
 

@@ -32,7 +32,8 @@ pub struct FineTuneJobStatus {
     /// Trainer pods replaced after an eviction, preemption or node loss (not counted).
     #[serde(default)]
     pub disruptions: u32,
-    /// When the first trainer pod started running.
+    /// When the trainer started running; cleared when the job is suspended and set again on
+    /// resume (as batch/v1 Job does), so `activeDeadlineSeconds` counts running time only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When the job reached Succeeded or Failed.

@@ -260,6 +260,9 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             grace: None,
         };
         if active.is_empty() {
+            // As batch/v1 Job does: the running time restarts on resume, so
+            // activeDeadlineSeconds never counts suspended time.
+            d.status.start_time = None;
             d.phase(
                 JobPhase::Suspended,
                 "Suspended",
