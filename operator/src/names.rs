@@ -41,9 +41,33 @@ pub fn checkpoint_claim(job: &str) -> String {
     bounded(job, "checkpoints")
 }
 
-/// The metrics Service of the trainer pod.
+/// The metrics Service of the trainer pod. Service names are DNS-1035 labels (a letter first,
+/// no dots), stricter than job names: `70b-chat` or `team.v2` become `j-70b-chat-<hash>` and
+/// `team-v2-<hash>` (the hash keeps `a.b` and `a-b` apart).
 pub fn metrics_service(job: &str) -> String {
-    bounded(job, "metrics")
+    let dashed = job.replace('.', "-");
+    let base = if dashed == job && job.starts_with(|c: char| c.is_ascii_lowercase()) {
+        job.to_string()
+    } else {
+        let prefix = if dashed.starts_with(|c: char| c.is_ascii_lowercase()) {
+            ""
+        } else {
+            "j-"
+        };
+        format!("{prefix}{dashed}-{}", &short_hash(job.as_bytes())[..6])
+    };
+    bounded(&base, "metrics")
+}
+
+/// The value of the `finetune.dev/job` label for a job: its name, or (over 63 characters, the
+/// limit of a label value) a cut of it with a hash of the whole, so selectors stay unique.
+pub fn label_value(job: &str) -> String {
+    if job.len() <= 63 {
+        return job.to_string();
+    }
+    let hash = short_hash(job.as_bytes());
+    let cut: String = job.chars().take(63 - hash.len() - 1).collect();
+    format!("{}-{hash}", cut.trim_end_matches(['-', '.']))
 }
 
 /// The NetworkPolicy of the job's trainer pods.
@@ -59,12 +83,12 @@ pub fn trainer_pod(job: &str, attempt: u32) -> String {
 /// Labels every child carries.
 pub fn common_labels(job: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (JOB_LABEL.to_string(), job.to_string()),
+        (JOB_LABEL.to_string(), label_value(job)),
         (
             "app.kubernetes.io/name".to_string(),
             "finetune-trainer".to_string(),
         ),
-        ("app.kubernetes.io/instance".to_string(), job.to_string()),
+        ("app.kubernetes.io/instance".to_string(), label_value(job)),
         (
             "app.kubernetes.io/managed-by".to_string(),
             "finetune-operator".to_string(),
@@ -79,7 +103,7 @@ pub fn common_labels(job: &str) -> BTreeMap<String, String> {
 /// Labels of a trainer pod (selects it from the metrics Service).
 pub fn trainer_selector(job: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (JOB_LABEL.to_string(), job.to_string()),
+        (JOB_LABEL.to_string(), label_value(job)),
         (
             "app.kubernetes.io/component".to_string(),
             "trainer".to_string(),
@@ -98,5 +122,29 @@ mod tests {
         assert!(trainer_pod(&a, 12).len() <= 63);
         assert_ne!(trainer_pod(&a, 0), trainer_pod(&b, 0));
         assert_eq!(trainer_pod("demo", 2), "demo-trainer-2");
+    }
+
+    fn is_dns1035(s: &str) -> bool {
+        s.len() <= 63
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    }
+
+    #[test]
+    fn every_valid_job_name_gives_a_valid_service_name_and_label() {
+        let long = format!("{}.x", "a".repeat(250));
+        for job in ["demo", "70b-chat", "team.v2", "a.b", "a-b", long.as_str()] {
+            let svc = metrics_service(job);
+            assert!(is_dns1035(&svc), "{job} -> {svc}");
+            let label = label_value(job);
+            assert!(label.len() <= 63, "{job} -> {label}");
+            assert!(!label.ends_with(['-', '.']), "{label}");
+        }
+        assert_eq!(metrics_service("demo"), "demo-metrics");
+        assert_ne!(metrics_service("a.b"), metrics_service("a-b"));
+        assert_eq!(label_value("demo"), "demo");
+        assert_ne!(label_value(&"a".repeat(70)), label_value(&"a".repeat(71)));
     }
 }

@@ -75,7 +75,7 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
         .iter()
         .filter(|p| {
             p.namespace().as_deref() == Some(ns.as_str())
-                && p.labels().get(JOB_LABEL) == Some(&name)
+                && p.labels().get(JOB_LABEL) == Some(&names::label_value(&name))
         })
         .map(|p| Pod::clone(p))
         .collect();
