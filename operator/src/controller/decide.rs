@@ -188,6 +188,23 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
     effective.spec = spec;
     let spec = &effective.spec;
 
+    // Finished jobs: only the TTL remains to be honoured, and their spec is not judged again (a
+    // stricter validation after an upgrade must not turn a Succeeded job into a Failed one).
+    // The exception is a job refused as InvalidSpec before it started: once its spec validates
+    // (fixed in Git, say), it starts as a new job.
+    if d.status.phase.is_some_and(JobPhase::is_finished) {
+        let refused_at_start = !started
+            && d.status.phase == Some(JobPhase::Failed)
+            && d.has_condition(condition::INVALID_SPEC, Some("True"))
+            && finetune_api::validate(spec).is_ok();
+        if !refused_at_start {
+            return Ok(finished(d, job, &obs.pods));
+        }
+        d.status.phase = None;
+        d.status.completion_time = None;
+        remove_condition(&mut d.status.conditions, condition::INVALID_SPEC);
+    }
+
     // Validate. An invalid spec never creates a pod.
     match &refused {
         Some(sections) => d.condition(
@@ -230,11 +247,6 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
     let pods = &obs.pods;
     let attempt = d.status.restarts + d.status.disruptions;
     let current = pods.iter().find(|p| pod_attempt(p) == Some(attempt));
-
-    // Finished jobs: only the TTL remains to be honoured.
-    if d.status.phase.is_some_and(JobPhase::is_finished) {
-        return Ok(finished(d, job, pods));
-    }
 
     // Deadline.
     if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, &d.status.start_time) {
