@@ -59,6 +59,11 @@ pub struct Args {
     /// Longest retry delay after a trainer failure.
     #[arg(long, env = "MAX_BACKOFF", default_value = "5m", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// Disruptions (evictions, preemptions, lost nodes) a job survives before it fails with
+    /// DisruptionLimitExceeded; they never count against `backoffLimit`, but a cluster that
+    /// cannot keep the trainer running should not retry it forever.
+    #[arg(long, env = "MAX_DISRUPTIONS", default_value_t = 20)]
+    pub max_disruptions: u32,
     /// Take part in leader election on a Lease (run two replicas for high availability).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false)]
     pub leader_election: bool,

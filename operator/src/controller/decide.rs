@@ -42,6 +42,14 @@ fn not_deleting<'a>(pods: impl Iterator<Item = &'a Pod>) -> Vec<String> {
         .collect()
 }
 
+/// The node a pod was bound to.
+fn pod_node(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
 /// When the trainer container of a pod terminated (seconds since the epoch).
 fn finished_at(pod: &Pod) -> Option<i64> {
     pod.status
@@ -152,6 +160,20 @@ impl Draft<'_> {
             self.memory.since = self.clock.mono;
         }
         self.clock.mono.saturating_duration_since(self.memory.since) >= timeout
+    }
+
+    /// The job fails: more disruptions than the cluster should be allowed.
+    fn too_many_disruptions(mut self, last: &str, limit: u32) -> Plan {
+        let msg = format!(
+            "{} disruptions exceed the operator's limit of {limit} (--max-disruptions); last: \
+             {last}. The cluster keeps evicting, preempting or losing the trainer's node: check \
+             node health, the job's priority and the GPU nodes' taints",
+            self.status.disruptions
+        );
+        self.phase(JobPhase::Failed, "DisruptionLimitExceeded", &msg);
+        self.status.completion_time = Some(self.clock.wall.clone());
+        self.forget = true;
+        self.done(vec![Write::Status], Requeue::AwaitChange)
     }
 
     fn done(self, mut writes: Vec<Write>, requeue: Requeue) -> Plan {
@@ -398,11 +420,19 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             if obs.node_lost {
                 d.status.disruptions += 1;
                 d.restart = Some("disruption");
-                let node = pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.clone())
-                    .unwrap_or_default();
+                if d.status.disruptions > s.max_disruptions {
+                    let lost = format!("node {} is gone", pod_node(pod));
+                    let mut plan = d.too_many_disruptions(&lost, s.max_disruptions);
+                    plan.writes.insert(
+                        0,
+                        Write::DeletePods {
+                            names: vec![pod.name_any()],
+                            grace: Some(0),
+                        },
+                    );
+                    return Ok(plan);
+                }
+                let node = pod_node(pod);
                 let msg = format!(
                     "node {node} is gone; rescheduling from the latest checkpoint (not counted against backoffLimit)"
                 );
@@ -508,6 +538,9 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
         Some((_, PodOutcome::Disrupted(msg))) => {
             d.status.disruptions += 1;
             d.restart = Some("disruption");
+            if d.status.disruptions > s.max_disruptions {
+                return Ok(d.too_many_disruptions(&msg, s.max_disruptions));
+            }
             d.phase(
                 JobPhase::Pending,
                 "Disrupted",

@@ -40,6 +40,8 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// How often a running trainer's progress is read.
     pub progress_interval: Duration,
+    /// Disruptions a job survives.
+    pub max_disruptions: u32,
 }
 
 impl Settings {
@@ -51,6 +53,7 @@ impl Settings {
             max_backoff: args.max_backoff,
             stall_timeout: args.stall_timeout,
             progress_interval: args.progress_interval,
+            max_disruptions: args.max_disruptions,
         }
     }
 }
