@@ -387,3 +387,52 @@ fn a_test_set_is_mounted_or_downloaded_like_the_dataset() {
     let fetch = inits.iter().find(|i| i.name == "fetch-test-set").unwrap();
     assert!(fetch.args.clone().unwrap().contains(&"ab".repeat(32)));
 }
+
+#[test]
+fn a_downloaded_model_gets_bounded_disk_that_the_scheduler_sees() {
+    let c = children(
+        &job("llama-2-7b-lora-sentiment.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let spec = c.pod.spec.as_ref().unwrap();
+    let model = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "model")
+        .unwrap();
+    let limit = model
+        .empty_dir
+        .as_ref()
+        .unwrap()
+        .size_limit
+        .clone()
+        .unwrap();
+    let bytes: u64 = limit.0.parse().unwrap();
+    // 6.74 B parameters in 16-bit safetensors are 13.5 GB; the limit leaves room, but not 2x.
+    assert!((14_000_000_000..20_000_000_000).contains(&bytes), "{bytes}");
+    let requests = trainer(&c.pod)
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .clone()
+        .unwrap();
+    assert_eq!(requests["ephemeral-storage"], limit);
+    // The tiny preset downloads nothing and asks for no disk.
+    let tiny = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let tiny_requests = trainer(&tiny.pod)
+        .resources
+        .clone()
+        .unwrap()
+        .requests
+        .unwrap();
+    assert!(!tiny_requests.contains_key("ephemeral-storage"));
+}

@@ -56,7 +56,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn resources(job: &FineTuneJob) -> ResourceRequirements {
+fn resources(job: &FineTuneJob, plan: &DataPlan) -> ResourceRequirements {
     let r = &job.spec.resources;
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
@@ -73,6 +73,12 @@ fn resources(job: &FineTuneJob) -> ResourceRequirements {
         // Extended resources are set as limits (requests default to them and must be equal).
         limits.insert(r.gpu_resource_name.clone(), Quantity(gpus.to_string()));
         requests.insert(r.gpu_resource_name.clone(), Quantity(gpus.to_string()));
+    }
+    if plan.model_download_bytes > 0 {
+        requests.insert(
+            "ephemeral-storage".to_string(),
+            Quantity(plan.model_download_bytes.to_string()),
+        );
     }
     ResourceRequirements {
         requests: (!requests.is_empty()).then_some(requests),
@@ -135,7 +141,7 @@ pub fn trainer_pod(
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        resources: Some(resources(job)),
+        resources: Some(resources(job, plan)),
         volume_mounts: Some(plan.mounts.clone()),
         security_context: Some(restricted_container_security()),
         termination_message_path: Some(plan.paths.termination_message_file.clone()),

@@ -35,6 +35,10 @@ pub struct DataPlan {
     pub paths: TrainerPaths,
     /// Claim holding the output.
     pub output_claim: String,
+    /// Bytes of node-local disk the downloaded model needs (its emptyDir's `sizeLimit`); the
+    /// trainer requests this much `ephemeral-storage`, so the scheduler picks a node with room
+    /// and a model larger than planned is stopped by the kubelet instead of filling the disk.
+    pub model_download_bytes: u64,
     /// TCP ports the download steps connect to (443 for https unless the URL names a port); the
     /// job's NetworkPolicy allows egress to exactly these, plus DNS.
     pub egress_ports: std::collections::BTreeSet<u16>,
@@ -75,6 +79,13 @@ fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
         }),
         ..Volume::default()
     }
+}
+
+/// Disk for a downloaded Hub model of `parameters`: its 16-bit safetensors (2 bytes a
+/// parameter, how Llama 2 checkpoints are published), 10 % for the other files and partial
+/// downloads, and 1 GiB for the tokenizer and config.
+pub fn model_download_bytes(parameters: u64) -> u64 {
+    parameters * 2 * 11 / 10 + (1 << 30)
 }
 
 fn empty_dir(name: &str) -> Volume {
@@ -261,7 +272,13 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
                     name: repo,
                     revision,
                 } => {
-                    plan.volumes.push(empty_dir("model"));
+                    let bytes = model_download_bytes(spec.model.preset.architecture().parameters);
+                    let mut volume = empty_dir("model");
+                    if let Some(e) = volume.empty_dir.as_mut() {
+                        e.size_limit = Some(Quantity(bytes.to_string()));
+                    }
+                    plan.volumes.push(volume);
+                    plan.model_download_bytes = bytes;
                     plan.mounts.push(mount("model", &dir, true));
                     let mut c = fetch_container(
                         "fetch-model",
