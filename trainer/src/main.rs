@@ -11,10 +11,10 @@ use finetune_trainer::data::jsonl::ColumnMapping;
 use finetune_trainer::data::template::PromptTemplate;
 use finetune_trainer::eval::heldout::{HeldOutOptions, HeldOutSet, compare, evaluate_model};
 use finetune_trainer::metrics::{Metrics, Phase};
+use finetune_trainer::model::init_tiny::{InitOutcome, InitTiny};
 use finetune_trainer::model::load::{ModelRef, load_for_inference};
-use finetune_trainer::model::pretrain::{PretrainSettings, pretrain};
 use finetune_trainer::model::weights::Weights;
-use finetune_trainer::model::{Llama, LlamaConfig, TrainableSpec, tiny};
+use finetune_trainer::model::{Llama, LlamaConfig, TrainableSpec};
 
 /// mimalloc reuses freed memory instead of returning every large intermediate tensor to the
 /// kernel (run with `MIMALLOC_PURGE_DELAY=-1` to keep it all; see BENCHMARKS.md).
@@ -471,59 +471,33 @@ fn train(config: PathBuf, resume: Resume) -> anyhow::Result<()> {
 fn init_tiny(
     out: PathBuf,
     tokenizer: PathBuf,
-    text: Option<PathBuf>,
+    pretrain_text: Option<PathBuf>,
     steps: usize,
     seed: u64,
     force: bool,
 ) -> anyhow::Result<()> {
-    let enc = Encoder::from_file(&tokenizer, PromptTemplate::default(), 64)?;
-    let cfg = tiny::tiny_config(enc.vocab_size());
-    // The tokenizer's digest is part of the cache key: a model pretrained on one vocabulary's ids
-    // is meaningless under another of the same size.
-    let marker = serde_json::json!({
-        "config": cfg,
-        "tokenizerSha256": finetune_trainer::checkpoint::atomic::sha256_file(&tokenizer)?,
-        "seed": seed,
-        "pretrainText": text.as_ref().map(|t| t.display().to_string()),
-        "pretrainSteps": if text.is_some() { steps } else { 0 },
-    });
-    let marker_path = out.join("init-tiny.json");
-    if !force
-        && out.join("model.safetensors").exists()
-        && std::fs::read_to_string(&marker_path)
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .as_ref()
-            == Some(&marker)
-    {
-        eprintln!("cached tiny model in {}", out.display());
-        return Ok(());
+    let req = InitTiny {
+        out,
+        tokenizer,
+        pretrain_text,
+        steps,
+        seed,
+        force,
+    };
+    match finetune_trainer::model::init_tiny::init_tiny(&req)? {
+        InitOutcome::Cached => eprintln!("cached tiny model in {}", req.out.display()),
+        InitOutcome::Written {
+            parameters,
+            pretrained,
+        } => {
+            if let Some((first, last, seconds)) = pretrained {
+                eprintln!(
+                    "pretrained {steps} steps in {seconds:.0} s: loss {first:.3} -> {last:.3}"
+                );
+            }
+            eprintln!("wrote {} ({parameters} parameters)", req.out.display());
+        }
     }
-    let mut weights = tiny::init_weights(&cfg, seed, &candle_core::Device::Cpu)?;
-    if let Some(t) = &text
-        && steps > 0
-    {
-        let t0 = std::time::Instant::now();
-        let s = PretrainSettings {
-            steps,
-            seed,
-            ..Default::default()
-        };
-        let (w, first, last) = pretrain(&cfg, weights, &enc, t, &s)?;
-        eprintln!(
-            "pretrained {steps} steps in {:.0} s: loss {first:.3} -> {last:.3}",
-            t0.elapsed().as_secs_f64()
-        );
-        weights = w;
-    }
-    tiny::write_hf_model(&out, &cfg, &weights)?;
-    std::fs::copy(&tokenizer, out.join("tokenizer.json"))?;
-    std::fs::write(&marker_path, serde_json::to_string_pretty(&marker)?)?;
-    eprintln!(
-        "wrote {} ({} parameters)",
-        out.display(),
-        cfg.num_parameters()
-    );
     Ok(())
 }
 

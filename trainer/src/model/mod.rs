@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod frozen;
+pub mod init_tiny;
 pub mod linear;
 pub mod llama;
 pub mod load;
