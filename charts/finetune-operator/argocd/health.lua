@@ -1,6 +1,7 @@
 -- Argo CD health check for finetune.dev/FineTuneJob (resource.customizations, key
 -- "finetune.dev/FineTuneJob"). Argo CD runs it with gopher-lua (Lua 5.1): `obj` is the resource.
 --   Progressing  while Pending or Running, or while the status is older than the spec
+--   Degraded     while Pending or Running with a refused spec change (InvalidSpec)
 --   Healthy      when Succeeded
 --   Degraded     when Failed
 --   Suspended    when suspended (spec.suspend or phase Suspended)
@@ -43,6 +44,13 @@ if generation ~= nil and status.observedGeneration ~= nil and status.observedGen
   return hs
 end
 local phase = status.phase
+local refused = condition(status, "InvalidSpec")
+if (phase == "Pending" or phase == "Running") and refused ~= nil and refused.status == "True" then
+  -- A refused change: the cluster does not run what Git says.
+  hs.status = "Degraded"
+  hs.message = message(status, "InvalidSpec", "The spec change was refused")
+  return hs
+end
 if phase == "Succeeded" then
   hs.status = "Healthy"
   hs.message = message(status, "Succeeded", "Training finished")
