@@ -25,4 +25,7 @@ pub mod rng;
 pub mod run;
 pub mod train;
 
+#[cfg(test)]
+mod test_util;
+
 pub use error::{Result, TrainerError};

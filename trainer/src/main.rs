@@ -70,49 +70,57 @@ struct HeldOutArgs {
 }
 
 impl HeldOutArgs {
-    /// The reading options: from --config when given, else from the flags.
+    /// The reading options: from --config when given, else from the flags; `--labels` and
+    /// `--fail-on-invalid` apply to both.
     fn options(&self) -> anyhow::Result<HeldOutOptions> {
-        if let Some(c) = &self.config {
-            let p =
-                finetune_trainer::config::to_params(&finetune_trainer::config::read_config(c)?)?;
-            let mut cleaning = p.cleaning;
-            if !self.labels.is_empty() {
-                cleaning.allowed_labels = self.labels.clone();
+        let mut opts = match &self.config {
+            Some(c) => {
+                let p = finetune_trainer::config::to_params(
+                    &finetune_trainer::config::read_config(c)?,
+                )?;
+                HeldOutOptions {
+                    format: None,
+                    cleaning: p.cleaning,
+                    template: p.template,
+                    max_seq_len: p.max_seq_len,
+                    max_rows: self.max_rows,
+                    batch_size: p.batch_size,
+                }
             }
-            if self.fail_on_invalid {
-                cleaning.on_invalid_row = finetune_trainer::data::InvalidRowPolicy::Fail;
-            }
-            return Ok(HeldOutOptions {
+            None => HeldOutOptions {
                 format: None,
-                cleaning,
-                template: p.template,
-                max_seq_len: p.max_seq_len,
+                cleaning: cleaning_from_flags(&self.text_column, &self.label_column, false),
+                template: PromptTemplate::default(),
+                max_seq_len: self.max_seq_len,
                 max_rows: self.max_rows,
-                batch_size: p.batch_size,
-            });
-        }
-        Ok(HeldOutOptions {
-            format: None,
-            cleaning: CleaningOptions {
-                columns: ColumnMapping {
-                    text: self.text_column.clone(),
-                    label: self.label_column.clone(),
-                    ..Default::default()
-                },
-                allowed_labels: self.labels.clone(),
-                on_invalid_row: if self.fail_on_invalid {
-                    finetune_trainer::data::InvalidRowPolicy::Fail
-                } else {
-                    finetune_trainer::data::InvalidRowPolicy::Skip
-                },
-                ..Default::default()
+                batch_size: 16,
             },
-            template: PromptTemplate::default(),
-            max_seq_len: self.max_seq_len,
-            max_rows: self.max_rows,
-            batch_size: 16,
-        })
+        };
+        if !self.labels.is_empty() {
+            opts.cleaning.allowed_labels = self.labels.clone();
+        }
+        if self.fail_on_invalid {
+            opts.cleaning.on_invalid_row = finetune_trainer::data::InvalidRowPolicy::Fail;
+        }
+        Ok(opts)
     }
+}
+
+/// The cleaning of a file given by column flags (`prepare-data --dataset`, `evaluate`): the
+/// default cleaning on those columns, failing on the first invalid row when asked.
+fn cleaning_from_flags(text: &str, label: &str, fail_on_invalid: bool) -> CleaningOptions {
+    let mut o = CleaningOptions {
+        columns: ColumnMapping {
+            text: text.to_string(),
+            label: label.to_string(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if fail_on_invalid {
+        o.on_invalid_row = finetune_trainer::data::InvalidRowPolicy::Fail;
+    }
+    o
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -292,20 +300,11 @@ fn main() -> anyhow::Result<()> {
                     let p = finetune_trainer::config::to_params(&cfg)?;
                     (p.dataset, p.format, p.cleaning)
                 }
-                (None, Some(d)) => {
-                    let mut o = CleaningOptions {
-                        columns: ColumnMapping {
-                            text: text_column,
-                            label: label_column,
-                            ..Default::default()
-                        },
-                        ..Default::default()
-                    };
-                    if fail_on_invalid {
-                        o.on_invalid_row = finetune_trainer::data::InvalidRowPolicy::Fail;
-                    }
-                    (d, None::<Format>, o)
-                }
+                (None, Some(d)) => (
+                    d,
+                    None::<Format>,
+                    cleaning_from_flags(&text_column, &label_column, fail_on_invalid),
+                ),
                 (None, None) => bail!("give --config or --dataset"),
             };
             let t0 = std::time::Instant::now();

@@ -5,7 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
+
+use serde::de::DeserializeOwned;
 
 use candle_core::Device;
 use finetune_trainer::data::clean::CleaningOptions;
@@ -154,52 +156,53 @@ fn evaluate_scores_every_row_as_validation_does_and_compare_lists_each_differenc
     let _ = std::fs::remove_dir_all(work);
 }
 
-fn run(args: &[&str]) -> std::process::Output {
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// `finetune-trainer COMMAND MODELS… --data DATA` with the fixture's columns, sequence length and
+/// tokenizer, `--out OUT`, then `extra`.
+fn cli(command: &str, models: &[String], data: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(BIN)
-        .args(args)
+        .arg(command)
+        .args(models)
+        .arg("--data")
+        .arg(data)
+        .args([
+            "--text-column",
+            "ReviewText",
+            "--label-column",
+            "SentimentLabel",
+        ])
+        .args(["--max-seq-len", "48"])
+        .arg("--tokenizer")
+        .arg(tokenizer())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap()
 }
 
-fn path(p: &Path) -> String {
-    p.display().to_string()
+fn read_json<T: DeserializeOwned>(file: &Path) -> T {
+    serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
 }
 
 #[test]
 fn the_commands_write_json_and_markdown_and_name_the_bad_line() {
     let (work, base, tuned) = base_and_adapter("evaluate-cli");
-    let common_args = |out: &Path| {
-        vec![
-            "--data".to_string(),
-            path(&held_out()),
-            "--text-column".into(),
-            "ReviewText".into(),
-            "--label-column".into(),
-            "SentimentLabel".into(),
-            "--max-seq-len".into(),
-            "48".into(),
-            "--tokenizer".into(),
-            path(&tokenizer()),
-            "--out".into(),
-            path(out),
-        ]
-    };
+    let adapter = path(tuned.adapter.as_ref().unwrap());
     let out = work.join("eval");
-    let mut args = vec![
-        "evaluate".to_string(),
+    let models = [
         "--model".into(),
         path(&tuned.model),
         "--adapter".into(),
-        path(tuned.adapter.as_ref().unwrap()),
+        adapter.clone(),
     ];
-    args.extend(common_args(&out));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = run(&refs);
+    let o = cli("evaluate", &models, &held_out(), &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let written: Evaluation =
-        serde_json::from_str(&std::fs::read_to_string(out.join("evaluation.json")).unwrap())
-            .unwrap();
+    let written: Evaluation = read_json(&out.join("evaluation.json"));
     let set = HeldOutSet::read(&held_out(), None, &options().cleaning, None).unwrap();
     assert_eq!(written.predictions, evaluation(&tuned, &set).predictions);
     let md = std::fs::read_to_string(out.join("evaluation.md")).unwrap();
@@ -210,22 +213,17 @@ fn the_commands_write_json_and_markdown_and_name_the_bad_line() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
 
     let out = work.join("compare");
-    let mut args = vec![
-        "compare".to_string(),
+    let models = [
         "--model-a".into(),
         path(&base.model),
         "--model-b".into(),
         path(&tuned.model),
         "--adapter-b".into(),
-        path(tuned.adapter.as_ref().unwrap()),
+        adapter,
     ];
-    args.extend(common_args(&out));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = run(&refs);
+    let o = cli("compare", &models, &held_out(), &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let c: Comparison =
-        serde_json::from_str(&std::fs::read_to_string(out.join("comparison.json")).unwrap())
-            .unwrap();
+    let c: Comparison = read_json(&out.join("comparison.json"));
     assert_eq!(c.b.predictions, written.predictions);
     assert!(out.join("comparison.md").exists());
 
@@ -237,18 +235,12 @@ fn the_commands_write_json_and_markdown_and_name_the_bad_line() {
         "ReviewText,SentimentLabel\ngood blender,Positive\nawful blender,Neutral\nbad,Negative\nmeh,\n",
     )
     .unwrap();
+    let base_model = ["--model".into(), path(&base.model)];
+    let labels = ["--labels", "Negative,Positive"];
     let out = work.join("skipped");
-    let mut args = vec!["evaluate".to_string(), "--model".into(), path(&base.model)];
-    args.extend(common_args(&out));
-    args[4] = path(&bad);
-    args.extend(["--labels".to_string(), "Negative,Positive".into()]);
-    let common_out_index = args.len() - 3;
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = run(&refs);
+    let o = cli("evaluate", &base_model, &bad, &out, &labels);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let skipped: Evaluation =
-        serde_json::from_str(&std::fs::read_to_string(out.join("evaluation.json")).unwrap())
-            .unwrap();
+    let skipped: Evaluation = read_json(&out.join("evaluation.json"));
     assert_eq!(
         (skipped.cleaning.rows_read, skipped.cleaning.rows_kept),
         (4, 2)
@@ -260,10 +252,13 @@ fn the_commands_write_json_and_markdown_and_name_the_bad_line() {
     );
     assert_eq!(skipped.predictions.len(), 2);
     let out = work.join("bad");
-    args[common_out_index] = path(&out);
-    args.push("--fail-on-invalid".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = run(&refs);
+    let o = cli(
+        "evaluate",
+        &base_model,
+        &bad,
+        &out,
+        &[labels[0], labels[1], "--fail-on-invalid"],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(

@@ -115,8 +115,14 @@ pub struct Report {
 }
 
 impl Report {
-    /// Markdown for people.
+    /// Markdown for people (its Curves section names the charts of [`Self::charts`]).
     pub fn markdown(&self) -> String {
+        let charts: Vec<&str> = self.charts().iter().map(|(file, _)| *file).collect();
+        self.markdown_with_charts(&charts)
+    }
+
+    /// The Markdown, referencing the chart files already rendered.
+    fn markdown_with_charts(&self, charts: &[&str]) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "# Fine-tuning report: {}\n", self.job);
         let _ = writeln!(s, "- status: **{}** ({})", self.status, self.stop_reason);
@@ -149,10 +155,9 @@ impl Report {
                 .clone()
                 .unwrap_or_else(|| "not flagged".into())
         );
-        let charts = self.charts();
         if !charts.is_empty() {
             let _ = writeln!(s, "\n## Curves\n");
-            for (file, _) in &charts {
+            for file in charts {
                 let _ = writeln!(s, "![{}]({file})", file.trim_end_matches(".svg"));
             }
         }
@@ -339,10 +344,15 @@ impl Report {
             &dir.join("report.json"),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )?;
-        for (file, svg) in self.charts() {
+        let charts = self.charts();
+        for (file, svg) in &charts {
             write_atomic(&dir.join(file), svg.as_bytes())?;
         }
-        write_atomic(&dir.join("report.md"), self.markdown().as_bytes())?;
+        let files: Vec<&str> = charts.iter().map(|(file, _)| *file).collect();
+        write_atomic(
+            &dir.join("report.md"),
+            self.markdown_with_charts(&files).as_bytes(),
+        )?;
         if let Some(t) = termination {
             if let Some(p) = t.parent() {
                 let _ = std::fs::create_dir_all(p);

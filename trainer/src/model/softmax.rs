@@ -51,6 +51,29 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a 
     }
 }
 
+/// Runs `|a, b| body` on the contiguous slices of two CPU storages of the same float dtype
+/// (f32, bf16, f16) and wraps the resulting `Vec` in that dtype's storage; other dtypes are an
+/// error naming the op. One dispatch for both ops of this module.
+macro_rules! per_float_dtype {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
+                CpuStorage::BF16($body)
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+                let ($a, $b) = (contiguous(a, $l1)?, contiguous(b, $l2)?);
+                CpuStorage::F16($body)
+            }
+            _ => candle_core::bail!("{}: unsupported dtype {:?}", $op, $s1.dtype()),
+        }
+    };
+}
+
 fn forward_rows<T: WithDType>(
     x: &[T],
     bias: &[T],
@@ -99,30 +122,9 @@ impl CustomOp2 for BiasedSoftmax {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (dims, bb) = shapes(l1, l2)?;
         let scale = self.scale as f32;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(b)) => CpuStorage::F32(forward_rows(
-                contiguous(x, l1)?,
-                contiguous(b, l2)?,
-                dims,
-                bb,
-                scale,
-            )),
-            (CpuStorage::BF16(x), CpuStorage::BF16(b)) => CpuStorage::BF16(forward_rows(
-                contiguous(x, l1)?,
-                contiguous(b, l2)?,
-                dims,
-                bb,
-                scale,
-            )),
-            (CpuStorage::F16(x), CpuStorage::F16(b)) => CpuStorage::F16(forward_rows(
-                contiguous(x, l1)?,
-                contiguous(b, l2)?,
-                dims,
-                bb,
-                scale,
-            )),
-            _ => candle_core::bail!("biased-softmax: unsupported dtype {:?}", s1.dtype()),
-        };
+        let out = per_float_dtype!(self.name(), (s1, l1), (s2, l2), |x, b| forward_rows(
+            x, b, dims, bb, scale
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -201,27 +203,9 @@ impl CustomOp2 for SoftmaxGrad {
             candle_core::bail!("biased-softmax-grad: {:?} vs {:?}", l1.shape(), l2.shape());
         }
         let scale = self.scale as f32;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(backward_rows(
-                contiguous(y, l1)?,
-                contiguous(g, l2)?,
-                k,
-                scale,
-            )),
-            (CpuStorage::BF16(y), CpuStorage::BF16(g)) => CpuStorage::BF16(backward_rows(
-                contiguous(y, l1)?,
-                contiguous(g, l2)?,
-                k,
-                scale,
-            )),
-            (CpuStorage::F16(y), CpuStorage::F16(g)) => CpuStorage::F16(backward_rows(
-                contiguous(y, l1)?,
-                contiguous(g, l2)?,
-                k,
-                scale,
-            )),
-            _ => candle_core::bail!("biased-softmax-grad: unsupported dtype {:?}", s1.dtype()),
-        };
+        let out = per_float_dtype!(self.name(), (s1, l1), (s2, l2), |y, g| backward_rows(
+            y, g, k, scale
+        ));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -273,6 +257,7 @@ fn forward_with_backend_ops<S: BackendStorage>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::{Device, Var};
 
     /// The primitive-op softmax this op replaces (what the model computed before).
@@ -297,19 +282,6 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(v, (b, 1, n, n), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

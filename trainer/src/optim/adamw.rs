@@ -239,14 +239,7 @@ mod tests {
             let u = (mh / (vh.sqrt().unwrap() + 1e-8).unwrap()).unwrap();
             w = ((w * (1.0 - 0.01 * 0.05)).unwrap() - (u * 0.01).unwrap()).unwrap();
         }
-        let d = (w - var.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::test_util::max_abs_diff(&w, var.as_tensor());
         assert!(d < 1e-6, "{d}");
     }
 }

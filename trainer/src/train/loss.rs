@@ -62,14 +62,7 @@ mod tests {
         assert!((av - bv).abs() < 1e-5, "{av} vs {bv}");
         let ga = a.backward().unwrap().get(x.as_tensor()).unwrap().clone();
         let gb = b.backward().unwrap().get(x.as_tensor()).unwrap().clone();
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::test_util::max_abs_diff(&ga, &gb);
         assert!(d < 1e-6, "{d}");
     }
 }
