@@ -22,6 +22,23 @@ fn trainer(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
     &pod.spec.as_ref().unwrap().containers[0]
 }
 
+/// The pod's init container (download step) of that name.
+fn init_container<'a>(pod: &'a Pod, name: &str) -> &'a k8s_openapi::api::core::v1::Container {
+    pod.spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|i| i.name == name)
+        .unwrap_or_else(|| panic!("no init container {name}"))
+}
+
+/// The trainer configuration the ConfigMap carries.
+fn trainer_config(c: &finetune_operator::build::Children) -> TrainerConfig {
+    serde_json::from_str(&c.config_map.data.as_ref().unwrap()["trainer.json"]).unwrap()
+}
+
 #[test]
 fn trainer_pod_meets_the_restricted_profile() {
     for sample in ["tiny-sentiment-cpu.yaml", "llama-2-7b-lora-sentiment.yaml"] {
@@ -125,15 +142,7 @@ fn hub_token_is_passed_only_by_secret_reference() {
         0,
     )
     .unwrap();
-    let inits = c
-        .pod
-        .spec
-        .as_ref()
-        .unwrap()
-        .init_containers
-        .clone()
-        .unwrap();
-    let fetch = inits.iter().find(|i| i.name == "fetch-model").unwrap();
+    let fetch = init_container(&c.pod, "fetch-model");
     let token = fetch
         .env
         .as_ref()
@@ -175,8 +184,7 @@ fn config_map_carries_the_trainer_configuration() {
         0,
     )
     .unwrap();
-    let text = &c.config_map.data.as_ref().unwrap()["trainer.json"];
-    let cfg: TrainerConfig = serde_json::from_str(text).unwrap();
+    let cfg = trainer_config(&c);
     assert_eq!(cfg.job, "team-a/tiny-sentiment");
     assert!(!cfg.use_gpu);
     assert_eq!(
@@ -208,15 +216,7 @@ fn config_map_carries_the_trainer_configuration() {
 #[test]
 fn https_datasets_get_a_download_step_with_checksum() {
     let c = children(&job("llama-2-13b-lora.yaml"), &BuildSettings::default(), 0).unwrap();
-    let inits = c
-        .pod
-        .spec
-        .as_ref()
-        .unwrap()
-        .init_containers
-        .clone()
-        .unwrap();
-    let fetch = inits.iter().find(|i| i.name == "fetch-dataset").unwrap();
+    let fetch = init_container(&c.pod, "fetch-dataset");
     let args = fetch.args.clone().unwrap();
     assert!(args.contains(&"--sha256".to_string()));
     assert!(args.contains(&"/var/lib/finetune/dataset/data.jsonl".to_string()));
@@ -348,8 +348,7 @@ fn a_test_set_is_mounted_or_downloaded_like_the_dataset() {
         max_rows: 200,
     });
     let c = children(&j, &BuildSettings::default(), 0).unwrap();
-    let cfg: TrainerConfig =
-        serde_json::from_str(&c.config_map.data.as_ref().unwrap()["trainer.json"]).unwrap();
+    let cfg = trainer_config(&c);
     assert_eq!(
         cfg.paths.test_set_file.as_deref(),
         Some("/var/lib/finetune/test-set/test.csv")
@@ -376,15 +375,7 @@ fn a_test_set_is_mounted_or_downloaded_like_the_dataset() {
         max_rows: 200,
     });
     let c = children(&j, &BuildSettings::default(), 0).unwrap();
-    let inits = c
-        .pod
-        .spec
-        .as_ref()
-        .unwrap()
-        .init_containers
-        .clone()
-        .unwrap();
-    let fetch = inits.iter().find(|i| i.name == "fetch-test-set").unwrap();
+    let fetch = init_container(&c.pod, "fetch-test-set");
     assert!(fetch.args.clone().unwrap().contains(&"ab".repeat(32)));
 }
 

@@ -1,6 +1,13 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The schema pattern of every file input (dataset, retention text, test set): a claim path,
+/// a ConfigMap key or an https URL (`crate::source::Source` checks the rest).
+pub const FILE_SOURCE_PATTERN: &str = r"^(pvc|configmap|https)://.+$";
+
+/// The schema pattern of an expected SHA-256 (lowercase hex) of a file input.
+pub const SHA256_PATTERN: &str = r"^[0-9a-f]{64}$";
+
 /// The training data and how it becomes prompts.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -10,12 +17,12 @@ pub struct DatasetSpec {
     /// refused).
     #[schemars(
         length(min = 1, max = 2048),
-        regex(pattern = r"^(pvc|configmap|https)://.+$")
+        regex(pattern = FILE_SOURCE_PATTERN)
     )]
     pub source: String,
     /// Expected SHA-256 of the file (hex), checked after download or before reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 64, max = 64), regex(pattern = r"^[0-9a-f]{64}$"))]
+    #[schemars(length(min = 64, max = 64), regex(pattern = SHA256_PATTERN))]
     pub sha256: Option<String>,
     /// File format: `csv` (header row, RFC 4180 quoting) or `jsonl` (one JSON object per line).
     #[serde(default)]

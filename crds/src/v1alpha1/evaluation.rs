@@ -151,7 +151,7 @@ pub struct RetentionSpec {
     /// A text file, one passage per line (`pvc://`, `configmap://` or `https://`).
     #[schemars(
         length(min = 1, max = 2048),
-        regex(pattern = r"^(pvc|configmap|https)://.+$")
+        regex(pattern = super::dataset::FILE_SOURCE_PATTERN)
     )]
     pub source: String,
     /// Passages evaluated (the first N lines).
@@ -170,12 +170,12 @@ pub struct TestSetSpec {
     /// The file (`pvc://claim/path`, `configmap://name/key` or `https://…`).
     #[schemars(
         length(min = 1, max = 2048),
-        regex(pattern = r"^(pvc|configmap|https)://.+$")
+        regex(pattern = super::dataset::FILE_SOURCE_PATTERN)
     )]
     pub source: String,
     /// Expected SHA-256 of the file (hex), checked after download or before reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 64, max = 64), regex(pattern = r"^[0-9a-f]{64}$"))]
+    #[schemars(length(min = 64, max = 64), regex(pattern = super::dataset::SHA256_PATTERN))]
     pub sha256: Option<String>,
     /// Rows scored (the first ones the cleaning keeps).
     #[serde(default = "default_test_rows")]
