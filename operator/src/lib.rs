@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod names;
 pub mod progress;
+pub mod reason;
 pub mod server;
 pub mod status;
 pub mod telemetry;

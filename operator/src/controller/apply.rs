@@ -15,6 +15,7 @@ use super::decide::{Plan, Write};
 use crate::build::{Children, name_and_namespace};
 use crate::context::Context;
 use crate::names;
+use crate::reason::Reason;
 use crate::status::{condition, merge_diff};
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -234,22 +235,8 @@ pub(super) async fn write_status(
         || old_reason.as_ref().map(|r| &r.0) != new_reason.as_ref().map(|r| &r.0)
     {
         let (reason, message) = new_reason.unwrap_or_default();
-        let warning = matches!(new.phase, Some(JobPhase::Failed))
-            || matches!(
-                reason.as_str(),
-                "OOMKilled"
-                    | "Error"
-                    | "Unschedulable"
-                    | "Stalled"
-                    | "NodeLost"
-                    | "Disrupted"
-                    | "InvalidSpec"
-                    | "ImagePullBackOff"
-                    | "ErrImagePull"
-                    | "InvalidImageName"
-                    | "CreateContainerConfigError"
-                    | "CreateContainerError"
-            );
+        let warning =
+            matches!(new.phase, Some(JobPhase::Failed)) || Reason::parse(&reason).is_warning();
         let event = Event {
             type_: if warning {
                 EventType::Warning

@@ -22,6 +22,7 @@ use crate::build;
 use crate::context::JobMemory;
 use crate::lifecycle::{PodOutcome, Waiting, backoff, classify};
 use crate::names::ATTEMPT_LABEL;
+use crate::reason::Reason;
 use crate::status::{
     apply_progress, condition, parse_termination_message, remove_condition, set_condition,
     set_phase,
@@ -91,23 +92,23 @@ struct Draft<'a> {
 }
 
 impl Draft<'_> {
-    fn phase(&mut self, phase: JobPhase, reason: &str, message: &str) {
+    fn phase(&mut self, phase: JobPhase, reason: Reason, message: &str) {
         set_phase(
             &mut self.status,
             phase,
-            reason,
+            reason.as_str(),
             message,
             self.generation,
             &self.clock.wall,
         );
     }
 
-    fn condition(&mut self, type_: &str, on: bool, reason: &str, message: &str) {
+    fn condition(&mut self, type_: &str, on: bool, reason: Reason, message: &str) {
         set_condition(
             &mut self.status.conditions,
             type_,
             on,
-            reason,
+            reason.as_str(),
             message,
             self.generation,
             &self.clock.wall,
@@ -130,7 +131,7 @@ impl Draft<'_> {
             self.condition(
                 condition::UNSCHEDULABLE,
                 false,
-                "Scheduled",
+                Reason::Scheduled,
                 "the trainer pod was scheduled",
             );
         }
@@ -142,12 +143,17 @@ impl Draft<'_> {
                 .overfitting_reason
                 .clone()
                 .unwrap_or_else(|| "validation loss diverges from training loss".into());
-            self.condition(condition::OVERFITTING, true, "GeneralizationGap", &why);
+            self.condition(
+                condition::OVERFITTING,
+                true,
+                Reason::GeneralizationGap,
+                &why,
+            );
         } else if self.has_condition(condition::OVERFITTING, None) {
             self.condition(
                 condition::OVERFITTING,
                 false,
-                "WithinThresholds",
+                Reason::WithinThresholds,
                 "validation loss tracks training loss",
             );
         }
@@ -170,7 +176,7 @@ impl Draft<'_> {
              node health, the job's priority and the GPU nodes' taints",
             self.status.disruptions
         );
-        self.phase(JobPhase::Failed, "DisruptionLimitExceeded", &msg);
+        self.phase(JobPhase::Failed, Reason::DisruptionLimitExceeded, &msg);
         self.status.completion_time = Some(self.clock.wall.clone());
         self.forget = true;
         self.done(vec![Write::Status], Requeue::AwaitChange)
@@ -232,7 +238,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
         Some(sections) => d.condition(
             condition::INVALID_SPEC,
             true,
-            "ImmutableFieldChanged",
+            Reason::ImmutableFieldChanged,
             &format!(
                 "changes to {} are refused after the job started (only {} may change); the job \
                  continues with the spec it started with",
@@ -247,9 +253,9 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join("; ");
-                d.condition(condition::INVALID_SPEC, true, "InvalidSpec", &message);
+                d.condition(condition::INVALID_SPEC, true, Reason::InvalidSpec, &message);
                 if !started {
-                    d.phase(JobPhase::Failed, "InvalidSpec", &message);
+                    d.phase(JobPhase::Failed, Reason::InvalidSpec, &message);
                     d.status.completion_time.get_or_insert(clock.wall.clone());
                     return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
                 }
@@ -261,7 +267,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
         d.condition(
             w.condition,
             true,
-            "NotRecommended",
+            Reason::NotRecommended,
             &format!("{}: {}", w.path, w.message),
         );
     }
@@ -280,7 +286,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 grace: Some(0),
             };
             let msg = format!("ran {elapsed}s, longer than activeDeadlineSeconds {limit}");
-            d.phase(JobPhase::Failed, "DeadlineExceeded", &msg);
+            d.phase(JobPhase::Failed, Reason::DeadlineExceeded, &msg);
             d.status.completion_time = Some(clock.wall.clone());
             return Ok(d.done(vec![delete, Write::Status], Requeue::AwaitChange));
         }
@@ -299,14 +305,14 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             d.status.start_time = None;
             d.phase(
                 JobPhase::Suspended,
-                "Suspended",
+                Reason::Suspended,
                 "suspended; resumes from its latest checkpoint when spec.suspend is false",
             );
             return Ok(d.done(vec![delete, Write::Status], Requeue::AwaitChange));
         }
         d.phase(
             JobPhase::Running,
-            "Suspending",
+            Reason::Suspending,
             "stopping the trainer after a checkpoint",
         );
         return Ok(d.done(
@@ -334,7 +340,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                             "retrying in {left}s (restart {} of {})",
                             d.status.restarts, spec.backoff_limit
                         );
-                        d.phase(JobPhase::Pending, "BackoffAfterFailure", &msg);
+                        d.phase(JobPhase::Pending, Reason::BackoffAfterFailure, &msg);
                         return Ok(d.done(
                             vec![Write::Status],
                             Requeue::After(Duration::from_secs(left)),
@@ -354,7 +360,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                     "trainer pod for attempt {attempt} created; resuming from the latest checkpoint"
                 )
             };
-            d.phase(JobPhase::Pending, "PodCreated", &msg);
+            d.phase(JobPhase::Pending, Reason::PodCreated, &msg);
             // The pod's own events (created, scheduled, started) trigger the next reconcile.
             d.done(
                 vec![
@@ -372,11 +378,11 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             match waiting {
                 Waiting::Unschedulable(msg) => {
                     d.memory.unschedulable_since.get_or_insert(clock.mono);
-                    d.condition(condition::UNSCHEDULABLE, true, "Unschedulable", &msg);
+                    d.condition(condition::UNSCHEDULABLE, true, Reason::Unschedulable, &msg);
                     let gpus = effective_gpus(spec);
                     d.phase(
                         JobPhase::Pending,
-                        "Unschedulable",
+                        Reason::Unschedulable,
                         &format!(
                             "no node can take the trainer pod ({gpus} GPU(s) requested): {msg}"
                         ),
@@ -384,7 +390,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 }
                 Waiting::Gated(msg) => d.phase(
                     JobPhase::Pending,
-                    "SchedulingGated",
+                    Reason::SchedulingGated,
                     &format!("the trainer pod waits for admission (scheduling gates): {msg}"),
                 ),
                 Waiting::Blocked { reason, message } => {
@@ -401,13 +407,13 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                     };
                     d.phase(
                         JobPhase::Pending,
-                        &reason,
+                        Reason::Reported(reason),
                         &format!("the trainer pod cannot start: {message}{hint}"),
                     );
                 }
                 Waiting::Starting => d.phase(
                     JobPhase::Pending,
-                    "PodPending",
+                    Reason::PodPending,
                     "waiting for the trainer pod to start",
                 ),
             }
@@ -436,7 +442,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 let msg = format!(
                     "node {node} is gone; rescheduling from the latest checkpoint (not counted against backoffLimit)"
                 );
-                d.phase(JobPhase::Pending, "NodeLost", &msg);
+                d.phase(JobPhase::Pending, Reason::NodeLost, &msg);
                 return Ok(d.done(
                     vec![
                         Write::DeletePods {
@@ -451,20 +457,25 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             d.status
                 .start_time
                 .get_or_insert_with(|| clock.wall.clone());
-            let mut reason = "Training";
+            let mut reason = Reason::Training;
             if let Some(p) = &obs.progress {
                 apply_progress(&mut d.status, p);
                 d.overfitting(p);
                 if d.stalled(p.step, s.stall_timeout) {
-                    reason = "Stalled";
+                    reason = Reason::Stalled;
                     d.condition(
                         condition::STALLED,
                         true,
-                        "NoProgress",
+                        Reason::NoProgress,
                         &format!("step {} has not advanced for {:?}", p.step, s.stall_timeout),
                     );
                 } else if d.has_condition(condition::STALLED, None) {
-                    d.condition(condition::STALLED, false, "Progressing", "steps advance");
+                    d.condition(
+                        condition::STALLED,
+                        false,
+                        Reason::Progressing,
+                        "steps advance",
+                    );
                 }
             }
             let summary = d
@@ -500,7 +511,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             let why = final_progress
                 .and_then(|p| p.stop_reason)
                 .unwrap_or_else(|| "training finished".into());
-            d.phase(JobPhase::Succeeded, "Completed", &why);
+            d.phase(JobPhase::Succeeded, Reason::Completed, &why);
             d.forget = true;
             d.done(vec![Write::Status], Requeue::AwaitChange)
         }
@@ -516,7 +527,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                     "{} failures exceed backoffLimit {}; last: {}",
                     d.status.restarts, spec.backoff_limit, failure.message
                 );
-                d.phase(JobPhase::Failed, "BackoffLimitExceeded", &msg);
+                d.phase(JobPhase::Failed, Reason::BackoffLimitExceeded, &msg);
                 d.status.completion_time = Some(clock.wall.clone());
                 d.forget = true;
                 return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
@@ -529,7 +540,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 spec.backoff_limit,
                 wait.as_secs()
             );
-            d.phase(JobPhase::Pending, &failure.reason, &msg);
+            d.phase(JobPhase::Pending, Reason::Reported(failure.reason), &msg);
             d.done(
                 vec![Write::Status],
                 Requeue::After(wait.max(Duration::from_secs(1))),
@@ -543,7 +554,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             }
             d.phase(
                 JobPhase::Pending,
-                "Disrupted",
+                Reason::Disrupted,
                 &format!("{msg}; rescheduling (not counted against backoffLimit)"),
             );
             d.done(vec![Write::Status], Requeue::After(Duration::from_secs(1)))
