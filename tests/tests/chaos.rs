@@ -336,7 +336,8 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
     }
 
     // The TTL path of a finished job (ttlSecondsAfterFinished: 0): abort right after deleting
-    // the ConfigMap, and (another job) right after deleting the Service.
+    // the ConfigMap, and (another job) right after deleting the Service; the NetworkPolicy goes
+    // too.
     for point in ["after-delete-configmap", "after-delete-service"] {
         if !selected(point) {
             continue;
@@ -363,6 +364,14 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
             .as_ref()
             .and_then(|s| s.completion_time.clone());
         assert_eq!(phase(&before), Some(JobPhase::Succeeded));
+        let policy = Api::<NetworkPolicy>::namespaced(e.cluster.client(), NS)
+            .get_opt(&names::network_policy(&name))
+            .await
+            .unwrap();
+        assert!(
+            policy.is_some(),
+            "the trainer NetworkPolicy exists before the TTL"
+        );
         let _op = h.operator(None);
         let c = e.cluster.client();
         let (j, secs) = converge(&format!("{name} cleaned up after {point}"), || async {
@@ -375,9 +384,13 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
                 .get_opt(&names::metrics_service(&name))
                 .await
                 .ok()?;
+            let policy = Api::<NetworkPolicy>::namespaced(c.clone(), NS)
+                .get_opt(&names::network_policy(&name))
+                .await
+                .ok()?;
             let pods = job_pods(&e.cluster, &name).await;
             let live = pods.iter().any(|p| p.metadata.deletion_timestamp.is_none());
-            (cm.is_none() && svc.is_none() && !live).then_some(())?;
+            (cm.is_none() && svc.is_none() && policy.is_none() && !live).then_some(())?;
             jobs.get(&name).await.ok()
         })
         .await;

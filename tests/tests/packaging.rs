@@ -454,7 +454,7 @@ fn strs(v: &Value) -> Vec<String> {
 #[test]
 fn rbac_is_least_privilege() {
     for (name, values) in value_sets() {
-        let docs = render(values);
+        let docs = render(values.clone());
         let mut rules = rules_of(&docs, "ClusterRole");
         rules.extend(rules_of(&docs, "Role"));
         assert!(!rules.is_empty(), "{name}: no RBAC rules");
@@ -532,6 +532,25 @@ fn rbac_is_least_privilege() {
             "{name}"
         );
         assert_eq!(granted("", "nodes"), set(&["get"]), "{name}");
+        assert_eq!(
+            granted("networking.k8s.io", "networkpolicies"),
+            set(&["get", "create", "patch", "delete"]),
+            "{name}"
+        );
+        // With watchNamespace, the job rules are namespaced: the only cluster-wide rule is the
+        // read of nodes (cluster-scoped).
+        let watched = values["operator"]["watchNamespace"].as_str().unwrap_or("");
+        if !watched.is_empty() {
+            for (role, rule) in &rules {
+                if role.starts_with("ClusterRole/") {
+                    assert_eq!(
+                        strs(&rule["resources"]),
+                        vec!["nodes".to_string()],
+                        "{name}: {role} is cluster-wide with watchNamespace: {rule:?}"
+                    );
+                }
+            }
+        }
         assert_eq!(
             granted("events.k8s.io", "events"),
             set(&["create", "patch"]),

@@ -350,6 +350,11 @@ async fn operator_reconciles_tiny_job_with_only_the_chart_rbac() {
         ("delete", "pods", Some("default")),
         ("patch", "configmaps", Some("default")),
         ("delete", "services", Some("default")),
+        (
+            "delete",
+            "networkpolicies.networking.k8s.io",
+            Some("default"),
+        ),
         ("create", "persistentvolumeclaims", Some("default")),
         ("get", "nodes", None),
         ("create", "events.events.k8s.io", Some("default")),

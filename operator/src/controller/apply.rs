@@ -52,9 +52,7 @@ pub async fn execute(
             Write::ApplyChildren(children) => apply_children(ctx, &ns, *children, spec).await,
             Write::DeletePods { names, grace } => delete_pods(ctx, &ns, &names, grace).await,
             Write::Status => write_status(job, ctx, &ns, &name, &old, &plan.status).await,
-            Write::DeleteConfigMapAndService => {
-                delete_config_map_and_service(ctx, &ns, &name).await
-            }
+            Write::DeleteFinishedChildren => delete_finished_children(ctx, &ns, &name).await,
         };
         done.map_err(|e| Error::Write {
             write: what,
@@ -162,24 +160,34 @@ async fn apply_children(
     Ok(())
 }
 
-/// TTL of a finished job: its ConfigMap and Service go (the job and its claim stay).
-async fn delete_config_map_and_service(ctx: &Context, ns: &str, name: &str) -> Result<()> {
+/// Deletes a finished job's ConfigMap, metrics Service and NetworkPolicy once its TTL expired.
+/// Each is read first, so that a job whose children are gone causes no writes.
+async fn delete_finished_children(ctx: &Context, ns: &str, name: &str) -> Result<()> {
     let client = &ctx.client;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    if cms.get_opt(&names::config_map(name)).await?.is_some() {
-        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
-        cms.delete(&names::config_map(name), &DeleteParams::default())
-            .await?;
+    if delete_if_present(ctx, &cms, &names::config_map(name)).await? {
         crate::crash_point!("after-delete-configmap");
     }
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
-    if svcs.get_opt(&names::metrics_service(name)).await?.is_some() {
-        ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
-        svcs.delete(&names::metrics_service(name), &DeleteParams::default())
-            .await?;
+    if delete_if_present(ctx, &svcs, &names::metrics_service(name)).await? {
         crate::crash_point!("after-delete-service");
     }
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    delete_if_present(ctx, &policies, &names::network_policy(name)).await?;
     Ok(())
+}
+
+/// Deletes `name` when it exists; whether it did.
+async fn delete_if_present<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<bool>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if api.get_opt(name).await?.is_none() {
+        return Ok(false);
+    }
+    ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+    api.delete(name, &DeleteParams::default()).await?;
+    Ok(true)
 }
 
 /// Writes the status when it changed (never otherwise: an idle job causes no writes), with the

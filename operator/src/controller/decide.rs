@@ -564,7 +564,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
 }
 
 /// A finished job: write the status, and once `ttlSecondsAfterFinished` has passed since
-/// completion delete its pods, ConfigMap and Service (the job and its claim stay).
+/// completion delete its pods, ConfigMap, Service and NetworkPolicy (the job and its claim stay).
 fn finished(d: Draft<'_>, job: &FineTuneJob, pods: &[Pod]) -> Plan {
     let (Some(ttl), Some(done)) = (
         job.spec.ttl_seconds_after_finished,
@@ -584,7 +584,7 @@ fn finished(d: Draft<'_>, job: &FineTuneJob, pods: &[Pod]) -> Plan {
         vec![
             Write::Status,
             Write::DeletePods { names, grace: None },
-            Write::DeleteConfigMapAndService,
+            Write::DeleteFinishedChildren,
         ],
         Requeue::AwaitChange,
     )

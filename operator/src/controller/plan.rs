@@ -92,13 +92,13 @@ pub enum Write {
     },
     /// Write the plan's status (skipped when unchanged).
     Status,
-    /// TTL: delete the trainer ConfigMap and the metrics Service.
-    DeleteConfigMapAndService,
+    /// TTL: delete the trainer ConfigMap, the metrics Service and the trainer NetworkPolicy.
+    DeleteFinishedChildren,
 }
 
 impl Write {
     /// A short description, for logs and fixture tests: `apply children (pod NAME)`,
-    /// `delete pods A,B (grace 0)`, `status`, `delete configmap and service`.
+    /// `delete pods A,B (grace 0)`, `status`, `delete configmap, service and network policy`.
     pub fn describe(&self) -> String {
         match self {
             Write::ApplyChildren(c) => format!("apply children (pod {})", c.pod.name_any()),
@@ -107,7 +107,7 @@ impl Write {
                 None => format!("delete pods {}", names.join(",")),
             },
             Write::Status => "status".into(),
-            Write::DeleteConfigMapAndService => "delete configmap and service".into(),
+            Write::DeleteFinishedChildren => "delete configmap, service and network policy".into(),
         }
     }
 }
