@@ -25,12 +25,13 @@ pub async fn main() -> anyhow::Result<()> {
     tokio::spawn(serve);
 
     let ctx = Context::new(client.clone(), args.clone(), metrics.clone());
-    health.set_ready(true);
     if !args.leader_election {
         metrics.leader.set(1);
-        controller::run(ctx).await;
+        controller::run(ctx, &health).await;
         return Ok(());
     }
+    // A follower is ready: it is healthy and takes over when the leader goes.
+    health.set_ready(true);
     let identity = if args.identity.is_empty() {
         format!("finetune-operator-{}", std::process::id())
     } else {
@@ -48,8 +49,10 @@ pub async fn main() -> anyhow::Result<()> {
     leading.wait_for(|l| *l).await?;
     info!(%identity, "became the leader");
     metrics.leader.set(1);
+    // Not ready again until this replica's caches have synced.
+    health.set_ready(false);
     tokio::select! {
-        () = controller::run(ctx) => Ok(()),
+        () = controller::run(ctx, &health) => Ok(()),
         lost = leading.wait_for(|l| !*l) => {
             metrics.leader.set(0);
             error!(%identity, "lost leadership; exiting so a fresh replica can rejoin");

@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 
-/// Readiness: set once the controller's caches are running (and, with leader election, on every
-/// replica: a follower is ready to take over).
+/// Readiness: set once the controller's caches have synced; with leader election a follower is
+/// ready (it takes over when the leader goes) and a new leader is not until its caches synced.
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,

@@ -8,12 +8,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::job::{
-    NS, TRAIN, active, condition, env, job, job_pods, kubectl_apply, phase, step, tiny_job,
-    wait_job,
+    NS, TRAIN, active, condition, env, http_get, job, job_pods, kubectl_apply, phase, step,
+    tiny_job, wait_job,
 };
 use finetune_api::{FineTuneJob, JobPhase};
-use finetune_e2e::Signal;
-use finetune_e2e::operator::OperatorProcess;
+use finetune_e2e::operator::{Assets, OperatorProcess, Workspace, install_crd, tiny_base};
+use finetune_e2e::{Cluster, ClusterOptions, Signal};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
@@ -426,4 +426,60 @@ async fn a_follower_takes_over_when_the_leader_dies() {
     );
     drop(replicas);
     e.cluster.shutdown().await;
+}
+
+/// `/readyz` waits for the caches: an operator started before its CRD exists serves `/healthz`
+/// but is not ready (its job watch cannot list), and turns ready once the CRD is installed.
+#[tokio::test]
+async fn the_operator_is_ready_only_once_its_caches_synced() {
+    let _serial = SERIAL.lock().await;
+    let ws = Workspace::locate().unwrap();
+    let assets = Assets::fetch(&ws).unwrap();
+    let tiny = tiny_base(&ws, &assets).unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        images: ws.image_map(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let op = OperatorProcess::start(&cluster, &ws, &tiny, &assets, "readiness", &[]).unwrap();
+    let get = |path: &'static str| {
+        let addr = op.metrics.clone();
+        async move {
+            tokio::task::spawn_blocking(move || http_get(&addr, path).is_some())
+                .await
+                .unwrap()
+        }
+    };
+    let serving = Instant::now();
+    while !get("/healthz").await {
+        assert!(
+            serving.elapsed() < Duration::from_secs(60),
+            "the operator does not serve /healthz:\n{}",
+            op.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..8 {
+        assert!(
+            !get("/readyz").await,
+            "ready although its job cache cannot sync (no CRD):\n{}",
+            op.log_text()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    install_crd(&cluster, &ws).await.unwrap();
+    let installed = Instant::now();
+    while !get("/readyz").await {
+        assert!(
+            installed.elapsed() < Duration::from_secs(120),
+            "not ready 120 s after the CRD was installed:\n{}",
+            op.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "ready {:.1}s after the CRD was installed",
+        installed.elapsed().as_secs_f64()
+    );
 }

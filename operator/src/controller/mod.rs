@@ -8,6 +8,7 @@ mod observe;
 pub mod plan;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use finetune_api::{FineTuneJob, JOB_LABEL, JobPhase};
@@ -17,10 +18,11 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
-use tracing::{instrument, warn};
+use tracing::{info, instrument, warn};
 
 use crate::context::Context;
 use crate::lifecycle::BLOCKING_WAIT_REASONS;
+use crate::server::Health;
 use crate::{Error, Result};
 use decide::{Clock, Requeue, Settings, decide, effective_spec};
 use observe::{Observation, observe};
@@ -28,8 +30,9 @@ use observe::{Observation, observe};
 /// Key of the accepted spec in the trainer ConfigMap.
 pub const ACCEPTED_SPEC_KEY: &str = "spec.json";
 
-/// Runs the controller until a shutdown signal.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the controller until a shutdown signal; `health` turns ready once the job, pod and
+/// ConfigMap caches have synced (before that, reconciles would read empty caches).
+pub async fn run(ctx: Arc<Context>, health: &Health) {
     let Some(writers) = ctx.take_cache_writers() else {
         warn!("the controller of this context already runs");
         return;
@@ -39,6 +42,7 @@ pub async fn run(ctx: Arc<Context>) {
     let children = watcher::Config::default().labels(JOB_LABEL);
     // Jobs, trainer pods and ConfigMaps are cached without their managed fields (a large share
     // of every object, never read here); reconciles read children from these caches.
+    let synced = CachesSynced::new(3, health.clone());
     let (job_store, job_writer) = reflector::store();
     let jobs = watcher(
         scoped::<FineTuneJob>(&client, &ns),
@@ -47,16 +51,19 @@ pub async fn run(ctx: Arc<Context>) {
     .default_backoff()
     .modify(|j| j.managed_fields_mut().clear())
     .reflect(job_writer)
+    .inspect(synced.first_list())
     .applied_objects();
     let pods = watcher(scoped::<Pod>(&client, &ns), children.clone())
         .default_backoff()
         .modify(|p| p.managed_fields_mut().clear())
         .reflect(writers.pods)
+        .inspect(synced.first_list())
         .touched_objects();
     let config_maps = watcher(scoped::<ConfigMap>(&client, &ns), children.clone())
         .default_backoff()
         .modify(|c| c.managed_fields_mut().clear())
         .reflect(writers.config_maps)
+        .inspect(synced.first_list())
         .touched_objects();
     let controller = Controller::for_stream(jobs, job_store)
         .owns_stream(pods)
@@ -185,4 +192,36 @@ async fn reconcile_job(job: &FineTuneJob, ctx: &Context) -> Result<Action> {
 fn prune_memory(ctx: &Context, jobs: &[Arc<FineTuneJob>]) {
     let live: std::collections::HashSet<String> = jobs.iter().filter_map(|j| j.uid()).collect();
     ctx.retain_memory(|uid| live.contains(uid));
+}
+
+/// Readiness once every cached watch has completed its first list. (Read from the watch events
+/// themselves: `Store::wait_until_ready` of kube-runtime 5 did not resolve for a job cache
+/// whose first lists failed, e.g. an operator started before its CRD.)
+struct CachesSynced {
+    left: Arc<AtomicUsize>,
+    health: Health,
+}
+
+impl CachesSynced {
+    fn new(watches: usize, health: Health) -> Self {
+        Self {
+            left: Arc::new(AtomicUsize::new(watches)),
+            health,
+        }
+    }
+
+    /// An `inspect` for one watch's events (after its reflector): counts its first `InitDone`.
+    fn first_list<K>(&self) -> impl FnMut(&watcher::Result<watcher::Event<K>>) + use<K> {
+        let (left, health) = (self.left.clone(), self.health.clone());
+        let mut listed = false;
+        move |event| {
+            if !listed && matches!(event, Ok(watcher::Event::InitDone)) {
+                listed = true;
+                if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    info!("caches synced; ready");
+                    health.set_ready(true);
+                }
+            }
+        }
+    }
 }
