@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use finetune_api::{FineTuneJob, JobPhase, validate_document, validate_update};
-use finetune_e2e::operator::{Assets, Workspace, create_demo_data, install_crd};
+use finetune_e2e::operator::{
+    Assets, Workspace, create_demo_data, install_crd, pretrained_tiny_base,
+};
 use finetune_e2e::packaging::{NAMESPACE, RELEASE, checkov, helm_render, of_kind, parse_docs};
 use finetune_e2e::{Cluster, ClusterOptions, NodeSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
@@ -583,15 +585,10 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
     let started = Instant::now();
     let ws = Workspace::locate().unwrap();
     let assets = Assets::fetch(&ws).unwrap();
-    let shared = finetune_e2e::operator::cache_root().join("tiny-base");
-    let tiny = if shared.join("init-tiny.json").is_file() {
-        shared
-    } else {
-        finetune_e2e::operator::cache_root().join("tiny-base-quick")
-    };
+    let tiny = pretrained_tiny_base(&ws, &assets).unwrap();
     assert!(
         tiny.join("model.safetensors").is_file(),
-        "no tiny base under {}: run the packaging or operator tests first",
+        "no tiny base under {}",
         tiny.display()
     );
     let cluster = Cluster::start(ClusterOptions {
