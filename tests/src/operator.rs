@@ -128,12 +128,51 @@ pub fn tiny_base(ws: &Workspace, assets: &Assets) -> Result<PathBuf> {
     let dir = std::env::var_os("FINETUNE_TINY_BASE")
         .map(PathBuf::from)
         .unwrap_or_else(|| cache_root().join("tiny-init"));
-    let status = std::process::Command::new(ws.bin("finetune-trainer"))
-        .arg("init-tiny")
+    init_tiny(ws, assets, &dir, None)?;
+    Ok(dir)
+}
+
+/// A tiny base with some pretraining, for tests that run real jobs but check no model quality:
+/// the pretrained base of `make demo` (`~/.cache/finetune-operator/tiny-base`) when the cache
+/// has it, otherwise [`quick_tiny_base`].
+pub fn pretrained_tiny_base(ws: &Workspace, assets: &Assets) -> Result<PathBuf> {
+    let shared = cache_root().join("tiny-base");
+    if shared.join("init-tiny.json").is_file() {
+        return Ok(shared);
+    }
+    quick_tiny_base(ws, assets)
+}
+
+/// The tiny base with 20 pretraining steps on the general text
+/// (`~/.cache/finetune-operator/tiny-base-quick`), made on first use and cached: the 300 steps
+/// of `make demo` take many minutes on a busy 2-core machine.
+pub fn quick_tiny_base(ws: &Workspace, assets: &Assets) -> Result<PathBuf> {
+    let dir = cache_root().join("tiny-base-quick");
+    init_tiny(ws, assets, &dir, Some(20))?;
+    Ok(dir)
+}
+
+/// `finetune-trainer init-tiny --out dir` with the assets' tokenizer, plus `pretrain_steps` of
+/// pretraining on the general text when given. init-tiny keeps the model `dir` already holds for
+/// the same inputs (its `init-tiny.json` cache marker), so a repeated call is quick.
+fn init_tiny(
+    ws: &Workspace,
+    assets: &Assets,
+    dir: &Path,
+    pretrain_steps: Option<u32>,
+) -> Result<()> {
+    let mut cmd = std::process::Command::new(ws.bin("finetune-trainer"));
+    cmd.arg("init-tiny")
         .arg("--out")
-        .arg(&dir)
+        .arg(dir)
         .arg("--tokenizer")
-        .arg(assets.tokenizer())
+        .arg(assets.tokenizer());
+    if let Some(steps) = pretrain_steps {
+        cmd.arg("--pretrain-text")
+            .arg(assets.general_text())
+            .args(["--pretrain-steps", &steps.to_string()]);
+    }
+    let status = cmd
         .status()
         .map_err(|e| Error::io("finetune-trainer init-tiny", e))?;
     if !status.success() {
@@ -141,7 +180,7 @@ pub fn tiny_base(ws: &Workspace, assets: &Assets) -> Result<PathBuf> {
             "finetune-trainer init-tiny failed: {status}"
         )));
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// Creates (or updates) the ConfigMaps the tiny sample reads: `amazon-reviews` (key

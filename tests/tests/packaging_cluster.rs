@@ -247,20 +247,7 @@ fn quick_tiny_base(ws: &Workspace, assets: &Assets) -> std::path::PathBuf {
     if std::env::var_os("FINETUNE_TINY_BASE").is_some() || shared.join("init-tiny.json").is_file() {
         return tiny_base(ws, assets).unwrap();
     }
-    let dir = finetune_e2e::operator::cache_root().join("tiny-base-quick");
-    let status = std::process::Command::new(ws.bin("finetune-trainer"))
-        .arg("init-tiny")
-        .arg("--out")
-        .arg(&dir)
-        .arg("--tokenizer")
-        .arg(assets.tokenizer())
-        .arg("--pretrain-text")
-        .arg(assets.general_text())
-        .args(["--pretrain-steps", "20"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "finetune-trainer init-tiny: {status}");
-    dir
+    finetune_e2e::operator::quick_tiny_base(ws, assets).unwrap()
 }
 
 /// The demo sample, shortened for tests (as in tests/tests/operator.rs).

@@ -429,3 +429,112 @@ fn deletion_honours_the_grace_period() {
         .await;
     });
 }
+
+#[test]
+fn env_from_projected_and_secret_volumes_and_missing_sources_behave_like_a_kubelet() {
+    RT.block_on(async {
+        let (c, client, pods) = setup("env-from").await;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), "env-from");
+        let s: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+            "stringData": {"token": "s3cret", "shared": "from-secret"}
+        }))
+        .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "env-from");
+        for (name, data) in [
+            ("settings", json!({"lr": "0.01", "shared": "from-cm"})),
+            ("files", json!({"config.yaml": "epochs: 3\n", "other": "not projected"})),
+        ] {
+            let cm: ConfigMap = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data
+            }))
+            .unwrap();
+            cms.create(&PostParams::default(), &cm).await.unwrap();
+        }
+        // envFrom (a later source wins, prefixes, an optional missing source), optional missing
+        // keys, a projected volume (ConfigMap items, Secret items, downward API, an optional
+        // missing ConfigMap) and a Secret volume.
+        let script = "echo lr=$lr cm_lr=$CM_lr shared=$shared token=$token nope=${NOPE-unset} absent=${ABSENT-unset}; \
+                      cat /sim-e2e/proj/conf/epochs.yaml; echo; ls /sim-e2e/proj; \
+                      echo proj-token=$(cat /sim-e2e/proj/token) proj-name=$(cat /sim-e2e/proj/name); \
+                      echo secret-token=$(cat /sim-e2e/secret/token)";
+        let p = pod(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fromenv"},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "main", "image": "busybox", "command": ["/bin/sh", "-c", script],
+                "envFrom": [
+                    {"configMapRef": {"name": "settings"}},
+                    {"configMapRef": {"name": "settings"}, "prefix": "CM_"},
+                    {"secretRef": {"name": "creds"}},
+                    {"configMapRef": {"name": "absent", "optional": true}}
+                ],
+                "env": [
+                    {"name": "NOPE", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "nope", "optional": true}}},
+                    {"name": "ABSENT", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "x", "optional": true}}}
+                ],
+                "volumeMounts": [
+                    {"name": "proj", "mountPath": "/sim-e2e/proj", "readOnly": true},
+                    {"name": "secret", "mountPath": "/sim-e2e/secret", "readOnly": true}
+                ]}],
+                "volumes": [
+                    {"name": "proj", "projected": {"sources": [
+                        {"configMap": {"name": "files", "items": [{"key": "config.yaml", "path": "conf/epochs.yaml"}]}},
+                        {"secret": {"name": "creds", "items": [{"key": "token", "path": "token"}]}},
+                        {"downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+                        {"configMap": {"name": "absent", "optional": true}}
+                    ]}},
+                    {"name": "secret", "secret": {"secretName": "creds"}}
+                ]}
+        }));
+        pods.create(&PostParams::default(), &p).await.unwrap();
+        let fromenv = wait_phase(&pods, "fromenv", &["Succeeded", "Failed"]).await;
+        let log = c.pod_log("env-from", "fromenv", "main").unwrap();
+        assert_eq!(fromenv.status.as_ref().unwrap().phase.as_deref(), Some("Succeeded"), "log: {log}");
+        assert!(
+            log.contains("lr=0.01 cm_lr=0.01 shared=from-secret token=s3cret nope=unset absent=unset"),
+            "envFrom and optional keys: {log}"
+        );
+        assert!(log.contains("epochs: 3\n"), "projected ConfigMap item: {log}");
+        assert!(log.contains("conf\nname\ntoken\n"), "projected items only: {log}");
+        assert!(log.contains("proj-token=s3cret proj-name=fromenv"), "projected Secret and downward API: {log}");
+        assert!(log.contains("secret-token=s3cret"), "Secret volume: {log}");
+
+        // A missing key that is not optional: CreateContainerConfigError naming it.
+        let p = pod(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nokey"},
+            "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": "busybox", "command": ["/bin/sh", "-c", "true"],
+                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "nope"}}}]}]}
+        }));
+        pods.create(&PostParams::default(), &p).await.unwrap();
+        let w = wait_for(LONG, "CreateContainerConfigError", || async {
+            let pod = pods.get("nokey").await.ok()?;
+            try_main_status(&pod)?.state?.waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError"))
+        })
+        .await;
+        assert_eq!(w.message.as_deref(), Some("couldn't find key nope in Secret env-from/creds"));
+
+        // A missing ConfigMap volume that is not optional: the pod waits in ContainerCreating.
+        let p = pod(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nocm"},
+            "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": "busybox", "command": ["/bin/sh", "-c", "true"],
+                "volumeMounts": [{"name": "cfg", "mountPath": "/sim-e2e/cfg"}]}],
+                "volumes": [{"name": "cfg", "configMap": {"name": "absent"}}]}
+        }));
+        pods.create(&PostParams::default(), &p).await.unwrap();
+        let w = wait_for(LONG, "ContainerCreating with a message", || async {
+            let pod = pods.get("nocm").await.ok()?;
+            try_main_status(&pod)?.state?.waiting.filter(|w| w.message.is_some())
+        })
+        .await;
+        assert_eq!(w.reason.as_deref(), Some("ContainerCreating"));
+        assert_eq!(w.message.as_deref(), Some("configmap \"absent\" not found"));
+        assert_eq!(pods.get("nocm").await.unwrap().status.unwrap().phase.as_deref(), Some("Pending"));
+        for name in ["nokey", "nocm"] {
+            pods.delete(name, &DeleteParams::default()).await.unwrap();
+            wait_gone(&pods, name).await;
+        }
+    });
+}

@@ -14,7 +14,10 @@
 //! 5. for each RBAC rule of the chart, the operator runs with that rule removed and the specific
 //!    failure is shown (the API server's "forbidden" naming the resource in its log).
 //!
-//! The binaries are built by `make test` (`cargo build --bins`) first.
+//! Each part is a named step (an `async fn` over the shared [`Suite`]), run in this order on the
+//! one cluster; the tiny base comes from the library (`pretrained_tiny_base`, built and cached on
+//! first use), so the test needs no other test to have run. The binaries are built by `make test`
+//! (`cargo build --bins`) first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../crds/tests/hostile/corpus.rs"]
@@ -29,7 +32,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use finetune_api::{FineTuneJob, JobPhase, validate_document, validate_update};
-use finetune_e2e::operator::{Assets, Workspace, create_demo_data, install_crd};
+use finetune_e2e::operator::{
+    Assets, Workspace, create_demo_data, install_crd, pretrained_tiny_base,
+};
 use finetune_e2e::packaging::{NAMESPACE, RELEASE, checkov, helm_render, of_kind, parse_docs};
 use finetune_e2e::{Cluster, ClusterOptions, NodeSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
@@ -578,20 +583,24 @@ fn rule_label(rule: &serde_yaml::Value) -> String {
     )
 }
 
+/// What the steps share: one cluster for all of them, the workspace and its assets, and the tiny
+/// base the local hub serves.
+struct Suite {
+    cluster: Cluster,
+    ws: Workspace,
+    assets: Assets,
+    tiny: PathBuf,
+}
+
 #[tokio::test]
 async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
     let started = Instant::now();
     let ws = Workspace::locate().unwrap();
     let assets = Assets::fetch(&ws).unwrap();
-    let shared = finetune_e2e::operator::cache_root().join("tiny-base");
-    let tiny = if shared.join("init-tiny.json").is_file() {
-        shared
-    } else {
-        finetune_e2e::operator::cache_root().join("tiny-base-quick")
-    };
+    let tiny = pretrained_tiny_base(&ws, &assets).unwrap();
     assert!(
         tiny.join("model.safetensors").is_file(),
-        "no tiny base under {}: run the packaging or operator tests first",
+        "no tiny base under {}",
         tiny.display()
     );
     let cluster = Cluster::start(ClusterOptions {
@@ -604,9 +613,35 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
     .unwrap();
     install_crd(&cluster, &ws).await.unwrap();
     eprintln!("cluster up in {:?}", started.elapsed());
+    let suite = Suite {
+        cluster,
+        ws,
+        assets,
+        tiny,
+    };
 
-    // 1. The hostile corpus.
-    let t = hostile_corpus(&cluster).await;
+    let left_for_operator = hostile_corpus_is_refused(&suite).await;
+    let chart = chart_rbac_matches_the_golden_can_i(&suite).await;
+    let (hub, kubeconfig, op) = gated_model_job_succeeds(&suite, &chart).await;
+    stored_hostile_jobs_fail_naming_the_field(&suite, &left_for_operator).await;
+    sentinel_token_appears_nowhere(&suite, &op).await;
+    checkov_passes_on_the_chart_and_the_job_objects(&suite, &chart).await;
+    drop(op);
+    each_rbac_rule_is_needed(&suite, &chart, &kubeconfig, &hub).await;
+
+    let Suite { cluster, .. } = suite;
+    let dir = cluster.dir().to_path_buf();
+    cluster.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    eprintln!("took {:?}", started.elapsed());
+}
+
+/// Step 1, the hostile corpus: who refused each case, with no case accepted by both. Returns the
+/// jobs the API server stored despite a semantic error, as `(name, field path)`: they stay for
+/// the operator ([`stored_hostile_jobs_fail_naming_the_field`]).
+async fn hostile_corpus_is_refused(s: &Suite) -> Vec<(String, String)> {
+    let cluster = &s.cluster;
+    let t = hostile_corpus(cluster).await;
     let total = corpus::corpus().len();
     eprintln!(
         "hostile corpus ({total} cases): API server refused {} with the field path, {} without \
@@ -626,7 +661,7 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         t.api_rejected_with_path >= total / 2,
         "the schema should refuse most cases itself"
     );
-    // Stored-but-invalid jobs stay for the operator (below); stored valid ones (pruned unknown
+    // Stored-but-invalid jobs stay for the operator (step 3); stored valid ones (pruned unknown
     // fields) and the updated ones are removed so that nothing trains in this namespace.
     let ar = ApiResource::erase::<FineTuneJob>(&());
     let hostile: Api<DynamicObject> = Api::namespaced_with(cluster.client(), HOSTILE_NS, &ar);
@@ -644,8 +679,14 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         }
     }
     eprintln!("stored by the API server, by family: {accepted_families:?}");
+    left_for_operator
+}
 
-    // 2. The chart's RBAC and the golden can-i list.
+/// Step 2, the chart's RBAC: the chart applied but for its Deployment and PodDisruptionBudget,
+/// and `kubectl auth can-i --list` of its ServiceAccount equal to the golden file. Returns the
+/// rendered chart.
+async fn chart_rbac_matches_the_golden_can_i(s: &Suite) -> Chart {
+    let Suite { cluster, ws, .. } = s;
     let chart = render_chart();
     cluster.create_namespace(NAMESPACE).await.unwrap();
     cluster.create_namespace(JOBS_NS).await.unwrap();
@@ -659,8 +700,8 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
             )
         })
         .collect();
-    kubectl_ok(&cluster, &["apply", "-f", "-"], &yaml_docs(&rest)).await;
-    let listed = can_i_list(&cluster, &chart.sa).await;
+    kubectl_ok(cluster, &["apply", "-f", "-"], &yaml_docs(&rest)).await;
+    let listed = can_i_list(cluster, &chart.sa).await;
     let golden_path = ws.root.join("tests/golden/operator-can-i.txt");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::create_dir_all(golden_path.parent().unwrap()).unwrap();
@@ -679,13 +720,19 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "the operator may touch Secrets:\n{listed}"
     );
     assert!(!listed.contains(" * "), "a wildcard rule:\n{listed}");
+    chart
+}
 
-    // 3. The gated model with the sentinel token, under the chart's ServiceAccount.
-    create_demo_data(&cluster, JOBS_NS, &assets, 120)
+/// Step 3, the gated model with the sentinel token, under the chart's ServiceAccount: the job
+/// succeeds with the model from the local hub. Returns the hub, the ServiceAccount's kubeconfig
+/// and the operator, which keeps running until the checkov step is done.
+async fn gated_model_job_succeeds(s: &Suite, chart: &Chart) -> (Hub, PathBuf, Operator) {
+    let (cluster, ws, assets, tiny) = (&s.cluster, &s.ws, &s.assets, &s.tiny);
+    create_demo_data(cluster, JOBS_NS, assets, 120)
         .await
         .unwrap();
     kubectl_ok(
-        &cluster,
+        cluster,
         &[
             "create",
             "secret",
@@ -699,25 +746,20 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "",
     )
     .await;
-    let hub = start_hub(&tiny);
-    let kubeconfig = sa_kubeconfig(&cluster, &chart.sa_name).await;
+    let hub = start_hub(tiny);
+    let kubeconfig = sa_kubeconfig(cluster, &chart.sa_name).await;
     let op = start_operator(
-        &ws,
-        &chart,
+        ws,
+        chart,
         &kubeconfig,
-        &tiny,
-        &assets,
+        tiny,
+        assets,
         &hub.endpoint,
         &cluster.dir().join("operator-sentinel.log"),
     );
-    kubectl_ok(
-        &cluster,
-        &["apply", "-f", "-"],
-        &tiny_job("gated", 10, true),
-    )
-    .await;
+    kubectl_ok(cluster, &["apply", "-f", "-"], &tiny_job("gated", 10, true)).await;
     let run = Instant::now();
-    let job = wait_phase(&cluster, "gated", &op, Duration::from_secs(180)).await;
+    let job = wait_phase(cluster, "gated", &op, Duration::from_secs(180)).await;
     assert_eq!(
         job.status.as_ref().and_then(|s| s.phase),
         Some(JobPhase::Succeeded),
@@ -737,9 +779,19 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
     );
     assert_eq!(hub.unauthorized.load(Ordering::SeqCst), 0);
 
-    // The hostile jobs the API server stored are failed by the operator, naming the field.
+    (hub, kubeconfig, op)
+}
+
+/// Step 3, continued: the hostile jobs the API server stored are failed by the operator with an
+/// `InvalidSpec` condition naming the field.
+async fn stored_hostile_jobs_fail_naming_the_field(
+    s: &Suite,
+    left_for_operator: &[(String, String)],
+) {
+    let ar = ApiResource::erase::<FineTuneJob>(&());
+    let hostile: Api<DynamicObject> = Api::namespaced_with(s.cluster.client(), HOSTILE_NS, &ar);
     let mut operator_refused = 0;
-    for (name, path) in &left_for_operator {
+    for (name, path) in left_for_operator {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let j = hostile.get(name).await.unwrap();
@@ -768,7 +820,12 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "operator: {operator_refused}/{} stored hostile jobs Failed with InvalidSpec naming the field",
         left_for_operator.len()
     );
+}
 
+/// Step 3, continued: the sentinel token appears nowhere (events, status, ConfigMaps, pod specs
+/// but as a `secretKeyRef`, the operator log, container logs, the trainer report, every file).
+async fn sentinel_token_appears_nowhere(s: &Suite, op: &Operator) {
+    let cluster = &s.cluster;
     // Where the token must not be: events, status, ConfigMaps, pod specs, logs, report, files.
     let mut places: Vec<(String, String)> = Vec::new();
     for kind in [
@@ -781,7 +838,7 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "finetunejobs",
     ] {
         for ns in [JOBS_NS, HOSTILE_NS, NAMESPACE] {
-            for item in get_items(&cluster, kind, ns).await {
+            for item in get_items(cluster, kind, ns).await {
                 places.push((format!("{kind} in {ns}"), item.to_string()));
             }
         }
@@ -821,7 +878,7 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         leaks.len()
     );
     assert!(leaks.is_empty(), "the token leaked into {leaks:#?}");
-    let pods = get_items(&cluster, "pods", JOBS_NS).await;
+    let pods = get_items(cluster, "pods", JOBS_NS).await;
     let mut token_refs = 0;
     for pod in &pods {
         for c in pod["spec"]["initContainers"]
@@ -843,8 +900,11 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         token_refs >= 1,
         "the fetch step reads the token from the Secret"
     );
+}
 
-    // 4. checkov over the rendered chart and what the operator created for the job.
+/// Step 4, checkov over the rendered chart and what the operator created for the gated job.
+async fn checkov_passes_on_the_chart_and_the_job_objects(s: &Suite, chart: &Chart) {
+    let cluster = &s.cluster;
     // Not under ~/.cache: checkov skips directories whose path has a hidden component.
     let dir =
         std::env::temp_dir().join(format!("finetune-security-checkov-{}", std::process::id()));
@@ -863,7 +923,7 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "persistentvolumeclaims",
         "networkpolicies",
     ] {
-        for mut item in get_items(&cluster, kind, JOBS_NS).await {
+        for mut item in get_items(cluster, kind, JOBS_NS).await {
             let owned = item["metadata"]["labels"][finetune_api::JOB_LABEL].is_string();
             if !owned {
                 continue;
@@ -949,10 +1009,13 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         "checkov failures:\n{}",
         failed.join("\n")
     );
-    drop(op);
+}
 
-    // 5. Each RBAC rule removed in turn.
-    let all_rules = rules(&chart);
+/// Step 5, each RBAC rule of the chart removed in turn: the operator's log shows the specific
+/// failure.
+async fn each_rbac_rule_is_needed(s: &Suite, chart: &Chart, kubeconfig: &Path, hub: &Hub) {
+    let (cluster, ws, assets, tiny) = (&s.cluster, &s.ws, &s.assets, &s.tiny);
+    let all_rules = rules(chart);
     let mut shown = Vec::new();
     let mut not_shown: Vec<String> = Vec::new();
     for (k, (kind, index, rule)) in all_rules.iter().enumerate() {
@@ -960,28 +1023,20 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         let original = of_kind(&chart.docs, kind)[0].clone();
         let mut reduced = original.clone();
         reduced["rules"].as_sequence_mut().unwrap().remove(*index);
-        kubectl_ok(&cluster, &["apply", "-f", "-"], &yaml_docs(&[&reduced])).await;
+        kubectl_ok(cluster, &["apply", "-f", "-"], &yaml_docs(&[&reduced])).await;
         // A fresh Lease each time (the create rule needs it absent; the others re-take it at once).
-        let _ = kubectl(&cluster, &["delete", "lease", "-n", NAMESPACE, "--all"], "").await;
+        let _ = kubectl(cluster, &["delete", "lease", "-n", NAMESPACE, "--all"], "").await;
         let log = cluster.dir().join(format!("operator-rbac-{k}.log"));
-        let op = start_operator(
-            &ws,
-            &chart,
-            &kubeconfig,
-            &tiny,
-            &assets,
-            &hub.endpoint,
-            &log,
-        );
+        let op = start_operator(ws, chart, kubeconfig, tiny, assets, &hub.endpoint, &log);
         let job = format!("rbac-{k}");
-        kubectl_ok(&cluster, &["apply", "-f", "-"], &tiny_job(&job, 5, false)).await;
+        kubectl_ok(cluster, &["apply", "-f", "-"], &tiny_job(&job, 5, false)).await;
         let resource = rule["resources"][0].as_str().unwrap().to_string();
         let expected = expected_failure(&resource);
         let deadline = Instant::now() + Duration::from_secs(30);
         if resource == "finetunejobs/finalizers" {
             // What the rule is for, asked directly as the ServiceAccount: a child that blocks
             // its owner's deletion (OwnerReferencesPermissionEnforcement).
-            let probe = finalizers_probe(&cluster, &kubeconfig, "gated").await;
+            let probe = finalizers_probe(cluster, kubeconfig, "gated").await;
             eprintln!("without {kind} rule {label}, a child with blockOwnerDeletion: {probe}");
         }
         let found = loop {
@@ -998,15 +1053,15 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         };
         drop(op);
-        kubectl_ok(&cluster, &["apply", "-f", "-"], &yaml_docs(&[&original])).await;
+        kubectl_ok(cluster, &["apply", "-f", "-"], &yaml_docs(&[&original])).await;
         let _ = kubectl(
-            &cluster,
+            cluster,
             &["delete", "finetunejob", &job, "-n", JOBS_NS, "--wait=false"],
             "",
         )
         .await;
         let _ = kubectl(
-            &cluster,
+            cluster,
             &[
                 "delete",
                 "pods",
@@ -1040,10 +1095,6 @@ async fn hostile_specs_rbac_secrets_and_checkov_on_a_real_cluster() {
         not_shown, RULES_NOT_SHOWN,
         "rules whose removal breaks nothing visible in a short run"
     );
-    let dir = cluster.dir().to_path_buf();
-    cluster.shutdown().await;
-    let _ = std::fs::remove_dir_all(dir);
-    eprintln!("took {:?}", started.elapsed());
 }
 
 /// Creates, as the ServiceAccount (`kubeconfig`), a ConfigMap owned by job `owner` with
