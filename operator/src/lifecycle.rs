@@ -83,6 +83,9 @@ pub fn classify(pod: &Pod) -> PodOutcome {
     let terminated = trainer
         .and_then(|c| c.state.as_ref())
         .and_then(|s| s.terminated.as_ref());
+    // A pod that is being deleted ended because of the deletion (the kubelet's SIGTERM, which
+    // the trainer answers with a checkpoint), not because the trainer failed.
+    let deleted = pod.metadata.deletion_timestamp.is_some();
     match status.phase.as_deref() {
         Some("Succeeded") => PodOutcome::Succeeded(
             terminated
@@ -92,6 +95,10 @@ pub fn classify(pod: &Pod) -> PodOutcome {
         Some("Failed") if disrupted => PodOutcome::Disrupted(format!(
             "{pod_reason}: {}",
             status.message.clone().unwrap_or_default()
+        )),
+        Some("Failed") if deleted => PodOutcome::Disrupted(format!(
+            "the trainer pod was deleted and stopped on SIGTERM ({})",
+            failure(pod).message
         )),
         Some("Failed") => PodOutcome::Failed(failure(pod)),
         Some("Running") => PodOutcome::Running,
@@ -259,6 +266,19 @@ mod tests {
             "{:?}",
             classify(&p)
         );
+    }
+
+    #[test]
+    fn a_deleted_pod_that_stopped_on_sigterm_is_a_disruption_not_a_failure() {
+        let p = pod(include_str!("../tests/fixtures/pod-deleted-sigterm.yaml"));
+        match classify(&p) {
+            PodOutcome::Disrupted(m) => assert!(m.contains("deleted") && m.contains("143"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // The same pod, not being deleted: the exit is the trainer's own failure.
+        let mut kept = p.clone();
+        kept.metadata.deletion_timestamp = None;
+        assert!(matches!(classify(&kept), PodOutcome::Failed(_)));
     }
 
     #[test]

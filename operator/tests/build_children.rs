@@ -57,6 +57,11 @@ fn trainer_pod_meets_the_restricted_profile() {
         let psc = spec.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(
+            psc.fs_group_change_policy.as_deref(),
+            Some("OnRootMismatch"),
+            "no recursive chown of large checkpoint claims on every mount"
+        );
+        assert_eq!(
             psc.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
         );
