@@ -1,5 +1,6 @@
 //! The operator's Prometheus metrics, on a registry it owns. Labels are bounded: reconcile
-//! result, phase, restart reason class.
+//! result, phase, restart reason class, and for the per-job series (one per existing job, as
+//! kube-state-metrics has one per object) namespace, job name (at most 63 characters) and reason.
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
@@ -24,6 +25,12 @@ pub struct Metrics {
     /// `finetune_operator_blocked_jobs{reason}`: jobs whose trainer pod cannot start, by the
     /// kubelet's reason (`lifecycle::BLOCKING_WAIT_REASONS`).
     pub blocked_jobs: IntGaugeVec,
+    /// `finetune_operator_job_failed{namespace, finetune_job, reason}`: 1 for each Failed job
+    /// while it exists, so an alert names the job and lasts until the job is dealt with.
+    pub job_failed: IntGaugeVec,
+    /// `finetune_operator_job_unschedulable{namespace, finetune_job}`: 1 while a job's trainer
+    /// pod cannot be scheduled.
+    pub job_unschedulable: IntGaugeVec,
     /// `finetune_operator_leader`: 1 on the replica holding the leader Lease.
     pub leader: IntGauge,
     /// `finetune_operator_status_writes_total`: status patches sent.
@@ -88,6 +95,21 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let job_failed = IntGaugeVec::new(
+            Opts::new(
+                "finetune_operator_job_failed",
+                "1 for each Failed FineTuneJob while it exists, with the reason of its Failed \
+                 condition.",
+            ),
+            &["namespace", "finetune_job", "reason"],
+        )?;
+        let job_unschedulable = IntGaugeVec::new(
+            Opts::new(
+                "finetune_operator_job_unschedulable",
+                "1 for each FineTuneJob whose trainer pod cannot be scheduled now.",
+            ),
+            &["namespace", "finetune_job"],
+        )?;
         let leader = IntGauge::new(
             "finetune_operator_leader",
             "1 when this replica is the leader.",
@@ -114,6 +136,8 @@ impl Metrics {
         registry.register(Box::new(unschedulable_seconds.clone()))?;
         registry.register(Box::new(unschedulable_jobs.clone()))?;
         registry.register(Box::new(blocked_jobs.clone()))?;
+        registry.register(Box::new(job_failed.clone()))?;
+        registry.register(Box::new(job_unschedulable.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
         // Every bounded label value starts at 0, so rates and alerts see a series from the start.
@@ -144,6 +168,8 @@ impl Metrics {
             unschedulable_seconds,
             unschedulable_jobs,
             blocked_jobs,
+            job_failed,
+            job_unschedulable,
             leader,
             status_writes,
             api_writes,

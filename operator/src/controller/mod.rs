@@ -22,7 +22,9 @@ use tracing::{info, instrument, warn};
 
 use crate::context::Context;
 use crate::lifecycle::BLOCKING_WAIT_REASONS;
+use crate::names::label_value;
 use crate::server::Health;
+use crate::status::{condition, is_true};
 use crate::{Error, Result};
 use decide::{Clock, Requeue, Settings, decide, effective_spec};
 use observe::{Observation, observe};
@@ -75,43 +77,9 @@ pub async fn run(ctx: Arc<Context>, health: &Health) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            let mut counts = std::collections::HashMap::new();
             let jobs = store.state();
             prune_memory(&gauge_ctx, &jobs);
-            for job in &jobs {
-                let phase = job
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .unwrap_or_default();
-                *counts.entry(phase).or_insert(0i64) += 1;
-            }
-            let mut blocked = std::collections::HashMap::new();
-            for job in &jobs {
-                let reason = job.status.as_ref().and_then(|s| {
-                    s.conditions
-                        .iter()
-                        .find(|c| c.type_ == crate::status::condition::READY)
-                        .map(|c| c.reason.clone())
-                });
-                if let Some(r) = reason.filter(|r| BLOCKING_WAIT_REASONS.contains(&r.as_str())) {
-                    *blocked.entry(r).or_insert(0i64) += 1;
-                }
-            }
-            for reason in BLOCKING_WAIT_REASONS {
-                gauge_ctx
-                    .metrics
-                    .blocked_jobs
-                    .with_label_values(&[reason])
-                    .set(blocked.get(reason).copied().unwrap_or(0));
-            }
-            for phase in JobPhase::ALL {
-                gauge_ctx
-                    .metrics
-                    .jobs
-                    .with_label_values(&[phase.as_str()])
-                    .set(counts.get(&phase).copied().unwrap_or(0));
-            }
+            refresh_job_gauges(&gauge_ctx.metrics, &jobs);
         }
     });
     controller
@@ -223,5 +191,119 @@ impl CachesSynced {
                 }
             }
         }
+    }
+}
+
+/// The gauges read from the job cache: jobs per phase, jobs whose pod cannot start per reason,
+/// and the per-job Failed and Unschedulable series.
+fn refresh_job_gauges(metrics: &crate::metrics::Metrics, jobs: &[Arc<FineTuneJob>]) {
+    let mut phases = std::collections::HashMap::new();
+    let mut blocked = std::collections::HashMap::new();
+    metrics.job_failed.reset();
+    metrics.job_unschedulable.reset();
+    for job in jobs {
+        let status = job.status.clone().unwrap_or_default();
+        let phase = status.phase.unwrap_or_default();
+        *phases.entry(phase).or_insert(0i64) += 1;
+        let reason = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY)
+            .map(|c| c.reason.clone())
+            .unwrap_or_default();
+        if BLOCKING_WAIT_REASONS.contains(&reason.as_str()) {
+            *blocked.entry(reason.clone()).or_insert(0i64) += 1;
+        }
+        let (ns, name) = (
+            job.namespace().unwrap_or_default(),
+            label_value(&job.name_any()),
+        );
+        if phase == JobPhase::Failed {
+            metrics
+                .job_failed
+                .with_label_values(&[ns.as_str(), name.as_str(), reason.as_str()])
+                .set(1);
+        }
+        if is_true(&status.conditions, condition::UNSCHEDULABLE) {
+            metrics
+                .job_unschedulable
+                .with_label_values(&[ns.as_str(), name.as_str()])
+                .set(1);
+        }
+    }
+    for reason in BLOCKING_WAIT_REASONS {
+        metrics
+            .blocked_jobs
+            .with_label_values(&[reason])
+            .set(blocked.get(reason).copied().unwrap_or(0));
+    }
+    for phase in JobPhase::ALL {
+        metrics
+            .jobs
+            .with_label_values(&[phase.as_str()])
+            .set(phases.get(&phase).copied().unwrap_or(0));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, status: serde_json::Value) -> Arc<FineTuneJob> {
+        let sample = include_str!("../../../manifests/samples/tiny-sentiment-cpu.yaml");
+        let mut job: FineTuneJob = serde_yaml::from_str(sample).unwrap();
+        job.metadata.name = Some(name.into());
+        job.metadata.namespace = Some("ml".into());
+        job.status = Some(serde_json::from_value(status).unwrap());
+        Arc::new(job)
+    }
+
+    fn condition(type_: &str, status: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({"type": type_, "status": status, "reason": reason, "message": "",
+                           "lastTransitionTime": "2026-12-01T10:00:00Z"})
+    }
+
+    #[test]
+    fn failed_and_unschedulable_jobs_get_one_series_each_which_goes_with_them() {
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let failed = job(
+            "a",
+            serde_json::json!({"phase": "Failed",
+                               "conditions": [condition("Ready", "False", "BackoffLimitExceeded")]}),
+        );
+        let waiting = job(
+            "b",
+            serde_json::json!({"phase": "Pending",
+                               "conditions": [condition("Ready", "False", "Unschedulable"),
+                                              condition("Unschedulable", "True", "Unschedulable")]}),
+        );
+        let running = job("c", serde_json::json!({"phase": "Running"}));
+        refresh_job_gauges(&metrics, &[failed, waiting, running]);
+        let f = &metrics.job_failed;
+        assert_eq!(
+            f.with_label_values(&["ml", "a", "BackoffLimitExceeded"])
+                .get(),
+            1
+        );
+        let u = &metrics.job_unschedulable;
+        assert_eq!(u.with_label_values(&["ml", "b"]).get(), 1);
+        assert_eq!(metrics.jobs.with_label_values(&["Failed"]).get(), 1);
+        let series = |name: &str| {
+            metrics
+                .registry
+                .gather()
+                .iter()
+                .filter(|m| m.name() == name)
+                .map(|m| m.get_metric().len())
+                .sum::<usize>()
+        };
+        assert_eq!(series("finetune_operator_job_failed"), 1);
+        assert_eq!(series("finetune_operator_job_unschedulable"), 1);
+        // The failed job deleted, the waiting one scheduled: their series go.
+        let scheduled = job("b", serde_json::json!({"phase": "Running"}));
+        refresh_job_gauges(&metrics, &[scheduled]);
+        assert_eq!(series("finetune_operator_job_failed"), 0);
+        assert_eq!(series("finetune_operator_job_unschedulable"), 0);
     }
 }
