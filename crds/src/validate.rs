@@ -56,6 +56,9 @@ pub fn validate(spec: &FineTuneJobSpec) -> Result<(), Vec<FieldError>> {
     validate_evaluation(spec, &mut e);
     validate_storage(spec, &mut e);
     validate_resources(spec, &mut e);
+    for (path, message) in spec.trainer_pod.problems() {
+        e.add(&path, message);
+    }
     if e.0.is_empty()
         && let Err(msg) = fit::check(spec)
     {

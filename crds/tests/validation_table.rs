@@ -383,6 +383,24 @@ fn invalid_specs_are_refused_with_the_field_path() {
             "spec.resources.image",
         ),
         (
+            "a trainer pod label under the operator's prefix",
+            with(
+                base(TINY),
+                "/trainerPod",
+                json!({"labels": {"finetune.dev/job": "other"}}),
+            ),
+            r#"spec.trainerPod.labels["finetune.dev/job"]"#,
+        ),
+        (
+            "a trainer pod ServiceAccount that is no name",
+            with(
+                base(TINY),
+                "/trainerPod",
+                json!({"serviceAccountName": "Trainer SA"}),
+            ),
+            "spec.trainerPod.serviceAccountName",
+        ),
+        (
             "zero deadline",
             with(base(TINY), "/activeDeadlineSeconds", json!(0)),
             "spec.activeDeadlineSeconds",

@@ -228,6 +228,53 @@ fn https_datasets_get_a_download_step_with_checksum() {
 }
 
 #[test]
+fn trainer_pod_settings_reach_the_pod_and_the_operator_keys_stay() {
+    let mut j = job("tiny-sentiment-cpu.yaml");
+    j.spec.trainer_pod = serde_json::from_value(serde_json::json!({
+        "labels": {"sidecar.istio.io/inject": "false", "team": "ml"},
+        "annotations": {"karpenter.sh/do-not-disrupt": "true"},
+        "serviceAccountName": "trainer-s3-reader",
+        "imagePullSecrets": [{"name": "mirror"}],
+        "runtimeClassName": "nvidia",
+        "schedulerName": "volcano"
+    }))
+    .unwrap();
+    assert!(finetune_api::validate(&j.spec).is_ok());
+    let c = children(&j, &BuildSettings::default(), 0).unwrap();
+    let meta = &c.pod.metadata;
+    let labels = meta.labels.as_ref().unwrap();
+    assert_eq!(labels["sidecar.istio.io/inject"], "false");
+    assert_eq!(labels["team"], "ml");
+    assert_eq!(labels["finetune.dev/job"], "tiny-sentiment");
+    let annotations = meta.annotations.as_ref().unwrap();
+    assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
+    assert!(annotations.contains_key("prometheus.io/port"));
+    let spec = c.pod.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("trainer-s3-reader")
+    );
+    assert_eq!(
+        spec.automount_service_account_token,
+        Some(false),
+        "a named ServiceAccount still mounts no API token"
+    );
+    assert_eq!(spec.image_pull_secrets.as_ref().unwrap()[0].name, "mirror");
+    assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+    assert_eq!(spec.scheduler_name.as_deref(), Some("volcano"));
+    // Without trainerPod nothing of it appears.
+    let plain = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let spec = plain.pod.spec.as_ref().unwrap();
+    assert!(spec.service_account_name.is_none() && spec.scheduler_name.is_none());
+    assert!(spec.image_pull_secrets.is_none() && spec.runtime_class_name.is_none());
+}
+
+#[test]
 fn children_are_owned_and_labelled() {
     let j = job("tiny-sentiment-cpu.yaml");
     let c = children(&j, &BuildSettings::default(), 3).unwrap();

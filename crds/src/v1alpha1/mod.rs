@@ -8,6 +8,7 @@ mod method;
 mod model;
 mod resources;
 mod status;
+mod trainer_pod;
 
 pub use checkpoints::*;
 pub use dataset::*;
@@ -17,6 +18,7 @@ pub use method::*;
 pub use model::*;
 pub use resources::*;
 pub use status::*;
+pub use trainer_pod::*;
 
 use kube::CustomResource;
 use kube::CustomResourceExt;
@@ -72,6 +74,10 @@ pub struct FineTuneJobSpec {
     /// Compute resources and scheduling of the trainer pod.
     #[serde(default)]
     pub resources: ResourcesSpec,
+    /// Labels, annotations, ServiceAccount, pull secrets, runtime class and scheduler of the
+    /// trainer pod.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub trainer_pod: TrainerPodSpec,
     /// When true, the trainer pod is stopped after a checkpoint and the job is Suspended; setting
     /// it back to false resumes from that checkpoint. Kueue toggles this field for jobs that carry
     /// the `kueue.x-k8s.io/queue-name` label.
@@ -94,6 +100,10 @@ pub struct FineTuneJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 31_536_000))]
     pub ttl_seconds_after_finished: Option<i32>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_backoff_limit() -> u32 {

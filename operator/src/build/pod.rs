@@ -8,8 +8,9 @@ use finetune_api::FineTuneJob;
 use finetune_api::fit::effective_gpus;
 use finetune_api::progress::TRAINER_METRICS_PORT;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, LocalObjectReference,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -149,16 +150,24 @@ pub fn trainer_pod(
         ..Container::default()
     };
     let r = &spec.resources;
+    // The job's own labels and annotations first, so the operator's keys win (validation
+    // refuses the reserved prefixes anyway).
+    let pod = &spec.trainer_pod;
+    let mut labels_with_job = pod.labels.clone();
+    labels_with_job.extend(labels);
+    let labels = labels_with_job;
+    let mut annotations = pod.annotations.clone();
+    annotations.insert(
+        "prometheus.io/port".to_string(),
+        TRAINER_METRICS_PORT.to_string(),
+    );
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(names::trainer_pod(&name, attempt)),
             namespace: Some(namespace),
             labels: Some(labels),
             owner_references: Some(vec![owner_reference(job)?]),
-            annotations: Some(BTreeMap::from([(
-                "prometheus.io/port".to_string(),
-                TRAINER_METRICS_PORT.to_string(),
-            )])),
+            annotations: Some(annotations),
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
@@ -189,6 +198,17 @@ pub fn trainer_pod(
             tolerations: (!r.tolerations.is_empty()).then(|| r.tolerations.clone()),
             affinity: r.affinity.clone(),
             priority_class_name: r.priority_class_name.clone(),
+            service_account_name: pod.service_account_name.clone(),
+            image_pull_secrets: (!pod.image_pull_secrets.is_empty()).then(|| {
+                pod.image_pull_secrets
+                    .iter()
+                    .map(|s| LocalObjectReference {
+                        name: s.name.clone(),
+                    })
+                    .collect()
+            }),
+            runtime_class_name: pod.runtime_class_name.clone(),
+            scheduler_name: pod.scheduler_name.clone(),
             ..PodSpec::default()
         }),
         status: None,
