@@ -2,8 +2,8 @@
 //! trainer's own [`TrainParams`]; the API crate is the single source of truth for the fields.
 
 use finetune_api::{
-    Activation, DatasetFormat, EvaluationSpec, LoraSpec, MethodType, OnInvalidRow, Precision,
-    PromptStyle, TargetModule, TrainableLayers, TrainerConfig,
+    DatasetFormat, EvaluationSpec, LoraSpec, MethodType, OnInvalidRow, Precision, PromptStyle,
+    TargetModule, TrainableLayers, TrainerConfig,
 };
 use std::path::{Path, PathBuf};
 
@@ -27,15 +27,6 @@ pub fn read_config(path: &Path) -> Result<TrainerConfig> {
 fn target_name(t: &TargetModule) -> String {
     let path = t.hf_path();
     path.rsplit('.').next().unwrap_or(path).to_string()
-}
-
-fn activation_name(a: &Activation) -> &'static str {
-    match a {
-        Activation::Silu => "silu",
-        Activation::Gelu => "gelu",
-        Activation::GeluTanh => "gelu_pytorch_tanh",
-        Activation::Relu => "relu",
-    }
 }
 
 /// Resolves the configuration into the trainer's parameters. The model's `config.json` is read
@@ -140,11 +131,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         validation_split: d.validation_split,
         data_seed: d.seed,
         method,
-        activation: c
-            .method
-            .activation
-            .as_ref()
-            .map(|a| activation_name(a).to_string()),
+        activation: c.method.activation.as_ref().map(|a| a.hf_name()),
         bf16: c.precision == Precision::Bf16,
         gradient_checkpointing: c.gradient_checkpointing,
         use_gpu: c.use_gpu,

@@ -197,3 +197,22 @@ pub enum Activation {
     #[serde(rename = "relu")]
     Relu,
 }
+
+impl Activation {
+    /// Every activation.
+    pub const ALL: [Activation; 4] = [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Relu,
+    ];
+
+    /// The Hugging Face `config.json` `hidden_act` name, which is also its manifest spelling
+    /// (one home: the serde rename above).
+    pub fn hf_name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}

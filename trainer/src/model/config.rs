@@ -174,4 +174,15 @@ mod tests {
         let c: LlamaConfig = serde_json::from_str(json).unwrap();
         assert_eq!(c.num_parameters(), 6_738_415_616);
     }
+
+    #[test]
+    fn every_activation_of_the_api_is_one_the_model_runs() {
+        let json = r#"{"hidden_size":64,"intermediate_size":128,"num_attention_heads":4,
+        "num_hidden_layers":1,"vocab_size":300}"#;
+        for a in finetune_api::Activation::ALL {
+            let mut c: LlamaConfig = serde_json::from_str(json).unwrap();
+            c.hidden_act = a.hf_name();
+            assert!(c.validate().is_ok(), "{a:?} -> {:?}", c.hidden_act);
+        }
+    }
 }
