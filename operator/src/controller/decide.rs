@@ -9,24 +9,18 @@ use std::time::Duration;
 
 use finetune_api::fit::effective_gpus;
 use finetune_api::mutability::{changed_sections, mutable_fields_sentence};
-use finetune_api::{
-    FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, JobPhase, MethodType, OutputStatus,
-    TrainerProgress,
-};
+use finetune_api::{FineTuneJob, FineTuneJobSpec, JobPhase, MethodType, OutputStatus};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
+use super::draft::Draft;
 pub use super::plan::{Clock, Observed, Plan, Requeue, Settings, Write};
 use crate::Result;
 use crate::build;
-use crate::context::JobMemory;
 use crate::lifecycle::{PodOutcome, Waiting, backoff, classify};
 use crate::names::ATTEMPT_LABEL;
 use crate::reason::Reason;
-use crate::status::{
-    apply_progress, condition, parse_termination_message, remove_condition, set_condition,
-    set_phase,
-};
+use crate::status::{apply_progress, condition, parse_termination_message, remove_condition};
 
 /// The attempt number of a trainer pod.
 pub fn pod_attempt(pod: &Pod) -> Option<u32> {
@@ -77,122 +71,6 @@ pub fn effective_spec(
         (job.spec.clone(), None)
     } else {
         (acc.with_mutable_fields_of(&job.spec), Some(sections))
-    }
-}
-
-/// A plan under construction: the status being edited and the bookkeeping beside it.
-struct Draft<'a> {
-    status: FineTuneJobStatus,
-    memory: JobMemory,
-    generation: Option<i64>,
-    clock: &'a Clock,
-    forget: bool,
-    restart: Option<&'static str>,
-    unschedulable_for: Option<Duration>,
-}
-
-impl Draft<'_> {
-    fn phase(&mut self, phase: JobPhase, reason: Reason, message: &str) {
-        set_phase(
-            &mut self.status,
-            phase,
-            reason.as_str(),
-            message,
-            self.generation,
-            &self.clock.wall,
-        );
-    }
-
-    fn condition(&mut self, type_: &str, on: bool, reason: Reason, message: &str) {
-        set_condition(
-            &mut self.status.conditions,
-            type_,
-            on,
-            reason.as_str(),
-            message,
-            self.generation,
-            &self.clock.wall,
-        );
-    }
-
-    fn has_condition(&self, type_: &str, status: Option<&str>) -> bool {
-        self.status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == type_ && status.is_none_or(|s| c.status == s))
-    }
-
-    /// The trainer pod got a node: close the Unschedulable episode.
-    fn scheduled(&mut self) {
-        if let Some(since) = self.memory.unschedulable_since.take() {
-            self.unschedulable_for = Some(self.clock.mono.saturating_duration_since(since));
-        }
-        if self.has_condition(condition::UNSCHEDULABLE, Some("True")) {
-            self.condition(
-                condition::UNSCHEDULABLE,
-                false,
-                Reason::Scheduled,
-                "the trainer pod was scheduled",
-            );
-        }
-    }
-
-    fn overfitting(&mut self, p: &TrainerProgress) {
-        if p.overfitting {
-            let why = p
-                .overfitting_reason
-                .clone()
-                .unwrap_or_else(|| "validation loss diverges from training loss".into());
-            self.condition(
-                condition::OVERFITTING,
-                true,
-                Reason::GeneralizationGap,
-                &why,
-            );
-        } else if self.has_condition(condition::OVERFITTING, None) {
-            self.condition(
-                condition::OVERFITTING,
-                false,
-                Reason::WithinThresholds,
-                "validation loss tracks training loss",
-            );
-        }
-    }
-
-    /// Whether the step has not advanced for `timeout` (remembering a new step when it did).
-    fn stalled(&mut self, step: u64, timeout: Duration) -> bool {
-        if self.memory.step != step {
-            self.memory.step = step;
-            self.memory.since = self.clock.mono;
-        }
-        self.clock.mono.saturating_duration_since(self.memory.since) >= timeout
-    }
-
-    /// The job fails: more disruptions than the cluster should be allowed.
-    fn too_many_disruptions(mut self, last: &str, limit: u32) -> Plan {
-        let msg = format!(
-            "{} disruptions exceed the operator's limit of {limit} (--max-disruptions); last: \
-             {last}. The cluster keeps evicting, preempting or losing the trainer's node: check \
-             node health, the job's priority and the GPU nodes' taints",
-            self.status.disruptions
-        );
-        self.phase(JobPhase::Failed, Reason::DisruptionLimitExceeded, &msg);
-        self.status.completion_time = Some(self.clock.wall.clone());
-        self.forget = true;
-        self.done(vec![Write::Status], Requeue::AwaitChange)
-    }
-
-    fn done(self, mut writes: Vec<Write>, requeue: Requeue) -> Plan {
-        writes.retain(|w| !matches!(w, Write::DeletePods { names, .. } if names.is_empty()));
-        Plan {
-            status: self.status,
-            writes,
-            requeue,
-            memory: self.memory,
-            forget: self.forget,
-            restart: self.restart,
-            unschedulable_for: self.unschedulable_for,
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod apply;
 pub mod decide;
+mod draft;
 mod observe;
 pub mod plan;
 
