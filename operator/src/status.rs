@@ -20,8 +20,11 @@ pub mod condition {
     pub const SUSPENDED: &str = "Suspended";
     /// The trainer flagged overfitting.
     pub const OVERFITTING: &str = "Overfitting";
-    /// The trainer's step has not advanced for the stall timeout.
+    /// The job failed for good: kstatus's (and Flux's) meaning of `Stalled`, set with Failed.
     pub const STALLED: &str = "Stalled";
+    /// The trainer's step has not advanced for the stall timeout. Not `Stalled`, which kstatus
+    /// readers take as "failed": a slow step is a warning, not a failure.
+    pub const STEP_STALLED: &str = "StepStalled";
     /// No node can take the trainer pod.
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     /// The spec is invalid, or a change to it was refused.

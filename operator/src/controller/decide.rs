@@ -342,14 +342,14 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 if d.stalled(p.step, s.stall_timeout) {
                     reason = Reason::Stalled;
                     d.condition(
-                        condition::STALLED,
+                        condition::STEP_STALLED,
                         true,
                         Reason::NoProgress,
                         &format!("step {} has not advanced for {:?}", p.step, s.stall_timeout),
                     );
-                } else if d.has_condition(condition::STALLED, None) {
+                } else if d.has_condition(condition::STEP_STALLED, None) {
                     d.condition(
-                        condition::STALLED,
+                        condition::STEP_STALLED,
                         false,
                         Reason::Progressing,
                         "steps advance",
