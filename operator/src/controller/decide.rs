@@ -111,35 +111,53 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
         remove_condition(&mut d.status.conditions, condition::INVALID_SPEC);
     }
 
-    // Validate. An invalid spec never creates a pod.
+    // Validate. An invalid spec never creates a pod. A refused change is also Stalled: kstatus
+    // readers (Flux) see that what Git says cannot be reached, not a healthy job.
     match &refused {
-        Some(sections) => d.condition(
-            condition::INVALID_SPEC,
-            true,
-            Reason::ImmutableFieldChanged,
-            &format!(
+        Some(sections) => {
+            let message = format!(
                 "changes to {} are refused after the job started (only {} may change); the job \
                  continues with the spec it started with",
                 sections.join(", "),
                 mutable_fields_sentence()
-            ),
-        ),
-        None => match finetune_api::validate(spec) {
-            Err(errors) => {
-                let message = errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                d.condition(condition::INVALID_SPEC, true, Reason::InvalidSpec, &message);
-                if !started {
-                    d.phase(JobPhase::Failed, Reason::InvalidSpec, &message);
-                    d.status.completion_time.get_or_insert(clock.wall.clone());
-                    return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
-                }
+            );
+            d.condition(
+                condition::INVALID_SPEC,
+                true,
+                Reason::ImmutableFieldChanged,
+                &message,
+            );
+            d.condition(
+                condition::STALLED,
+                true,
+                Reason::ImmutableFieldChanged,
+                &message,
+            );
+        }
+        None => {
+            let refusal_over = d.status.conditions.iter().any(|c| {
+                c.type_ == condition::STALLED && c.reason == Reason::ImmutableFieldChanged.as_str()
+            });
+            if refusal_over {
+                remove_condition(&mut d.status.conditions, condition::STALLED);
             }
-            Ok(()) => remove_condition(&mut d.status.conditions, condition::INVALID_SPEC),
-        },
+            match finetune_api::validate(spec) {
+                Err(errors) => {
+                    let message = errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    d.condition(condition::INVALID_SPEC, true, Reason::InvalidSpec, &message);
+                    if !started {
+                        d.phase(JobPhase::Failed, Reason::InvalidSpec, &message);
+                        d.status.completion_time.get_or_insert(clock.wall.clone());
+                        return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
+                    }
+                }
+                Ok(()) => remove_condition(&mut d.status.conditions, condition::INVALID_SPEC),
+            }
+        }
     }
     for w in finetune_api::warnings(spec) {
         d.condition(
