@@ -19,6 +19,9 @@ pub enum Reason {
     PodPending,
     /// The trainer pod was created.
     PodCreated,
+    /// Children of an earlier job with the same name (deleted and re-created) are still being
+    /// deleted; the pod is created once they are gone.
+    WaitingForPreviousJob,
     /// The trainer runs and its steps advance.
     Training,
     /// The trainer runs but its step has not advanced for the stall timeout.
@@ -72,6 +75,7 @@ impl Reason {
         Reason::SchedulingGated,
         Reason::PodPending,
         Reason::PodCreated,
+        Reason::WaitingForPreviousJob,
         Reason::Training,
         Reason::Stalled,
         Reason::NoProgress,
@@ -100,6 +104,7 @@ impl Reason {
             Self::SchedulingGated => "SchedulingGated",
             Self::PodPending => "PodPending",
             Self::PodCreated => "PodCreated",
+            Self::WaitingForPreviousJob => "WaitingForPreviousJob",
             Self::Training => "Training",
             Self::Stalled => "Stalled",
             Self::NoProgress => "NoProgress",

@@ -129,6 +129,15 @@ fn check(case: &Value) {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         progress,
+        leftovers: case
+            .get("leftovers")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
         memory,
     };
     let plan = decide(&job, &observed, &settings(), &clock).unwrap();

@@ -483,3 +483,94 @@ async fn the_operator_is_ready_only_once_its_caches_synced() {
         installed.elapsed().as_secs_f64()
     );
 }
+
+/// A job deleted and re-created with the same name mid-run (Argo CD's `Replace=true`, a
+/// `kubectl replace --force`) starts afresh: it never adopts the old job's pod, progress or
+/// checkpoint claim, and creates its own pod once the old children are gone.
+#[tokio::test]
+async fn a_job_recreated_with_the_same_name_starts_afresh() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op = OperatorProcess::start(
+        &e.cluster,
+        &e.ws,
+        &e.tiny,
+        &e.assets,
+        "operator-recreate",
+        &[],
+    )
+    .unwrap();
+    let name = "recreated";
+    let apply = || async {
+        let out = kubectl_apply(&e.cluster, &tiny_job(name, 400, 10)).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply().await;
+    let old = wait_job(&e.cluster, name, TRAIN, "a checkpoint at step >= 10", |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.checkpoints.as_ref())
+            .and_then(|c| c.latest_step)
+            .unwrap_or(0)
+            >= 10
+    })
+    .await;
+    let old_uid = old.metadata.uid.clone().unwrap();
+
+    // Deleted in the background (as kubectl and Argo CD do) and re-created at once, while the
+    // old trainer pod and claim are still there.
+    let jobs = Api::<FineTuneJob>::namespaced(e.cluster.client(), NS);
+    jobs.delete(name, &DeleteParams::background())
+        .await
+        .unwrap();
+    let gone = Instant::now();
+    while jobs.get_opt(name).await.unwrap().is_some() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(60),
+            "the old job stays"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    apply().await;
+    let new_uid = job(&e.cluster, name).await.metadata.uid.unwrap();
+    assert_ne!(new_uid, old_uid);
+
+    let j = wait_job(&e.cluster, name, TRAIN, "the new job training", |j| {
+        phase(j) == Some(JobPhase::Running) && step(j) >= 2
+    })
+    .await;
+    let progress = j.status.as_ref().unwrap().progress.clone().unwrap();
+    assert_eq!(
+        progress.resumed_from_step, 0,
+        "the new job resumed the old job's checkpoints: {progress:?}"
+    );
+    let pods = job_pods(&e.cluster, name).await;
+    assert!(!pods.is_empty());
+    for pod in &pods {
+        let owners = pod.metadata.owner_references.clone().unwrap_or_default();
+        assert!(
+            owners.iter().all(|o| o.uid == new_uid),
+            "{} is still the old job's: {owners:?}",
+            pod.metadata.name.clone().unwrap_or_default()
+        );
+    }
+    let claim = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+        e.cluster.client(),
+        NS,
+    )
+    .get(&finetune_operator::names::checkpoint_claim(name))
+    .await
+    .unwrap();
+    let owners = claim.metadata.owner_references.unwrap_or_default();
+    assert!(
+        owners.iter().all(|o| o.uid == new_uid),
+        "the checkpoint claim is the old job's: {owners:?}"
+    );
+    jobs.delete(name, &DeleteParams::background())
+        .await
+        .unwrap();
+}

@@ -244,6 +244,14 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                     }
                 }
             }
+            if !obs.leftovers.is_empty() {
+                let msg = format!(
+                    "waiting for {} of an earlier job with this name to be deleted",
+                    obs.leftovers.join(", ")
+                );
+                d.phase(JobPhase::Pending, Reason::WaitingForPreviousJob, &msg);
+                return Ok(d.done(vec![Write::Status], Requeue::After(Duration::from_secs(2))));
+            }
             let children = build::children(&effective, &s.build, attempt)?;
             // Old attempts' pods are kept only for the previous attempt (for its logs).
             let stale = pods

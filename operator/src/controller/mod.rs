@@ -163,9 +163,10 @@ fn prune_memory(ctx: &Context, jobs: &[Arc<FineTuneJob>]) {
     ctx.retain_memory(|uid| live.contains(uid));
 }
 
-/// Readiness once every cached watch has completed its first list. (Read from the watch events
-/// themselves: `Store::wait_until_ready` of kube-runtime 5 did not resolve for a job cache
-/// whose first lists failed, e.g. an operator started before its CRD.)
+/// Readiness once every cached watch has completed its first list. Read from the watch events
+/// themselves: kube-runtime 5's `Store::wait_until_ready` wakes only the last of several
+/// waiters, and reconciles poll it too (`observe`), so a task awaiting it could wait forever
+/// (seen with an operator started before its CRD).
 struct CachesSynced {
     left: Arc<AtomicUsize>,
     health: Health,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use finetune_api::{FineTuneJob, FineTuneJobSpec, JOB_LABEL, JobPhase};
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -62,14 +62,17 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
             ))));
         }
     }
+    // Children are this job's by owner UID, not by name: a job deleted and re-created with the
+    // same name must not adopt the old one's accepted spec, pods or progress.
     let accepted: Option<FineTuneJobSpec> = caches
         .config_maps
         .get(&ObjectRef::new(&names::config_map(&name)).within(&ns))
+        .filter(|cm| controlled_by(cm.meta(), &uid))
         .as_ref()
         .and_then(|cm| cm.data.as_ref())
         .and_then(|d| d.get(ACCEPTED_SPEC_KEY))
         .and_then(|s| serde_json::from_str(s).ok());
-    let pods: Vec<Pod> = caches
+    let (pods, foreign): (Vec<Pod>, Vec<Pod>) = caches
         .pods
         .state()
         .iter()
@@ -78,6 +81,10 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
                 && p.labels().get(JOB_LABEL) == Some(&names::label_value(&name))
         })
         .map(|p| Pod::clone(p))
+        .partition(|p| controlled_by(p.meta(), &uid));
+    let mut leftovers: Vec<String> = foreign
+        .iter()
+        .map(|p| format!("pod/{}", p.name_any()))
         .collect();
 
     // A running trainer of the current attempt (of a job neither finished nor suspended): is
@@ -89,6 +96,29 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
         .find(|p| pod_attempt(p) == Some(attempt))
         .filter(|p| classify(p) == PodOutcome::Running)
         .filter(|_| !status.phase.is_some_and(JobPhase::is_finished) && !job.spec.suspend);
+    // About to create the attempt's pod: its checkpoint claim must not be an earlier job's (its
+    // garbage collection is due: the new pod would resume that run's checkpoints, or wait
+    // forever for a claim being deleted). A retained claim (no owner) is reused.
+    let creating = !pods.iter().any(|p| pod_attempt(p) == Some(attempt))
+        && !status.phase.is_some_and(JobPhase::is_finished)
+        && !job.spec.suspend;
+    if creating && job.spec.checkpoints.storage.existing_claim.is_none() {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        let claim = names::checkpoint_claim(&name);
+        if let Some(c) = claims.get_opt(&claim).await? {
+            let meta = c.meta();
+            let other_owner = meta
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.uid != uid);
+            if meta.deletion_timestamp.is_some() {
+                leftovers.push(format!("persistentvolumeclaim/{claim} (being deleted)"));
+            } else if other_owner {
+                leftovers.push(format!("persistentvolumeclaim/{claim} (an earlier job's)"));
+            }
+        }
+    }
     let (mut node_lost, mut progress) = (false, None);
     if let Some(pod) = running {
         node_lost = is_node_lost(&ctx.client, pod).await?;
@@ -101,8 +131,20 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
         pods,
         node_lost,
         progress,
+        leftovers,
         memory: ctx.remember(&uid, |m| m.clone()),
     })))
+}
+
+/// Whether `uid` is the controller owner of an object.
+fn controlled_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    uid: &str,
+) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 async fn is_node_lost(client: &kube::Client, pod: &Pod) -> Result<bool> {

@@ -23,6 +23,9 @@ pub struct Observed {
     pub node_lost: bool,
     /// The running trainer's progress, when it answered.
     pub progress: Option<TrainerProgress>,
+    /// Children of an earlier job with this name that are still going (`pod/NAME`,
+    /// `persistentvolumeclaim/NAME (being deleted)`): no pod is created until they are gone.
+    pub leftovers: Vec<String>,
     /// What is remembered of the job between reconciles.
     pub memory: JobMemory,
 }
