@@ -546,12 +546,13 @@ async fn get_items(cluster: &Cluster, kind: &str, ns: &str) -> Vec<Value> {
 // 5. One RBAC rule removed at a time
 
 /// Rules of the chart's ClusterRole and Role as `(kind, index, rule)`.
-fn rules(chart: &Chart) -> Vec<(String, usize, serde_yaml::Value)> {
+/// Every rule of the chart's roles: (kind, which role of that kind, index in its rules, rule).
+fn rules(chart: &Chart) -> Vec<(String, usize, usize, serde_yaml::Value)> {
     let mut out = Vec::new();
     for kind in ["ClusterRole", "Role"] {
-        for doc in of_kind(&chart.docs, kind) {
+        for (d, doc) in of_kind(&chart.docs, kind).into_iter().enumerate() {
             for (i, r) in doc["rules"].as_sequence().unwrap().iter().enumerate() {
-                out.push((kind.to_string(), i, r.clone()));
+                out.push((kind.to_string(), d, i, r.clone()));
             }
         }
     }
@@ -1018,9 +1019,9 @@ async fn each_rbac_rule_is_needed(s: &Suite, chart: &Chart, kubeconfig: &Path, h
     let all_rules = rules(chart);
     let mut shown = Vec::new();
     let mut not_shown: Vec<String> = Vec::new();
-    for (k, (kind, index, rule)) in all_rules.iter().enumerate() {
+    for (k, (kind, role, index, rule)) in all_rules.iter().enumerate() {
         let label = rule_label(rule);
-        let original = of_kind(&chart.docs, kind)[0].clone();
+        let original = of_kind(&chart.docs, kind)[*role].clone();
         let mut reduced = original.clone();
         reduced["rules"].as_sequence_mut().unwrap().remove(*index);
         kubectl_ok(cluster, &["apply", "-f", "-"], &yaml_docs(&[&reduced])).await;
