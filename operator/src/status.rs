@@ -70,9 +70,12 @@ pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) {
 
 /// Whether a condition is present and True.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
+    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+/// The condition of this type, if present.
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// Sets the phase together with the summary conditions kstatus and Argo CD read (Ready,

@@ -16,7 +16,7 @@ use crate::build::{Children, name_and_namespace};
 use crate::context::Context;
 use crate::names;
 use crate::reason::Reason;
-use crate::status::{condition, merge_diff};
+use crate::status::{condition, find_condition, merge_diff};
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// Executes `plan` for `job`, whose spec as run is `spec` (recorded with the children).
@@ -233,9 +233,7 @@ pub(super) async fn write_status(
     }
     crate::crash_point!("after-status-patch");
     let reason_of = |s: &FineTuneJobStatus| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == condition::READY)
+        find_condition(&s.conditions, condition::READY)
             .map(|c| (c.reason.clone(), c.message.clone()))
     };
     let (old_reason, new_reason) = (reason_of(old), reason_of(new));

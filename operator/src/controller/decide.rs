@@ -20,7 +20,9 @@ use crate::build;
 use crate::lifecycle::{PodOutcome, Waiting, backoff, classify};
 use crate::names::ATTEMPT_LABEL;
 use crate::reason::Reason;
-use crate::status::{apply_progress, condition, parse_termination_message, remove_condition};
+use crate::status::{
+    apply_progress, condition, find_condition, parse_termination_message, remove_condition,
+};
 
 /// The attempt number of a trainer pod.
 pub fn pod_attempt(pod: &Pod) -> Option<u32> {
@@ -135,9 +137,8 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             );
         }
         None => {
-            let refusal_over = d.status.conditions.iter().any(|c| {
-                c.type_ == condition::STALLED && c.reason == Reason::ImmutableFieldChanged.as_str()
-            });
+            let refusal_over = find_condition(&d.status.conditions, condition::STALLED)
+                .is_some_and(|c| c.reason == Reason::ImmutableFieldChanged.as_str());
             if refusal_over {
                 remove_condition(&mut d.status.conditions, condition::STALLED);
             }

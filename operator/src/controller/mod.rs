@@ -25,7 +25,7 @@ use crate::context::Context;
 use crate::lifecycle::BLOCKING_WAIT_REASONS;
 use crate::names::label_value;
 use crate::server::Health;
-use crate::status::{condition, is_true};
+use crate::status::{condition, find_condition, is_true};
 use crate::{Error, Result};
 use decide::{Clock, Requeue, Settings, decide, effective_spec};
 use observe::{Observation, observe};
@@ -204,17 +204,16 @@ fn refresh_job_gauges(metrics: &crate::metrics::Metrics, jobs: &[Arc<FineTuneJob
     metrics.job_failed.reset();
     metrics.job_unschedulable.reset();
     for job in jobs {
-        let status = job.status.clone().unwrap_or_default();
-        let phase = status.phase.unwrap_or_default();
-        *phases.entry(phase).or_insert(0i64) += 1;
-        let reason = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == condition::READY)
-            .map(|c| c.reason.clone())
+        let conditions = job.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+        let phase = job
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
             .unwrap_or_default();
-        if BLOCKING_WAIT_REASONS.contains(&reason.as_str()) {
-            *blocked.entry(reason.clone()).or_insert(0i64) += 1;
+        *phases.entry(phase).or_insert(0i64) += 1;
+        let reason = find_condition(conditions, condition::READY).map_or("", |c| &c.reason);
+        if BLOCKING_WAIT_REASONS.contains(&reason) {
+            *blocked.entry(reason.to_string()).or_insert(0i64) += 1;
         }
         let (ns, name) = (
             job.namespace().unwrap_or_default(),
@@ -223,10 +222,10 @@ fn refresh_job_gauges(metrics: &crate::metrics::Metrics, jobs: &[Arc<FineTuneJob
         if phase == JobPhase::Failed {
             metrics
                 .job_failed
-                .with_label_values(&[ns.as_str(), name.as_str(), reason.as_str()])
+                .with_label_values(&[ns.as_str(), name.as_str(), reason])
                 .set(1);
         }
-        if is_true(&status.conditions, condition::UNSCHEDULABLE) {
+        if is_true(conditions, condition::UNSCHEDULABLE) {
             metrics
                 .job_unschedulable
                 .with_label_values(&[ns.as_str(), name.as_str()])

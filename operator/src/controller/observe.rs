@@ -107,14 +107,9 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
         let claim = names::checkpoint_claim(&name);
         if let Some(c) = claims.get_opt(&claim).await? {
             let meta = c.meta();
-            let other_owner = meta
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.controller == Some(true) && o.uid != uid);
             if meta.deletion_timestamp.is_some() {
                 leftovers.push(format!("persistentvolumeclaim/{claim} (being deleted)"));
-            } else if other_owner {
+            } else if controller_uid(meta).is_some_and(|owner| owner != uid) {
                 leftovers.push(format!("persistentvolumeclaim/{claim} (an earlier job's)"));
             }
         }
@@ -136,15 +131,23 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
     })))
 }
 
+/// The UID of an object's controller owner, if it has one.
+fn controller_uid(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&str> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
 /// Whether `uid` is the controller owner of an object.
 fn controlled_by(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     uid: &str,
 ) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && o.uid == uid)
+    controller_uid(meta) == Some(uid)
 }
 
 async fn is_node_lost(client: &kube::Client, pod: &Pod) -> Result<bool> {
