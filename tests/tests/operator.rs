@@ -451,15 +451,12 @@ async fn the_operator_is_ready_only_once_its_caches_synced() {
                 .unwrap()
         }
     };
-    let serving = Instant::now();
-    while !get("/healthz").await {
-        assert!(
-            serving.elapsed() < Duration::from_secs(60),
-            "the operator does not serve /healthz:\n{}",
-            op.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_for(
+        Duration::from_secs(60),
+        "the operator to serve /healthz",
+        || async { get("/healthz").await.then_some(()) },
+    )
+    .await;
     for _ in 0..8 {
         assert!(
             !get("/readyz").await,
@@ -470,14 +467,12 @@ async fn the_operator_is_ready_only_once_its_caches_synced() {
     }
     install_crd(&cluster, &ws).await.unwrap();
     let installed = Instant::now();
-    while !get("/readyz").await {
-        assert!(
-            installed.elapsed() < Duration::from_secs(120),
-            "not ready 120 s after the CRD was installed:\n{}",
-            op.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::wait_for(
+        Duration::from_secs(120),
+        "/readyz after the CRD was installed",
+        || async { get("/readyz").await.then_some(()) },
+    )
+    .await;
     eprintln!(
         "ready {:.1}s after the CRD was installed",
         installed.elapsed().as_secs_f64()
@@ -527,14 +522,10 @@ async fn a_job_recreated_with_the_same_name_starts_afresh() {
     jobs.delete(name, &DeleteParams::background())
         .await
         .unwrap();
-    let gone = Instant::now();
-    while jobs.get_opt(name).await.unwrap().is_some() {
-        assert!(
-            gone.elapsed() < Duration::from_secs(60),
-            "the old job stays"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for(Duration::from_secs(60), "the old job to go", || async {
+        jobs.get_opt(name).await.unwrap().is_none().then_some(())
+    })
+    .await;
     apply().await;
     let new_uid = job(&e.cluster, name).await.metadata.uid.unwrap();
     assert_ne!(new_uid, old_uid);
