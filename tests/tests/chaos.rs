@@ -429,6 +429,8 @@ async fn the_operator_converges_after_a_crash_at_every_write() {
 
 /// How long the operator may take to write again after the API server is back.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+/// A recovery slower than this prints the operator's log since the API server was back.
+const SLOW_RECOVERY: Duration = Duration::from_secs(10);
 
 /// The tiny job with its epochs and step budget out of reach while the test runs, so it is still
 /// training (and writing status) through both outages however fast the machine is.
@@ -436,6 +438,12 @@ fn endless_job(name: &str) -> String {
     let mut doc: serde_yaml::Value =
         serde_yaml::from_str(&tiny_job_with(name, 1_000_000, 50, 200)).unwrap();
     doc["spec"]["hyperparameters"]["epochs"] = 1_000.into();
+    // Early stopping would end it too: at 2,000 tokens/s the sample's patience ran out at step
+    // 800 during a slow freeze recovery (the CI failure of 2026-12-01).
+    doc["spec"]["evaluation"]
+        .as_mapping_mut()
+        .unwrap()
+        .remove("earlyStopping");
     serde_yaml::to_string(&doc).unwrap()
 }
 
@@ -463,6 +471,7 @@ async fn first_write_after(
 ) -> f64 {
     let (series, limit) = (STATUS_WRITES_OK, RECOVERY_LIMIT);
     let t0 = Instant::now();
+    let log_before = op.log_text().len();
     loop {
         let addr = op.metrics.clone();
         let v = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
@@ -470,7 +479,16 @@ async fn first_write_after(
             .unwrap()
             .map_or(0.0, |b| metric(&b, series));
         if v > base {
-            return t0.elapsed().as_secs_f64();
+            let took = t0.elapsed();
+            if took >= SLOW_RECOVERY {
+                let log = op.log_text();
+                eprintln!(
+                    "SLOW RECOVERY ({:.1}s): the operator's log since the API server was back:\n{}",
+                    took.as_secs_f64(),
+                    tail(&log[log_before.min(log.len())..], 40)
+                );
+            }
+            return took.as_secs_f64();
         }
         // A dead API server is the control plane's failure, not the operator's: say so.
         if let Some(exit) = cluster.apiserver_exited() {
