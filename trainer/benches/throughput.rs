@@ -10,23 +10,21 @@
 //! through candle's plain matmul, whose backward also computes their unused gradients: the path
 //! the frozen-matmul op replaced; run it as its own process, peak RSS is per process).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use finetune_trainer::data::batch::Batch;
 use finetune_trainer::data::clean::{CleaningOptions, Format, read_dataset_file};
 use finetune_trainer::data::encode::Encoded;
 use finetune_trainer::data::jsonl::ColumnMapping;
 use finetune_trainer::data::{Encoder, PromptTemplate};
 use finetune_trainer::metrics::registry::peak_memory_bytes;
-use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec, tiny};
-use finetune_trainer::optim::{AdamW, AdamWParams, clip_grad_norm};
+use finetune_trainer::optim::{AdamW, AdamWParams};
 use finetune_trainer::rng::Rng;
-use finetune_trainer::train::loss::masked_cross_entropy;
+use finetune_trainer::train::step::{StepSettings, optimizer_step};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -92,19 +90,12 @@ fn train_bench() -> anyhow::Result<()> {
         if i == warmup {
             t0 = Instant::now();
         }
-        let mut ctx = FwdCtx::train(None);
-        ctx.reference_matmul = reference_matmul;
-        let logits = model.logits_at(&b.ids, Some(&b.attention), &b.rows, &mut ctx)?;
-        let loss = masked_cross_entropy(&logits, &b.targets)?;
-        last_loss = loss.to_scalar::<f32>()?;
-        let g = loss.backward()?;
-        let mut grads: HashMap<String, Tensor> = model
-            .trainable()
-            .iter()
-            .filter_map(|(n, v)| g.get(v.as_tensor()).map(|t| (n.clone(), t.clone())))
-            .collect();
-        clip_grad_norm(model.trainable(), &mut grads, 1.0)?;
-        opt.step(model.trainable(), &grads, 1e-3)?;
+        let settings = StepSettings {
+            reference_matmul,
+            ..StepSettings::clipped_at(1.0)
+        };
+        let batch = Ok(b.clone());
+        last_loss = optimizer_step(&model, &mut opt, [batch], 1e-3, &settings, None)?.loss;
     }
     let secs = t0.elapsed().as_secs_f64();
     let tokens = (steps * batch * seq) as f64;

@@ -11,10 +11,10 @@ use finetune_trainer::data::jsonl::ColumnMapping;
 use finetune_trainer::data::template::PromptTemplate;
 use finetune_trainer::eval::heldout::{HeldOutOptions, HeldOutSet, compare, evaluate_model};
 use finetune_trainer::metrics::{Metrics, Phase};
-use finetune_trainer::model::init_tiny::{InitOutcome, InitTiny};
 use finetune_trainer::model::load::{ModelRef, load_for_inference};
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LlamaConfig, TrainableSpec};
+use finetune_trainer::tiny_base::{InitOutcome, InitTiny};
 
 /// mimalloc reuses freed memory instead of returning every large intermediate tensor to the
 /// kernel (run with `MIMALLOC_PURGE_DELAY=-1` to keep it all; see BENCHMARKS.md).
@@ -483,7 +483,7 @@ fn init_tiny(
         seed,
         force,
     };
-    match finetune_trainer::model::init_tiny::init_tiny(&req)? {
+    match finetune_trainer::tiny_base::init_tiny(&req)? {
         InitOutcome::Cached => eprintln!("cached tiny model in {}", req.out.display()),
         InitOutcome::Written {
             parameters,

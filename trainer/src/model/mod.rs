@@ -3,12 +3,10 @@
 
 pub mod config;
 pub mod frozen;
-pub mod init_tiny;
 pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
-pub mod pretrain;
 pub mod rope;
 pub mod softmax;
 pub mod tiny;

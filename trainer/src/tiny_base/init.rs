@@ -9,9 +9,9 @@ use std::time::Instant;
 use candle_core::Device;
 
 use super::pretrain::{PretrainSettings, pretrain};
-use super::tiny;
 use crate::checkpoint::atomic::sha256_file;
 use crate::data::{Encoder, PromptTemplate};
+use crate::model::tiny;
 use crate::{Result, TrainerError};
 
 /// What to build.

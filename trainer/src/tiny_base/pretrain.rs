@@ -1,20 +1,18 @@
-//! A short language-model pretraining of the tiny preset on general text, so that the demo
-//! fine-tunes a base that knows something about English rather than random weights.
+//! A short language-model pretraining of the tiny preset on general text (all positions in the
+//! loss), through the training loop's optimizer step.
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::config::LlamaConfig;
-use super::linear::FwdCtx;
-use super::llama::{Llama, TrainableSpec};
-use super::weights::Weights;
 use crate::data::batch::Batch;
 use crate::data::encode::Encoder;
 use crate::eval::encode_lm_lines;
-use crate::optim::{AdamW, AdamWParams, Schedule, clip_grad_norm};
+use crate::model::weights::Weights;
+use crate::model::{Llama, LlamaConfig, TrainableSpec};
+use crate::optim::{AdamW, AdamWParams, Schedule};
 use crate::rng::Rng;
-use crate::train::loss::masked_cross_entropy;
+use crate::train::step::{StepSettings, optimizer_step};
 use crate::{Result, TrainerError};
 use finetune_api::LrScheduler;
 
@@ -98,19 +96,16 @@ pub fn pretrain(
             items.push(&data[order[pos]]);
             pos += 1;
         }
-        let batch = Batch::new(&items, 0, &device)?;
-        let mut ctx = FwdCtx::train(None);
-        let logits = model.logits_at(&batch.ids, Some(&batch.attention), &batch.rows, &mut ctx)?;
-        let loss = masked_cross_entropy(&logits, &batch.targets)?;
-        losses.push(loss.to_scalar::<f32>()?);
-        let g = loss.backward()?;
-        let mut grads: HashMap<String, Tensor> = model
-            .trainable()
-            .iter()
-            .filter_map(|(n, v)| g.get(v.as_tensor()).map(|t| (n.clone(), t.clone())))
-            .collect();
-        clip_grad_norm(model.trainable(), &mut grads, 1.0)?;
-        opt.step(model.trainable(), &grads, sched.lr(step))?;
+        let batch = Batch::new(&items, 0, &device);
+        let outcome = optimizer_step(
+            &model,
+            &mut opt,
+            [batch],
+            sched.lr(step),
+            &StepSettings::clipped_at(1.0),
+            None,
+        )?;
+        losses.push(outcome.loss);
         bar.set(step as u64 + 1, &format!("loss {:.4}", losses[step]));
         if !bar.enabled() && step % 25 == 0 {
             tracing::info!(step, loss = losses[step], "pretrain");

@@ -1,4 +1,5 @@
-//! Training: parameters, data preparation, masked loss and the training loop.
+//! Training: parameters, data preparation, masked loss, the optimizer step and the training
+//! loop.
 
 pub mod batching;
 pub mod data_prep;
@@ -6,6 +7,7 @@ pub mod export;
 pub mod fused_ce;
 pub mod loss;
 pub mod params;
+pub mod step;
 pub mod trainer;
 
 pub use params::{EvalParams, TrainParams};

@@ -11,18 +11,17 @@ use finetune_api::console::ProgressBar;
 
 use super::batching::micro_batches;
 use super::data_prep::{PreparedData, prepare};
-use super::loss::masked_cross_entropy;
 use super::params::TrainParams;
+use super::step::{StepSettings, optimizer_step};
 use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::data::batch::Batch;
 use crate::data::encode::Encoder;
 use crate::eval::classify::ClassificationSet;
 use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdict};
 use crate::metrics::{Metrics, Phase};
-use crate::model::linear::FwdCtx;
 use crate::model::weights::Weights;
-use crate::model::{Gradients, Llama, LlamaConfig};
-use crate::optim::{AdamW, AdamWParams, Schedule, clip_grad_norm};
+use crate::model::{Llama, LlamaConfig};
+use crate::optim::{AdamW, AdamWParams, Schedule};
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
 
@@ -439,51 +438,33 @@ impl Trainer {
 
     /// Runs one optimizer step over `group` micro-batches; returns the step record.
     fn optimizer_step(&mut self, group: &[Vec<usize>]) -> Result<StepRecord> {
-        let mut acc = Gradients::new();
-        let mut loss_sum = 0f32;
-        let mut tokens = 0;
-        for idx in group {
-            let items: Vec<_> = idx.iter().map(|&i| &self.data.train[i]).collect();
-            let batch = Batch::new(&items, 0, &self.device)?;
-            tokens += batch.n_tokens;
-            if batch.n_targets == 0 {
-                continue;
-            }
-            let dropout_rng = Some(self.state.rng);
-            let mut ctx = FwdCtx::train(dropout_rng);
-            let step = self.model.loss_and_grads(
-                &batch.ids,
-                Some(&batch.attention),
-                &batch.rows,
-                &mut ctx,
-                self.params.gradient_checkpointing,
-                |logits| masked_cross_entropy(logits, &batch.targets),
-            )?;
-            if let Some(r) = ctx.dropout_rng {
-                self.state.rng = r;
-            }
-            loss_sum += step.loss;
-            acc.merge(step.grads)?;
-        }
-        let mut acc = acc.into_map();
-        let n = group.len().max(1) as f64;
-        if n > 1.0 {
-            for g in acc.values_mut() {
-                *g = (&*g / n)?;
-            }
-        }
-        let grad_norm =
-            clip_grad_norm(self.model.trainable(), &mut acc, self.params.max_grad_norm)?;
+        let (data, device) = (&self.data, &self.device);
+        let batches = group.iter().map(|idx| {
+            let items: Vec<_> = idx.iter().map(|&i| &data.train[i]).collect();
+            Batch::new(&items, 0, device)
+        });
+        let settings = StepSettings {
+            max_grad_norm: self.params.max_grad_norm,
+            gradient_checkpointing: self.params.gradient_checkpointing,
+            reference_matmul: false,
+        };
         let lr = self.schedule.lr(self.state.step);
-        self.opt.step(self.model.trainable(), &acc, lr)?;
+        let outcome = optimizer_step(
+            &self.model,
+            &mut self.opt,
+            batches,
+            lr,
+            &settings,
+            Some(&mut self.state.rng),
+        )?;
         self.state.step += 1;
         Ok(StepRecord {
             step: self.state.step,
             epoch: self.state.epoch,
-            loss: loss_sum / n as f32,
+            loss: outcome.loss,
             lr,
-            grad_norm,
-            tokens,
+            grad_norm: outcome.grad_norm,
+            tokens: outcome.tokens,
         })
     }
 
