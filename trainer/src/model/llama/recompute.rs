@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use super::block::Block;
 use super::{Llama, rms_norm};
 use crate::Result;
 use crate::model::linear::FwdCtx;
@@ -117,7 +118,7 @@ impl Llama {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         for blk in &self.blocks {
             let start = plain.dropout_rng;
-            let y = self.layer(blk, &x, (&cos, &sin), &bias, None, &mut plain)?;
+            let y = blk.forward(&x, (&cos, &sin), &bias, None, &mut plain)?;
             inputs.push((x, start));
             x = y;
         }
@@ -142,7 +143,7 @@ impl Llama {
         let lowest = if embed_trained {
             0
         } else {
-            let first = self.blocks.iter().position(block_is_trained);
+            let first = self.blocks.iter().position(Block::is_trained);
             first.unwrap_or(self.blocks.len())
         };
         for i in (lowest..self.blocks.len()).rev() {
@@ -160,14 +161,7 @@ impl Llama {
                 dropout_rng: start,
                 ..ctx.without_graph()
             };
-            let y = self.layer(
-                &self.blocks[i],
-                &input,
-                (&cos, &sin),
-                &bias,
-                None,
-                &mut again,
-            )?;
+            let y = self.blocks[i].forward(&input, (&cos, &sin), &bias, None, &mut again)?;
             let store = (y * g)?.sum_all()?.backward()?;
             grads.add_store(&self.trainable, &store)?;
             if needs_input_grad {
@@ -183,16 +177,4 @@ impl Llama {
         let loss = value.to_scalar::<f32>()?;
         Ok(LossAndGrads { loss, grads })
     }
-}
-
-/// Whether any tensor of the layer is trained (a LoRA adapter, a weight or a norm).
-fn block_is_trained(blk: &super::Block) -> bool {
-    let linears = [
-        &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
-    ];
-    blk.input_norm.is_variable()
-        || blk.post_norm.is_variable()
-        || linears
-            .iter()
-            .any(|l| l.lora.is_some() || l.weight.is_variable())
 }

@@ -1,0 +1,112 @@
+//! Grouped-query self-attention with rotary embeddings (HF `rotate_half` form) and an optional
+//! key/value cache; the softmax is the own differentiable one.
+
+use candle_core::{D, Tensor};
+
+use super::params::ParamLoader;
+use crate::Result;
+use crate::model::config::LlamaConfig;
+use crate::model::linear::{FwdCtx, Linear};
+use crate::model::softmax::biased_softmax;
+
+/// The attention projections of one decoder layer (`self_attn.{q,k,v,o}_proj`).
+#[derive(Debug, Clone)]
+pub(super) struct Attention {
+    pub(super) q: Linear,
+    pub(super) k: Linear,
+    pub(super) v: Linear,
+    pub(super) o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// The RoPE `(cos, sin)` tables of the positions of a forward, (n, head_dim) each.
+pub(super) type RopeTables<'a> = (&'a Tensor, &'a Tensor);
+
+/// The keys and values one layer holds for earlier positions, (1, kv_heads, len, head_dim).
+pub(super) type LayerCache = Option<(Tensor, Tensor)>;
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+}
+
+impl Attention {
+    /// Loads layer `layer`'s projections (weights trained when `full`, LoRA adapters as the
+    /// loader's spec says).
+    pub(super) fn load(
+        p: &mut ParamLoader<'_>,
+        cfg: &LlamaConfig,
+        layer: usize,
+        full: bool,
+    ) -> Result<Self> {
+        let (h, qw) = (cfg.hidden_size, cfg.attention_width());
+        let kv = cfg.kv_heads() * cfg.head_dim();
+        Ok(Self {
+            q: p.linear(layer, "q_proj", qw, h, full)?,
+            k: p.linear(layer, "k_proj", kv, h, full)?,
+            v: p.linear(layer, "v_proj", kv, h, full)?,
+            o: p.linear(layer, "o_proj", h, qw, full)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// Attention output (b, n, hidden) of the normed input `xn` (b, n, hidden). `bias` is the
+    /// additive bias (b or 1, 1, n, keys). With `cache`, the layer's keys and values of earlier
+    /// positions come first and this call's are appended. Grouped-query heads share their K/V
+    /// through a batched matmul (no copy per query head).
+    pub(super) fn forward(
+        &self,
+        xn: &Tensor,
+        (cos, sin): RopeTables<'_>,
+        bias: &Tensor,
+        cache: Option<&mut LayerCache>,
+        ctx: &mut FwdCtx,
+    ) -> Result<Tensor> {
+        let (b, n, _) = xn.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let q = self.q.forward(xn, ctx)?;
+        let k = self.k.forward(xn, ctx)?;
+        let v = self.v.forward(xn, ctx)?;
+        let q = q.reshape((b, n, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        let keys = k.dim(2)?;
+        // Query heads kv·rep … kv·rep + rep − 1 share key/value head kv: fold them into rows.
+        let qg = q.reshape((b, nkv, rep * n, hd))?;
+        // Scores in the model's dtype (the GEMM accumulates in f32); the softmax widens each row
+        // internally and keeps only its bf16 output, so no f32 heads × s × s copy stays alive.
+        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, n, keys))?;
+        let att = biased_softmax(&scores, bias, 1.0 / (hd as f64).sqrt())?;
+        let y = att
+            .reshape((b, nkv, rep * n, keys))?
+            .matmul(&v)?
+            .reshape((b, nh, n, hd))?
+            .transpose(1, 2)?
+            .reshape((b, n, nh * hd))?;
+        self.o.forward(&y, ctx)
+    }
+}

@@ -1,0 +1,98 @@
+//! Building the model's tensors from loaded weights: frozen tensors stay plain, trained ones
+//! become `Var`s registered under their checkpoint names, and LoRA adapters are created where
+//! the spec asks for them.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::TrainableSpec;
+use crate::Result;
+use crate::model::linear::{Linear, LoraAdapter};
+use crate::model::lora::{module_path, peft_name};
+use crate::model::weights::Weights;
+use crate::rng::Rng;
+
+/// Takes tensors out of the weights and registers the trainable ones, in order.
+pub(super) struct ParamLoader<'a> {
+    weights: &'a mut Weights,
+    spec: &'a TrainableSpec,
+    device: &'a Device,
+    /// LoRA A initialisation stream (one for the whole model, drawn in layer and module order).
+    lora_rng: Rng,
+    /// The trainable tensors so far, with their names.
+    pub(super) trainable: Vec<(String, Var)>,
+}
+
+impl<'a> ParamLoader<'a> {
+    /// A loader over `weights`; LoRA matrices are initialised from `seed`.
+    pub(super) fn new(
+        weights: &'a mut Weights,
+        spec: &'a TrainableSpec,
+        seed: u64,
+        device: &'a Device,
+    ) -> Self {
+        Self {
+            weights,
+            spec,
+            device,
+            lora_rng: Rng::derive(seed, 0x10A),
+            trainable: Vec::new(),
+        }
+    }
+
+    /// Whether the weights hold `name`.
+    pub(super) fn contains(&self, name: &str) -> bool {
+        self.weights.contains(name)
+    }
+
+    /// The tensor `name` of shape `shape`; a registered `Var` when `train`.
+    pub(super) fn param(&mut self, name: &str, shape: &[usize], train: bool) -> Result<Tensor> {
+        let t = self.weights.take(name, shape)?;
+        if !train {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let tensor = var.as_tensor().clone();
+        self.trainable.push((name.to_string(), var));
+        Ok(tensor)
+    }
+
+    /// The projection `module` (out × inp) of layer `layer`: its weight trained when `full`,
+    /// with a LoRA adapter when the spec is LoRA and selects this layer and module (A
+    /// Kaiming-uniform with a = √5, as torch.nn.Linear and PEFT use; B zero).
+    pub(super) fn linear(
+        &mut self,
+        layer: usize,
+        module: &str,
+        out: usize,
+        inp: usize,
+        full: bool,
+    ) -> Result<Linear> {
+        let name = format!("{}.weight", module_path(layer, module));
+        let weight = self.param(&name, &[out, inp], full)?;
+        let mut linear = Linear::new(weight);
+        let TrainableSpec::Lora(ls) = self.spec else {
+            return Ok(linear);
+        };
+        let layer_selected = ls.layers.as_ref().is_none_or(|v| v.contains(&layer));
+        if !layer_selected || !ls.target_modules.iter().any(|m| m == module) {
+            return Ok(linear);
+        }
+        let bound = (6.0f64 / inp as f64).sqrt() as f32 / 5f32.sqrt();
+        let a: Vec<f32> = (0..ls.rank * inp)
+            .map(|_| (self.lora_rng.next_f32() * 2.0 - 1.0) * bound)
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (ls.rank, inp), self.device)?)?;
+        let b = Var::zeros((out, ls.rank), DType::F32, self.device)?;
+        self.trainable
+            .push((peft_name(layer, module, 'A'), a.clone()));
+        self.trainable
+            .push((peft_name(layer, module, 'B'), b.clone()));
+        linear.lora = Some(LoraAdapter {
+            a,
+            b,
+            scale: ls.scale(),
+            dropout: ls.dropout,
+        });
+        Ok(linear)
+    }
+}
