@@ -43,6 +43,9 @@ pub enum TrainerError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The metrics registry could not be built.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The configuration is inconsistent.
     #[error("configuration: {0}")]
     Config(String),

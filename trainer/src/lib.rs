@@ -11,9 +11,11 @@
 //! - [`checkpoint`]: atomic checkpoints with a checksummed manifest and exact resume;
 //! - [`eval`]: validation loss, label-likelihood classification metrics, overfitting detection;
 //! - [`metrics`]: Prometheus metrics and the `/progress` endpoint;
-//! - [`config`]: the trainer's resolved parameters, mapped from `finetune_api::TrainerConfig`.
+//! - [`config`]: the trainer's resolved parameters, mapped from `finetune_api::TrainerConfig`;
+//! - [`cli`]: the `finetune-trainer` commands and their flags (the binary only calls them).
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
