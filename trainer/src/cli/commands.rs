@@ -14,7 +14,7 @@ use crate::model::load::{ModelRef, load_for_inference};
 use crate::model::weights::Weights;
 use crate::model::{Llama, LlamaConfig, TrainableSpec};
 use crate::tiny_base::{InitOutcome, InitTiny};
-use crate::train::trainer::select_device;
+use crate::train::device::select_device;
 use crate::{Result, TrainerError};
 
 /// The exit code of a `train` that was interrupted (SIGTERM) and checkpointed: non-zero, so the

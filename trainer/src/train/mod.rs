@@ -3,6 +3,7 @@
 
 pub mod batching;
 pub mod data_prep;
+pub mod device;
 pub mod export;
 pub mod fused_ce;
 pub mod loss;

@@ -25,6 +25,11 @@ use crate::optim::{AdamW, AdamWParams, Schedule};
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
 
+mod checkpointing;
+mod evaluation;
+
+use super::device::select_device;
+
 /// One optimizer step's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -119,30 +124,6 @@ pub struct RunOutcome {
     pub seconds: f64,
     /// Training tokens processed in this call.
     pub tokens: usize,
-}
-
-/// The device to use: the CPU, or the first GPU the process sees (`CUDA_VISIBLE_DEVICES`, which
-/// the device plugin sets to the GPUs granted by `resources.gpus`, decides which one that is). A
-/// GPU job never falls back to the CPU: a binary built without CUDA, or a node whose GPU cannot be
-/// opened, is an error that says so.
-pub fn select_device(use_gpu: bool) -> Result<Device> {
-    if !use_gpu {
-        return Ok(Device::Cpu);
-    }
-    if !candle_core::utils::cuda_is_available() {
-        return Err(TrainerError::Config(
-            "useGpu is set (the job asks for GPUs) but this finetune-trainer was built without \
-             CUDA: use the -cuda trainer image (make cuda-build), or set resources.gpus: 0 to \
-             train on the CPU"
-                .into(),
-        ));
-    }
-    Device::new_cuda(0).map_err(|e| {
-        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
-        TrainerError::Config(format!(
-            "cannot open the GPU (CUDA_VISIBLE_DEVICES={visible}): {e}"
-        ))
-    })
 }
 
 impl Trainer {
@@ -275,37 +256,6 @@ impl Trainer {
         Ok(t)
     }
 
-    fn resume(&mut self) -> Result<()> {
-        let (ckpt, skipped) = self.store.latest_valid(&self.device)?;
-        let Some(c) = ckpt else {
-            if !skipped.is_empty() {
-                tracing::warn!(
-                    skipped = skipped.len(),
-                    "no valid checkpoint; starting fresh"
-                );
-            }
-            return Ok(());
-        };
-        self.model.load_trainable(&c.weights)?;
-        self.opt.load_state(c.state.optimizer_step, &c.optimizer)?;
-        let extra: ExtraState = serde_json::from_value(c.state.extra.clone()).unwrap_or_default();
-        self.monitor = OverfitMonitor {
-            history: extra.monitor.history,
-            best: extra.monitor.best,
-            since_best: extra.monitor.since_best,
-            ever_overfit: extra.monitor.ever_overfit,
-            ..self.monitor.clone()
-        };
-        self.evals = extra.evals;
-        self.history = extra.history;
-        tracing::info!(checkpoint = %c.dir.display(), step = c.state.step, "resumed");
-        self.resumed_from = Some((c.dir.display().to_string(), skipped));
-        let from = c.state.step as u64;
-        self.progress(|p| p.resumed_from_step = from);
-        self.state = c.state;
-        Ok(())
-    }
-
     /// A flag that, when set (e.g. by SIGTERM), makes the loop checkpoint and return.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop_flag.clone()
@@ -320,120 +270,6 @@ impl Trainer {
         if let Some(m) = &self.metrics {
             m.update_progress(f);
         }
-    }
-
-    /// Writes a checkpoint of the current state.
-    pub fn checkpoint(&mut self) -> Result<String> {
-        let t0 = Instant::now();
-        self.progress(|p| p.phase = Phase::Checkpointing);
-        let extra = ExtraState {
-            monitor: self.monitor.clone(),
-            evals: self.evals.clone(),
-            history: self.history.clone(),
-        };
-        self.state.optimizer_step = self.opt.step;
-        self.state.best = self.monitor.best;
-        self.state.extra = serde_json::to_value(&extra)?;
-        let dir = self.store.save(
-            &self.state,
-            &self.model.trainable_tensors(),
-            &self.opt.state_tensors(),
-        )?;
-        let dir = dir.display().to_string();
-        let seconds = t0.elapsed().as_secs_f64();
-        tracing::info!(checkpoint = %dir, step = self.state.step, seconds, "checkpoint saved");
-        if let Some(m) = &self.metrics {
-            m.checkpoint_duration.observe(seconds);
-            m.checkpoints_total.inc();
-        }
-        let best = self.monitor.best.map(|(_, s)| format!("checkpoint-{s:08}"));
-        let d2 = format!("checkpoint-{:08}", self.state.step);
-        let step = self.state.step as u64;
-        let best_loss = self.monitor.best;
-        self.progress(|p| {
-            p.phase = Phase::Training;
-            p.latest_checkpoint = Some(d2);
-            p.latest_checkpoint_step = Some(step);
-            p.best_checkpoint = best;
-            p.best_validation_loss = best_loss.map(|b| b.0);
-            p.best_step = best_loss.map(|b| b.1 as u64);
-        });
-        self.latest_checkpoint = Some(dir.clone());
-        Ok(dir)
-    }
-
-    /// Evaluates on the validation split (forward only) and updates the monitor.
-    pub fn evaluate(&mut self) -> Result<EvalRecord> {
-        self.progress(|p| p.phase = Phase::Evaluating);
-        let scored = &self.data.val[..self.data.val.len().min(self.params.eval.max_rows)];
-        let val_loss = crate::eval::mean_nll(&self.model, scored, 32, &self.device)?;
-        let classification = match &self.classification {
-            Some(c) => Some(c.evaluate(&self.model, 32, &self.device)?),
-            None => None,
-        };
-        let since = self.monitor.history.last().map_or(0, |p| p.step);
-        let recent: Vec<f32> = self
-            .history
-            .iter()
-            .filter(|r| r.step > since)
-            .map(|r| r.loss)
-            .collect();
-        let train_loss = if recent.is_empty() {
-            f64::NAN
-        } else {
-            recent.iter().map(|x| *x as f64).sum::<f64>() / recent.len() as f64
-        };
-        let point = EvalPoint {
-            step: self.state.step,
-            epoch: self.state.step as f64 / self.steps_per_epoch.max(1) as f64,
-            train_loss,
-            val_loss,
-            accuracy: classification.as_ref().map(|c| c.accuracy),
-            retention_perplexity: None,
-        };
-        let verdict = self.monitor.observe(point.clone());
-        tracing::info!(
-            step = point.step,
-            train_loss = point.train_loss,
-            val_loss,
-            accuracy = ?point.accuracy,
-            overfitting = verdict.overfitting,
-            "evaluation"
-        );
-        if let Some(m) = &self.metrics {
-            m.train_loss.set(train_loss);
-            m.validation_loss.set(val_loss);
-            m.generalization_gap.set(verdict.gap);
-            if let Some((b, _)) = self.monitor.best {
-                m.best_validation_loss.set(b);
-            }
-            if let Some(a) = point.accuracy {
-                m.validation_accuracy.set(a);
-            }
-            m.overfitting
-                .set(if verdict.overfitting { 1.0 } else { 0.0 });
-        }
-        let (acc, gap, ov) = (point.accuracy, verdict.gap, verdict.overfitting);
-        let reason = verdict.reason.clone();
-        let best = self.monitor.best;
-        self.progress(|p| {
-            p.phase = Phase::Training;
-            p.validation_loss = Some(val_loss);
-            p.train_loss = Some(train_loss);
-            p.generalization_gap = Some(gap);
-            p.validation_accuracy = acc;
-            p.overfitting = ov;
-            p.overfitting_reason = reason;
-            p.best_validation_loss = best.map(|b| b.0);
-            p.best_step = best.map(|b| b.1 as u64);
-        });
-        let rec = EvalRecord {
-            point,
-            verdict,
-            classification,
-        };
-        self.evals.push(rec.clone());
-        Ok(rec)
     }
 
     /// Runs one optimizer step over `group` micro-batches; returns the step record.
@@ -614,46 +450,5 @@ impl Trainer {
             seconds: t0.elapsed().as_secs_f64(),
             tokens: tokens_run,
         })
-    }
-
-    fn checkpointed_now(&self) -> bool {
-        let want = self
-            .store
-            .root()
-            .join(format!("checkpoint-{:08}", self.state.step));
-        self.latest_checkpoint.as_deref() == Some(want.display().to_string().as_str())
-    }
-
-    /// Loads the best checkpoint's trainable weights into the model (after early stopping).
-    pub fn restore_best(&mut self) -> Result<Option<usize>> {
-        let Some((_, step)) = self.monitor.best else {
-            return Ok(None);
-        };
-        let dir = self.store.root().join(format!("checkpoint-{step:08}"));
-        if !dir.exists() {
-            return Ok(None);
-        }
-        let c = CheckpointStore::load(&dir, &self.device)?;
-        self.model.load_trainable(&c.weights)?;
-        Ok(Some(step))
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cpu_job_gets_the_cpu() {
-        assert!(matches!(select_device(false).unwrap(), Device::Cpu));
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    #[test]
-    fn a_gpu_job_on_a_binary_without_cuda_fails_instead_of_training_on_the_cpu() {
-        let err = select_device(true).unwrap_err().to_string();
-        assert!(err.contains("built without CUDA"), "{err}");
-        assert!(err.contains("resources.gpus: 0"), "{err}");
     }
 }
