@@ -28,6 +28,9 @@ pub struct JobMemory {
     /// the newer version (its arrival triggers the next reconcile) instead of writing from stale
     /// state and hitting a 409 conflict.
     pub superseded_version: Option<String>,
+    /// Reconciles of this job that failed in a row (0 after one succeeds): the exponent of
+    /// the retry backoff.
+    pub failed_reconciles: u32,
 }
 
 impl JobMemory {
@@ -38,6 +41,7 @@ impl JobMemory {
             since: Instant::now(),
             unschedulable_since: None,
             superseded_version: None,
+            failed_reconciles: 0,
         }
     }
 }
@@ -117,6 +121,26 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(map.entry(uid.to_string()).or_default())
+    }
+
+    /// Counts a failed reconcile of job `uid`; the failures in a row, this one included.
+    pub fn count_failure(&self, uid: &str) -> u32 {
+        self.remember(uid, |m| {
+            m.failed_reconciles = m.failed_reconciles.saturating_add(1);
+            m.failed_reconciles
+        })
+    }
+
+    /// A reconcile of job `uid` succeeded: the next failure backs off from the start again.
+    /// (A job that is not remembered stays so.)
+    pub fn clear_failures(&self, uid: &str) {
+        let mut map = self
+            .memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = map.get_mut(uid) {
+            m.failed_reconciles = 0;
+        }
     }
 
     /// Forgets the job `uid` (it finished for good).

@@ -60,6 +60,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// What the API server said, when it refused a request (its `Status` message, which names
+    /// the object and the rule, e.g. `pods "x" is forbidden: exceeded quota: ...`); otherwise
+    /// the error itself.
+    pub fn api_message(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(status)) if !status.message.is_empty() => {
+                status.message.clone()
+            }
+            Error::Write { source, .. } => source.api_message(),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether retrying the same request can succeed without anything else changing: API
     /// conflicts, throttling, timeouts, server and transport errors are transient; a request
     /// the API server refuses as invalid or forbidden, or an object the operator cannot
@@ -103,6 +116,21 @@ mod tests {
             assert!(!api(code).is_transient(), "{code}");
         }
         assert!(!Error::Render("bad name".into()).is_transient());
+        let quota = Error::Write {
+            write: "apply children (pod x)".into(),
+            source: Box::new(Error::Kube(kube::Error::Api(Box::new(
+                kube::core::Status {
+                    code: 403,
+                    message: "pods \"x\" is forbidden: exceeded quota: none".into(),
+                    ..Default::default()
+                },
+            )))),
+        };
+        assert_eq!(
+            quota.api_message(),
+            "pods \"x\" is forbidden: exceeded quota: none"
+        );
+        assert_eq!(Error::Cache.api_message(), Error::Cache.to_string());
         let wrapped = Error::Write {
             write: "apply children (pod x)".into(),
             source: Box::new(api(422)),

@@ -58,6 +58,9 @@ pub enum Reason {
     Disrupted,
     /// More disruptions than the operator's `--max-disruptions`.
     DisruptionLimitExceeded,
+    /// The API server refused a write of the job's children (the message says which and why);
+    /// the operator retries with exponential backoff.
+    ApplyFailed,
     /// A reason reported by the kubelet or the trainer, as written (e.g. `OOMKilled`, `Error`,
     /// `ImagePullBackOff`, `CreateContainerConfigError`).
     Reported(String),
@@ -94,6 +97,7 @@ impl Reason {
         Reason::NodeLost,
         Reason::Disrupted,
         Reason::DisruptionLimitExceeded,
+        Reason::ApplyFailed,
     ];
 
     /// The reason as written into conditions and events (UpperCamelCase).
@@ -123,6 +127,7 @@ impl Reason {
             Self::NodeLost => "NodeLost",
             Self::Disrupted => "Disrupted",
             Self::DisruptionLimitExceeded => "DisruptionLimitExceeded",
+            Self::ApplyFailed => "ApplyFailed",
             Self::Reported(r) => r,
         }
     }
@@ -148,7 +153,8 @@ impl Reason {
             | Self::InvalidSpec
             | Self::DeadlineExceeded
             | Self::BackoffLimitExceeded
-            | Self::DisruptionLimitExceeded => true,
+            | Self::DisruptionLimitExceeded
+            | Self::ApplyFailed => true,
             Self::Reported(r) => {
                 FAILURE_REPORTS.contains(&r.as_str()) || BLOCKING_WAIT_REASONS.contains(&r.as_str())
             }

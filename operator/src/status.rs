@@ -234,7 +234,30 @@ pub fn merge_diff(old: &serde_json::Value, new: &serde_json::Value) -> Option<se
     }
 }
 
+/// The status after the API server refused a write of the job's children: `Ready=False` with
+/// reason `ApplyFailed` and `message` (the write and the server's words), everything else as it
+/// was (the phase is still what the pods say; the next successful reconcile sets `Ready` again).
+pub fn with_failed_write(
+    old: &FineTuneJobStatus,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) -> FineTuneJobStatus {
+    let mut status = old.clone();
+    set_condition(
+        &mut status.conditions,
+        condition::READY,
+        false,
+        crate::reason::Reason::ApplyFailed.as_str(),
+        message,
+        generation,
+        now,
+    );
+    status
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
@@ -330,5 +353,32 @@ mod tests {
         let fewer = serde_json::json!({"conditions": [{"type": "Ready"}]});
         let more = serde_json::json!({"conditions": [{"type": "Ready"}, {"type": "Stalled"}]});
         assert_eq!(merge_diff(&more, &fewer), Some(fewer.clone()));
+    }
+
+    #[test]
+    fn a_refused_write_shows_in_ready_and_leaves_the_rest() {
+        let t = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut old = FineTuneJobStatus::default();
+        set_phase(
+            &mut old,
+            JobPhase::Pending,
+            "PodPending",
+            "waiting",
+            Some(1),
+            &t,
+        );
+        let message = "apply children (pod x): pods \"x\" is forbidden: exceeded quota";
+        let new = with_failed_write(&old, message, Some(2), &t);
+        let ready = find_condition(&new.conditions, condition::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ApplyFailed")
+        );
+        assert_eq!(ready.message, message);
+        assert_eq!(new.phase, Some(JobPhase::Pending));
+        assert_eq!(new.observed_generation, old.observed_generation);
+        let progressing =
+            |s: &FineTuneJobStatus| find_condition(&s.conditions, condition::PROGRESSING).cloned();
+        assert_eq!(progressing(&new), progressing(&old));
     }
 }

@@ -119,7 +119,7 @@ fn check(case: &Value) {
         step: memory_case.get("step").and_then(Value::as_u64).unwrap_or(0),
         since: ago(mono, memory_case.get("stepSecondsAgo")).unwrap_or(mono),
         unschedulable_since: ago(mono, memory_case.get("unschedulableSecondsAgo")),
-        superseded_version: None,
+        ..JobMemory::new()
     };
     let observed = Observed {
         accepted,

@@ -32,9 +32,10 @@ pub async fn execute(
         ctx.forget(&uid);
     } else {
         ctx.remember(&uid, |m| {
-            let superseded = m.superseded_version.take();
+            let (superseded, failures) = (m.superseded_version.take(), m.failed_reconciles);
             *m = plan.memory.clone();
             m.superseded_version = superseded;
+            m.failed_reconciles = failures;
         });
     }
     if let Some(waited) = plan.unschedulable_for {
@@ -48,21 +49,50 @@ pub async fn execute(
     let old = job.status.clone().unwrap_or_default();
     for write in plan.writes {
         let what = write.describe();
+        let children_write = !matches!(write, Write::Status);
         let done = match write {
             Write::ApplyChildren(children) => apply_children(ctx, &ns, *children, spec).await,
             Write::DeletePods { names, grace } => delete_pods(ctx, &ns, &names, grace).await,
             Write::Status => write_status(job, ctx, &ns, &name, &old, &plan.status).await,
             Write::DeleteFinishedChildren => delete_finished_children(ctx, &ns, &name).await,
         };
-        done.map_err(|e| Error::Write {
-            write: what,
-            source: Box::new(e),
-        })?;
+        if let Err(e) = done {
+            let failed = Error::Write {
+                write: what,
+                source: Box::new(e),
+            };
+            if children_write {
+                report_failed_write(job, ctx, &ns, &name, &old, &failed).await;
+            }
+            return Err(failed);
+        }
     }
     if let Some(class) = plan.restart {
         ctx.metrics.pod_restarts.with_label_values(&[class]).inc();
     }
     Ok(())
+}
+
+/// Shows a refused write of the job's children in its status (`Ready=False`, reason
+/// `ApplyFailed`, the write and the API server's message), the rest of the status as it was.
+/// Best effort: the reconcile fails with the write's error either way.
+async fn report_failed_write(
+    job: &FineTuneJob,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    old: &FineTuneJobStatus,
+    failed: &Error,
+) {
+    let Error::Write { write, .. } = failed else {
+        return;
+    };
+    let message = format!("{write}: {}", failed.api_message());
+    let now = super::plan::Clock::now().wall;
+    let status = crate::status::with_failed_write(old, &message, job.metadata.generation, &now);
+    if let Err(e) = write_status(job, ctx, ns, name, old, &status).await {
+        warn!(error = %e, "could not report the failed write in the status");
+    }
 }
 
 async fn delete_pods(ctx: &Context, ns: &str, pods: &[String], grace: Option<u32>) -> Result<()> {

@@ -105,30 +105,53 @@ where
     }
 }
 
-/// A failed reconcile whose error can pass is retried after [`TRANSIENT_RETRY`]; one that
-/// cannot pass by itself (the API server refused the request as invalid or forbidden, the
-/// object cannot be rendered) after [`PERMANENT_RETRY`]: a change to the job or its children
-/// reconciles it sooner anyway, so it is not hammered every few seconds.
-pub fn error_policy(_job: Arc<FineTuneJob>, error: &Error, _ctx: Arc<Context>) -> Action {
-    if error.is_transient() {
-        warn!(%error, retry_in = ?TRANSIENT_RETRY, "reconcile failed; retrying");
-        Action::requeue(TRANSIENT_RETRY)
+/// A failed reconcile is retried with exponential backoff per job ([`retry_delay`]): from
+/// [`TRANSIENT_RETRY`] when the error can pass by itself, from [`PERMANENT_RETRY`] when it
+/// cannot (the API server refused the request as invalid or forbidden, the object cannot be
+/// rendered). A change to the job or its children reconciles it sooner anyway.
+pub fn error_policy(job: Arc<FineTuneJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.count_failure(&job.uid().unwrap_or_default());
+    let transient = error.is_transient();
+    let retry_in = retry_delay(transient, failures);
+    if transient {
+        warn!(%error, failures, ?retry_in, "reconcile failed; retrying");
     } else {
-        warn!(%error, retry_in = ?PERMANENT_RETRY, "reconcile failed; retrying will not help until the job or the cluster changes");
-        Action::requeue(PERMANENT_RETRY)
+        warn!(%error, failures, ?retry_in, "reconcile failed; retrying will not help until the job or the cluster changes");
     }
+    Action::requeue(retry_in)
 }
 
-/// Retry delay after an error that can pass (conflict, throttling, server or transport error).
-pub const TRANSIENT_RETRY: Duration = Duration::from_secs(5);
-/// Retry delay after an error that stays until something changes.
-pub const PERMANENT_RETRY: Duration = Duration::from_secs(300);
+/// The first retry after an error that can pass (conflict, throttling, server or transport
+/// error); it doubles with each failure in a row up to [`MAX_TRANSIENT_RETRY`].
+pub const TRANSIENT_RETRY: Duration = Duration::from_secs(2);
+/// The longest wait between retries of an error that can pass.
+pub const MAX_TRANSIENT_RETRY: Duration = Duration::from_secs(60);
+/// The first retry after an error that stays until something changes; it doubles up to
+/// [`MAX_PERMANENT_RETRY`].
+pub const PERMANENT_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between retries of an error that stays.
+pub const MAX_PERMANENT_RETRY: Duration = Duration::from_secs(300);
+
+/// The wait before retrying after the `failures`-th failed reconcile in a row (1 for the
+/// first).
+pub fn retry_delay(transient: bool, failures: u32) -> Duration {
+    let (first, max) = if transient {
+        (TRANSIENT_RETRY, MAX_TRANSIENT_RETRY)
+    } else {
+        (PERMANENT_RETRY, MAX_PERMANENT_RETRY)
+    };
+    let doublings = failures.saturating_sub(1).min(16);
+    first.saturating_mul(1 << doublings).min(max)
+}
 
 /// Reconciles one FineTuneJob.
 #[instrument(skip_all, fields(namespace = job.namespace().unwrap_or_default(), job = job.name_any()))]
 pub async fn reconcile(job: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_job(&job, &ctx).await;
+    if result.is_ok() {
+        ctx.clear_failures(&job.uid().unwrap_or_default());
+    }
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -250,6 +273,17 @@ fn refresh_job_gauges(metrics: &crate::metrics::Metrics, jobs: &[Arc<FineTuneJob
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_to_a_ceiling() {
+        let secs = |transient, n| retry_delay(transient, n).as_secs();
+        let transient: Vec<u64> = (1..=8).map(|n| secs(true, n)).collect();
+        assert_eq!(transient, [2, 4, 8, 16, 32, 60, 60, 60]);
+        let permanent: Vec<u64> = (1..=6).map(|n| secs(false, n)).collect();
+        assert_eq!(permanent, [30, 60, 120, 240, 300, 300]);
+        assert_eq!(secs(true, u32::MAX), 60, "no overflow after many failures");
+        assert_eq!(secs(false, 0), 30);
+    }
 
     fn job(name: &str, status: serde_json::Value) -> Arc<FineTuneJob> {
         let sample = include_str!("../../../manifests/samples/tiny-sentiment-cpu.yaml");
