@@ -565,3 +565,95 @@ async fn a_job_recreated_with_the_same_name_starts_afresh() {
         .await
         .unwrap();
 }
+
+/// A pod the API server refuses (here a ResourceQuota admitting none) shows in the job's
+/// status with the server's own message, the operator backs off instead of retrying every few
+/// seconds, and the job starts once the quota is gone and the job is touched.
+#[tokio::test]
+async fn a_refused_pod_shows_the_api_servers_message_and_backs_off() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let quotas = Api::<ResourceQuota>::namespaced(e.cluster.client(), NS);
+    let no_pods: ResourceQuota = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }))
+    .unwrap();
+    quotas
+        .create(&kube::api::PostParams::default(), &no_pods)
+        .await
+        .unwrap();
+    // Admission reads quotas from its cache: wait until the quota controller has counted it.
+    common::wait_for(Duration::from_secs(30), "the quota counted", || async {
+        let q = quotas.get("no-pods").await.ok()?;
+        q.status?.used.is_some().then_some(())
+    })
+    .await;
+    let name = "refused";
+    assert!(
+        kubectl_apply(&e.cluster, &tiny_job(name, 400, 50))
+            .await
+            .status
+            .success()
+    );
+    let j = wait_job(
+        &e.cluster,
+        name,
+        Duration::from_secs(60),
+        "ApplyFailed",
+        |j| condition(j, "Ready").is_some_and(|c| c.reason == "ApplyFailed"),
+    )
+    .await;
+    let ready = condition(&j, "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    for words in ["pod", "forbidden", "no-pods"] {
+        assert!(
+            ready.message.contains(words),
+            "the condition lacks {words:?}: {}",
+            ready.message
+        );
+    }
+    assert!(job_pods(&e.cluster, name).await.is_empty());
+    let failures = || {
+        let body = http_get(&op.metrics, "/metrics").unwrap_or_default();
+        common::job::metric(&body, "finetune_operator_reconcile_total{result=\"error\"}")
+    };
+    // A refusal is retried after 30 s, then 60 s: the status write of the first failure may
+    // bring one more attempt at once, nothing else within 20 s.
+    let before = failures();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let during = failures() - before;
+    assert!(
+        during <= 1.0,
+        "{during} failed reconciles in 20 s (backoff expected)"
+    );
+    quotas
+        .delete("no-pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    let jobs = Api::<FineTuneJob>::namespaced(e.cluster.client(), NS);
+    let touch = serde_json::json!({"metadata": {"annotations": {"example.com/touched": "1"}}});
+    jobs.patch(name, &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap();
+    wait_job(
+        &e.cluster,
+        name,
+        TRAIN,
+        "Ready no longer ApplyFailed",
+        |j| condition(j, "Ready").is_some_and(|c| c.reason != "ApplyFailed"),
+    )
+    .await;
+    common::wait_for(TRAIN, "the trainer pod created", || async {
+        (!job_pods(&e.cluster, name).await.is_empty()).then_some(())
+    })
+    .await;
+    eprintln!(
+        "REFUSED POD: ApplyFailed with {:?}; {during} failed reconciles in the 20 s after it",
+        ready.message
+    );
+    e.cluster.shutdown().await;
+}
