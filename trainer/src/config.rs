@@ -2,8 +2,7 @@
 //! trainer's own [`TrainParams`]; the API crate is the single source of truth for the fields.
 
 use finetune_api::{
-    DatasetFormat, EvaluationSpec, LoraSpec, MethodType, OnInvalidRow, Precision, PromptStyle,
-    TargetModule, TrainableLayers, TrainerConfig,
+    DatasetFormat, MethodType, OnInvalidRow, Precision, PromptStyle, TrainableLayers, TrainerConfig,
 };
 use std::path::{Path, PathBuf};
 
@@ -22,11 +21,6 @@ pub fn read_config(path: &Path) -> Result<TrainerConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
     serde_yaml::from_str(&text)
         .map_err(|e| TrainerError::Config(format!("{}: {e}", path.display())))
-}
-
-fn target_name(t: &TargetModule) -> String {
-    let path = t.hf_path();
-    path.rsplit('.').next().unwrap_or(path).to_string()
 }
 
 /// Resolves the configuration into the trainer's parameters. The model's `config.json` is read
@@ -61,7 +55,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
     let layers: Vec<usize> = layers_sel.iter().map(|&i| i as usize).collect();
     let all_layers = c.method.trainable_layers.is_none();
     let method = match c.method.method_type {
-        MethodType::Lora => TrainableSpec::Lora(lora_settings(
+        MethodType::Lora => TrainableSpec::Lora(LoraSettings::from_spec(
             &c.method.lora_or_default().unwrap_or_default(),
             if all_layers { None } else { Some(layers) },
         )),
@@ -116,7 +110,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         },
     };
     let h = &c.hyperparameters;
-    let eval = eval_params(&c.evaluation, retention_file, test_set_file);
+    let eval = EvalParams::from_spec(&c.evaluation, retention_file, test_set_file);
     Ok(TrainParams {
         job: c.job.clone(),
         model_dir,
@@ -153,50 +147,4 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
             .filter(|p| !p.as_os_str().is_empty()),
         ..TrainParams::from_hyperparameters(h)
     })
-}
-
-/// The trainer's LoRA settings for the API's LoRA section, on `layers` (all when `None`).
-pub fn lora_settings(l: &LoraSpec, layers: Option<Vec<usize>>) -> LoraSettings {
-    LoraSettings {
-        rank: l.rank as usize,
-        alpha: l.alpha,
-        dropout: l.dropout as f32,
-        target_modules: l.target_modules.iter().map(target_name).collect(),
-        layers,
-    }
-}
-
-/// The trainer's evaluation settings for the API's evaluation section, with the resolved
-/// retention and test files.
-pub fn eval_params(
-    e: &EvaluationSpec,
-    retention_file: Option<PathBuf>,
-    test_set_file: Option<PathBuf>,
-) -> EvalParams {
-    EvalParams {
-        interval: e.interval_steps as usize,
-        max_rows: e.max_rows as usize,
-        early_stopping_patience: e.early_stopping.as_ref().map(|s| s.patience as usize),
-        min_delta: e.early_stopping.as_ref().map_or(0.0, |s| s.min_delta),
-        max_gap: e.overfitting.max_gap,
-        max_ratio: e.overfitting.max_ratio,
-        rising_evaluations: e.overfitting.rising_evaluations as usize,
-        sample_prompts: e.sample_prompts.clone(),
-        sample_max_new_tokens: e.sample_max_new_tokens as usize,
-        retention_file,
-        retention_max_rows: e
-            .retention
-            .as_ref()
-            .map_or(finetune_api::v1alpha1::DEFAULT_RETENTION_MAX_ROWS, |r| {
-                r.max_rows
-            }) as usize,
-        retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
-        test_set_file,
-        test_set_max_rows: e
-            .test_set
-            .as_ref()
-            .map_or(finetune_api::v1alpha1::DEFAULT_TEST_SET_MAX_ROWS, |t| {
-                t.max_rows
-            }) as usize,
-    }
 }

@@ -1,25 +1,31 @@
 //! `finetune-trainer`: LoRA and full fine-tuning of Llama-family models on candle.
 //!
-//! The crate is organised as:
-//! - [`data`]: dataset reading (CSV, JSONL), cleaning with a report, stratified split, prompt
-//!   templates, tokenisation with a response-only loss mask and right padding;
-//! - [`model`]: an own, fully differentiable Llama (HF `config.json` and weight names), LoRA adapters
-//!   with PEFT export, and the `tiny` preset's architecture and random weights;
-//! - [`optim`]: AdamW with serialisable state, learning-rate schedules and gradient clipping;
-//! - [`train`]: masked cross-entropy, the optimizer step and the training loop;
-//! - [`tiny_base`]: the tiny preset initialised and pretrained, the base of CPU runs;
-//! - [`checkpoint`]: atomic checkpoints with a checksummed manifest and exact resume;
-//! - [`eval`]: validation loss, label-likelihood classification metrics, overfitting detection;
-//! - [`metrics`]: Prometheus metrics and the `/progress` endpoint;
-//! - [`config`]: the trainer's resolved parameters, mapped from `finetune_api::TrainerConfig`;
-//! - [`cli`]: the `finetune-trainer` commands and their flags (the binary only calls them).
+//! The crate is organised in layers, bottom to top; a module uses only the layers below it
+//! (checked by `tests/layering.rs`):
+//! 1. [`error`], [`rng`]: the error type and the seeded random stream;
+//! 2. [`atomic_file`] (atomic writes, checksums), [`data`] (dataset reading, cleaning with a
+//!    report, stratified split, prompt templates, tokenisation with a response-only loss mask),
+//!    [`optim`] (AdamW, schedules, clipping), [`metrics`] (Prometheus and `/progress`), [`plan`]
+//!    (the memory plan);
+//! 3. [`model`]: an own, fully differentiable Llama (HF `config.json` and weight names), LoRA
+//!    adapters with PEFT export, the `tiny` preset's architecture and random weights;
+//! 4. [`loss`] (masked cross-entropy, token log-probabilities), [`checkpoint`] (checksummed
+//!    manifests, retention, verified resume);
+//! 5. [`eval`]: validation loss, label-likelihood classification, overfitting detection,
+//!    held-out evaluation and comparison;
+//! 6. [`train`]: the resolved parameters, the one optimizer step and the training loop;
+//! 7. [`config`] (the parameters from `finetune_api::TrainerConfig`), [`run`] (a whole job and its
+//!    report), [`tiny_base`] (the tiny preset initialised and pretrained, the base of CPU runs);
+//! 8. [`cli`]: the `finetune-trainer` commands and their flags (the binary only calls them).
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -7,10 +7,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, LossAndGrads, TrainableSpec};
 use finetune_trainer::rng::Rng;
-use finetune_trainer::train::loss::masked_cross_entropy;
 
 const VOCAB: usize = 50;
 

@@ -7,10 +7,10 @@ mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::frozen::frozen_matmul;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::{Llama, LlamaConfig, TrainableSpec};
-use finetune_trainer::train::loss::masked_cross_entropy;
 
 const VOCAB: usize = 50;
 /// A LoRA rank no weight dimension equals, so adapter gradients are told apart by shape.

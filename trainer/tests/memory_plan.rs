@@ -9,12 +9,12 @@ use candle_core::{Device, Tensor};
 use finetune_api::memory::{CPU_RUNTIME_BYTES, PlanInput, PlannedMethod, plan};
 use finetune_api::presets::ModelArchitecture;
 use finetune_api::v1alpha1::TargetModule;
+use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
 use finetune_trainer::optim::{AdamW, AdamWParams, clip_grad_norm};
 use finetune_trainer::rng::Rng;
-use finetune_trainer::train::loss::masked_cross_entropy;
 
 /// The environment variable that makes [`measure_one_shape`] run a shape.
 const SHAPE_ENV: &str = "FINETUNE_MEMORY_PLAN_SHAPE";

@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::TrainableSpec;
 use finetune_trainer::model::linear::FwdCtx;
-use finetune_trainer::train::loss::masked_cross_entropy;
 use std::collections::HashMap;
 
 const VOCAB: usize = 50;

@@ -9,11 +9,11 @@ mod common;
 use candle_core::{Device, Tensor};
 use finetune_trainer::data::batch::Batch;
 use finetune_trainer::data::encode::Encoded;
+use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::{Llama, TrainableSpec};
 use finetune_trainer::optim::{AdamW, AdamWParams, clip_grad_norm};
 use finetune_trainer::rng::Rng;
-use finetune_trainer::train::loss::masked_cross_entropy;
 use finetune_trainer::train::step::{StepSettings, optimizer_step};
 use std::collections::HashMap;
 

@@ -1,6 +1,5 @@
 //! Checkpoints: atomic writes, a checksummed manifest, retention, and verified resume.
 
-pub mod atomic;
 pub mod store;
 
 pub use store::{CheckpointState, CheckpointStore, LoadedCheckpoint};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::atomic::{fsync_dir, save_safetensors_atomic, sha256_file, write_atomic};
+use crate::atomic_file::{fsync_dir, save_safetensors_atomic, sha256_file, write_atomic};
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
 

@@ -5,7 +5,6 @@ pub mod classify;
 pub mod heldout;
 pub mod overfit;
 pub mod plot;
-pub mod report;
 
 pub use classify::{ClassMetrics, ClassificationReport};
 pub use overfit::{EvalPoint, OverfitMonitor, OverfitVerdict};
@@ -15,9 +14,9 @@ use candle_core::{Device, Tensor};
 use crate::Result;
 use crate::data::batch::Batch;
 use crate::data::encode::{Encoded, Encoder};
+use crate::loss::token_log_probs;
 use crate::model::linear::FwdCtx;
 use crate::model::{KvCache, Llama};
-use crate::train::loss::token_log_probs;
 
 /// Sum of target log-probabilities per example, and their token counts, for encoded examples.
 pub fn sequence_log_likelihoods(

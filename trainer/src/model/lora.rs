@@ -34,6 +34,17 @@ pub struct LoraSettings {
 }
 
 impl LoraSettings {
+    /// The settings of the API's LoRA section, on `layers` (all when `None`).
+    pub fn from_spec(l: &finetune_api::LoraSpec, layers: Option<Vec<usize>>) -> Self {
+        Self {
+            rank: l.rank as usize,
+            alpha: l.alpha,
+            dropout: l.dropout as f32,
+            target_modules: l.target_modules.iter().map(target_name).collect(),
+            layers,
+        }
+    }
+
     /// Scale alpha / rank.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank.max(1) as f64
@@ -100,19 +111,19 @@ pub fn write_peft_adapter(
         "modules_to_save": null,
     });
     let cfg_path = dir.join("adapter_config.json");
-    crate::checkpoint::atomic::write_atomic(
-        &cfg_path,
-        serde_json::to_string_pretty(&cfg)?.as_bytes(),
-    )?;
+    crate::atomic_file::write_atomic(&cfg_path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
     let owned: HashMap<String, Tensor> = sorted
         .into_iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    crate::checkpoint::atomic::save_safetensors_atomic(
-        &dir.join("adapter_model.safetensors"),
-        &owned,
-    )
+    crate::atomic_file::save_safetensors_atomic(&dir.join("adapter_model.safetensors"), &owned)
+}
+
+/// The module name (`q_proj`, …) of an API target module (the last part of its HF path).
+fn target_name(t: &finetune_api::TargetModule) -> String {
+    let path = t.hf_path();
+    path.rsplit('.').next().unwrap_or(path).to_string()
 }
 
 #[cfg(test)]

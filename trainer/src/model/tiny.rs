@@ -104,11 +104,11 @@ pub fn write_hf_model(
     weights: &HashMap<String, Tensor>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
-    crate::checkpoint::atomic::write_atomic(
+    crate::atomic_file::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
-    crate::checkpoint::atomic::save_safetensors_atomic(&dir.join("model.safetensors"), weights)
+    crate::atomic_file::save_safetensors_atomic(&dir.join("model.safetensors"), weights)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::Device;
 
 use super::pretrain::{PretrainSettings, pretrain};
-use crate::checkpoint::atomic::sha256_file;
+use crate::atomic_file::sha256_file;
 use crate::data::{Encoder, PromptTemplate};
 use crate::model::tiny;
 use crate::{Result, TrainerError};

@@ -5,8 +5,6 @@ pub mod batching;
 pub mod data_prep;
 pub mod device;
 pub mod export;
-pub mod fused_ce;
-pub mod loss;
 pub mod params;
 pub mod step;
 pub mod trainer;

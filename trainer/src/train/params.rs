@@ -41,10 +41,47 @@ pub struct EvalParams {
     pub test_set_max_rows: usize,
 }
 
+impl EvalParams {
+    /// The settings of the API's evaluation section, with the resolved retention and test
+    /// files.
+    pub fn from_spec(
+        e: &finetune_api::EvaluationSpec,
+        retention_file: Option<PathBuf>,
+        test_set_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            interval: e.interval_steps as usize,
+            max_rows: e.max_rows as usize,
+            early_stopping_patience: e.early_stopping.as_ref().map(|s| s.patience as usize),
+            min_delta: e.early_stopping.as_ref().map_or(0.0, |s| s.min_delta),
+            max_gap: e.overfitting.max_gap,
+            max_ratio: e.overfitting.max_ratio,
+            rising_evaluations: e.overfitting.rising_evaluations as usize,
+            sample_prompts: e.sample_prompts.clone(),
+            sample_max_new_tokens: e.sample_max_new_tokens as usize,
+            retention_file,
+            retention_max_rows: e
+                .retention
+                .as_ref()
+                .map_or(finetune_api::v1alpha1::DEFAULT_RETENTION_MAX_ROWS, |r| {
+                    r.max_rows
+                }) as usize,
+            retention_every_evaluation: e.retention.as_ref().is_some_and(|r| r.every_evaluation),
+            test_set_file,
+            test_set_max_rows: e
+                .test_set
+                .as_ref()
+                .map_or(finetune_api::v1alpha1::DEFAULT_TEST_SET_MAX_ROWS, |t| {
+                    t.max_rows
+                }) as usize,
+        }
+    }
+}
+
 impl Default for EvalParams {
     /// The API's defaults (`evaluation` left out of the spec).
     fn default() -> Self {
-        crate::config::eval_params(&finetune_api::EvaluationSpec::default(), None, None)
+        Self::from_spec(&finetune_api::EvaluationSpec::default(), None, None)
     }
 }
 
@@ -147,7 +184,7 @@ impl TrainParams {
             template: PromptTemplate::default(),
             validation_split: dataset_spec.validation_split,
             data_seed: dataset_spec.seed,
-            method: TrainableSpec::Lora(crate::config::lora_settings(
+            method: TrainableSpec::Lora(crate::model::LoraSettings::from_spec(
                 &finetune_api::LoraSpec::default(),
                 None,
             )),

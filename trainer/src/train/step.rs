@@ -1,15 +1,15 @@
 //! The one optimizer step: forward, loss, backward over the micro-batches of a step, the
 //! averaged gradients clipped, then AdamW. The training loop ([`super::trainer::Trainer`]), the
-//! tiny base's pretraining ([`crate::model::pretrain`]) and the throughput benchmark all call
+//! tiny base's pretraining ([`crate::tiny_base::pretrain()`]) and the throughput benchmark all call
 //! [`optimizer_step`], so what is measured and pretrained is what trains.
 
 use crate::Result;
 use crate::data::batch::Batch;
+use crate::loss::masked_cross_entropy;
 use crate::model::linear::FwdCtx;
 use crate::model::{Gradients, Llama};
 use crate::optim::{AdamW, clip_grad_norm};
 use crate::rng::Rng;
-use crate::train::loss::masked_cross_entropy;
 
 /// How a step computes and bounds its gradients.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,12 +1,13 @@
 //! One complete job: before-training measurements, training (with SIGTERM checkpointing),
 //! after-training measurements, export, and the report.
 
+pub mod report;
+
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::eval::classify::ClassificationReport;
 use crate::eval::heldout::{HeldOutSet, evaluate};
-use crate::eval::report::{Before, Forgetting, Report, SamplePair, TestSetScores};
 use crate::eval::{encode_lm_lines, perplexity, sample};
 use crate::metrics::{Metrics, Phase};
 use crate::model::TrainableSpec;
@@ -14,6 +15,7 @@ use crate::train::TrainParams;
 use crate::train::export::{Exported, export};
 use crate::train::trainer::{StopReason, Trainer};
 use crate::{Result, TrainerError};
+use report::{Before, Forgetting, Report, SamplePair, TestSetScores};
 
 fn retention_set(t: &Trainer) -> Result<Option<Vec<crate::data::Encoded>>> {
     let Some(path) = &t.params.eval.retention_file else {
@@ -101,7 +103,7 @@ fn measure_before(
     };
     std::fs::create_dir_all(&t.params.output_dir)
         .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
-    crate::checkpoint::atomic::write_atomic(&path, serde_json::to_string_pretty(&b)?.as_bytes())?;
+    crate::atomic_file::write_atomic(&path, serde_json::to_string_pretty(&b)?.as_bytes())?;
     Ok(b)
 }
 

@@ -4,11 +4,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::classify::ClassificationReport;
-use super::plot::{Series, line_chart};
 use crate::Result;
-use crate::checkpoint::atomic::write_atomic;
+use crate::atomic_file::write_atomic;
 use crate::data::clean::CleaningReport;
+use crate::eval::classify::ClassificationReport;
+use crate::eval::plot::{Series, line_chart};
 use crate::train::export::Exported;
 use crate::train::trainer::EvalRecord;
 

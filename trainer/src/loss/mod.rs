@@ -8,6 +8,8 @@ use candle_core::{D, Tensor};
 
 use crate::Result;
 
+pub mod fused_ce;
+
 /// Log-probability of each target under `logits` (n, vocab) → (n).
 pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
@@ -15,10 +17,10 @@ pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean negative log-likelihood over the loss tokens. On CPU with f32 logits this is one fused
-/// op with its own backward ([`crate::train::fused_ce`]); elsewhere it is built from primitives.
+/// op with its own backward ([`crate::loss::fused_ce`]); elsewhere it is built from primitives.
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
-        return Ok(crate::train::fused_ce::fused_nll(logits, targets)?);
+        return Ok(crate::loss::fused_ce::fused_nll(logits, targets)?);
     }
     reference_cross_entropy(logits, targets)
 }
