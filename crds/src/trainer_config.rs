@@ -15,6 +15,11 @@ use crate::v1alpha1::{
 pub struct TrainerConfig {
     /// `namespace/name` of the FineTuneJob, for logs and the report.
     pub job: String,
+    /// `metadata.uid` of the FineTuneJob: its checkpoints are kept apart from those of any
+    /// other job (the checkpoint directory carries it) and carry it, and a resume refuses a
+    /// checkpoint of another job. Empty outside a cluster.
+    #[serde(default)]
+    pub job_uid: String,
     /// The base model.
     pub model: ModelSpec,
     /// The dataset and its cleaning.
@@ -71,12 +76,14 @@ impl TrainerConfig {
     /// Builds the trainer configuration of a job from its spec and the pod's paths.
     pub fn from_spec(
         job: String,
+        job_uid: String,
         spec: &FineTuneJobSpec,
         paths: TrainerPaths,
         metrics_address: String,
     ) -> Self {
         TrainerConfig {
             job,
+            job_uid,
             model: spec.model.clone(),
             dataset: spec.dataset.clone(),
             method: spec.method.clone(),
@@ -89,6 +96,66 @@ impl TrainerConfig {
             use_gpu: crate::fit::effective_gpus(spec) > 0,
             paths,
             metrics_address,
+        }
+    }
+
+    /// A digest of what a checkpoint's weights depend on: the model, the dataset, the method,
+    /// the hyperparameters and the precision. Every checkpoint records it, and a resume refuses
+    /// a checkpoint whose digest differs (its weights came from another training). Evaluation,
+    /// output, resources and lifecycle settings are left out: they do not change the weights.
+    pub fn training_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let basis = serde_json::json!({
+            "model": self.model,
+            "dataset": self.dataset,
+            "method": self.method,
+            "hyperparameters": self.hyperparameters,
+            "precision": self.precision,
+        });
+        let digest = Sha256::digest(basis.to_string().as_bytes());
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::FineTuneJob;
+
+    fn config(edit: impl FnOnce(&mut FineTuneJobSpec)) -> TrainerConfig {
+        let sample = include_str!("../../manifests/samples/tiny-sentiment-cpu.yaml");
+        let mut job: FineTuneJob = serde_yaml::from_str(sample).unwrap();
+        edit(&mut job.spec);
+        TrainerConfig::from_spec(
+            "ml/x".into(),
+            "uid-1".into(),
+            &job.spec,
+            TrainerPaths::default(),
+            String::new(),
+        )
+    }
+
+    #[test]
+    fn the_fingerprint_follows_what_the_weights_depend_on() {
+        let base = config(|_| {}).training_fingerprint();
+        assert_eq!(base.len(), 32);
+        assert_eq!(base, config(|_| {}).training_fingerprint(), "stable");
+        let changed = [
+            config(|s| s.hyperparameters.learning_rate *= 2.0),
+            config(|s| s.dataset.seed += 1),
+            config(|s| s.hyperparameters.max_steps = Some(7)),
+        ];
+        for c in &changed {
+            assert_ne!(c.training_fingerprint(), base);
+        }
+        let unchanged = [
+            config(|s| s.evaluation.interval_steps += 1),
+            config(|s| s.suspend = true),
+            config(|s| s.checkpoints.interval_steps += 1),
+        ];
+        for c in &unchanged {
+            assert_eq!(c.training_fingerprint(), base);
         }
     }
 }

@@ -200,10 +200,13 @@ fn config_map_carries_the_trainer_configuration() {
         cfg.paths.retention_file.as_deref(),
         Some("/var/lib/finetune/retention/general.txt")
     );
+    // One checkpoint directory per job UID, and the UID in the configuration.
+    let uid = job("tiny-sentiment-cpu.yaml").metadata.uid.unwrap();
     assert_eq!(
         cfg.paths.checkpoint_dir,
-        "/var/lib/finetune/checkpoints/checkpoints"
+        format!("/var/lib/finetune/checkpoints/checkpoints/{uid}")
     );
+    assert_eq!(cfg.job_uid, uid);
     assert_eq!(cfg.paths.output_dir, "/var/lib/finetune/checkpoints/output");
     assert_eq!(
         (cfg.hyperparameters.epochs, cfg.hyperparameters.max_steps),

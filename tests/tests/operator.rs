@@ -484,6 +484,20 @@ async fn the_operator_is_ready_only_once_its_caches_synced() {
 /// checkpoint claim, and creates its own pod once the old children are gone.
 #[tokio::test]
 async fn a_job_recreated_with_the_same_name_starts_afresh() {
+    recreate_mid_run("recreated", false).await;
+}
+
+/// With `retain: true` the claim (and the old job's checkpoints on it) outlives the job; the
+/// new job's checkpoints go to its own UID's directory, so it starts from step 0 beside them
+/// instead of resuming the old job's weights.
+#[tokio::test]
+async fn a_job_recreated_on_its_retained_claim_starts_afresh() {
+    recreate_mid_run("retained", true).await;
+}
+
+/// Deletes job `name` after its first checkpoints and re-creates it at once; the new job owns
+/// its pods (and, unless `retain`, its claim) and trains from step 0.
+async fn recreate_mid_run(name: &str, retain: bool) {
     let _serial = SERIAL.lock().await;
     let e = env().await;
     let _op = OperatorProcess::start(
@@ -495,9 +509,11 @@ async fn a_job_recreated_with_the_same_name_starts_afresh() {
         &[],
     )
     .unwrap();
-    let name = "recreated";
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&tiny_job(name, 400, 10)).unwrap();
+    doc["spec"]["checkpoints"]["storage"]["retain"] = retain.into();
+    let manifest = serde_yaml::to_string(&doc).unwrap();
     let apply = || async {
-        let out = kubectl_apply(&e.cluster, &tiny_job(name, 400, 10)).await;
+        let out = kubectl_apply(&e.cluster, &manifest).await;
         assert!(
             out.status.success(),
             "{}",
@@ -561,9 +577,11 @@ async fn a_job_recreated_with_the_same_name_starts_afresh() {
         owners.iter().all(|o| o.uid == new_uid),
         "the checkpoint claim is the old job's: {owners:?}"
     );
+    assert_eq!(owners.is_empty(), retain, "a retained claim has no owner");
     jobs.delete(name, &DeleteParams::background())
         .await
         .unwrap();
+    e.cluster.shutdown().await;
 }
 
 /// A pod the API server refuses (here a ResourceQuota admitting none) shows in the job's

@@ -113,6 +113,10 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
     let eval = EvalParams::from_spec(&c.evaluation, retention_file, test_set_file);
     Ok(TrainParams {
         job: c.job.clone(),
+        run: crate::checkpoint::RunIdentity {
+            job_uid: c.job_uid.clone(),
+            training_fingerprint: c.training_fingerprint(),
+        },
         model_dir,
         tokenizer,
         dataset,

@@ -100,7 +100,7 @@ fn job(name: &str, max_steps: u32, interval: u32) -> Job {
         output_dir: work.join("output").display().to_string(),
         termination_message_file: work.join("termination-log").display().to_string(),
     };
-    let tc = TrainerConfig::from_spec(name.into(), &j.spec, paths, String::new());
+    let tc = TrainerConfig::from_spec(name.into(), String::new(), &j.spec, paths, String::new());
     let config = work.join("trainer.yaml");
     std::fs::write(&config, serde_yaml::to_string(&tc).unwrap()).unwrap();
     Job {
@@ -533,6 +533,7 @@ fn a_llama_2_7b_lora_checkpoint_saves_well_within_the_grace_period() {
         val_loss: None,
         best: None,
         extra: serde_json::Value::Null,
+        run: None,
     };
     let t0 = Instant::now();
     let saved = store.save(&state, &weights, &moments).unwrap();

@@ -331,7 +331,13 @@ spec:
         output_dir: root.join("checkpoints/out").display().to_string(),
         termination_message_file: root.join("termination-log").display().to_string(),
     };
-    let c = TrainerConfig::from_spec("paths".into(), &spec.spec, paths, String::new());
+    let c = TrainerConfig::from_spec(
+        "paths".into(),
+        String::new(),
+        &spec.spec,
+        paths,
+        String::new(),
+    );
     // One case at a time: the file is rewritten for each.
     let f = root.join("trainer.yaml");
     std::fs::write(&f, serde_yaml::to_string(&c).unwrap()).unwrap();

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{fixtures, params, setup};
+use finetune_trainer::checkpoint::RunIdentity;
 use finetune_trainer::model::TrainableSpec;
 use finetune_trainer::train::{StopReason, Trainer};
 use std::path::PathBuf;
@@ -173,5 +174,39 @@ fn peft_adapter_export_roundtrips() {
     let d2 = common::max_abs_diff(&a, &c);
     assert_eq!(d1, 0.0);
     assert!(d2 < 1e-4, "{d2}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A run resumes only its own checkpoints: another job's, or one whose weights come from
+/// another training, is refused with both identities in the error (and nothing is loaded).
+#[test]
+fn another_runs_checkpoint_is_refused() {
+    let (work, model) = setup("foreign");
+    let with = |uid: &str, fingerprint: &str| {
+        let mut p = params(&work, &model, "b", common::lora_with_dropout());
+        p.run = RunIdentity {
+            job_uid: uid.into(),
+            training_fingerprint: fingerprint.into(),
+        };
+        p
+    };
+    let mut first = Trainer::new(with("uid-1", "f-a"), false, None).unwrap();
+    first.run(Some(4)).unwrap();
+    drop(first);
+    let err = Trainer::new(with("uid-2", "f-a"), true, None)
+        .err()
+        .expect("another job's checkpoint was resumed")
+        .to_string();
+    assert!(
+        err.contains("uid-1") && err.contains("uid-2") && err.contains("checkpoint-00000004"),
+        "{err}"
+    );
+    let err = Trainer::new(with("uid-1", "f-b"), true, None)
+        .err()
+        .expect("another training's checkpoint was resumed")
+        .to_string();
+    assert!(err.contains("f-a") && err.contains("f-b"), "{err}");
+    let same = Trainer::new(with("uid-1", "f-a"), true, None).unwrap();
+    assert_eq!(same.step(), 4, "its own checkpoint resumes");
     let _ = std::fs::remove_dir_all(&work);
 }

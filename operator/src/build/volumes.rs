@@ -211,6 +211,14 @@ fn plan_file_input(
     Ok(path)
 }
 
+/// The job's `metadata.uid`, which the API server always sets.
+fn job_uid(job: &FineTuneJob) -> Result<&str> {
+    job.metadata
+        .uid
+        .as_deref()
+        .ok_or(Error::MissingField("metadata.uid"))
+}
+
 /// Plans volumes, mounts, download steps and paths for a job.
 pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataPlan> {
     let (name, _) = super::name_and_namespace(job)?;
@@ -361,7 +369,9 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
         dataset_file,
         retention_file,
         test_set_file,
-        checkpoint_dir: format!("{ckpt_dir}/checkpoints"),
+        // One directory per job UID: a job re-created with the same name on a retained or
+        // shared claim starts afresh beside the old job's checkpoints instead of resuming them.
+        checkpoint_dir: format!("{ckpt_dir}/checkpoints/{}", job_uid(job)?),
         output_dir,
         termination_message_file: "/dev/termination-log".into(),
     };

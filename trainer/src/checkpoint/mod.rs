@@ -2,4 +2,4 @@
 
 pub mod store;
 
-pub use store::{CheckpointState, CheckpointStore, LoadedCheckpoint};
+pub use store::{CheckpointState, CheckpointStore, LoadedCheckpoint, RunIdentity};

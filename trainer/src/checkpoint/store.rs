@@ -39,6 +39,46 @@ pub struct CheckpointState {
     /// Evaluation history and other state the trainer wants back (opaque here).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// The run that wrote it; `None` in checkpoints written before runs were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunIdentity>,
+}
+
+/// Which run a checkpoint belongs to: the job and what its weights depend on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    /// `metadata.uid` of the FineTuneJob (empty outside a cluster: not compared).
+    pub job_uid: String,
+    /// `finetune_api::TrainerConfig::training_fingerprint` (empty: not compared).
+    pub training_fingerprint: String,
+}
+
+impl RunIdentity {
+    /// Why this run may not resume from a checkpoint that `found` wrote, if it may not: another
+    /// job's checkpoint, or one whose weights come from another training (a different model,
+    /// dataset, method, hyperparameters or precision). A checkpoint that records no run is
+    /// accepted (it predates the record).
+    pub fn refusal(&self, found: Option<&RunIdentity>) -> Option<String> {
+        let found = found?;
+        let differs = |a: &str, b: &str| !a.is_empty() && !b.is_empty() && a != b;
+        if differs(&self.job_uid, &found.job_uid) {
+            return Some(format!(
+                "it was written by another job (uid {}), not this one (uid {}); a job never \
+                 resumes another job's weights: delete that checkpoint directory or give this \
+                 job its own claim",
+                found.job_uid, self.job_uid
+            ));
+        }
+        if differs(&self.training_fingerprint, &found.training_fingerprint) {
+            return Some(format!(
+                "its weights come from another training (fingerprint {}, this spec's is {}: the \
+                 model, dataset, method, hyperparameters or precision differ); delete it to start \
+                 afresh",
+                found.training_fingerprint, self.training_fingerprint
+            ));
+        }
+        None
+    }
 }
 
 /// Test-only knob: when set to a number of milliseconds, [`CheckpointStore::save`] prints
@@ -324,7 +364,35 @@ mod tests {
             val_loss: None,
             best: None,
             extra: serde_json::Value::Null,
+            run: None,
         }
+    }
+
+    #[test]
+    fn a_run_refuses_another_jobs_or_another_trainings_checkpoint() {
+        let ours = RunIdentity {
+            job_uid: "uid-new".into(),
+            training_fingerprint: "f1".into(),
+        };
+        assert_eq!(ours.refusal(Some(&ours)), None);
+        assert_eq!(ours.refusal(None), None, "legacy checkpoints resume");
+        let other_job = RunIdentity {
+            job_uid: "uid-old".into(),
+            ..ours.clone()
+        };
+        let why = ours.refusal(Some(&other_job)).unwrap();
+        assert!(why.contains("uid-old") && why.contains("uid-new"), "{why}");
+        let other_training = RunIdentity {
+            training_fingerprint: "f2".into(),
+            ..ours.clone()
+        };
+        let why = ours.refusal(Some(&other_training)).unwrap();
+        assert!(why.contains("f2") && why.contains("f1"), "{why}");
+        let outside_a_cluster = RunIdentity {
+            job_uid: String::new(),
+            ..ours.clone()
+        };
+        assert_eq!(outside_a_cluster.refusal(Some(&other_job)), None);
     }
 
     #[test]

@@ -90,6 +90,9 @@ impl Default for EvalParams {
 pub struct TrainParams {
     /// Job name for logs and the report.
     pub job: String,
+    /// The job's UID and training fingerprint, recorded in every checkpoint and compared on
+    /// resume.
+    pub run: crate::checkpoint::RunIdentity,
     /// HF model directory (config.json + safetensors).
     pub model_dir: PathBuf,
     /// tokenizer.json.
@@ -210,6 +213,7 @@ impl TrainParams {
     pub fn from_hyperparameters(h: &finetune_api::Hyperparameters) -> Self {
         Self {
             job: String::new(),
+            run: crate::checkpoint::RunIdentity::default(),
             model_dir: PathBuf::new(),
             tokenizer: PathBuf::new(),
             dataset: PathBuf::new(),

@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use super::{ExtraState, Trainer};
-use crate::Result;
-use crate::checkpoint::CheckpointStore;
+use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::eval::OverfitMonitor;
 use crate::metrics::Phase;
+use crate::{Result, TrainerError};
 
 impl Trainer {
     /// Continues from the newest checkpoint whose manifest verifies (none: a fresh start).
@@ -22,6 +22,12 @@ impl Trainer {
             }
             return Ok(());
         };
+        if let Some(why) = self.params.run.refusal(c.state.run.as_ref()) {
+            return Err(TrainerError::Checkpoint {
+                path: c.dir.clone(),
+                reason: format!("refusing to resume: {why}"),
+            });
+        }
         self.model.load_trainable(&c.weights)?;
         self.opt.load_state(c.state.optimizer_step, &c.optimizer)?;
         let extra: ExtraState = serde_json::from_value(c.state.extra.clone()).unwrap_or_default();
@@ -38,7 +44,11 @@ impl Trainer {
         self.resumed_from = Some((c.dir.display().to_string(), skipped));
         let from = c.state.step as u64;
         self.progress(|p| p.resumed_from_step = from);
-        self.state = c.state;
+        self.state = CheckpointState {
+            // Checkpoints from here on record this run (a legacy one recorded none).
+            run: Some(self.params.run.clone()),
+            ..c.state
+        };
         Ok(())
     }
 
