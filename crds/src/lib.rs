@@ -21,7 +21,7 @@ pub use document::validate_document;
 pub use mutability::validate_update;
 pub use presets::{ModelArchitecture, ModelPreset, PresetDefaults};
 pub use progress::{TrainerPhase, TrainerProgress};
-pub use trainer_config::{TrainerConfig, TrainerPaths};
+pub use trainer_config::{ModelSource, TrainerConfig, TrainerPaths};
 pub use v1alpha1::*;
 pub use validate::{FieldError, FieldWarning, validate, warnings};
 

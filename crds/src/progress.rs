@@ -118,6 +118,10 @@ pub struct TrainerProgress {
     /// Accuracy of the tuned model on the test set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_accuracy: Option<f64>,
+    /// The commit of the base model's hub repository the weights were downloaded from (from
+    /// the download step's record beside them; absent for other sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_commit: Option<String>,
     /// Output directory (relative to the output volume) once exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<String>,

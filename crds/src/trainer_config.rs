@@ -9,6 +9,25 @@ use crate::v1alpha1::{
     ModelSpec, OutputSpec, Precision,
 };
 
+/// The record a hub model download leaves beside the weights (in [`ModelSource::FILE`] of the
+/// model directory): which repository and revision, and the commit the revision resolved to.
+/// Written by the download step, read by the trainer (which reports the commit and makes it part
+/// of its checkpoints' identity).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ModelSource {
+    /// `org/name` on the hub.
+    pub repo: String,
+    /// The revision asked for (a branch, tag or commit).
+    pub revision: String,
+    /// The commit it resolved to.
+    pub commit: String,
+}
+
+impl ModelSource {
+    /// File name of the record in the model directory.
+    pub const FILE: &str = ".finetune-source.json";
+}
+
 /// Everything the trainer needs to run one job.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

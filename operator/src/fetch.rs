@@ -289,8 +289,22 @@ pub fn wanted(file: &str) -> bool {
         )
 }
 
-/// Downloads the files of `repo` at `revision` that the trainer needs into `dest`. LFS files
-/// whose listing carries a SHA-256 are verified against it.
+/// What [`download_hf_repo`] fetched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubSnapshot {
+    /// The commit the revision resolved to (the listing's `sha`; the revision itself when a
+    /// mirror does not say).
+    pub commit: String,
+    /// The files downloaded, in listing order.
+    pub files: Vec<String>,
+}
+
+/// Downloads the files of `repo` at `revision` that the trainer needs into `dest`. The listing
+/// is the Hub's `GET /api/models/{repo}/revision/{revision}?blobs=true` (only with `blobs=true`
+/// does the Hub include each LFS file's SHA-256, which every weight file is verified against);
+/// its `sha` is the commit the revision resolved to, and every file is fetched from that commit,
+/// so a branch that moves during the download cannot mix two versions. The commit is recorded
+/// beside the weights ([`finetune_api::ModelSource`]).
 pub fn download_hf_repo(
     endpoint: &str,
     repo: &str,
@@ -298,9 +312,9 @@ pub fn download_hf_repo(
     dest: &Path,
     token: Option<&str>,
     policy: &RetryPolicy,
-) -> Result<Vec<String>, FetchError> {
+) -> Result<HubSnapshot, FetchError> {
     let endpoint = endpoint.trim_end_matches('/');
-    let listing_url = format!("{endpoint}/api/models/{repo}/revision/{revision}");
+    let listing_url = format!("{endpoint}/api/models/{repo}/revision/{revision}?blobs=true");
     let listing_file = dest.join(".listing.json");
     let _ = fs::remove_file(&listing_file);
     download(&listing_url, &listing_file, None, token, policy)?;
@@ -311,6 +325,15 @@ pub fn download_hf_repo(
     let siblings = listing["siblings"]
         .as_array()
         .ok_or_else(|| FetchError::Listing(format!("{listing_url}: no `siblings` list")))?;
+    let commit = match listing["sha"].as_str() {
+        Some(sha) if is_commit(sha) => sha.to_string(),
+        Some(other) => {
+            return Err(FetchError::Listing(format!(
+                "{listing_url}: `sha` {other:?} is not a commit hash"
+            )));
+        }
+        None => revision.to_string(),
+    };
     let mut files = Vec::new();
     for s in siblings {
         let Some(name) = s["rfilename"].as_str() else {
@@ -320,7 +343,13 @@ pub fn download_hf_repo(
             continue;
         }
         let sha = s["lfs"]["sha256"].as_str();
-        let url = format!("{endpoint}/{repo}/resolve/{revision}/{name}");
+        if name.ends_with(".safetensors") && sha.is_none() {
+            return Err(FetchError::Listing(format!(
+                "{listing_url}: {name} has no `lfs.sha256`: weights are only downloaded with a \
+                 checksum to verify"
+            )));
+        }
+        let url = format!("{endpoint}/{repo}/resolve/{commit}/{name}");
         download(&url, &dest.join(name), sha, token, policy)?;
         files.push(name.to_string());
     }
@@ -331,5 +360,19 @@ pub fn download_hf_repo(
             "{repo}@{revision} has no config.json or safetensors weights (found {files:?})"
         )));
     }
-    Ok(files)
+    let source = finetune_api::ModelSource {
+        repo: repo.into(),
+        revision: revision.into(),
+        commit: commit.clone(),
+    };
+    let path = dest.join(finetune_api::ModelSource::FILE);
+    let text = serde_json::to_string(&source)
+        .map_err(|e| FetchError::Listing(format!("{}: {e}", path.display())))?;
+    fs::write(&path, text).map_err(io_err(&path))?;
+    Ok(HubSnapshot { commit, files })
+}
+
+/// A full hexadecimal commit hash (40 characters; 64 for SHA-256 repositories).
+fn is_commit(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -186,6 +186,10 @@ pub fn apply_progress(status: &mut FineTuneJobStatus, p: &TrainerProgress) {
         base_test_accuracy: round(p.base_test_accuracy),
         test_accuracy: round(p.test_accuracy),
     });
+    if p.model_commit.is_some() {
+        // Kept once known: later attempts download this commit (see the model download step).
+        status.model_commit = p.model_commit.clone();
+    }
     if p.latest_checkpoint.is_some() || p.best_checkpoint.is_some() {
         status.checkpoints = Some(CheckpointStatus {
             latest: p.latest_checkpoint.clone(),
@@ -320,6 +324,16 @@ mod tests {
         assert_eq!(progress.summary, "30/120 (25%)");
         assert_eq!(s.metrics.as_ref().and_then(|m| m.train_loss), Some(0.1235));
         assert_eq!(s.checkpoints.as_ref().and_then(|c| c.latest_step), Some(25));
+        assert_eq!(s.model_commit, None);
+        let downloaded = TrainerProgress {
+            model_commit: Some("4b2a0c9e".into()),
+            ..p.clone()
+        };
+        apply_progress(&mut s, &downloaded);
+        assert_eq!(s.model_commit.as_deref(), Some("4b2a0c9e"));
+        // A progress document without it (a later process that lost it) keeps the known commit.
+        apply_progress(&mut s, &p);
+        assert_eq!(s.model_commit.as_deref(), Some("4b2a0c9e"));
     }
 
     #[test]

@@ -140,6 +140,24 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
 }
 
 #[test]
+fn later_attempts_download_the_commit_the_first_resolved() {
+    let revision_of = |j: &finetune_api::FineTuneJob| {
+        let c = children(j, &BuildSettings::default(), 1).unwrap();
+        let args = init_container(&c.pod, "fetch-model").args.clone().unwrap();
+        let at = args.iter().position(|a| a == "--revision").unwrap();
+        args[at + 1].clone()
+    };
+    let mut j = job("llama-2-7b-lora-sentiment.yaml");
+    assert_eq!(revision_of(&j), "main", "the sample names no revision");
+    let commit = "4b2a0c9e1d7f3a5b6c8d0e2f4a6b8c0d1e3f5a7b";
+    j.status = Some(finetune_api::FineTuneJobStatus {
+        model_commit: Some(commit.into()),
+        ..Default::default()
+    });
+    assert_eq!(revision_of(&j), commit);
+}
+
+#[test]
 fn hub_token_is_passed_only_by_secret_reference() {
     let c = children(
         &job("llama-2-7b-lora-sentiment.yaml"),

@@ -12,6 +12,8 @@ use finetune_operator::fetch::{FetchError, RetryPolicy, download, download_hf_re
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "hf_sentinel_TOKEN_do_not_log";
+/// The commit the fake hub resolves every revision to.
+const COMMIT: &str = "4b2a0c9e1d7f3a5b6c8d0e2f4a6b8c0d1e3f5a7b";
 
 struct Hub {
     endpoint: String,
@@ -53,13 +55,20 @@ fn serve(mut stream: TcpStream, weight_requests: &AtomicUsize) {
         }
     }
     let w = weights();
-    let listing = |repo: &str| {
+    // The Hub's shape: LFS checksums only with `blobs=true`, the resolved commit as `sha`.
+    let listing = |repo: &str, blobs: bool| {
+        let lfs = format!(r#","lfs":{{"sha256":"{}","size":{}}}"#, hex(&w), w.len());
         format!(
-            r#"{{"id":"{repo}","siblings":[{{"rfilename":"config.json"}},{{"rfilename":"tokenizer.json"}},{{"rfilename":"README.md"}},{{"rfilename":"model.safetensors","lfs":{{"sha256":"{}","size":{}}}}}]}}"#,
-            hex(&w),
-            w.len()
+            r#"{{"id":"{repo}","sha":"{COMMIT}","siblings":[{{"rfilename":"config.json"}},{{"rfilename":"tokenizer.json"}},{{"rfilename":"README.md"}},{{"rfilename":"model.safetensors"{}}}]}}"#,
+            if blobs { lfs.as_str() } else { "" }
         )
     };
+    if path.contains("/resolve/") && !path.contains(&format!("/resolve/{COMMIT}/")) {
+        // Only the resolved commit is served: a download by branch name would fail here.
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
     let gated = path.contains("/org/gated") || path.starts_with("/org/gated");
     if gated && auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
         let _ = stream.write_all(
@@ -69,7 +78,9 @@ fn serve(mut stream: TcpStream, weight_requests: &AtomicUsize) {
     }
     let body: Vec<u8> = match path.as_str() {
         p if p.starts_with("/api/models/org/") => {
-            listing(p.split('/').nth(4).unwrap_or("")).into_bytes()
+            // `org/mirror` stands for a mirror that never lists checksums.
+            let repo = p.split('/').nth(4).unwrap_or("");
+            listing(repo, p.contains("blobs=true") && repo != "mirror").into_bytes()
         }
         p if p.ends_with("/config.json") => br#"{"hidden_size":64}"#.to_vec(),
         p if p.ends_with("/tokenizer.json") => br#"{"model":{}}"#.to_vec(),
@@ -143,11 +154,24 @@ fn policy() -> RetryPolicy {
 fn a_broken_transfer_resumes_and_verifies() {
     let hub = hub();
     let dir = tempdir();
-    let files = download_hf_repo(&hub.endpoint, "org/tiny", "main", &dir, None, &policy()).unwrap();
+    let snapshot =
+        download_hf_repo(&hub.endpoint, "org/tiny", "main", &dir, None, &policy()).unwrap();
     assert_eq!(
-        files,
+        snapshot.files,
         vec!["config.json", "tokenizer.json", "model.safetensors"],
         "README is skipped"
+    );
+    assert_eq!(
+        snapshot.commit, COMMIT,
+        "the revision resolved to its commit"
+    );
+    let source: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(finetune_api::ModelSource::FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        source,
+        serde_json::json!({"repo": "org/tiny", "revision": "main", "commit": COMMIT})
     );
     assert_eq!(
         sha256_file(&dir.join("model.safetensors")).unwrap(),
@@ -191,14 +215,28 @@ fn a_gated_model_needs_the_token_and_never_prints_it() {
         &policy(),
     )
     .unwrap();
-    assert_eq!(files.len(), 3);
+    assert_eq!(files.files.len(), 3);
+}
+
+#[test]
+fn weights_without_a_listed_checksum_are_not_downloaded() {
+    let hub = hub();
+    let dir = tempdir();
+    let err =
+        download_hf_repo(&hub.endpoint, "org/mirror", "main", &dir, None, &policy()).unwrap_err();
+    assert!(
+        matches!(err, FetchError::Listing(_)) && err.to_string().contains("lfs.sha256"),
+        "{err}"
+    );
+    assert_eq!(hub.weight_requests.load(Ordering::SeqCst), 0);
+    assert!(!dir.join("model.safetensors").exists());
 }
 
 #[test]
 fn a_checksum_mismatch_is_refused() {
     let hub = hub();
     let dir = tempdir();
-    let url = format!("{}/org/tiny/resolve/main/config.json", hub.endpoint);
+    let url = format!("{}/org/tiny/resolve/{COMMIT}/config.json", hub.endpoint);
     let err = download(
         &url,
         &dir.join("config.json"),
@@ -217,7 +255,7 @@ fn a_checksum_mismatch_is_refused() {
 #[test]
 fn a_missing_revision_is_named() {
     let hub = hub();
-    let url = format!("{}/org/tiny/resolve/main/nope.bin", hub.endpoint);
+    let url = format!("{}/org/tiny/resolve/{COMMIT}/nope.bin", hub.endpoint);
     let err = download(&url, &tempdir().join("x"), None, None, &policy()).unwrap_err();
     assert!(matches!(err, FetchError::NotFound { .. }), "{err}");
 }

@@ -41,6 +41,8 @@ use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
+/// The commit the fake hub resolves every revision to.
+const HUB_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// The sentinel Hugging Face token: it must never be seen outside the Secret.
 const SENTINEL: &str = "hf_SENTINEL_b7e1c0ffee_never_log_me";
 /// Namespace of the jobs (not `default`: checkov's CKV_K8S_21).
@@ -327,12 +329,29 @@ fn serve_hub(mut stream: TcpStream, dir: &Path, unauthorized: &AtomicUsize, serv
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     if path.starts_with("/api/models/secure-org/gated-tiny/revision/") {
-        let siblings: Vec<Value> = files.iter().map(|f| json!({"rfilename": f})).collect();
-        let body = json!({"id": "secure-org/gated-tiny", "siblings": siblings}).to_string();
+        // The Hub's shape: LFS checksums only with `blobs=true`, the resolved commit as `sha`.
+        let blobs = path.contains("blobs=true");
+        let siblings: Vec<Value> = files
+            .iter()
+            .map(|f| {
+                let file = dir.join(f);
+                let lfs = json!({
+                    "sha256": finetune_operator::fetch::sha256_file(&file).unwrap(),
+                    "size": std::fs::metadata(&file).unwrap().len(),
+                });
+                if blobs && f.ends_with(".safetensors") {
+                    json!({"rfilename": f, "lfs": lfs})
+                } else {
+                    json!({"rfilename": f})
+                }
+            })
+            .collect();
+        let body = json!({"id": "secure-org/gated-tiny", "sha": HUB_COMMIT, "siblings": siblings})
+            .to_string();
         respond(&mut stream, "200 OK", body.as_bytes());
         return;
     }
-    if let Some(name) = path.strip_prefix("/secure-org/gated-tiny/resolve/main/")
+    if let Some(name) = path.strip_prefix(&format!("/secure-org/gated-tiny/resolve/{HUB_COMMIT}/"))
         && files.iter().any(|f| f == name)
     {
         served.fetch_add(1, Ordering::SeqCst);
@@ -779,6 +798,14 @@ async fn gated_model_job_succeeds(s: &Suite, chart: &Chart) -> (Hub, PathBuf, Op
         "the model came from the hub"
     );
     assert_eq!(hub.unauthorized.load(Ordering::SeqCst), 0);
+    // The commit the revision resolved to went from the download step through the trainer's
+    // progress into the status (and pins later attempts).
+    assert_eq!(
+        job.status.as_ref().and_then(|s| s.model_commit.as_deref()),
+        Some(HUB_COMMIT),
+        "status {:?}",
+        job.status
+    );
 
     (hub, kubeconfig, op)
 }

@@ -23,6 +23,20 @@ pub fn read_config(path: &Path) -> Result<TrainerConfig> {
         .map_err(|e| TrainerError::Config(format!("{}: {e}", path.display())))
 }
 
+/// The hub commit recorded beside the weights by the download step; empty when the model came
+/// from elsewhere (a volume, the tiny base). A record that is there but unreadable is an error.
+fn model_commit(model_dir: &Path) -> Result<String> {
+    let path = model_dir.join(finetune_api::ModelSource::FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(TrainerError::io(&path, e)),
+    };
+    let source: finetune_api::ModelSource = serde_json::from_str(&text)
+        .map_err(|e| TrainerError::Config(format!("{}: {e}", path.display())))?;
+    Ok(source.commit)
+}
+
 /// Resolves the configuration into the trainer's parameters. The model's `config.json` is read
 /// to resolve layer selections, so the model directory must exist (see `init-tiny`).
 /// Every input beneath the mount root (see `finetune_formats::paths`) is resolved inside its
@@ -116,6 +130,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         run: crate::checkpoint::RunIdentity {
             job_uid: c.job_uid.clone(),
             training_fingerprint: c.training_fingerprint(),
+            model_commit: model_commit(&model_dir)?,
         },
         model_dir,
         tokenizer,

@@ -74,5 +74,23 @@ fn demo_config_maps_onto_params() {
         }
         other => panic!("{other:?}"),
     }
+    // The run's identity: the job UID and fingerprint from the configuration, and the hub
+    // commit the download step recorded beside the weights.
+    assert_eq!(p.run.training_fingerprint, c.training_fingerprint());
+    assert_eq!(p.run.model_commit, "", "no download record");
+    let source = finetune_api::ModelSource {
+        repo: "org/tiny".into(),
+        revision: "main".into(),
+        commit: "4b2a0c9e1d7f3a5b6c8d0e2f4a6b8c0d1e3f5a7b".into(),
+    };
+    let record = work.join("tiny-base").join(finetune_api::ModelSource::FILE);
+    std::fs::write(&record, serde_json::to_string(&source).unwrap()).unwrap();
+    let p = finetune_trainer::config::to_params(&c).unwrap();
+    assert_eq!(p.run.model_commit, source.commit);
+    std::fs::write(&record, "{not json").unwrap();
+    let err = finetune_trainer::config::to_params(&c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(finetune_api::ModelSource::FILE), "{err}");
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -187,6 +187,7 @@ fn another_runs_checkpoint_is_refused() {
         p.run = RunIdentity {
             job_uid: uid.into(),
             training_fingerprint: fingerprint.into(),
+            ..RunIdentity::default()
         };
         p
     };

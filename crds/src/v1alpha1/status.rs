@@ -42,6 +42,11 @@ pub struct FineTuneJobStatus {
     /// Where the results are, once written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputStatus>,
+    /// The commit of the base model's hub repository the job trains on: what `model.source`'s
+    /// revision resolved to at the first download. Later attempts download this commit, so a
+    /// branch that moves meanwhile cannot change the weights under the checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_commit: Option<String>,
 }
 
 /// Lifecycle phase.

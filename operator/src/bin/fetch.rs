@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             // The token comes from the pod's Secret reference; it is never printed.
             let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
-            let files = fetch::download_hf_repo(
+            let snapshot = fetch::download_hf_repo(
                 &endpoint,
                 &repo,
                 &revision,
@@ -76,8 +76,9 @@ fn main() -> anyhow::Result<()> {
                 &policy,
             )?;
             println!(
-                "downloaded {} files of {repo}@{revision} to {}",
-                files.len(),
+                "downloaded {} files of {repo}@{revision} (commit {}) to {}",
+                snapshot.files.len(),
+                snapshot.commit,
                 dest.display()
             );
         }

@@ -211,6 +211,17 @@ fn plan_file_input(
     Ok(path)
 }
 
+/// The revision the model download fetches: the commit an earlier attempt resolved (recorded
+/// in `status.modelCommit`), else the source's revision, else `main`. Pinning it keeps every
+/// attempt of a job, and the checkpoints it resumes, on the same weights.
+fn pinned_revision(job: &FineTuneJob, revision: Option<String>) -> String {
+    job.status
+        .as_ref()
+        .and_then(|s| s.model_commit.clone())
+        .or(revision)
+        .unwrap_or_else(|| "main".into())
+}
+
 /// The job's `metadata.uid`, which the API server always sets.
 fn job_uid(job: &FineTuneJob) -> Result<&str> {
     job.metadata
@@ -296,7 +307,7 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
                             "--repo".into(),
                             format!("{org}/{repo}"),
                             "--revision".into(),
-                            revision.unwrap_or_else(|| "main".into()),
+                            pinned_revision(job, revision),
                             "--dest".into(),
                             dir.clone(),
                         ],

@@ -51,6 +51,10 @@ pub struct RunIdentity {
     pub job_uid: String,
     /// `finetune_api::TrainerConfig::training_fingerprint` (empty: not compared).
     pub training_fingerprint: String,
+    /// The base model's hub commit (`finetune_api::ModelSource`; empty for other sources and
+    /// not compared).
+    #[serde(default)]
+    pub model_commit: String,
 }
 
 impl RunIdentity {
@@ -67,6 +71,12 @@ impl RunIdentity {
                  resumes another job's weights: delete that checkpoint directory or give this \
                  job its own claim",
                 found.job_uid, self.job_uid
+            ));
+        }
+        if differs(&self.model_commit, &found.model_commit) {
+            return Some(format!(
+                "it was trained on commit {} of the base model, and this attempt has commit {}",
+                found.model_commit, self.model_commit
             ));
         }
         if differs(&self.training_fingerprint, &found.training_fingerprint) {
@@ -373,6 +383,7 @@ mod tests {
         let ours = RunIdentity {
             job_uid: "uid-new".into(),
             training_fingerprint: "f1".into(),
+            model_commit: "c1".into(),
         };
         assert_eq!(ours.refusal(Some(&ours)), None);
         assert_eq!(ours.refusal(None), None, "legacy checkpoints resume");
@@ -388,6 +399,12 @@ mod tests {
         };
         let why = ours.refusal(Some(&other_training)).unwrap();
         assert!(why.contains("f2") && why.contains("f1"), "{why}");
+        let other_weights = RunIdentity {
+            model_commit: "c2".into(),
+            ..ours.clone()
+        };
+        let why = ours.refusal(Some(&other_weights)).unwrap();
+        assert!(why.contains("c2") && why.contains("c1"), "{why}");
         let outside_a_cluster = RunIdentity {
             job_uid: String::new(),
             ..ours.clone()

@@ -109,6 +109,10 @@ fn measure_before(
 
 /// Runs a job end to end. Returns the report (status `interrupted` after SIGTERM).
 pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>) -> Result<Report> {
+    if let Some(m) = &metrics {
+        let commit = Some(params.run.model_commit.clone()).filter(|c| !c.is_empty());
+        m.update_progress(|p| p.model_commit = commit);
+    }
     let mut t = Trainer::new(params, resume, metrics.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, t.stop_flag())
         .map_err(|e| TrainerError::io("SIGTERM handler", e))?;
