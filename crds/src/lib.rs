@@ -31,5 +31,11 @@ pub const GROUP: &str = "finetune.dev";
 pub const VERSION: &str = "v1alpha1";
 /// Label that every child object carries, naming the FineTuneJob that owns it.
 pub const JOB_LABEL: &str = "finetune.dev/job";
-/// Kueue's queue label: a job carrying it is admitted by Kueue, which toggles `spec.suspend`.
+/// Kueue's queue label. A job carrying it passes it (with [`KUEUE_PRIORITY_LABEL`]) to its
+/// trainer pod, which Kueue's plain-Pod integration then admits: its webhook holds the pod at the
+/// `kueue.x-k8s.io/admission` scheduling gate until the queue's quota admits it (the job shows
+/// Pending, reason `SchedulingGated`), and a preempted pod is replaced by the operator as any
+/// disruption is. See docs/kueue.md for the cluster setup.
 pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+/// Kueue's workload priority label, passed to the trainer pod with [`KUEUE_QUEUE_LABEL`].
+pub const KUEUE_PRIORITY_LABEL: &str = "kueue.x-k8s.io/priority-class";

@@ -61,6 +61,24 @@ pub struct Failure {
     pub message: String,
 }
 
+/// The pod's scheduling gates, each with what it waits for where the operator knows it.
+fn gate_names(pod: &Pod) -> Vec<String> {
+    let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref());
+    gates
+        .into_iter()
+        .flatten()
+        .map(|g| match g.name.as_str() {
+            KUEUE_ADMISSION_GATE => format!(
+                "{KUEUE_ADMISSION_GATE} (Kueue admits the pod when its queue's quota allows)"
+            ),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+/// The scheduling gate Kueue's plain-Pod integration holds a queued pod at until it admits it.
+pub const KUEUE_ADMISSION_GATE: &str = "kueue.x-k8s.io/admission";
+
 /// Classifies a trainer pod.
 pub fn classify(pod: &Pod) -> PodOutcome {
     let Some(status) = pod.status.as_ref() else {
@@ -102,13 +120,13 @@ pub fn classify(pod: &Pod) -> PodOutcome {
         )),
         Some("Failed") => PodOutcome::Failed(failure(pod)),
         Some("Running") => PodOutcome::Running,
-        _ => PodOutcome::Pending(waiting(status)),
+        _ => PodOutcome::Pending(waiting(pod, status)),
     }
 }
 
 /// Why a pending pod waits: the scheduler's verdict, its gates, or a container the kubelet
 /// cannot start (init containers first, as they run first).
-fn waiting(status: &k8s_openapi::api::core::v1::PodStatus) -> Waiting {
+fn waiting(pod: &Pod, status: &k8s_openapi::api::core::v1::PodStatus) -> Waiting {
     let scheduled = status
         .conditions
         .iter()
@@ -123,9 +141,11 @@ fn waiting(status: &k8s_openapi::api::core::v1::PodStatus) -> Waiting {
                 );
             }
             Some("SchedulingGated") => {
-                return Waiting::Gated(
-                    message.unwrap_or_else(|| "the pod has scheduling gates".into()),
-                );
+                let message = message.unwrap_or_else(|| "the pod has scheduling gates".into());
+                return Waiting::Gated(match gate_names(pod) {
+                    gates if gates.is_empty() => message,
+                    gates => format!("{message}: {}", gates.join(", ")),
+                });
             }
             _ => {}
         }

@@ -140,6 +140,44 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
 }
 
 #[test]
+fn a_queued_jobs_pod_carries_its_kueue_labels() {
+    let mut j = job("llama-2-7b-lora-sentiment.yaml");
+    j.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(finetune_api::KUEUE_PRIORITY_LABEL.into(), "research".into());
+    let labels = children(&j, &BuildSettings::default(), 0)
+        .unwrap()
+        .pod
+        .metadata
+        .labels
+        .unwrap();
+    assert_eq!(
+        labels
+            .get(finetune_api::KUEUE_QUEUE_LABEL)
+            .map(String::as_str),
+        Some("gpu-queue"),
+        "the sample's queue"
+    );
+    assert_eq!(
+        labels
+            .get(finetune_api::KUEUE_PRIORITY_LABEL)
+            .map(String::as_str),
+        Some("research")
+    );
+    // A job without them gives its pod none.
+    let tiny = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap()
+    .pod;
+    let labels = tiny.metadata.labels.unwrap();
+    assert!(labels.keys().all(|k| !k.starts_with("kueue.x-k8s.io/")));
+}
+
+#[test]
 fn later_attempts_download_the_commit_the_first_resolved() {
     let revision_of = |j: &finetune_api::FineTuneJob| {
         let c = children(j, &BuildSettings::default(), 1).unwrap();

@@ -79,8 +79,8 @@ pub struct FineTuneJobSpec {
     #[serde(default, skip_serializing_if = "is_default")]
     pub trainer_pod: TrainerPodSpec,
     /// When true, the trainer pod is stopped after a checkpoint and the job is Suspended; setting
-    /// it back to false resumes from that checkpoint. Kueue toggles this field for jobs that carry
-    /// the `kueue.x-k8s.io/queue-name` label.
+    /// it back to false resumes from that checkpoint. (Kueue does not toggle it: a job with the
+    /// `kueue.x-k8s.io/queue-name` label is queued through its trainer pod; see docs/kueue.md.)
     #[serde(default)]
     pub suspend: bool,
     /// How many trainer failures (non-zero exits, OOM kills) are retried, each resuming from the

@@ -154,6 +154,7 @@ pub fn trainer_pod(
     // refuses the reserved prefixes anyway).
     let pod = &spec.trainer_pod;
     let mut labels_with_job = pod.labels.clone();
+    labels_with_job.extend(kueue_labels(job));
     labels_with_job.extend(labels);
     let labels = labels_with_job;
     let mut annotations = pod.annotations.clone();
@@ -213,4 +214,17 @@ pub fn trainer_pod(
         }),
         status: None,
     })
+}
+
+/// The job's Kueue labels (queue and priority), which Kueue's plain-Pod integration reads from
+/// the pod itself.
+fn kueue_labels(job: &FineTuneJob) -> BTreeMap<String, String> {
+    let labels = job.metadata.labels.as_ref();
+    [
+        finetune_api::KUEUE_QUEUE_LABEL,
+        finetune_api::KUEUE_PRIORITY_LABEL,
+    ]
+    .into_iter()
+    .filter_map(|key| Some((key.to_string(), labels?.get(key)?.clone())))
+    .collect()
 }
