@@ -7,7 +7,9 @@ use std::fmt;
 
 use crate::fit;
 use crate::source::{Source, SourceKind, check_relative_path, is_dns_subdomain};
-use crate::v1alpha1::{DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision};
+use crate::v1alpha1::{
+    DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision, SecretKeyRef,
+};
 
 /// One problem with a spec: the JSON path of the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,21 +107,23 @@ fn validate_model(spec: &FineTuneJobSpec, e: &mut Errors) {
         (None, false) => {}
     }
     if let Some(token) = &m.token_secret_ref {
-        if !m.source.as_deref().is_some_and(|s| s.starts_with("hf://")) {
-            e.add(
-                "spec.model.tokenSecretRef",
-                "a token is only used with an hf:// source",
-            );
-        }
-        if !is_dns_subdomain(&token.name) {
-            e.add(
-                "spec.model.tokenSecretRef.name",
-                "must be a valid Secret name",
-            );
-        }
-        if token.key.is_empty() {
-            e.add("spec.model.tokenSecretRef.key", "must not be empty");
-        }
+        let hub = m.source.as_deref().is_some_and(|s| s.starts_with("hf://"));
+        let why = (!hub).then_some("a token is only used with an hf:// source");
+        validate_secret_ref("spec.model.tokenSecretRef", token, why, e);
+    }
+}
+
+/// A Secret reference at `path`: a valid Secret name and a key; `misplaced` says why it may not
+/// be set here at all.
+fn validate_secret_ref(path: &str, r: &SecretKeyRef, misplaced: Option<&str>, e: &mut Errors) {
+    if let Some(why) = misplaced {
+        e.add(path, why);
+    }
+    if !is_dns_subdomain(&r.name) {
+        e.add(&format!("{path}.name"), "must be a valid Secret name");
+    }
+    if r.key.is_empty() {
+        e.add(&format!("{path}.key"), "must not be empty");
     }
 }
 
@@ -127,6 +131,11 @@ fn validate_dataset(spec: &FineTuneJobSpec, e: &mut Errors) {
     let d = &spec.dataset;
     if let Err(err) = Source::parse(&d.source, SourceKind::Dataset) {
         e.add("spec.dataset.source", err.to_string());
+    }
+    if let Some(r) = &d.credentials_secret_ref {
+        let https = d.source.starts_with("https://");
+        let why = (!https).then_some("credentials are only sent to an https:// source");
+        validate_secret_ref("spec.dataset.credentialsSecretRef", r, why, e);
     }
     match d.columns.task() {
         None => e.add(

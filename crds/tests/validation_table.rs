@@ -82,6 +82,28 @@ fn invalid_specs_are_refused_with_the_field_path() {
             with(base(L7B), "/model/tokenSecretRef/name", json!("Bad_Name")),
             "spec.model.tokenSecretRef.name",
         ),
+        (
+            "dataset credentials without https",
+            with(
+                base(TINY),
+                "/dataset/credentialsSecretRef",
+                json!({"name": "bucket-token", "key": "token"}),
+            ),
+            "spec.dataset.credentialsSecretRef",
+        ),
+        (
+            "dataset credentials secret name invalid",
+            with(
+                with(
+                    base(TINY),
+                    "/dataset/source",
+                    json!("https://data.example.com/r.csv"),
+                ),
+                "/dataset/credentialsSecretRef",
+                json!({"name": "Bad_Name", "key": "token"}),
+            ),
+            "spec.dataset.credentialsSecretRef.name",
+        ),
         // evaluation.testSet
         (
             "plain http test set",

@@ -196,6 +196,51 @@ fn later_attempts_download_the_commit_the_first_resolved() {
 }
 
 #[test]
+fn dataset_credentials_reach_only_the_download_step_by_secret_reference() {
+    let mut j = job("tiny-sentiment-cpu.yaml");
+    j.spec.dataset.source = "https://data.example.com/reviews.csv".into();
+    j.spec.dataset.credentials_secret_ref = Some(finetune_api::SecretKeyRef {
+        name: "bucket-token".into(),
+        key: "token".into(),
+    });
+    assert!(finetune_api::validate(&j.spec).is_ok(), "a valid spec");
+    let c = children(&j, &BuildSettings::default(), 0).unwrap();
+    let fetch = init_container(&c.pod, "fetch-dataset");
+    let env = fetch.env.clone().unwrap_or_default();
+    let token = env
+        .iter()
+        .find(|e| e.name == finetune_operator::build::FETCH_TOKEN_ENV)
+        .expect("the token variable");
+    assert!(token.value.is_none(), "never a value in the pod spec");
+    let sel = token
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .unwrap();
+    assert_eq!(
+        (sel.name.as_str(), sel.key.as_str()),
+        ("bucket-token", "token")
+    );
+    let trainer_env = trainer(&c.pod).env.clone().unwrap_or_default();
+    assert!(
+        trainer_env
+            .iter()
+            .all(|e| e.name != finetune_operator::build::FETCH_TOKEN_ENV)
+    );
+    // Without a reference the step has no token variable.
+    j.spec.dataset.credentials_secret_ref = None;
+    let c = children(&j, &BuildSettings::default(), 0).unwrap();
+    let env = init_container(&c.pod, "fetch-dataset")
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter()
+            .all(|e| e.name != finetune_operator::build::FETCH_TOKEN_ENV)
+    );
+}
+
+#[test]
 fn hub_token_is_passed_only_by_secret_reference() {
     let c = children(
         &job("llama-2-7b-lora-sentiment.yaml"),

@@ -24,6 +24,12 @@ pub struct DatasetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 64, max = 64), regex(pattern = SHA256_PATTERN))]
     pub sha256: Option<String>,
+    /// A key of a Secret in the job's namespace holding a bearer token for an `https://` source
+    /// (an object store's or an internal server's). Only the download step reads it, and sends it
+    /// as `Authorization: Bearer`; it never appears in the spec, a log, an event or the trainer's
+    /// environment. (A presigned URL in `source` works without it, but lives in the spec.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<super::SecretKeyRef>,
     /// File format: `csv` (header row, RFC 4180 quoting) or `jsonl` (one JSON object per line).
     #[serde(default)]
     pub format: DatasetFormat,
@@ -53,6 +59,7 @@ impl Default for DatasetSpec {
         DatasetSpec {
             source: String::new(),
             sha256: None,
+            credentials_secret_ref: None,
             format: DatasetFormat::default(),
             columns: ColumnMapping::default(),
             prompt_template: PromptTemplate::default(),

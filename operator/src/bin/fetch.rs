@@ -56,7 +56,11 @@ fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Url { url, dest, sha256 } => {
-            let bytes = fetch::download(&url, &dest, sha256.as_deref(), None, &policy)?;
+            // A bearer token from the job's Secret reference, when it names one; never printed.
+            let token = std::env::var(finetune_operator::build::FETCH_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty());
+            let bytes = fetch::download(&url, &dest, sha256.as_deref(), token.as_deref(), &policy)?;
             println!("downloaded {bytes} bytes to {}", dest.display());
         }
         Command::Hf {

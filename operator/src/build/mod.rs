@@ -8,7 +8,7 @@ mod volumes;
 
 pub use objects::{checkpoint_claim, config_map, metrics_service, trainer_network_policy};
 pub use pod::trainer_pod;
-pub use volumes::{DataPlan, MOUNT_ROOT, plan_volumes, url_port};
+pub use volumes::{DataPlan, FETCH_TOKEN_ENV, MOUNT_ROOT, plan_volumes, url_port};
 
 use finetune_api::FineTuneJob;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};

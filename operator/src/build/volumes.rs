@@ -157,16 +157,54 @@ fn fetch_container(
     }
 }
 
-/// One input file (dataset or retention text): its volume, mount, optional download step and
-/// resulting path.
+/// The environment variable `name` from a Secret key: a credential reaches the download step
+/// only this way, never as a value in the pod spec.
+fn secret_env(name: &str, secret: &finetune_api::SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// The environment variable of `finetune-fetch url` that holds a bearer token for the URL.
+pub const FETCH_TOKEN_ENV: &str = "FETCH_TOKEN";
+
+/// One input file of a job: the dataset, the retention text or the test set.
+struct FileInput<'a> {
+    /// Volume (and mount directory) name.
+    volume: &'a str,
+    /// Its source URI.
+    uri: &'a str,
+    /// Expected SHA-256, when known.
+    sha256: Option<&'a str>,
+    /// The Secret key of a bearer token for an https source.
+    credentials: Option<&'a finetune_api::SecretKeyRef>,
+    /// File name of a download.
+    file_name: String,
+}
+
+/// An input file's volume, mount, optional download step and resulting path.
 fn plan_file_input(
     plan: &mut DataPlan,
-    volume: &str,
-    uri: &str,
-    sha256: Option<&str>,
-    file_name: &str,
+    input: &FileInput<'_>,
     settings: &BuildSettings,
 ) -> Result<String> {
+    let FileInput {
+        volume,
+        uri,
+        sha256,
+        credentials,
+        ..
+    } = *input;
+    let file_name = input.file_name.as_str();
     let dir = format!("{MOUNT_ROOT}/{volume}");
     let source =
         Source::parse(uri, SourceKind::Dataset).map_err(|e| Error::Render(e.to_string()))?;
@@ -196,12 +234,16 @@ fn plan_file_input(
             if let Some(sum) = sha256 {
                 args.extend(["--sha256".into(), sum.into()]);
             }
-            plan.init_containers.push(fetch_container(
+            let mut step = fetch_container(
                 &format!("fetch-{volume}"),
                 settings,
                 args,
                 vec![mount(volume, &dir, false)],
-            ));
+            );
+            if let Some(secret) = credentials {
+                step.env = Some(vec![secret_env(FETCH_TOKEN_ENV, secret)]);
+            }
+            plan.init_containers.push(step);
             dest
         }
         Source::HuggingFace { .. } => {
@@ -316,19 +358,7 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
                     plan.egress_ports.insert(url_port(&settings.hf_endpoint));
                     let mut envs = vec![env("HF_ENDPOINT", &settings.hf_endpoint)];
                     if let Some(secret) = &spec.model.token_secret_ref {
-                        // The token reaches the download step only through the Secret.
-                        envs.push(EnvVar {
-                            name: "HF_TOKEN".into(),
-                            value: None,
-                            value_from: Some(EnvVarSource {
-                                secret_key_ref: Some(SecretKeySelector {
-                                    name: secret.name.clone(),
-                                    key: secret.key.clone(),
-                                    optional: Some(false),
-                                }),
-                                ..EnvVarSource::default()
-                            }),
-                        });
+                        envs.push(secret_env("HF_TOKEN", secret));
                     }
                     c.env = Some(envs);
                     plan.init_containers.push(c);
@@ -345,19 +375,25 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
     };
     let dataset_file = plan_file_input(
         &mut plan,
-        "dataset",
-        &spec.dataset.source,
-        spec.dataset.sha256.as_deref(),
-        &format!("data.{ext}"),
+        &FileInput {
+            volume: "dataset",
+            uri: &spec.dataset.source,
+            sha256: spec.dataset.sha256.as_deref(),
+            credentials: spec.dataset.credentials_secret_ref.as_ref(),
+            file_name: format!("data.{ext}"),
+        },
         settings,
     )?;
     let retention_file = match &spec.evaluation.retention {
         Some(r) => Some(plan_file_input(
             &mut plan,
-            "retention",
-            &r.source,
-            None,
-            "retention.txt",
+            &FileInput {
+                volume: "retention",
+                uri: &r.source,
+                sha256: None,
+                credentials: None,
+                file_name: "retention.txt".into(),
+            },
             settings,
         )?),
         None => None,
@@ -365,10 +401,13 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
     let test_set_file = match &spec.evaluation.test_set {
         Some(t) => Some(plan_file_input(
             &mut plan,
-            "test-set",
-            &t.source,
-            t.sha256.as_deref(),
-            &format!("test.{ext}"),
+            &FileInput {
+                volume: "test-set",
+                uri: &t.source,
+                sha256: t.sha256.as_deref(),
+                credentials: None,
+                file_name: format!("test.{ext}"),
+            },
             settings,
         )?),
         None => None,
