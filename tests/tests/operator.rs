@@ -132,6 +132,10 @@ async fn tiny_sample_succeeds_and_resumes_after_the_trainer_is_killed() {
         table.contains("Succeeded") && table.contains("40/40 (100%)"),
         "{table}"
     );
+    // The Reason column: why the job is where it is (the Ready condition's reason).
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("REASON"), "{table}");
+    assert!(table.contains("Completed"), "{table}");
 
     // Idle: a finished job causes no more status writes.
     let rv = job(&e.cluster, "tiny-sentiment")

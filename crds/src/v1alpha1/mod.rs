@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     doc = "A fine-tuning run of a Llama-family model (LoRA or full) on one dataset.",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model.preset"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.summary"}"#,
     printcolumn = r#"{"name":"Train-Loss","type":"number","jsonPath":".status.metrics.trainLoss"}"#,
