@@ -30,6 +30,12 @@ pub struct Args {
     /// own clients).
     #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
     pub hf_endpoint: String,
+    /// `name` or `name/key` (key `ca.crt` by default) of a ConfigMap in each job's namespace with
+    /// the PEM certificates the download steps trust instead of the public roots: the CA of a
+    /// private hub mirror or object store (trust-manager distributes such bundles). Empty: the
+    /// public roots.
+    #[arg(long, env = "CA_BUNDLE_CONFIG_MAP", default_value = "")]
+    pub ca_bundle_config_map: String,
     /// Directory of the pretrained tiny base model inside the trainer image.
     #[arg(
         long,

@@ -64,6 +64,14 @@ pub enum FetchError {
     /// The hub's file listing could not be understood.
     #[error("{0}")]
     Listing(String),
+    /// The CA bundle to trust could not be used.
+    #[error("CA bundle {path}: {message}")]
+    CaBundle {
+        /// The bundle file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Local file system error.
     #[error("{path}: {source}")]
     Io {
@@ -81,15 +89,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     }
 }
 
-/// How often and how patiently to retry.
+/// How often and how patiently to retry, and whom to trust.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
     /// Attempts per file.
     pub attempts: u32,
     /// Delay before the second attempt; doubles afterwards.
     pub initial_delay: Duration,
-    /// Timeout of one request.
+    /// Limit of one whole transfer.
     pub timeout: Duration,
+    /// PEM certificates trusted instead of the public roots (a private mirror's or object
+    /// store's CA); the public roots when `None`.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl Default for RetryPolicy {
@@ -98,17 +109,40 @@ impl Default for RetryPolicy {
             attempts: 5,
             initial_delay: Duration::from_millis(500),
             timeout: Duration::from_secs(3600),
+            ca_bundle: None,
         }
     }
 }
 
-fn agent(policy: &RetryPolicy) -> ureq::Agent {
-    let config = ureq::Agent::config_builder()
+fn agent(policy: &RetryPolicy) -> Result<ureq::Agent, FetchError> {
+    let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(20)))
-        .timeout_global(Some(policy.timeout))
-        .build();
-    ureq::Agent::new_with_config(config)
+        .timeout_global(Some(policy.timeout));
+    if let Some(path) = &policy.ca_bundle {
+        let roots = ureq::tls::RootCerts::new_with_certs(&ca_certificates(path)?);
+        config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
+    }
+    Ok(ureq::Agent::new_with_config(config.build()))
+}
+
+/// The certificates of a PEM bundle; an error when it holds none.
+fn ca_certificates(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, FetchError> {
+    let bad = |message: String| FetchError::CaBundle {
+        path: path.display().to_string(),
+        message,
+    };
+    let pem = fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(c) = item.map_err(|e| bad(e.to_string()))? {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(certs)
 }
 
 /// Hex SHA-256 of a file.
@@ -148,7 +182,7 @@ pub fn download(
         fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     let part = PathBuf::from(format!("{}.part", dest.display()));
-    let agent = agent(policy);
+    let agent = agent(policy)?;
     let shown = strip_credentials(url);
     let mut delay = policy.initial_delay;
     let mut last = String::new();

@@ -241,6 +241,68 @@ fn dataset_credentials_reach_only_the_download_step_by_secret_reference() {
 }
 
 #[test]
+fn a_ca_bundle_reaches_every_download_step_and_only_them() {
+    use finetune_operator::build::CaBundle;
+    assert_eq!(CaBundle::parse(""), None);
+    let settings = BuildSettings {
+        ca_bundle: CaBundle::parse("corp-ca/bundle.pem"),
+        ..BuildSettings::default()
+    };
+    assert_eq!(
+        CaBundle::parse("corp-ca").map(|c| c.key),
+        Some("ca.crt".into())
+    );
+    let mut j = job("llama-2-7b-lora-sentiment.yaml");
+    j.spec.dataset.source = "https://data.example.com/reviews.csv".into();
+    let pod = children(&j, &settings, 0).unwrap().pod;
+    let spec = pod.spec.as_ref().unwrap();
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "ca-bundle")
+        .expect("the bundle's volume");
+    assert_eq!(volume.config_map.as_ref().unwrap().name, "corp-ca");
+    let steps = spec.init_containers.clone().unwrap_or_default();
+    assert!(steps.len() >= 2, "model and dataset downloads");
+    for step in &steps {
+        let mounted = step.volume_mounts.iter().flatten().any(|m| {
+            m.name == "ca-bundle" && m.mount_path == "/etc/finetune/ca" && m.read_only == Some(true)
+        });
+        assert!(mounted, "{} lacks the bundle", step.name);
+        let env = step.env.clone().unwrap_or_default();
+        assert!(
+            env.iter().any(|e| e.name == "FETCH_CA_BUNDLE"
+                && e.value.as_deref() == Some("/etc/finetune/ca/bundle.pem")),
+            "{}: {env:?}",
+            step.name
+        );
+    }
+    // The model step keeps its token next to the bundle.
+    let model = init_container(&pod, "fetch-model");
+    assert!(model.env.iter().flatten().any(|e| e.name == "HF_TOKEN"));
+    assert!(
+        trainer(&pod)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != "ca-bundle")
+    );
+    // A job that downloads nothing gets no bundle volume.
+    let tiny = children(&job("tiny-sentiment-cpu.yaml"), &settings, 0)
+        .unwrap()
+        .pod;
+    assert!(
+        tiny.spec
+            .unwrap()
+            .volumes
+            .iter()
+            .flatten()
+            .all(|v| v.name != "ca-bundle")
+    );
+}
+
+#[test]
 fn hub_token_is_passed_only_by_secret_reference() {
     let c = children(
         &job("llama-2-7b-lora-sentiment.yaml"),

@@ -147,6 +147,7 @@ fn policy() -> RetryPolicy {
         attempts: 4,
         initial_delay: Duration::from_millis(50),
         timeout: Duration::from_secs(30),
+        ca_bundle: None,
     }
 }
 

@@ -15,6 +15,9 @@ struct Cli {
     /// Attempts per file before giving up.
     #[arg(long, env = "FETCH_RETRIES", default_value_t = 5, global = true)]
     retries: u32,
+    /// PEM bundle of the CAs to trust instead of the public roots (a private mirror's).
+    #[arg(long, env = "FETCH_CA_BUNDLE", global = true)]
+    ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let policy = fetch::RetryPolicy {
         attempts: cli.retries.max(1),
+        ca_bundle: cli.ca_bundle.clone(),
         ..fetch::RetryPolicy::default()
     };
     match cli.command {

@@ -44,6 +44,32 @@ pub struct BuildSettings {
     pub tiny_tokenizer_file: String,
     /// Grace period of trainer pods.
     pub trainer_grace_seconds: i64,
+    /// The ConfigMap key with the CAs the download steps trust, when not the public roots.
+    pub ca_bundle: Option<CaBundle>,
+}
+
+/// A key of a ConfigMap in the job's namespace holding PEM certificates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaBundle {
+    /// The ConfigMap.
+    pub config_map: String,
+    /// Its key.
+    pub key: String,
+}
+
+impl CaBundle {
+    /// From the operator flag: `name` or `name/key` (key `ca.crt` by default); `None` when empty.
+    pub fn parse(flag: &str) -> Option<Self> {
+        let flag = flag.trim();
+        if flag.is_empty() {
+            return None;
+        }
+        let (config_map, key) = flag.split_once('/').unwrap_or((flag, "ca.crt"));
+        Some(CaBundle {
+            config_map: config_map.into(),
+            key: key.into(),
+        })
+    }
 }
 
 impl Default for BuildSettings {
@@ -56,6 +82,7 @@ impl Default for BuildSettings {
             tiny_model_dir: "/opt/finetune/tiny-base".into(),
             tiny_tokenizer_file: "/opt/finetune/tokenizer/tokenizer.json".into(),
             trainer_grace_seconds: 120,
+            ca_bundle: None,
         }
     }
 }
@@ -70,6 +97,7 @@ impl From<&crate::Args> for BuildSettings {
             tiny_model_dir: a.tiny_model_dir.clone(),
             tiny_tokenizer_file: a.tiny_tokenizer_file.clone(),
             trainer_grace_seconds: a.trainer_grace_seconds,
+            ca_bundle: CaBundle::parse(&a.ca_bundle_config_map),
         }
     }
 }

@@ -139,16 +139,30 @@ fn fetch_resources() -> ResourceRequirements {
     }
 }
 
+/// Where the CA bundle is mounted in the download steps.
+const CA_BUNDLE_DIR: &str = "/etc/finetune/ca";
+/// The bundle's volume (its file is the ConfigMap key, in [`CA_BUNDLE_DIR`]).
+const CA_BUNDLE_VOLUME: &str = "ca-bundle";
+
 fn fetch_container(
     name: &str,
     settings: &BuildSettings,
     args: Vec<String>,
-    mounts: Vec<VolumeMount>,
+    mut mounts: Vec<VolumeMount>,
 ) -> Container {
+    let mut envs = Vec::new();
+    if let Some(ca) = &settings.ca_bundle {
+        mounts.push(mount(CA_BUNDLE_VOLUME, CA_BUNDLE_DIR, true));
+        envs.push(env(
+            "FETCH_CA_BUNDLE",
+            &format!("{CA_BUNDLE_DIR}/{}", ca.key),
+        ));
+    }
     Container {
         name: name.into(),
         image: Some(settings.fetch_image.clone()),
         args: Some(args),
+        env: Some(envs).filter(|e| !e.is_empty()),
         volume_mounts: Some(mounts),
         security_context: Some(restricted_container_security()),
         resources: Some(fetch_resources()),
@@ -241,7 +255,9 @@ fn plan_file_input(
                 vec![mount(volume, &dir, false)],
             );
             if let Some(secret) = credentials {
-                step.env = Some(vec![secret_env(FETCH_TOKEN_ENV, secret)]);
+                step.env
+                    .get_or_insert_with(Vec::new)
+                    .push(secret_env(FETCH_TOKEN_ENV, secret));
             }
             plan.init_containers.push(step);
             dest
@@ -360,7 +376,7 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
                     if let Some(secret) = &spec.model.token_secret_ref {
                         envs.push(secret_env("HF_TOKEN", secret));
                     }
-                    c.env = Some(envs);
+                    c.env.get_or_insert_with(Vec::new).extend(envs);
                     plan.init_containers.push(c);
                     (dir.clone(), format!("{dir}/tokenizer.json"))
                 }
@@ -412,6 +428,11 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
         )?),
         None => None,
     };
+
+    if let (Some(ca), false) = (&settings.ca_bundle, plan.init_containers.is_empty()) {
+        plan.volumes
+            .push(config_map_volume(CA_BUNDLE_VOLUME, &ca.config_map, &ca.key));
+    }
 
     plan.paths = TrainerPaths {
         model_dir,
