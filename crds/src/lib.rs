@@ -12,6 +12,7 @@ pub mod memory;
 pub mod mutability;
 pub mod presets;
 pub mod progress;
+pub mod quantity;
 pub mod source;
 pub mod trainer_config;
 pub mod v1alpha1;

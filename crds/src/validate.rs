@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::fit;
+use crate::quantity::parse_quantity_bytes;
 use crate::source::{Source, SourceKind, check_relative_path, is_dns_subdomain};
 use crate::v1alpha1::{
     DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision, SecretKeyRef,
@@ -482,31 +483,4 @@ fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
             "must be an image reference without spaces",
         );
     }
-}
-
-/// Parses a Kubernetes quantity (`10Gi`, `500m`, `1.5e3`, `2`) into its value (bytes or cores).
-pub fn parse_quantity_bytes(q: &str) -> Option<f64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let value: f64 = num.parse().ok()?;
-    let mult = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        _ => return None,
-    };
-    let v = value * mult;
-    v.is_finite().then_some(v)
 }

@@ -14,6 +14,9 @@ pub mod condition {
     pub const PROGRESSING: &str = "Progressing";
     /// Training finished and the output was written.
     pub const SUCCEEDED: &str = "Succeeded";
+    /// The same as [`SUCCEEDED`], under the name batch/v1 Job gives it (`kubectl wait
+    /// --for=condition=Complete`, Job-minded tools and workflows).
+    pub const COMPLETE: &str = "Complete";
     /// The job failed for good.
     pub const FAILED: &str = "Failed";
     /// The job is suspended.
@@ -106,16 +109,10 @@ pub fn set_phase(
         generation,
         now,
     );
-    if succeeded || is_true(c, condition::SUCCEEDED) {
-        set_condition(
-            c,
-            condition::SUCCEEDED,
-            succeeded,
-            reason,
-            message,
-            generation,
-            now,
-        );
+    for done in [condition::SUCCEEDED, condition::COMPLETE] {
+        if succeeded || is_true(c, done) {
+            set_condition(c, done, succeeded, reason, message, generation, now);
+        }
     }
     if failed || is_true(c, condition::FAILED) {
         set_condition(
@@ -291,6 +288,10 @@ mod tests {
         set_phase(&mut s, JobPhase::Succeeded, "Completed", "", Some(1), &t(2));
         assert!(is_true(&s.conditions, "Ready"));
         assert!(is_true(&s.conditions, "Succeeded"));
+        assert!(
+            is_true(&s.conditions, "Complete"),
+            "batch/v1 Job's name for it"
+        );
         assert!(!is_true(&s.conditions, "Progressing"));
         assert!(s.conditions.iter().all(|c| c.type_ != "Failed"));
         let mut f = FineTuneJobStatus::default();
@@ -303,6 +304,7 @@ mod tests {
             &t(3),
         );
         assert!(is_true(&f.conditions, "Failed") && is_true(&f.conditions, "Stalled"));
+        assert!(f.conditions.iter().all(|c| c.type_ != "Complete"));
     }
 
     #[test]

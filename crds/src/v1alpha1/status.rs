@@ -12,8 +12,9 @@ pub struct FineTuneJobStatus {
     /// Summary of the lifecycle: Pending, Running, Succeeded, Failed or Suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<JobPhase>,
-    /// kstatus-style conditions: Ready, Progressing, Succeeded, Failed, Suspended, Overfitting,
-    /// Stalled, Unschedulable, InvalidSpec, ActivationOverride.
+    /// kstatus-style conditions: Ready, Progressing, Succeeded (and Complete, batch/v1 Job's name
+    /// for it), Failed, Suspended, Overfitting, Stalled, StepStalled, Unschedulable, InvalidSpec,
+    /// ActivationOverride.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
