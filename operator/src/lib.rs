@@ -79,15 +79,40 @@ impl Error {
     /// render, stays refused until the job or the cluster changes (which triggers a reconcile
     /// by itself).
     pub fn is_transient(&self) -> bool {
+        self.retry_class() != RetryClass::Refused
+    }
+
+    /// How a reconcile that failed with this error is retried (see
+    /// `controller::retry_delay`).
+    pub fn retry_class(&self) -> RetryClass {
         match self {
-            Error::Kube(kube::Error::Api(status)) => {
-                matches!(status.code, 409 | 429) || status.code >= 500
+            Error::Kube(kube::Error::Api(status))
+                if matches!(status.code, 409 | 429) || status.code >= 500 =>
+            {
+                RetryClass::Congested
             }
-            Error::Kube(_) | Error::Io(_) | Error::Cache | Error::Leader(_) => true,
-            Error::Serialize(_) | Error::Render(_) | Error::MissingField(_) => false,
-            Error::Write { source, .. } => source.is_transient(),
+            Error::Kube(kube::Error::Api(_)) => RetryClass::Refused,
+            Error::Kube(_) | Error::Io(_) | Error::Cache | Error::Leader(_) => {
+                RetryClass::Unreachable
+            }
+            Error::Serialize(_) | Error::Render(_) | Error::MissingField(_) => RetryClass::Refused,
+            Error::Write { source, .. } => source.retry_class(),
         }
     }
+}
+
+/// Why a reconcile failed, as far as retrying it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryClass {
+    /// No answer from the API server (connection refused or reset, timeout, TLS): retried at a
+    /// short fixed interval, so the operator is back within seconds of the server (a failed
+    /// connection costs the server nothing).
+    Unreachable,
+    /// The server answered that it is busy or conflicted (409, 429, 5xx): exponential backoff.
+    Congested,
+    /// The server refused the request, or the object cannot be rendered: stays so until
+    /// something changes; exponential backoff from a longer start.
+    Refused,
 }
 
 /// Result alias of this crate.
@@ -116,6 +141,12 @@ mod tests {
             assert!(!api(code).is_transient(), "{code}");
         }
         assert!(!Error::Render("bad name".into()).is_transient());
+        assert_eq!(api(503).retry_class(), super::RetryClass::Congested);
+        assert_eq!(api(422).retry_class(), super::RetryClass::Refused);
+        assert_eq!(
+            Error::Io(std::io::Error::other("connection refused")).retry_class(),
+            super::RetryClass::Unreachable
+        );
         let quota = Error::Write {
             write: "apply children (pod x)".into(),
             source: Box::new(Error::Kube(kube::Error::Api(Box::new(

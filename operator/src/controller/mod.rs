@@ -26,7 +26,7 @@ use crate::lifecycle::BLOCKING_WAIT_REASONS;
 use crate::names::label_value;
 use crate::server::Health;
 use crate::status::{condition, find_condition, is_true};
-use crate::{Error, Result};
+use crate::{Error, Result, RetryClass};
 use decide::{Clock, Requeue, Settings, decide, effective_spec};
 use observe::{Observation, observe};
 
@@ -105,40 +105,43 @@ where
     }
 }
 
-/// A failed reconcile is retried with exponential backoff per job ([`retry_delay`]): from
-/// [`TRANSIENT_RETRY`] when the error can pass by itself, from [`PERMANENT_RETRY`] when it
-/// cannot (the API server refused the request as invalid or forbidden, the object cannot be
-/// rendered). A change to the job or its children reconciles it sooner anyway.
+/// A failed reconcile is retried per job by [`retry_delay`]: at a short fixed interval while the
+/// API server does not answer, with exponential backoff from [`CONGESTED_RETRY`] when it answered
+/// busy or conflicted, and from [`REFUSED_RETRY`] when it refused the request (invalid, forbidden)
+/// or the object cannot be rendered. A change to the job or its children reconciles it sooner
+/// anyway.
 pub fn error_policy(job: Arc<FineTuneJob>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.count_failure(&job.uid().unwrap_or_default());
-    let transient = error.is_transient();
-    let retry_in = retry_delay(transient, failures);
-    if transient {
-        warn!(%error, failures, ?retry_in, "reconcile failed; retrying");
-    } else {
+    let class = error.retry_class();
+    let retry_in = retry_delay(class, failures);
+    if class == RetryClass::Refused {
         warn!(%error, failures, ?retry_in, "reconcile failed; retrying will not help until the job or the cluster changes");
+    } else {
+        warn!(%error, failures, ?retry_in, "reconcile failed; retrying");
     }
     Action::requeue(retry_in)
 }
 
-/// The first retry after an error that can pass (conflict, throttling, server or transport
-/// error); it doubles with each failure in a row up to [`MAX_TRANSIENT_RETRY`].
-pub const TRANSIENT_RETRY: Duration = Duration::from_secs(2);
-/// The longest wait between retries of an error that can pass.
-pub const MAX_TRANSIENT_RETRY: Duration = Duration::from_secs(60);
-/// The first retry after an error that stays until something changes; it doubles up to
-/// [`MAX_PERMANENT_RETRY`].
-pub const PERMANENT_RETRY: Duration = Duration::from_secs(30);
-/// The longest wait between retries of an error that stays.
-pub const MAX_PERMANENT_RETRY: Duration = Duration::from_secs(300);
+/// The retry interval while the API server does not answer (no backoff: a refused connection
+/// costs nothing, and the operator should be back as soon as the server is).
+pub const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+/// The first retry after the server answered busy or conflicted; it doubles with each failure
+/// in a row up to [`MAX_CONGESTED_RETRY`].
+pub const CONGESTED_RETRY: Duration = Duration::from_secs(2);
+/// The longest wait between retries of a busy or conflicted server.
+pub const MAX_CONGESTED_RETRY: Duration = Duration::from_secs(60);
+/// The first retry after a refusal; it doubles up to [`MAX_REFUSED_RETRY`].
+pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between retries of a refusal.
+pub const MAX_REFUSED_RETRY: Duration = Duration::from_secs(300);
 
 /// The wait before retrying after the `failures`-th failed reconcile in a row (1 for the
-/// first).
-pub fn retry_delay(transient: bool, failures: u32) -> Duration {
-    let (first, max) = if transient {
-        (TRANSIENT_RETRY, MAX_TRANSIENT_RETRY)
-    } else {
-        (PERMANENT_RETRY, MAX_PERMANENT_RETRY)
+/// first), by why it failed.
+pub fn retry_delay(class: RetryClass, failures: u32) -> Duration {
+    let (first, max) = match class {
+        RetryClass::Unreachable => return UNREACHABLE_RETRY,
+        RetryClass::Congested => (CONGESTED_RETRY, MAX_CONGESTED_RETRY),
+        RetryClass::Refused => (REFUSED_RETRY, MAX_REFUSED_RETRY),
     };
     let doublings = failures.saturating_sub(1).min(16);
     first.saturating_mul(1 << doublings).min(max)
@@ -276,13 +279,19 @@ mod tests {
 
     #[test]
     fn retries_back_off_exponentially_to_a_ceiling() {
-        let secs = |transient, n| retry_delay(transient, n).as_secs();
-        let transient: Vec<u64> = (1..=8).map(|n| secs(true, n)).collect();
-        assert_eq!(transient, [2, 4, 8, 16, 32, 60, 60, 60]);
-        let permanent: Vec<u64> = (1..=6).map(|n| secs(false, n)).collect();
-        assert_eq!(permanent, [30, 60, 120, 240, 300, 300]);
-        assert_eq!(secs(true, u32::MAX), 60, "no overflow after many failures");
-        assert_eq!(secs(false, 0), 30);
+        let secs = |class, n| retry_delay(class, n).as_secs();
+        let congested: Vec<u64> = (1..=8).map(|n| secs(RetryClass::Congested, n)).collect();
+        assert_eq!(congested, [2, 4, 8, 16, 32, 60, 60, 60]);
+        let refused: Vec<u64> = (1..=6).map(|n| secs(RetryClass::Refused, n)).collect();
+        assert_eq!(refused, [30, 60, 120, 240, 300, 300]);
+        let unreachable: Vec<u64> = (1..=4).map(|n| secs(RetryClass::Unreachable, n)).collect();
+        assert_eq!(
+            unreachable,
+            [5, 5, 5, 5],
+            "back within seconds of the server"
+        );
+        assert_eq!(secs(RetryClass::Congested, u32::MAX), 60, "no overflow");
+        assert_eq!(secs(RetryClass::Refused, 0), 30);
     }
 
     fn job(name: &str, status: serde_json::Value) -> Arc<FineTuneJob> {
