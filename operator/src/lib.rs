@@ -73,17 +73,11 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same request can succeed without anything else changing: API
-    /// conflicts, throttling, timeouts, server and transport errors are transient; a request
-    /// the API server refuses as invalid or forbidden, or an object the operator cannot
-    /// render, stays refused until the job or the cluster changes (which triggers a reconcile
-    /// by itself).
-    pub fn is_transient(&self) -> bool {
-        self.retry_class() != RetryClass::Refused
-    }
-
     /// How a reconcile that failed with this error is retried (see
-    /// `controller::retry_delay`).
+    /// `controller::retry_delay`): API conflicts, throttling and server errors can pass, and so
+    /// can transport errors; a request the API server refuses as invalid or forbidden, or an
+    /// object the operator cannot render, stays refused until the job or the cluster changes
+    /// (which triggers a reconcile by itself).
     pub fn retry_class(&self) -> RetryClass {
         match self {
             Error::Kube(kube::Error::Api(status))
@@ -134,15 +128,14 @@ mod tests {
 
     #[test]
     fn refusals_are_permanent_and_congestion_is_transient() {
+        use super::RetryClass::{Congested, Refused};
         for code in [409, 429, 500, 503] {
-            assert!(api(code).is_transient(), "{code}");
+            assert_eq!(api(code).retry_class(), Congested, "{code}");
         }
         for code in [400, 403, 404, 422] {
-            assert!(!api(code).is_transient(), "{code}");
+            assert_eq!(api(code).retry_class(), Refused, "{code}");
         }
-        assert!(!Error::Render("bad name".into()).is_transient());
-        assert_eq!(api(503).retry_class(), super::RetryClass::Congested);
-        assert_eq!(api(422).retry_class(), super::RetryClass::Refused);
+        assert_eq!(Error::Render("bad name".into()).retry_class(), Refused);
         assert_eq!(
             Error::Io(std::io::Error::other("connection refused")).retry_class(),
             super::RetryClass::Unreachable
@@ -166,7 +159,7 @@ mod tests {
             write: "apply children (pod x)".into(),
             source: Box::new(api(422)),
         };
-        assert!(!wrapped.is_transient());
+        assert_eq!(wrapped.retry_class(), Refused);
         assert!(
             wrapped
                 .to_string()

@@ -16,7 +16,7 @@ struct Cli {
     #[arg(long, env = "FETCH_RETRIES", default_value_t = 5, global = true)]
     retries: u32,
     /// PEM bundle of the CAs to trust instead of the public roots (a private mirror's).
-    #[arg(long, env = "FETCH_CA_BUNDLE", global = true)]
+    #[arg(long, env = finetune_operator::build::FETCH_CA_BUNDLE_ENV, global = true)]
     ca_bundle: Option<PathBuf>,
 }
 

@@ -8,7 +8,9 @@ mod volumes;
 
 pub use objects::{checkpoint_claim, config_map, metrics_service, trainer_network_policy};
 pub use pod::trainer_pod;
-pub use volumes::{DataPlan, FETCH_TOKEN_ENV, MOUNT_ROOT, plan_volumes, url_port};
+pub use volumes::{
+    DataPlan, FETCH_CA_BUNDLE_ENV, FETCH_TOKEN_ENV, MOUNT_ROOT, plan_volumes, url_port,
+};
 
 use finetune_api::FineTuneJob;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
@@ -138,6 +140,14 @@ pub fn owner_reference(job: &FineTuneJob) -> Result<OwnerReference> {
         .ok_or(Error::MissingField("metadata.uid"))?;
     owner.block_owner_deletion = Some(true);
     Ok(owner)
+}
+
+/// The job's `metadata.uid`, which the API server always sets.
+pub fn job_uid(job: &FineTuneJob) -> Result<&str> {
+    job.metadata
+        .uid
+        .as_deref()
+        .ok_or(Error::MissingField("metadata.uid"))
 }
 
 /// Name and namespace of a job.

@@ -43,7 +43,7 @@ pub fn config_map(job: &FineTuneJob, plan: &DataPlan) -> Result<ConfigMap> {
     let (name, namespace) = name_and_namespace(job)?;
     let config = TrainerConfig::from_spec(
         format!("{namespace}/{name}"),
-        job.metadata.uid.clone().unwrap_or_default(),
+        super::job_uid(job)?.to_string(),
         &job.spec,
         plan.paths.clone(),
         format!("0.0.0.0:{TRAINER_METRICS_PORT}"),

@@ -154,7 +154,7 @@ fn fetch_container(
     if let Some(ca) = &settings.ca_bundle {
         mounts.push(mount(CA_BUNDLE_VOLUME, CA_BUNDLE_DIR, true));
         envs.push(env(
-            "FETCH_CA_BUNDLE",
+            FETCH_CA_BUNDLE_ENV,
             &format!("{CA_BUNDLE_DIR}/{}", ca.key),
         ));
     }
@@ -190,6 +190,8 @@ fn secret_env(name: &str, secret: &finetune_api::SecretKeyRef) -> EnvVar {
 
 /// The environment variable of `finetune-fetch url` that holds a bearer token for the URL.
 pub const FETCH_TOKEN_ENV: &str = "FETCH_TOKEN";
+/// The environment variable of `finetune-fetch` naming the PEM bundle of the CAs it trusts.
+pub const FETCH_CA_BUNDLE_ENV: &str = "FETCH_CA_BUNDLE";
 
 /// One input file of a job: the dataset, the retention text or the test set.
 struct FileInput<'a> {
@@ -278,14 +280,6 @@ fn pinned_revision(job: &FineTuneJob, revision: Option<String>) -> String {
         .and_then(|s| s.model_commit.clone())
         .or(revision)
         .unwrap_or_else(|| "main".into())
-}
-
-/// The job's `metadata.uid`, which the API server always sets.
-fn job_uid(job: &FineTuneJob) -> Result<&str> {
-    job.metadata
-        .uid
-        .as_deref()
-        .ok_or(Error::MissingField("metadata.uid"))
 }
 
 /// Plans volumes, mounts, download steps and paths for a job.
@@ -442,7 +436,7 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
         test_set_file,
         // One directory per job UID: a job re-created with the same name on a retained or
         // shared claim starts afresh beside the old job's checkpoints instead of resuming them.
-        checkpoint_dir: format!("{ckpt_dir}/checkpoints/{}", job_uid(job)?),
+        checkpoint_dir: format!("{ckpt_dir}/checkpoints/{}", super::job_uid(job)?),
         output_dir,
         termination_message_file: "/dev/termination-log".into(),
     };

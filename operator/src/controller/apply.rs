@@ -57,14 +57,14 @@ pub async fn execute(
             Write::DeleteFinishedChildren => delete_finished_children(ctx, &ns, &name).await,
         };
         if let Err(e) = done {
-            let failed = Error::Write {
+            if children_write {
+                let message = format!("{what}: {}", e.api_message());
+                report_failed_write(job, ctx, &ns, &name, &old, &message).await;
+            }
+            return Err(Error::Write {
                 write: what,
                 source: Box::new(e),
-            };
-            if children_write {
-                report_failed_write(job, ctx, &ns, &name, &old, &failed).await;
-            }
-            return Err(failed);
+            });
         }
     }
     if let Some(class) = plan.restart {
@@ -74,22 +74,18 @@ pub async fn execute(
 }
 
 /// Shows a refused write of the job's children in its status (`Ready=False`, reason
-/// `ApplyFailed`, the write and the API server's message), the rest of the status as it was.
-/// Best effort: the reconcile fails with the write's error either way.
+/// `ApplyFailed`, `message`: the write and the API server's words), the rest of the status as it
+/// was. Best effort: the reconcile fails with the write's error either way.
 async fn report_failed_write(
     job: &FineTuneJob,
     ctx: &Context,
     ns: &str,
     name: &str,
     old: &FineTuneJobStatus,
-    failed: &Error,
+    message: &str,
 ) {
-    let Error::Write { write, .. } = failed else {
-        return;
-    };
-    let message = format!("{write}: {}", failed.api_message());
     let now = super::plan::Clock::now().wall;
-    let status = crate::status::with_failed_write(old, &message, job.metadata.generation, &now);
+    let status = crate::status::with_failed_write(old, message, job.metadata.generation, &now);
     if let Err(e) = write_status(job, ctx, ns, name, old, &status).await {
         warn!(error = %e, "could not report the failed write in the status");
     }
