@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::job::{
-    NS, TRAIN, active, condition, env, http_get, job, job_pods, kubectl_apply, phase, step,
-    tiny_job, wait_job,
+    NS, TRAIN, active, apply_ok, condition, env, http_get, job, job_pods, kubectl_apply, phase,
+    step, tiny_job, wait_job,
 };
 use finetune_api::{FineTuneJob, JobPhase};
 use finetune_e2e::operator::{Assets, OperatorProcess, Workspace, install_crd, tiny_base};
@@ -516,15 +516,7 @@ async fn recreate_mid_run(name: &str, retain: bool) {
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&tiny_job(name, 400, 10)).unwrap();
     doc["spec"]["checkpoints"]["storage"]["retain"] = retain.into();
     let manifest = serde_yaml::to_string(&doc).unwrap();
-    let apply = || async {
-        let out = kubectl_apply(&e.cluster, &manifest).await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    apply().await;
+    apply_ok(&e.cluster, &manifest).await;
     let old = wait_job(&e.cluster, name, TRAIN, "a checkpoint at step >= 10", |j| {
         j.status
             .as_ref()
@@ -546,7 +538,7 @@ async fn recreate_mid_run(name: &str, retain: bool) {
         jobs.get_opt(name).await.unwrap().is_none().then_some(())
     })
     .await;
-    apply().await;
+    apply_ok(&e.cluster, &manifest).await;
     let new_uid = job(&e.cluster, name).await.metadata.uid.unwrap();
     assert_ne!(new_uid, old_uid);
 
@@ -615,12 +607,7 @@ async fn a_refused_pod_shows_the_api_servers_message_and_backs_off() {
     })
     .await;
     let name = "refused";
-    assert!(
-        kubectl_apply(&e.cluster, &tiny_job(name, 400, 50))
-            .await
-            .status
-            .success()
-    );
+    apply_ok(&e.cluster, &tiny_job(name, 400, 50)).await;
     let j = wait_job(
         &e.cluster,
         name,

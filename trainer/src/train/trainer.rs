@@ -225,7 +225,7 @@ impl Trainer {
             val_loss: None,
             best: None,
             extra: serde_json::Value::Null,
-            run: Some(params.run.clone()),
+            run: None,
         };
         let mut t = Self {
             params,

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::{ExtraState, Trainer};
-use crate::checkpoint::{CheckpointState, CheckpointStore};
+use crate::checkpoint::CheckpointStore;
 use crate::eval::OverfitMonitor;
 use crate::metrics::Phase;
 use crate::{Result, TrainerError};
@@ -44,11 +44,7 @@ impl Trainer {
         self.resumed_from = Some((c.dir.display().to_string(), skipped));
         let from = c.state.step as u64;
         self.progress(|p| p.resumed_from_step = from);
-        self.state = CheckpointState {
-            // Checkpoints from here on record this run (a legacy one recorded none).
-            run: Some(self.params.run.clone()),
-            ..c.state
-        };
+        self.state = c.state;
         Ok(())
     }
 
@@ -62,6 +58,7 @@ impl Trainer {
             history: self.history.clone(),
         };
         self.state.optimizer_step = self.opt.step;
+        self.state.run = Some(self.params.run.clone());
         self.state.best = self.monitor.best;
         self.state.extra = serde_json::to_value(&extra)?;
         let dir = self.store.save(
