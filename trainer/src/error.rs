@@ -64,6 +64,15 @@ pub enum TrainerError {
     /// `finetune_formats::Error`).
     #[error(transparent)]
     Format(#[from] finetune_formats::Error),
+    /// A collective of data-parallel training failed: a rank left, hung, was refused or called
+    /// something else (the process exits with `distributed::COLLECTIVE_EXIT_CODE`).
+    #[error("collective (rank {rank}): {reason}")]
+    Collective {
+        /// The rank that saw the failure.
+        rank: usize,
+        /// What happened, naming the other rank.
+        reason: String,
+    },
 }
 
 impl TrainerError {

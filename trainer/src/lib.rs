@@ -6,7 +6,8 @@
 //! 2. [`atomic_file`] (atomic writes, checksums), [`data`] (dataset reading, cleaning with a
 //!    report, stratified split, prompt templates, tokenisation with a response-only loss mask),
 //!    [`optim`] (AdamW, schedules, clipping), [`metrics`] (Prometheus and `/progress`), [`plan`]
-//!    (the memory plan);
+//!    (the memory plan), [`distributed`] (the collectives of data-parallel training and the
+//!    rendezvous contract);
 //! 3. [`model`]: an own, fully differentiable Llama (HF `config.json` and weight names), LoRA
 //!    adapters with PEFT export, the `tiny` preset's architecture and random weights;
 //! 4. [`loss`] (masked cross-entropy, token log-probabilities), [`checkpoint`] (checksummed
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod loss;

@@ -8,7 +8,14 @@ use std::path::{Path, PathBuf};
 /// Bottom to top. A module may use the modules of the layers below its own.
 const LAYERS: &[&[&str]] = &[
     &["error", "rng", "test_util"],
-    &["atomic_file", "data", "optim", "metrics", "plan"],
+    &[
+        "atomic_file",
+        "data",
+        "distributed",
+        "optim",
+        "metrics",
+        "plan",
+    ],
     &["model"],
     &["loss", "checkpoint"],
     &["eval"],

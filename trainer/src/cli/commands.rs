@@ -7,6 +7,7 @@ use super::args::{Command, HeldOutArgs, Resume, cleaning_from_flags};
 use crate::data::Encoder;
 use crate::data::clean::{Format, read_dataset_file};
 use crate::data::template::PromptTemplate;
+use crate::distributed::COLLECTIVE_EXIT_CODE;
 use crate::eval::heldout::{HeldOutOptions, HeldOutSet, compare, evaluate_model};
 use crate::metrics::{Metrics, Phase};
 use crate::model::linear::FwdCtx;
@@ -208,7 +209,11 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
             .map(|p| crate::metrics::progress::compact_json(&p, TERMINATION_MESSAGE_BYTES))
             .unwrap_or_default()
     };
-    match crate::run::run_job(params, resume == Resume::Auto, Some(metrics.clone())) {
+    let collective = super::gang::collective_from_env(&params.run);
+    let outcome = collective.and_then(|c| {
+        crate::run::run_job_in(params, resume == Resume::Auto, Some(metrics.clone()), c)
+    });
+    match outcome {
         Ok(report) => {
             println!("{}", report.summary());
             let interrupted = report.status == "interrupted";
@@ -231,6 +236,11 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
             });
             // Best effort: the error itself is what the caller reports.
             let _ = std::fs::write(&termination_file, termination_message());
+            if let TrainerError::Collective { .. } = e {
+                // The gang is restarted as a whole; the code tells the operator why.
+                tracing::error!(error = %e, "the data-parallel gang failed");
+                return Ok(ExitCode::from(COLLECTIVE_EXIT_CODE));
+            }
             Err(e)
         }
     }

@@ -3,6 +3,7 @@
 
 mod args;
 mod commands;
+pub mod gang;
 
 pub use args::{Args, Command, HeldOutArgs, Resume, cleaning_from_flags};
 pub use commands::run;

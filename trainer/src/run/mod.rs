@@ -6,6 +6,7 @@ pub mod report;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::distributed::{Collective, SingleProcess};
 use crate::eval::classify::ClassificationReport;
 use crate::eval::heldout::{HeldOutSet, evaluate};
 use crate::eval::{encode_lm_lines, perplexity, sample};
@@ -101,19 +102,35 @@ fn measure_before(
         samples,
         test_set,
     };
-    std::fs::create_dir_all(&t.params.output_dir)
-        .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
-    crate::atomic_file::write_atomic(&path, serde_json::to_string_pretty(&b)?.as_bytes())?;
+    if t.is_primary() {
+        std::fs::create_dir_all(&t.params.output_dir)
+            .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
+        crate::atomic_file::write_atomic(&path, serde_json::to_string_pretty(&b)?.as_bytes())?;
+    }
     Ok(b)
 }
 
 /// Runs a job end to end. Returns the report (status `interrupted` after SIGTERM).
 pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>) -> Result<Report> {
+    run_job_in(params, resume, metrics, Box::new(SingleProcess))
+}
+
+/// [`run_job`] as one rank of the data-parallel gang `collective` connects. Every rank measures
+/// and trains alike (so none waits long in a collective); only rank 0 writes `before.json`,
+/// checkpoints, the exported model and the report, and the other ranks return after training
+/// with a report that names no outputs.
+pub fn run_job_in(
+    params: TrainParams,
+    resume: bool,
+    metrics: Option<Arc<Metrics>>,
+    collective: Box<dyn Collective>,
+) -> Result<Report> {
     if let Some(m) = &metrics {
         let commit = Some(params.run.model_commit.clone()).filter(|c| !c.is_empty());
         m.update_progress(|p| p.model_commit = commit);
     }
     let mut t = Trainer::new(params, resume, metrics.clone())?;
+    t.join(collective)?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, t.stop_flag())
         .map_err(|e| TrainerError::io("SIGTERM handler", e))?;
     let retention = retention_set(&t)?;
@@ -139,7 +156,7 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
     let mut test_scores = None;
     let mut forgetting = None;
     let mut samples = Vec::new();
-    if outcome.reason != StopReason::Interrupted {
+    if outcome.reason != StopReason::Interrupted && t.is_primary() {
         if let StopReason::EarlyStopped(_) = outcome.reason
             && let Some(step) = t.restore_best()?
         {
@@ -227,6 +244,9 @@ pub fn run_job(params: TrainParams, resume: bool, metrics: Option<Arc<Metrics>>)
         resumed_from: t.resumed_from.as_ref().map(|r| r.0.clone()),
         test_set: test_scores,
     };
+    if !t.is_primary() {
+        return Ok(report);
+    }
     std::fs::create_dir_all(&t.params.output_dir)
         .map_err(|e| TrainerError::io(&t.params.output_dir, e))?;
     // The termination message is the final progress document (written by the binary), or this

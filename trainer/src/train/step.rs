@@ -1,10 +1,16 @@
 //! The one optimizer step: forward, loss, backward over the micro-batches of a step, the
 //! averaged gradients clipped, then AdamW. The training loop ([`super::trainer::Trainer`]), the
 //! tiny base's pretraining ([`crate::tiny_base::pretrain()`]) and the throughput benchmark all call
-//! [`optimizer_step`], so what is measured and pretrained is what trains.
+//! [`optimizer_step`], so what is measured and pretrained is what trains. Data-parallel ranks
+//! call [`optimizer_step_across`], which adds the ranks' gradients before they are averaged.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
 
 use crate::Result;
 use crate::data::batch::Batch;
+use crate::distributed::{Collective, SingleProcess};
 use crate::loss::masked_cross_entropy;
 use crate::model::linear::FwdCtx;
 use crate::model::{Gradients, Llama};
@@ -55,7 +61,32 @@ pub fn optimizer_step(
     micro_batches: impl IntoIterator<Item = Result<Batch>>,
     lr: f64,
     settings: &StepSettings,
+    dropout_rng: Option<&mut Rng>,
+) -> Result<StepOutcome> {
+    optimizer_step_across(
+        model,
+        opt,
+        micro_batches,
+        lr,
+        settings,
+        dropout_rng,
+        &mut SingleProcess,
+    )
+}
+
+/// [`optimizer_step`] on one rank of a data-parallel gang: `micro_batches` are this rank's
+/// share of the step, and the sums of every rank's gradients, losses, micro-batch and token
+/// counts go through `collective` before the average, so all ranks apply the same update and
+/// `W` ranks of `k` micro-batches equal one rank accumulating the `W × k` (also when a rank has
+/// fewer at the end of an epoch). `tokens` is then the gang's.
+pub fn optimizer_step_across(
+    model: &Llama,
+    opt: &mut AdamW,
+    micro_batches: impl IntoIterator<Item = Result<Batch>>,
+    lr: f64,
+    settings: &StepSettings,
     mut dropout_rng: Option<&mut Rng>,
+    collective: &mut dyn Collective,
 ) -> Result<StepOutcome> {
     let mut acc = Gradients::new();
     let mut loss_sum = 0f32;
@@ -85,6 +116,11 @@ pub fn optimizer_step(
         acc.merge(step.grads)?;
     }
     let mut acc = acc.into_map();
+    if collective.world_size() > 1 {
+        let totals = [loss_sum, count as f32, tokens as f32];
+        let [l, c, t] = all_reduce_gradients(model, &mut acc, totals, collective)?;
+        (loss_sum, count, tokens) = (l, c as usize, t as usize);
+    }
     let n = count.max(1) as f64;
     if count > 1 {
         for g in acc.values_mut() {
@@ -98,4 +134,40 @@ pub fn optimizer_step(
         grad_norm,
         tokens,
     })
+}
+
+/// Replaces `grads` (this rank's gradient sums) and `totals` with their sums over the ranks. A
+/// tensor that no rank has a gradient for stays absent, as on one rank.
+fn all_reduce_gradients(
+    model: &Llama,
+    grads: &mut HashMap<String, Tensor>,
+    totals: [f32; 3],
+    collective: &mut dyn Collective,
+) -> Result<[f32; 3]> {
+    let trainable = model.trainable();
+    let mut flat: Vec<f32> = Vec::with_capacity(3 + trainable.len() + model.trainable_count());
+    flat.extend(totals);
+    flat.extend(
+        trainable
+            .iter()
+            .map(|(n, _)| f32::from(grads.contains_key(n))),
+    );
+    for (name, var) in trainable {
+        match grads.get(name) {
+            Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
+        }
+    }
+    collective.all_reduce_sum(&mut flat)?;
+    let (head, values) = flat.split_at(3 + trainable.len());
+    let mut offset = 0;
+    for ((name, var), present) in trainable.iter().zip(&head[3..]) {
+        let n = var.elem_count();
+        if *present > 0.0 {
+            let g = Tensor::from_slice(&values[offset..offset + n], var.shape(), var.device())?;
+            grads.insert(name.clone(), g);
+        }
+        offset += n;
+    }
+    Ok([head[0], head[1], head[2]])
 }

@@ -12,10 +12,11 @@ use finetune_api::console::ProgressBar;
 use super::batching::micro_batches;
 use super::data_prep::{PreparedData, prepare};
 use super::params::TrainParams;
-use super::step::{StepSettings, optimizer_step};
+use super::step::{StepSettings, optimizer_step_across};
 use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::data::batch::Batch;
 use crate::data::encode::Encoder;
+use crate::distributed::{Collective, SingleProcess};
 use crate::eval::classify::ClassificationSet;
 use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdict};
 use crate::metrics::{Metrics, Phase};
@@ -111,6 +112,7 @@ pub struct Trainer {
     pub resumed_from: Option<(String, Vec<String>)>,
     /// Latest checkpoint written.
     pub latest_checkpoint: Option<String>,
+    collective: Box<dyn Collective>,
 }
 
 /// Result of [`Trainer::run`].
@@ -181,18 +183,8 @@ impl Trainer {
             validation = data.val.len(),
             "model and data ready"
         );
-        let micro_per_epoch = data.train.len().div_ceil(params.batch_size.max(1));
-        let steps_per_epoch = micro_per_epoch.div_ceil(params.grad_accum.max(1));
-        let mut total_steps = steps_per_epoch * params.epochs.max(1);
-        if let Some(m) = params.max_steps {
-            total_steps = total_steps.min(m.max(1));
-        }
-        let schedule = Schedule {
-            base_lr: params.learning_rate,
-            warmup: params.warmup_steps,
-            total: total_steps,
-            kind: params.schedule,
-        };
+        let (steps_per_epoch, total_steps) = plan_steps(&params, data.train.len(), 1);
+        let schedule = schedule_of(&params, total_steps);
         let opt = AdamW::new(AdamWParams {
             weight_decay: params.weight_decay,
             ..Default::default()
@@ -247,6 +239,7 @@ impl Trainer {
             total_steps,
             resumed_from: None,
             latest_checkpoint: None,
+            collective: Box::new(SingleProcess),
         };
         if resume {
             t.resume()?;
@@ -255,6 +248,69 @@ impl Trainer {
             m.total_steps.set(t.total_steps as f64);
         }
         Ok(t)
+    }
+
+    /// Makes this trainer one rank of the data-parallel gang `collective` connects: each
+    /// optimizer step takes `grad_accum` micro-batches per rank (the step's global batch grows
+    /// with the world size, the plan of steps shrinks), gradients are summed across the ranks,
+    /// and only rank 0 writes checkpoints. Fails when the ranks did not start from the same
+    /// position and weights (a rank that resumed elsewhere, or a nondeterministic start).
+    pub fn join(&mut self, collective: Box<dyn Collective>) -> Result<()> {
+        self.collective = collective;
+        let world = self.collective.world_size();
+        let (per_epoch, total) = plan_steps(&self.params, self.data.train.len(), world);
+        self.steps_per_epoch = per_epoch;
+        self.total_steps = total;
+        self.schedule = schedule_of(&self.params, total);
+        if let Some(m) = &self.metrics {
+            m.total_steps.set(total as f64);
+        }
+        if world == 1 {
+            return Ok(());
+        }
+        let own = self.start_fingerprint()?;
+        let mut primary = own.clone();
+        self.collective.broadcast(&mut primary)?;
+        if primary != own {
+            return Err(TrainerError::Collective {
+                rank: self.collective.rank(),
+                reason: format!(
+                    "this rank starts at (step, epoch, micro-batch, weight sum, weight square sum) {own:?}, rank 0 at {primary:?}: every rank must resume from the same checkpoint"
+                ),
+            });
+        }
+        tracing::info!(
+            rank = self.collective.rank(),
+            world,
+            backend = self.collective.backend(),
+            steps = total,
+            "joined the data-parallel gang"
+        );
+        Ok(())
+    }
+
+    /// Where this rank starts: its position and two sums over its trainable weights.
+    fn start_fingerprint(&self) -> Result<Vec<f32>> {
+        let (mut sum, mut squares) = (0f64, 0f64);
+        for (_, var) in self.model.trainable() {
+            let t = var.as_tensor().to_dtype(DType::F64)?;
+            sum += t.sum_all()?.to_scalar::<f64>()?;
+            squares += t.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        let s = &self.state;
+        Ok(vec![
+            s.step as f32,
+            s.epoch as f32,
+            s.batch_in_epoch as f32,
+            sum as f32,
+            squares as f32,
+        ])
+    }
+
+    /// Whether this trainer writes checkpoints, the report and the outputs (rank 0, or a run
+    /// without a gang).
+    pub fn is_primary(&self) -> bool {
+        self.collective.rank() == 0
     }
 
     /// A flag that, when set (e.g. by SIGTERM), makes the loop checkpoint and return.
@@ -273,10 +329,14 @@ impl Trainer {
         }
     }
 
-    /// Runs one optimizer step over `group` micro-batches; returns the step record.
+    /// Runs one optimizer step over the step's `group` of micro-batches (of all ranks; this
+    /// rank computes its contiguous share); returns the step record.
     fn optimizer_step(&mut self, group: &[Vec<usize>]) -> Result<StepRecord> {
         let (data, device) = (&self.data, &self.device);
-        let batches = group.iter().map(|idx| {
+        let per_rank = self.params.grad_accum.max(1);
+        let first = (self.collective.rank() * per_rank).min(group.len());
+        let share = &group[first..(first + per_rank).min(group.len())];
+        let batches = share.iter().map(|idx| {
             let items: Vec<_> = idx.iter().map(|&i| &data.train[i]).collect();
             Batch::new(&items, 0, device)
         });
@@ -286,13 +346,14 @@ impl Trainer {
             reference_matmul: false,
         };
         let lr = self.schedule.lr(self.state.step);
-        let outcome = optimizer_step(
+        let outcome = optimizer_step_across(
             &self.model,
             &mut self.opt,
             batches,
             lr,
             &settings,
             Some(&mut self.state.rng),
+            self.collective.as_mut(),
         )?;
         self.state.step += 1;
         Ok(StepRecord {
@@ -312,7 +373,7 @@ impl Trainer {
         let start_step = self.state.step;
         let mut tokens_run = 0usize;
         self.progress(|p| p.phase = Phase::Training);
-        let accum = self.params.grad_accum.max(1);
+        let accum = self.params.grad_accum.max(1) * self.collective.world_size();
         let eval_interval = self.params.eval.interval;
         let ckpt_interval = self.params.checkpoint_interval;
         let mut last_log = Instant::now();
@@ -418,9 +479,7 @@ impl Trainer {
                         tokens: tokens_run,
                     });
                 }
-                if self.stop_flag.load(Ordering::SeqCst)
-                    || stop_at_step.is_some_and(|s| self.state.step >= s)
-                {
+                if self.stop_requested()? || stop_at_step.is_some_and(|s| self.state.step >= s) {
                     if !self.checkpointed_now() {
                         bar.clear();
                         self.checkpoint()?;
@@ -451,5 +510,35 @@ impl Trainer {
             seconds: t0.elapsed().as_secs_f64(),
             tokens: tokens_run,
         })
+    }
+
+    /// Whether the stop flag is set on any rank (on all ranks alike, so the gang stops at the
+    /// same step and rank 0 checkpoints it).
+    fn stop_requested(&mut self) -> Result<bool> {
+        let mut flag = [f32::from(self.stop_flag.load(Ordering::SeqCst))];
+        self.collective.all_reduce_sum(&mut flag)?;
+        Ok(flag[0] > 0.0)
+    }
+}
+
+/// Optimizer steps per epoch and in all for `train_rows` rows over `world` ranks, each step
+/// taking `grad_accum` micro-batches of `batch_size` rows per rank.
+fn plan_steps(params: &TrainParams, train_rows: usize, world: usize) -> (usize, usize) {
+    let micro_per_epoch = train_rows.div_ceil(params.batch_size.max(1));
+    let per_epoch = micro_per_epoch.div_ceil(params.grad_accum.max(1) * world.max(1));
+    let mut total = per_epoch * params.epochs.max(1);
+    if let Some(m) = params.max_steps {
+        total = total.min(m.max(1));
+    }
+    (per_epoch, total)
+}
+
+/// The learning-rate schedule of a run of `total_steps`.
+fn schedule_of(params: &TrainParams, total_steps: usize) -> Schedule {
+    Schedule {
+        base_lr: params.learning_rate,
+        warmup: params.warmup_steps,
+        total: total_steps,
+        kind: params.schedule,
     }
 }

@@ -48,8 +48,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes a checkpoint of the current state.
+    /// Writes a checkpoint of the current state (rank 0 only: the other ranks of a gang hold the
+    /// same state; they return an empty name).
     pub fn checkpoint(&mut self) -> Result<String> {
+        if !self.is_primary() {
+            return Ok(String::new());
+        }
         let t0 = Instant::now();
         self.progress(|p| p.phase = Phase::Checkpointing);
         let extra = ExtraState {

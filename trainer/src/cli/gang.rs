@@ -1,0 +1,67 @@
+//! The `train` command's place in a data-parallel gang: the world from the rendezvous
+//! environment, the gang's name and the timeouts, and the collective they connect.
+
+use std::time::Duration;
+
+use crate::Result;
+use crate::distributed::tcp::{TcpCollective, Timeouts};
+use crate::distributed::{Collective, SingleProcess, World};
+use crate::{TrainerError, checkpoint::RunIdentity};
+
+/// The attempt of the gang, set by the operator on every rank of a (re)started gang; ranks of
+/// different attempts refuse each other.
+pub const ATTEMPT_ENV: &str = "FINETUNE_ATTEMPT";
+/// Seconds each collective read or write may wait (default: [`Timeouts::default`]).
+pub const COLLECTIVE_TIMEOUT_ENV: &str = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS";
+/// Seconds the ranks may take to meet (default: [`Timeouts::default`]).
+pub const RENDEZVOUS_TIMEOUT_ENV: &str = "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS";
+
+/// The collective of this process: [`SingleProcess`] without a gang in the environment, else
+/// the CPU backend connected to the other ranks.
+pub fn collective_from_env(run: &RunIdentity) -> Result<Box<dyn Collective>> {
+    let var = |k: &str| std::env::var(k).ok();
+    let world = World::from_env(var, visible_gpus())?;
+    if world.world_size == 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    let attempt = var(ATTEMPT_ENV).unwrap_or_else(|| "0".into());
+    let job = if run.job_uid.is_empty() {
+        "local"
+    } else {
+        run.job_uid.as_str()
+    };
+    let gang = format!("{job}/{attempt}");
+    let defaults = Timeouts::default();
+    let timeouts = Timeouts {
+        rendezvous: seconds(RENDEZVOUS_TIMEOUT_ENV)?.unwrap_or(defaults.rendezvous),
+        collective: seconds(COLLECTIVE_TIMEOUT_ENV)?.unwrap_or(defaults.collective),
+    };
+    tracing::info!(
+        rank = world.rank,
+        world = world.world_size,
+        master = %format!("{}:{}", world.master_addr, world.master_port),
+        %gang,
+        "joining the gang (CPU backend)"
+    );
+    Ok(Box::new(TcpCollective::connect(&world, &gang, timeouts)?))
+}
+
+/// The GPUs `CUDA_VISIBLE_DEVICES` lists (0 when unset: `PET_NPROC_PER_NODE=auto` is then one
+/// process per node).
+fn visible_gpus() -> usize {
+    std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count())
+        .unwrap_or(0)
+}
+
+fn seconds(name: &str) -> Result<Option<Duration>> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) if s > 0 => Ok(Some(Duration::from_secs(s))),
+            _ => Err(TrainerError::Config(format!(
+                "{name}={v:?} is not a whole number of seconds above 0"
+            ))),
+        },
+    }
+}
