@@ -148,6 +148,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         bf16: c.precision == Precision::Bf16,
         gradient_checkpointing: c.gradient_checkpointing,
         use_gpu: c.use_gpu,
+        gpu_ordinal: 0,
         eval,
         checkpoint_dir: PathBuf::from(&c.paths.checkpoint_dir),
         checkpoint_interval: c.checkpoints.interval_steps as usize,

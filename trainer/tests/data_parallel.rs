@@ -4,7 +4,9 @@
 //! - a checkpoint does not depend on the world size: a run stopped on two ranks and resumed on
 //!   one (accumulating what the two did) ends where the uninterrupted two-rank run ends;
 //! - with the real binary, a rank that dies or hangs mid-run makes the other exit within the
-//!   collective timeout, with the collective's exit code.
+//!   collective timeout, with the collective's exit code;
+//! - a node's entry process with `PET_NPROC_PER_NODE=2` starts both ranks, which train to the
+//!   end (rank 0 writes the report), and when one of them is killed it stops the other.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -172,9 +174,9 @@ fn ranks_that_start_from_different_weights_are_refused() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// A trainer configuration for the binary: many steps, so the gang is still training when a
-/// rank is stopped.
-fn binary_job(work: &Path, model: &Path) -> std::path::PathBuf {
+/// A trainer configuration for the binary of `max_steps` steps (many: the gang is still
+/// training when a rank is stopped).
+fn binary_job(work: &Path, model: &Path, max_steps: u64) -> std::path::PathBuf {
     let spec = r#"
 model: {preset: tiny}
 dataset:
@@ -195,7 +197,8 @@ evaluation: {intervalSteps: 100000}
 checkpoints: {intervalSteps: 100000, keepLast: 1, keepBest: false}
 output: {path: output}
 "#;
-    let spec: finetune_api::FineTuneJobSpec = serde_yaml::from_str(spec).unwrap();
+    let mut spec: finetune_api::FineTuneJobSpec = serde_yaml::from_str(spec).unwrap();
+    spec.hyperparameters.max_steps = Some(max_steps);
     let fixtures = common::fixtures();
     let paths = finetune_api::TrainerPaths {
         model_dir: model.display().to_string(),
@@ -245,7 +248,7 @@ fn rank_process(config: &Path, rank: usize, port: u16, timeout_s: u64) -> std::p
 fn gang_losing_rank_1(name: &str, to_rank_1: &str) -> (Option<i32>, Duration, String) {
     let (work, model) = setup(name);
     std::fs::create_dir_all(&work).unwrap();
-    let config = binary_job(&work, &model);
+    let config = binary_job(&work, &model, 100_000);
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -317,4 +320,125 @@ fn a_hung_rank_makes_the_other_exit_within_the_collective_timeout() {
     assert_eq!(code, Some(i32::from(COLLECTIVE_EXIT_CODE)), "{log}");
     assert!(waited < Duration::from_secs(5 + 10), "took {waited:?}");
     assert!(log.contains("no answer within the timeout"), "{log}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The node entry process of a one-node gang with two processes per node.
+fn node_entry(config: &Path, port: u16) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["train", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("FINETUNE_METRICS_ADDRESS", "")
+        .env("PET_NNODES", "1")
+        .env("PET_NPROC_PER_NODE", "2")
+        .env("PET_MASTER_ADDR", "127.0.0.1")
+        .env("PET_MASTER_PORT", port.to_string())
+        .env("FINETUNE_COLLECTIVE_TIMEOUT_SECONDS", "5")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("LOCAL_RANK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    c
+}
+
+#[test]
+fn a_node_entry_starts_its_ranks_and_they_train_to_the_end() {
+    let (work, model) = setup("dp-entry");
+    let config = binary_job(&work, &model, 4);
+    let out = node_entry(&config, free_port()).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(log.matches("started rank").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("joined the data-parallel gang").count(),
+        2,
+        "{log}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("output/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["status"], "succeeded");
+    assert_eq!(report["steps"], 4);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn a_rank_killed_under_the_node_entry_stops_its_sibling() {
+    let (work, model) = setup("dp-entry-kill");
+    let config = binary_job(&work, &model, 100_000);
+    let mut entry = node_entry(&config, free_port())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = entry.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut pids = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the ranks log");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["fields"]["message"] == "started rank"
+        {
+            pids.push(v["fields"]["pid"].as_u64().unwrap());
+        }
+        if line.contains("\"message\":\"train\"") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2);
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pids[1].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = entry.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the entry process did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = reader.join().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + 9),
+        "the killed rank's code: {log}"
+    );
+    assert!(log.contains("rank failed: stopping the others"), "{log}");
+    // No rank is left running.
+    let alive = std::path::Path::new(&format!("/proc/{}", pids[0])).exists()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", pids[0]))
+            .unwrap_or_default()
+            .contains(") Z ");
+    assert!(!alive, "rank 0 still runs");
+    let _ = std::fs::remove_dir_all(&work);
 }

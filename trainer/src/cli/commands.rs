@@ -169,13 +169,17 @@ fn read_held_out(
         .tokenizer
         .clone()
         .unwrap_or_else(|| first.model.join("tokenizer.json"));
-    let device = select_device(args.gpu)?;
+    let device = select_device(args.gpu, 0)?;
     Ok((set, opts, tokenizer, device))
 }
 
 /// `train`: the job of a trainer configuration file, its progress served on `/metrics` and
 /// `/progress`, and its outcome left in the termination message for the operator.
 fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
+    if let Some(ranks) = super::gang::local_ranks()? {
+        return super::launch::run_local_ranks(ranks);
+    }
+    let world = super::gang::world_from_env()?;
     let cfg = crate::config::read_config(config)?;
     let model_dir = PathBuf::from(&cfg.paths.model_dir);
     if !model_dir.join("config.json").exists() {
@@ -195,7 +199,13 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
             force: false,
         })?;
     }
-    let params = crate::config::to_params(&cfg)?;
+    let mut params = crate::config::to_params(&cfg)?;
+    params.gpu_ordinal = world.local_rank;
+    // One metrics server and one termination message per pod: local rank 0's.
+    let pod_voice = world.local_rank == 0;
+    if !pod_voice {
+        params.metrics_address = None;
+    }
     let metrics = Metrics::new()?;
     if let Some(addr) = &params.metrics_address {
         let bound = crate::metrics::server::serve(addr, metrics.clone())?;
@@ -209,7 +219,7 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
             .map(|p| crate::metrics::progress::compact_json(&p, TERMINATION_MESSAGE_BYTES))
             .unwrap_or_default()
     };
-    let collective = super::gang::collective_from_env(&params.run);
+    let collective = super::gang::connect(&world, &params.run);
     let outcome = collective.and_then(|c| {
         crate::run::run_job_in(params, resume == Resume::Auto, Some(metrics.clone()), c)
     });
@@ -221,8 +231,10 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
                 let rel = cfg.output.path.clone();
                 metrics.update_progress(|p| p.output_dir = Some(rel));
             }
-            std::fs::write(&termination_file, termination_message())
-                .map_err(|e| TrainerError::io(&termination_file, e))?;
+            if pod_voice {
+                std::fs::write(&termination_file, termination_message())
+                    .map_err(|e| TrainerError::io(&termination_file, e))?;
+            }
             Ok(if interrupted {
                 ExitCode::from(INTERRUPTED)
             } else {
@@ -235,7 +247,9 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
                 p.error = Some(e.to_string());
             });
             // Best effort: the error itself is what the caller reports.
-            let _ = std::fs::write(&termination_file, termination_message());
+            if pod_voice {
+                let _ = std::fs::write(&termination_file, termination_message());
+            }
             if let TrainerError::Collective { .. } = e {
                 // The gang is restarted as a whole; the code tells the operator why.
                 tracing::error!(error = %e, "the data-parallel gang failed");
@@ -273,7 +287,7 @@ fn logits(model_dir: &Path, ids: Vec<u32>, gpu: bool) -> Result<ExitCode> {
             "--ids: give at least one token id".into(),
         ));
     }
-    let device = select_device(gpu)?;
+    let device = select_device(gpu, 0)?;
     let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
     let weights = Weights::from_dir(model_dir, candle_core::DType::F32, &device)?;
     let model = Llama::from_weights(&cfg, weights, &TrainableSpec::Frozen, 0, &device)?;

@@ -1,9 +1,11 @@
 //! The `train` command's place in a data-parallel gang: the world from the rendezvous
-//! environment, the gang's name and the timeouts, and the collective they connect.
+//! environment, the gang's name and the timeouts, the collective they connect, and the local
+//! ranks a node's entry process starts.
 
 use std::time::Duration;
 
 use crate::Result;
+use crate::distributed::rendezvous::local_ranks_to_start;
 use crate::distributed::tcp::{TcpCollective, Timeouts};
 use crate::distributed::{Collective, SingleProcess, World};
 use crate::{TrainerError, checkpoint::RunIdentity};
@@ -16,15 +18,18 @@ pub const COLLECTIVE_TIMEOUT_ENV: &str = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS";
 /// Seconds the ranks may take to meet (default: [`Timeouts::default`]).
 pub const RENDEZVOUS_TIMEOUT_ENV: &str = "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS";
 
-/// The collective of this process: [`SingleProcess`] without a gang in the environment, else
-/// the CPU backend connected to the other ranks.
-pub fn collective_from_env(run: &RunIdentity) -> Result<Box<dyn Collective>> {
-    let var = |k: &str| std::env::var(k).ok();
-    let world = World::from_env(var, visible_gpus())?;
+/// This process's world, from the rendezvous environment (a single process without one).
+pub fn world_from_env() -> Result<World> {
+    World::from_env(|k| std::env::var(k).ok(), visible_gpus())
+}
+
+/// The collective of `world`: [`SingleProcess`] for one rank, else the CPU backend connected to
+/// the other ranks of the gang named by the job's UID and [`ATTEMPT_ENV`].
+pub fn connect(world: &World, run: &RunIdentity) -> Result<Box<dyn Collective>> {
     if world.world_size == 1 {
         return Ok(Box::new(SingleProcess));
     }
-    let attempt = var(ATTEMPT_ENV).unwrap_or_else(|| "0".into());
+    let attempt = std::env::var(ATTEMPT_ENV).unwrap_or_else(|_| "0".into());
     let job = if run.job_uid.is_empty() {
         "local"
     } else {
@@ -43,7 +48,13 @@ pub fn collective_from_env(run: &RunIdentity) -> Result<Box<dyn Collective>> {
         %gang,
         "joining the gang (CPU backend)"
     );
-    Ok(Box::new(TcpCollective::connect(&world, &gang, timeouts)?))
+    Ok(Box::new(TcpCollective::connect(world, &gang, timeouts)?))
+}
+
+/// The ranks this process must start, when it is a node's entry process with several processes
+/// per node (see [`local_ranks_to_start`]).
+pub fn local_ranks() -> Result<Option<Vec<Vec<(String, String)>>>> {
+    local_ranks_to_start(|k| std::env::var(k).ok(), visible_gpus())
 }
 
 /// The GPUs `CUDA_VISIBLE_DEVICES` lists (0 when unset: `PET_NPROC_PER_NODE=auto` is then one

@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 pub mod gang;
+mod launch;
 
 pub use args::{Args, Command, HeldOutArgs, Resume, cleaning_from_flags};
 pub use commands::run;

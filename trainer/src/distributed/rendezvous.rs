@@ -125,6 +125,48 @@ impl World {
     }
 }
 
+/// The environment of each rank a node's entry process starts, as torchrun does: when
+/// `PET_NPROC_PER_NODE` (or `auto` with several visible GPUs) asks for more than one process per
+/// node and the process was not itself started as a rank (no `RANK`, `LOCAL_RANK`), one entry
+/// per local rank with `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and
+/// `MASTER_PORT`. `None`: this process is a rank itself.
+pub fn local_ranks_to_start(
+    var: impl Fn(&str) -> Option<String>,
+    visible_gpus: usize,
+) -> Result<Option<Vec<Vec<(String, String)>>>> {
+    let get = |name: &str| {
+        var(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    if get("RANK").is_some() || get("LOCAL_RANK").is_some() || get("PET_NNODES").is_none() {
+        return Ok(None);
+    }
+    let per_node = match get("PET_NPROC_PER_NODE").as_deref() {
+        None => 1,
+        Some("auto") => visible_gpus.max(1),
+        Some(n) => parse_count("PET_NPROC_PER_NODE", n)?,
+    };
+    if per_node == 1 {
+        return Ok(None);
+    }
+    let first = World::from_env(&var, visible_gpus)?;
+    Ok(Some(
+        (0..per_node)
+            .map(|local| {
+                vec![
+                    ("WORLD_SIZE".into(), first.world_size.to_string()),
+                    ("RANK".into(), (first.rank + local).to_string()),
+                    ("LOCAL_RANK".into(), local.to_string()),
+                    ("LOCAL_WORLD_SIZE".into(), per_node.to_string()),
+                    ("MASTER_ADDR".into(), first.master_addr.clone()),
+                    ("MASTER_PORT".into(), first.master_port.to_string()),
+                ]
+            })
+            .collect(),
+    ))
+}
+
 fn config(reason: String) -> TrainerError {
     TrainerError::Config(reason)
 }
@@ -217,6 +259,42 @@ mod tests {
         assert_eq!(both.rank, 1);
         let e = world(&[("PET_NNODES", "2"), ("WORLD_SIZE", "3")], 0).unwrap_err();
         assert!(e.to_string().contains("WORLD_SIZE=3 disagrees"), "{e}");
+    }
+
+    #[test]
+    fn a_node_entry_starts_one_rank_per_process_and_a_rank_starts_none() {
+        let vars = [
+            ("PET_NNODES", "2"),
+            ("PET_NPROC_PER_NODE", "2"),
+            ("PET_NODE_RANK", "1"),
+            ("PET_MASTER_ADDR", "job-0.job"),
+        ];
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let plan = local_ranks_to_start(|k| map.get(k).cloned(), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(plan.len(), 2);
+        for (local, env) in plan.iter().enumerate() {
+            let child: HashMap<String, String> = env.iter().cloned().collect();
+            let w = World::from_env(|k| child.get(k).cloned(), 0).unwrap();
+            assert_eq!((w.rank, w.local_rank, w.world_size), (2 + local, local, 4));
+            assert_eq!(w.master_addr, "job-0.job");
+            assert!(
+                local_ranks_to_start(|k| child.get(k).cloned(), 0)
+                    .unwrap()
+                    .is_none(),
+                "a started rank starts nothing"
+            );
+        }
+        let one: HashMap<String, String> = [("PET_NNODES".to_string(), "2".to_string())].into();
+        assert!(
+            local_ranks_to_start(|k| one.get(k).cloned(), 0)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -4,11 +4,11 @@ use candle_core::Device;
 
 use crate::{Result, TrainerError};
 
-/// The device to use: the CPU, or the first GPU the process sees (`CUDA_VISIBLE_DEVICES`, which
-/// the device plugin sets to the GPUs granted by `resources.gpus`, decides which one that is). A
-/// GPU job never falls back to the CPU: a binary built without CUDA, or a node whose GPU cannot be
-/// opened, is an error that says so.
-pub fn select_device(use_gpu: bool) -> Result<Device> {
+/// The device to use: the CPU, or GPU `ordinal` of those the process sees (`CUDA_VISIBLE_DEVICES`,
+/// which the device plugin sets to the GPUs granted by `resources.gpus`, decides which they are;
+/// a data-parallel rank takes its `LOCAL_RANK`). A GPU job never falls back to the CPU: a binary
+/// built without CUDA, or a node whose GPU cannot be opened, is an error that says so.
+pub fn select_device(use_gpu: bool, ordinal: usize) -> Result<Device> {
     if !use_gpu {
         return Ok(Device::Cpu);
     }
@@ -20,10 +20,10 @@ pub fn select_device(use_gpu: bool) -> Result<Device> {
                 .into(),
         ));
     }
-    Device::new_cuda(0).map_err(|e| {
+    Device::new_cuda(ordinal).map_err(|e| {
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
         TrainerError::Config(format!(
-            "cannot open the GPU (CUDA_VISIBLE_DEVICES={visible}): {e}"
+            "cannot open GPU {ordinal} (CUDA_VISIBLE_DEVICES={visible}): {e}"
         ))
     })
 }
@@ -35,13 +35,13 @@ mod tests {
 
     #[test]
     fn a_cpu_job_gets_the_cpu() {
-        assert!(matches!(select_device(false).unwrap(), Device::Cpu));
+        assert!(matches!(select_device(false, 0).unwrap(), Device::Cpu));
     }
 
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn a_gpu_job_on_a_binary_without_cuda_fails_instead_of_training_on_the_cpu() {
-        let err = select_device(true).unwrap_err().to_string();
+        let err = select_device(true, 0).unwrap_err().to_string();
         assert!(err.contains("built without CUDA"), "{err}");
         assert!(err.contains("resources.gpus: 0"), "{err}");
     }

@@ -144,6 +144,8 @@ pub struct TrainParams {
     pub gradient_checkpointing: bool,
     /// Use the GPU when built with CUDA.
     pub use_gpu: bool,
+    /// Which of the visible GPUs (a data-parallel rank's `LOCAL_RANK`; 0 alone).
+    pub gpu_ordinal: usize,
     /// Evaluation settings.
     pub eval: EvalParams,
     /// Checkpoint directory.
@@ -195,6 +197,7 @@ impl TrainParams {
             bf16: false,
             gradient_checkpointing: false,
             use_gpu: false,
+            gpu_ordinal: 0,
             eval: EvalParams::default(),
             checkpoint_dir: work.join("checkpoints"),
             checkpoint_interval: checkpoints.interval_steps as usize,
@@ -239,6 +242,7 @@ impl TrainParams {
             bf16: false,
             gradient_checkpointing: false,
             use_gpu: false,
+            gpu_ordinal: 0,
             eval: EvalParams::default(),
             checkpoint_dir: PathBuf::new(),
             checkpoint_interval: 0,

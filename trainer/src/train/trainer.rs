@@ -137,7 +137,7 @@ impl Trainer {
             }
         };
         set_phase(Phase::Loading);
-        let device = select_device(params.use_gpu)?;
+        let device = select_device(params.use_gpu, params.gpu_ordinal)?;
         let dtype = if params.bf16 && device.is_cuda() {
             DType::BF16
         } else {
