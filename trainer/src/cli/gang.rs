@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::Result;
 use crate::distributed::rendezvous::local_ranks_to_start;
 use crate::distributed::tcp::{TcpCollective, Timeouts};
-use crate::distributed::{Collective, SingleProcess, World};
+use crate::distributed::{Collective, RankEnv, SingleProcess, World};
 use crate::{TrainerError, checkpoint::RunIdentity};
 
 /// The attempt of the gang, set by the operator on every rank of a (re)started gang; ranks of
@@ -53,7 +53,7 @@ pub fn connect(world: &World, run: &RunIdentity) -> Result<Box<dyn Collective>> 
 
 /// The ranks this process must start, when it is a node's entry process with several processes
 /// per node (see [`local_ranks_to_start`]).
-pub fn local_ranks() -> Result<Option<Vec<Vec<(String, String)>>>> {
+pub fn local_ranks() -> Result<Option<Vec<RankEnv>>> {
     local_ranks_to_start(|k| std::env::var(k).ok(), visible_gpus())
 }
 

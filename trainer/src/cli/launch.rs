@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::distributed::COLLECTIVE_EXIT_CODE;
+use crate::distributed::{COLLECTIVE_EXIT_CODE, RankEnv};
 use crate::{Result, TrainerError};
 
 /// How long the ranks have to exit after SIGTERM before they are killed (below the pod's grace
@@ -25,7 +25,7 @@ const STOP_GRACE: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(100);
 
 /// Starts a rank for each of `ranks` (its environment), waits for all, and returns the exit code.
-pub fn run_local_ranks(ranks: Vec<Vec<(String, String)>>) -> Result<ExitCode> {
+pub fn run_local_ranks(ranks: Vec<RankEnv>) -> Result<ExitCode> {
     let exe = std::env::current_exe().map_err(|e| TrainerError::io("current executable", e))?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let term = Arc::new(AtomicBool::new(false));

@@ -10,7 +10,7 @@
 pub mod rendezvous;
 pub mod tcp;
 
-pub use rendezvous::World;
+pub use rendezvous::{RankEnv, World};
 
 use crate::Result;
 

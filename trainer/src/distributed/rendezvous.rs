@@ -125,6 +125,9 @@ impl World {
     }
 }
 
+/// The variables (name, value) a node's entry process sets for one rank it starts.
+pub type RankEnv = Vec<(String, String)>;
+
 /// The environment of each rank a node's entry process starts, as torchrun does: when
 /// `PET_NPROC_PER_NODE` (or `auto` with several visible GPUs) asks for more than one process per
 /// node and the process was not itself started as a rank (no `RANK`, `LOCAL_RANK`), one entry
@@ -133,7 +136,7 @@ impl World {
 pub fn local_ranks_to_start(
     var: impl Fn(&str) -> Option<String>,
     visible_gpus: usize,
-) -> Result<Option<Vec<Vec<(String, String)>>>> {
+) -> Result<Option<Vec<RankEnv>>> {
     let get = |name: &str| {
         var(name)
             .map(|v| v.trim().to_string())
