@@ -243,20 +243,13 @@ fn rank_process(config: &Path, rank: usize, port: u16, timeout_s: u64) -> std::p
         .unwrap()
 }
 
-/// Starts a two-process gang, waits until rank 0 trains, then does `to_rank_1` to rank 1; rank
-/// 0's exit status, the time from `to_rank_1` to its exit, and its log.
-fn gang_losing_rank_1(name: &str, to_rank_1: &str) -> (Option<i32>, Duration, String) {
-    let (work, model) = setup(name);
-    std::fs::create_dir_all(&work).unwrap();
-    let config = binary_job(&work, &model, 100_000);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut r0 = rank_process(&config, 0, port, 5);
-    let mut r1 = rank_process(&config, 1, port, 5);
-    let stderr = r0.stderr.take().unwrap();
+/// Each line of a child's stderr as it comes, and a thread that returns all of them at the end.
+fn stream_lines(
+    stderr: std::process::ChildStderr,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<String>,
+) {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
@@ -271,6 +264,20 @@ fn gang_losing_rank_1(name: &str, to_rank_1: &str) -> (Option<i32>, Duration, St
         }
         all
     });
+    (rx, reader)
+}
+
+/// Starts a two-process gang, waits until rank 0 trains, then does `to_rank_1` to rank 1; rank
+/// 0's exit status, the time from `to_rank_1` to its exit, and its log.
+fn gang_losing_rank_1(name: &str, to_rank_1: &str) -> (Option<i32>, Duration, String) {
+    let (work, model) = setup(name);
+    std::fs::create_dir_all(&work).unwrap();
+    let config = binary_job(&work, &model, 100_000);
+    let port = free_port();
+    let mut r0 = rank_process(&config, 0, port, 5);
+    let mut r1 = rank_process(&config, 1, port, 5);
+    let stderr = r0.stderr.take().unwrap();
+    let (rx, reader) = stream_lines(stderr);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let line = rx
@@ -380,20 +387,7 @@ fn a_rank_killed_under_the_node_entry_stops_its_sibling() {
         .spawn()
         .unwrap();
     let stderr = entry.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let (rx, reader) = stream_lines(stderr);
     let mut pids = Vec::new();
     loop {
         let line = rx
