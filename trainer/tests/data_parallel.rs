@@ -316,6 +316,7 @@ fn gang_losing_rank_1(name: &str, to_rank_1: &str) -> (Option<i32>, Duration, St
 #[test]
 fn a_killed_rank_makes_the_other_exit_at_once_with_the_collective_code() {
     let (code, waited, log) = gang_losing_rank_1("dp-kill", "-KILL");
+    eprintln!("rank 0 exited {waited:?} after SIGKILL of rank 1");
     assert_eq!(code, Some(i32::from(COLLECTIVE_EXIT_CODE)), "{log}");
     assert!(waited < Duration::from_secs(5), "took {waited:?}");
     assert!(log.contains("rank 1 during AllReduceSum"), "{log}");
@@ -324,6 +325,7 @@ fn a_killed_rank_makes_the_other_exit_at_once_with_the_collective_code() {
 #[test]
 fn a_hung_rank_makes_the_other_exit_within_the_collective_timeout() {
     let (code, waited, log) = gang_losing_rank_1("dp-hang", "-STOP");
+    eprintln!("rank 0 exited {waited:?} after SIGSTOP of rank 1 (timeout 5 s)");
     assert_eq!(code, Some(i32::from(COLLECTIVE_EXIT_CODE)), "{log}");
     assert!(waited < Duration::from_secs(5 + 10), "took {waited:?}");
     assert!(log.contains("no answer within the timeout"), "{log}");
