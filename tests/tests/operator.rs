@@ -630,6 +630,25 @@ async fn a_refused_pod_shows_the_api_servers_message_and_backs_off() {
         let body = http_get(&op.metrics, "/metrics").unwrap_or_default();
         common::job::metric(&body, "finetune_operator_reconcile_total{result=\"error\"}")
     };
+    // The checkpoint claim changes when kube-controller-manager completes its binding (its
+    // claim sync runs every 15 s), and a child's change is a reason to reconcile: wait until it
+    // is bound, so the window below counts only what the refusal itself brings. (CI of
+    // 2026-12-02 04:57 counted 2 failed reconciles when the binding fell into the window.)
+    let claims = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+        e.cluster.client(),
+        NS,
+    );
+    let claim_name = finetune_operator::names::checkpoint_claim(name);
+    common::wait_for(
+        Duration::from_secs(60),
+        "the checkpoint claim bound",
+        || async {
+            let c = claims.get(&claim_name).await.ok()?;
+            (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // A refusal is retried after 30 s, then 60 s: the status write of the first failure may
     // bring one more attempt at once, nothing else within 20 s.
     let before = failures();
