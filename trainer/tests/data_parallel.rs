@@ -199,45 +199,32 @@ output: {path: output}
 "#;
     let mut spec: finetune_api::FineTuneJobSpec = serde_yaml::from_str(spec).unwrap();
     spec.hyperparameters.max_steps = Some(max_steps);
-    let fixtures = common::fixtures();
-    let paths = finetune_api::TrainerPaths {
-        model_dir: model.display().to_string(),
-        tokenizer_file: fixtures
-            .join("tokenizer-wordlevel.json")
-            .display()
-            .to_string(),
-        dataset_file: fixtures.join("reviews-small.csv").display().to_string(),
-        retention_file: None,
-        test_set_file: None,
-        checkpoint_dir: work.join("checkpoints").display().to_string(),
-        output_dir: work.join("output").display().to_string(),
-        termination_message_file: work.join("termination-log").display().to_string(),
-    };
-    let tc = finetune_api::TrainerConfig::from_spec(
-        "dp".into(),
-        String::new(),
-        &spec,
-        paths,
-        String::new(),
-    );
-    let config = work.join("trainer.yaml");
-    std::fs::write(&config, serde_yaml::to_string(&tc).unwrap()).unwrap();
-    config
+    common::trainer_config_file(work, model, "dp", &spec)
 }
 
-fn rank_process(config: &Path, rank: usize, port: u16, timeout_s: u64) -> std::process::Child {
-    Command::new(BIN)
-        .args(["train", "--config"])
+/// `finetune-trainer train` of `config` with JSON logs, no metrics server and a collective
+/// timeout of `timeout_s`, outside any gang until the caller adds a world.
+fn trainer_command(config: &Path, timeout_s: u64) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["train", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
         .env("FINETUNE_METRICS_ADDRESS", "")
+        .env("FINETUNE_COLLECTIVE_TIMEOUT_SECONDS", timeout_s.to_string())
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("LOCAL_RANK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    c
+}
+
+fn rank_process(config: &Path, rank: usize, port: u16, timeout_s: u64) -> std::process::Child {
+    trainer_command(config, timeout_s)
         .env("WORLD_SIZE", "2")
         .env("RANK", rank.to_string())
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
-        .env("FINETUNE_COLLECTIVE_TIMEOUT_SECONDS", timeout_s.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
@@ -341,21 +328,11 @@ fn free_port() -> u16 {
 
 /// The node entry process of a one-node gang with two processes per node.
 fn node_entry(config: &Path, port: u16) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(["train", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .env("FINETUNE_METRICS_ADDRESS", "")
-        .env("PET_NNODES", "1")
+    let mut c = trainer_command(config, 5);
+    c.env("PET_NNODES", "1")
         .env("PET_NPROC_PER_NODE", "2")
         .env("PET_MASTER_ADDR", "127.0.0.1")
-        .env("PET_MASTER_PORT", port.to_string())
-        .env("FINETUNE_COLLECTIVE_TIMEOUT_SECONDS", "5")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("LOCAL_RANK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .env("PET_MASTER_PORT", port.to_string());
     c
 }
 

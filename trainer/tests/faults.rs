@@ -10,7 +10,7 @@
 
 mod common;
 
-use finetune_api::{FineTuneJob, TrainerConfig, TrainerPaths};
+use finetune_api::FineTuneJob;
 use finetune_trainer::checkpoint::CheckpointStore;
 use finetune_trainer::model::tiny;
 use std::io::{BufRead, BufReader};
@@ -22,10 +22,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_finetune-trainer");
 /// The operator's default `terminationGracePeriodSeconds` of trainer pods
 /// (`operator/src/args.rs`, `--trainer-grace-seconds`); checked against the source below.
 const GRACE_SECONDS: f64 = 120.0;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 const SPEC: &str = r#"
 apiVersion: finetune.dev/v1alpha1
@@ -87,22 +83,7 @@ fn job(name: &str, max_steps: u32, interval: u32) -> Job {
     j.spec.hyperparameters.max_steps = Some(u64::from(max_steps));
     j.spec.checkpoints.interval_steps = interval;
     let ckpt = work.join("checkpoints");
-    let paths = TrainerPaths {
-        model_dir: model.display().to_string(),
-        tokenizer_file: fixtures()
-            .join("tokenizer-wordlevel.json")
-            .display()
-            .to_string(),
-        dataset_file: fixtures().join("reviews-small.csv").display().to_string(),
-        retention_file: None,
-        test_set_file: None,
-        checkpoint_dir: ckpt.display().to_string(),
-        output_dir: work.join("output").display().to_string(),
-        termination_message_file: work.join("termination-log").display().to_string(),
-    };
-    let tc = TrainerConfig::from_spec(name.into(), String::new(), &j.spec, paths, String::new());
-    let config = work.join("trainer.yaml");
-    std::fs::write(&config, serde_yaml::to_string(&tc).unwrap()).unwrap();
+    let config = common::trainer_config_file(&work, &model, name, &j.spec);
     Job {
         work,
         config,

@@ -41,19 +41,11 @@ impl World {
     /// torchrun for each worker it starts, win over the node-level `PET_*` ones; when both are
     /// given they must agree. No variable at all is a single process. Errors name the variable.
     pub fn from_env(var: impl Fn(&str) -> Option<String>, visible_gpus: usize) -> Result<Self> {
-        let get = |name: &str| {
-            var(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |name: &str| lookup(&var, name);
         let node_level = match get("PET_NNODES") {
             Some(nodes) => {
                 let nodes = parse_count("PET_NNODES", &nodes)?;
-                let per_node = match get("PET_NPROC_PER_NODE").as_deref() {
-                    None => 1,
-                    Some("auto") => visible_gpus.max(1),
-                    Some(n) => parse_count("PET_NPROC_PER_NODE", n)?,
-                };
+                let per_node = procs_per_node(get, visible_gpus)?;
                 let node_rank = get("PET_NODE_RANK")
                     .map(|v| parse_index("PET_NODE_RANK", &v))
                     .transpose()?
@@ -118,11 +110,6 @@ impl World {
             master_port,
         })
     }
-
-    /// Whether this rank writes checkpoints, the report and the exported model.
-    pub fn is_primary(&self) -> bool {
-        self.rank == 0
-    }
 }
 
 /// The variables (name, value) a node's entry process sets for one rank it starts.
@@ -137,19 +124,11 @@ pub fn local_ranks_to_start(
     var: impl Fn(&str) -> Option<String>,
     visible_gpus: usize,
 ) -> Result<Option<Vec<RankEnv>>> {
-    let get = |name: &str| {
-        var(name)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |name: &str| lookup(&var, name);
     if get("RANK").is_some() || get("LOCAL_RANK").is_some() || get("PET_NNODES").is_none() {
         return Ok(None);
     }
-    let per_node = match get("PET_NPROC_PER_NODE").as_deref() {
-        None => 1,
-        Some("auto") => visible_gpus.max(1),
-        Some(n) => parse_count("PET_NPROC_PER_NODE", n)?,
-    };
+    let per_node = procs_per_node(get, visible_gpus)?;
     if per_node == 1 {
         return Ok(None);
     }
@@ -168,6 +147,22 @@ pub fn local_ranks_to_start(
             })
             .collect(),
     ))
+}
+
+/// The trimmed value of `name`; empty counts as unset.
+fn lookup(var: impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    var(name)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Processes per node: `PET_NPROC_PER_NODE`, `auto` being the visible GPUs (one without any).
+fn procs_per_node(get: impl Fn(&str) -> Option<String>, visible_gpus: usize) -> Result<usize> {
+    match get("PET_NPROC_PER_NODE").as_deref() {
+        None => Ok(1),
+        Some("auto") => Ok(visible_gpus.max(1)),
+        Some(n) => parse_count("PET_NPROC_PER_NODE", n),
+    }
 }
 
 fn config(reason: String) -> TrainerError {
@@ -228,7 +223,6 @@ mod tests {
             (w.master_addr.as_str(), w.master_port),
             ("job-0.job", 23456)
         );
-        assert!(!w.is_primary());
     }
 
     #[test]

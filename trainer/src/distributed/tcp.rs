@@ -254,19 +254,15 @@ impl TcpCollective {
                     }
                 }
             }
-            let mut message = header.bytes().to_vec();
-            message.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            let message = message(&header, values);
             for (i, peer) in self.peers.iter_mut().enumerate() {
                 peer.write_all(&message)
                     .map_err(|e| lost(i + 1, e.to_string()))?;
             }
         } else {
             let peer = &mut self.peers[0];
-            let mut message = header.bytes().to_vec();
-            if op == Op::AllReduceSum {
-                message.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-            }
-            peer.write_all(&message)
+            let sent: &[f32] = if op == Op::AllReduceSum { values } else { &[] };
+            peer.write_all(&message(&header, sent))
                 .map_err(|e| lost(0, e.to_string()))?;
             let back = read_header(peer).map_err(|e| lost(0, e))?;
             if back != header {
@@ -320,6 +316,14 @@ impl Header {
         b[9..17].copy_from_slice(&self.len.to_le_bytes());
         b
     }
+}
+
+/// `header` followed by `values` as little-endian f32s.
+fn message(header: &Header, values: &[f32]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(17 + 4 * values.len());
+    m.extend_from_slice(&header.bytes());
+    m.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    m
 }
 
 fn fail(rank: usize, reason: String) -> TrainerError {

@@ -168,3 +168,37 @@ pub fn params(work: &Path, model: &Path, run: &str, spec: TrainableSpec) -> Trai
     p.max_seq_len = 48;
     p
 }
+
+/// The trainer configuration of `spec` for the `finetune-trainer train` binary, written to
+/// `work/trainer.yaml`: the model in `model`, the word-level tokenizer and the small review
+/// fixture, checkpoints, outputs and the termination message under `work`.
+pub fn trainer_config_file(
+    work: &Path,
+    model: &Path,
+    job: &str,
+    spec: &finetune_api::FineTuneJobSpec,
+) -> PathBuf {
+    let paths = finetune_api::TrainerPaths {
+        model_dir: model.display().to_string(),
+        tokenizer_file: fixtures()
+            .join("tokenizer-wordlevel.json")
+            .display()
+            .to_string(),
+        dataset_file: fixtures().join("reviews-small.csv").display().to_string(),
+        retention_file: None,
+        test_set_file: None,
+        checkpoint_dir: work.join("checkpoints").display().to_string(),
+        output_dir: work.join("output").display().to_string(),
+        termination_message_file: work.join("termination-log").display().to_string(),
+    };
+    let tc = finetune_api::TrainerConfig::from_spec(
+        job.into(),
+        String::new(),
+        spec,
+        paths,
+        String::new(),
+    );
+    let config = work.join("trainer.yaml");
+    std::fs::write(&config, serde_yaml::to_string(&tc).unwrap()).unwrap();
+    config
+}
