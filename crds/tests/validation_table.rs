@@ -1,5 +1,7 @@
 //! Table-driven tests of `validate()`: each invalid spec must be refused with the exact field
 //! path of the problem.
+//!
+//! Over 500 lines on purpose: it is a table, one short row per refused field.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;

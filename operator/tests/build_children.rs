@@ -1,4 +1,7 @@
 //! The pure builders, from the sample YAML: what a trainer pod and its companions look like.
+//!
+//! Over 500 lines on purpose: one short test per property of the built children (pod, volumes,
+//! Services, policy), all reading the same sample fixtures; splitting it would repeat the fixtures.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;

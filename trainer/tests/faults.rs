@@ -6,6 +6,9 @@
 //!   an error naming the path and ENOSPC, older checkpoints stay valid, and after space is freed a
 //!   rerun resumes from the newest;
 //! - SIGTERM: a checkpoint is saved and the process exits well within the pod's grace period.
+//!
+//! Over 500 lines on purpose: each fault needs its own setup of the binary, and they share one
+//! set of helpers that a split would have to export.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

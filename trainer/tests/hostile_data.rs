@@ -1,6 +1,8 @@
 //! Malformed datasets and hostile input paths, through the real `finetune-trainer` binary with a
 //! timeout (issue #7): every case ends with a clear error or a cleaning report naming the file and
 //! line, never a panic (exit 101) and never a hang; and no input path escapes its volume.
+//!
+//! Over 500 lines on purpose: it is a corpus of cases, each a few lines, run by one harness.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

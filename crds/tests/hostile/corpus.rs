@@ -9,6 +9,8 @@
 //! every bounded list one item too many; every enum a value outside it. Hand-written cases add
 //! unknown fields, wrong types, path traversal in sources and output paths, URLs, a body over the
 //! API server's 3 MiB limit, cross-field errors and changes to immutable fields.
+//!
+//! Over 500 lines on purpose: it is data, one short entry per hostile document.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use finetune_api::FineTuneJob;

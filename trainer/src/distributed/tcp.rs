@@ -9,6 +9,9 @@
 //! survivor of an earlier attempt — with the reason, and the refused rank exits. Every read and
 //! write after that has the collective timeout, so a rank that dies or hangs makes the others
 //! fail within it instead of waiting forever.
+//!
+//! Over 500 lines with its unit tests (about 440 without): the framing, the rendezvous and the
+//! two collectives share one wire protocol and its timeouts, which one file keeps in view.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
