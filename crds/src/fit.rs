@@ -1,5 +1,6 @@
 //! The fit check: the job's memory plan ([`crate::memory`]) against one GPU's memory, and the
-//! settings the plan resolves from a spec (precision, checkpointing, GPUs and their memory).
+//! settings the plan resolves from a spec (precision, checkpointing, GPUs and their memory, the
+//! trainer processes of the gang).
 
 use crate::memory::{GIB, MemoryPlan, PlanInput, PlannedMethod, plan};
 use crate::v1alpha1::{FineTuneJobSpec, MethodType, Precision, TargetModule};
@@ -30,6 +31,22 @@ pub fn effective_gpus(spec: &FineTuneJobSpec) -> u32 {
         .unwrap_or(spec.model.preset.defaults().gpus)
 }
 
+/// Trainer pods of the job (`resources.nodes`, default 1).
+pub fn effective_nodes(spec: &FineTuneJobSpec) -> u32 {
+    spec.resources.nodes.unwrap_or(1).max(1)
+}
+
+/// Trainer processes in each pod: one per GPU (data parallel: each holds the whole model), one
+/// on CPU.
+pub fn processes_per_pod(spec: &FineTuneJobSpec) -> u32 {
+    effective_gpus(spec).max(1)
+}
+
+/// Trainer processes of the whole job (the gang's world size).
+pub fn world_size(spec: &FineTuneJobSpec) -> u32 {
+    effective_nodes(spec) * processes_per_pod(spec)
+}
+
 /// Memory per GPU in GiB: the spec's, or the preset's default (80 when the preset has none).
 pub fn effective_gpu_memory_gib(spec: &FineTuneJobSpec) -> u32 {
     spec.resources
@@ -40,8 +57,9 @@ pub fn effective_gpu_memory_gib(spec: &FineTuneJobSpec) -> u32 {
         })
 }
 
-/// Checks the job's memory plan against one GPU: the trainer trains on one GPU until
-/// multi-GPU training exists, so the budget is one GPU's memory whatever `resources.gpus` says.
+/// Checks the job's memory plan against one GPU: under data parallelism (the one spread the
+/// trainer has) every GPU holds the whole model and one micro-batch, so the budget is one GPU's
+/// memory whatever `resources.gpus` says.
 /// Returns the plan, or a message with the estimate, the budget and what would make it fit (each
 /// alternative planned too). CPU jobs (no GPUs) are not checked.
 pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
@@ -132,9 +150,10 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         ));
     }
     Err(format!(
-        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB on one \
-         GPU ({}) but a GPU has {} GiB: short by {:.1} GiB. The trainer uses one GPU per job \
-         until multi-GPU training exists, so more GPUs do not help yet. To fit: {}.",
+        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB on each \
+         GPU ({}) but a GPU has {} GiB: short by {:.1} GiB. Every GPU holds the whole model \
+         (data parallel), so more GPUs do not lower it; splitting the layers over a pod's GPUs \
+         (resources.spread: layers) is not supported yet. To fit: {}.",
         spec.model.preset,
         match spec.method.method_type {
             MethodType::Lora => "LoRA",
@@ -202,12 +221,26 @@ mod tests {
     }
 
     #[test]
-    fn seventy_b_is_refused_however_many_gpus_until_multi_gpu_training() {
+    fn seventy_b_is_refused_however_many_gpus_until_layers_can_be_split() {
         for gpus in [1, 4] {
             let msg = check(&spec(ModelPreset::Llama2_70b, MethodType::Lora, gpus)).unwrap_err();
-            assert!(msg.contains("more GPUs do not help yet"), "{msg}");
+            assert!(msg.contains("more GPUs do not lower it"), "{msg}");
+            assert!(msg.contains("resources.spread: layers"), "{msg}");
             assert!(msg.contains("the base weights alone are"), "{msg}");
         }
+    }
+
+    #[test]
+    fn four_gpus_of_a_pod_are_four_data_parallel_ranks_each_planned_as_one_gpu() {
+        let one = spec(ModelPreset::Llama2_7b, MethodType::Lora, 1);
+        let mut four = one.clone();
+        four.resources.gpus = Some(4);
+        four.resources.spread = crate::v1alpha1::Spread::Data;
+        assert_eq!((processes_per_pod(&four), world_size(&four)), (4, 4));
+        assert_eq!(gib(&four), gib(&one), "each GPU holds the whole model");
+        assert!(check(&four).is_ok());
+        let cpu = spec(ModelPreset::Tiny, MethodType::Lora, 0);
+        assert_eq!((processes_per_pod(&cpu), world_size(&cpu)), (1, 1));
     }
 
     #[test]

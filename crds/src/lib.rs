@@ -8,6 +8,7 @@
 pub mod console;
 pub mod document;
 pub mod fit;
+pub mod gang;
 pub mod memory;
 pub mod mutability;
 pub mod presets;

@@ -17,8 +17,9 @@
 //! Layers below the lowest trained one record nothing (their inputs need no gradient) unless the
 //! embeddings are trained. With activation checkpointing the forward keeps one (s, hidden) input
 //! per layer and the backward holds one recomputed layer at a time. The backward's working set is
-//! taken as one layer's activations. Parameters are not sharded: the trainer runs on one GPU
-//! until multi-GPU training exists, so the plan is per device and the budget is one GPU's memory.
+//! taken as one layer's activations. Parameters are not sharded: under data parallelism (the
+//! trainer's one spread) every GPU holds the whole model, so the plan is per device and the
+//! budget is one GPU's memory.
 
 use serde::Serialize;
 

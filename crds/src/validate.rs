@@ -9,7 +9,7 @@ use crate::fit;
 use crate::quantity::parse_quantity_bytes;
 use crate::source::{Source, SourceKind, check_relative_path, is_dns_subdomain};
 use crate::v1alpha1::{
-    DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision, SecretKeyRef,
+    DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision, SecretKeyRef, Spread,
 };
 
 /// One problem with a spec: the JSON path of the field and what is wrong with it.
@@ -457,6 +457,20 @@ fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
                 "{} cannot be fine-tuned on CPU; request at least one GPU",
                 spec.model.preset
             ),
+        );
+    }
+    if fit::effective_nodes(spec) > 1 {
+        e.add(
+            "spec.resources.nodes",
+            "only 1 is supported: the operator does not yet start a gang of trainer pods across \
+             nodes; use one node with several GPUs (resources.gpus), which trains data-parallel",
+        );
+    }
+    if r.spread == Spread::Layers {
+        e.add(
+            "spec.resources.spread",
+            "layers is not supported yet: the trainer cannot split the decoder layers over a \
+             pod's GPUs; use data (every GPU holds the whole model) or auto",
         );
     }
     if !r.gpu_resource_name.contains('/') {

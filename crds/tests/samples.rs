@@ -1,6 +1,6 @@
 //! Every sample under `manifests/samples/` deserialises into a FineTuneJob without unknown
 //! fields; the runnable ones (the top directory) pass `validate()`, and the 70B sample in
-//! `multi-gpu/` is refused by the fit check until multi-GPU training exists.
+//! `multi-gpu/` is refused by the fit check until layers can be split over GPUs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -108,5 +108,5 @@ fn the_demo_sample_trains_on_cpu_and_70b_waits_for_multi_gpu_training() {
     assert_eq!(big.spec.model.preset, ModelPreset::Llama2_70b);
     assert_eq!(finetune_api::fit::effective_gpus(&big.spec), 4);
     let msg = finetune_api::fit::check(&big.spec).unwrap_err();
-    assert!(msg.contains("more GPUs do not help yet"), "{msg}");
+    assert!(msg.contains("more GPUs do not lower it"), "{msg}");
 }

@@ -392,6 +392,16 @@ fn invalid_specs_are_refused_with_the_field_path() {
             "spec.resources.gpus",
         ),
         (
+            "a gang of two trainer pods",
+            with(base(L7B), "/resources/nodes", json!(2)),
+            "spec.resources.nodes",
+        ),
+        (
+            "layers split over GPUs",
+            with(base(L7B), "/resources/spread", json!("layers")),
+            "spec.resources.spread",
+        ),
+        (
             "gpu resource without domain",
             with(base(L7B), "/resources/gpuResourceName", json!("gpu")),
             "spec.resources.gpuResourceName",

@@ -142,6 +142,53 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
     );
 }
 
+fn env_value(pod: &Pod, name: &str) -> Option<String> {
+    trainer(pod)
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+#[test]
+fn a_pod_with_several_gpus_runs_one_rank_per_gpu_and_one_gpu_runs_alone() {
+    let mut four = job("llama-2-7b-lora-sentiment.yaml");
+    four.spec.resources.gpus = Some(4);
+    let pod = children(&four, &BuildSettings::default(), 3).unwrap().pod;
+    let got: Vec<Option<String>> = [
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+        "PET_NODE_RANK",
+        "PET_MASTER_ADDR",
+        "PET_MASTER_PORT",
+        finetune_api::gang::ATTEMPT_ENV,
+    ]
+    .iter()
+    .map(|n| env_value(&pod, n))
+    .collect();
+    let want = ["1", "4", "0", "127.0.0.1", "29500", "3"];
+    assert_eq!(got, want.map(|v| Some(v.to_string())));
+
+    for sample in ["llama-2-7b-lora-sentiment.yaml", "tiny-sentiment-cpu.yaml"] {
+        let pod = children(&job(sample), &BuildSettings::default(), 0)
+            .unwrap()
+            .pod;
+        let names: Vec<&str> = trainer(&pod)
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with("PET_")),
+            "{sample}: {names:?}"
+        );
+    }
+}
+
 #[test]
 fn a_queued_jobs_pod_carries_its_kueue_labels() {
     let mut j = job("llama-2-7b-lora-sentiment.yaml");

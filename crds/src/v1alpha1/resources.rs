@@ -10,11 +10,26 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourcesSpec {
-    /// GPUs for the trainer pod (0 trains on CPU). Default: 1 for 7B and 13B, 4 for 70B, 0 for
+    /// GPUs for the trainer pod, i.e. per node (0 trains on CPU). With `spread: data` the pod
+    /// runs one trainer process per GPU, each holding the whole model and training on its own
+    /// share of every optimizer step (the effective batch is batchSize ×
+    /// gradientAccumulationSteps × GPUs × nodes). Default: 1 for 7B and 13B, 4 for 70B, 0 for
     /// tiny.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 64))]
     pub gpus: Option<u32>,
+    /// Trainer pods of the job, one per node, together one data-parallel gang. Default 1. Only 1
+    /// is accepted today: the operator does not yet start a gang of pods (the trainer's ranks
+    /// across nodes exist; the pods, their Service and the gang restart do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub nodes: Option<u32>,
+    /// How the model is spread over the GPUs: `data` (every GPU holds the whole model and
+    /// trains on its share of each step), `layers` (the decoder layers split over the pod's
+    /// GPUs, for a model that does not fit one; not supported yet and refused) or `auto`
+    /// (`data` when the model fits one GPU by the memory plan, else `layers`). Default `auto`.
+    #[serde(default, skip_serializing_if = "Spread::is_auto")]
+    pub spread: Spread,
     /// Extended resource name of a GPU.
     #[serde(default = "default_gpu_resource")]
     #[schemars(
@@ -63,6 +78,8 @@ impl Default for ResourcesSpec {
     fn default() -> Self {
         ResourcesSpec {
             gpus: None,
+            nodes: None,
+            spread: Spread::Auto,
             gpu_resource_name: default_gpu_resource(),
             gpu_memory_gib: None,
             cpu: None,
@@ -78,4 +95,24 @@ impl Default for ResourcesSpec {
 
 fn default_gpu_resource() -> String {
     "nvidia.com/gpu".into()
+}
+
+/// How a job's model is spread over its GPUs (`resources.spread`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Spread {
+    /// `data` when the model fits one GPU, else `layers`.
+    #[default]
+    Auto,
+    /// Data parallel: one trainer process per GPU, each with the whole model.
+    Data,
+    /// The decoder layers split over the pod's GPUs (not supported yet).
+    Layers,
+}
+
+impl Spread {
+    /// Whether this is the default, `auto`.
+    pub fn is_auto(&self) -> bool {
+        *self == Spread::Auto
+    }
 }

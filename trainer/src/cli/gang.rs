@@ -10,9 +10,7 @@ use crate::distributed::tcp::{TcpCollective, Timeouts};
 use crate::distributed::{Collective, RankEnv, SingleProcess, World};
 use crate::{TrainerError, checkpoint::RunIdentity};
 
-/// The attempt of the gang, set by the operator on every rank of a (re)started gang; ranks of
-/// different attempts refuse each other.
-pub const ATTEMPT_ENV: &str = "FINETUNE_ATTEMPT";
+pub use finetune_api::gang::ATTEMPT_ENV;
 /// Seconds each collective read or write may wait (default: [`Timeouts::default`]).
 pub const COLLECTIVE_TIMEOUT_ENV: &str = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS";
 /// Seconds the ranks may take to meet (default: [`Timeouts::default`]).

@@ -14,9 +14,7 @@ pub use rendezvous::{RankEnv, World};
 
 use crate::Result;
 
-/// The exit code of a trainer whose collective failed (a rank left, hung or was refused):
-/// `EX_TEMPFAIL` of sysexits.h, "try again later", so the operator restarts the whole gang.
-pub const COLLECTIVE_EXIT_CODE: u8 = 75;
+pub use finetune_api::gang::COLLECTIVE_EXIT_CODE;
 
 /// The collectives of data-parallel training, over the ranks `0..world_size()`.
 ///

@@ -5,9 +5,7 @@
 
 use crate::{Result, TrainerError};
 
-/// The port rank 0 listens on when neither `PET_MASTER_PORT` nor `MASTER_PORT` says (torchrun's
-/// default).
-pub const DEFAULT_MASTER_PORT: u16 = 29500;
+pub use finetune_api::gang::DEFAULT_MASTER_PORT;
 
 /// One rank's place in a data-parallel gang.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,6 +290,31 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn the_operators_environment_for_a_pod_with_four_gpus_starts_four_ranks() {
+        let mut spec = finetune_api::v1alpha1::FineTuneJobSpec::default();
+        spec.resources.gpus = Some(4);
+        let map: HashMap<String, String> =
+            finetune_api::gang::rendezvous_env(&spec, 0, "127.0.0.1", 2)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        assert_eq!(map[finetune_api::gang::ATTEMPT_ENV], "2");
+        let ranks = local_ranks_to_start(|k| map.get(k).cloned(), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ranks.len(), 4);
+        for (local, env) in ranks.iter().enumerate() {
+            let child: HashMap<String, String> = env.iter().cloned().collect();
+            let w = World::from_env(|k| child.get(k).cloned(), 0).unwrap();
+            assert_eq!((w.rank, w.local_rank, w.world_size), (local, local, 4));
+            assert_eq!(
+                (w.master_addr.as_str(), w.master_port),
+                ("127.0.0.1", 29500)
+            );
+        }
     }
 
     #[test]

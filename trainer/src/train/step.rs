@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::Result;
 use crate::data::batch::Batch;
@@ -154,7 +154,8 @@ fn all_reduce_gradients(
     );
     for (name, var) in trainable {
         match grads.get(name) {
-            Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+            // Summed in f32 whatever the weights' dtype (bf16 for full fine-tuning on GPUs).
+            Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
         }
     }
@@ -164,7 +165,8 @@ fn all_reduce_gradients(
     for ((name, var), present) in trainable.iter().zip(&head[3..]) {
         let n = var.elem_count();
         if *present > 0.0 {
-            let g = Tensor::from_slice(&values[offset..offset + n], var.shape(), var.device())?;
+            let g = Tensor::from_slice(&values[offset..offset + n], var.shape(), var.device())?
+                .to_dtype(var.dtype())?;
             grads.insert(name.clone(), g);
         }
         offset += n;
