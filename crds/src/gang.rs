@@ -4,7 +4,7 @@
 //! plus the attempt that keeps ranks of a restarted gang apart. The operator writes it from
 //! [`rendezvous_env`]; the trainer reads it (`finetune_trainer::distributed::rendezvous`).
 
-use crate::fit::{effective_nodes, processes_per_pod};
+use crate::fit::{effective_nodes, processes_per_pod, world_size};
 use crate::v1alpha1::FineTuneJobSpec;
 
 /// The port rank 0 listens on when neither `PET_MASTER_PORT` nor `MASTER_PORT` says (torchrun's
@@ -27,13 +27,12 @@ pub fn rendezvous_env(
     master_addr: &str,
     attempt: u32,
 ) -> Vec<(&'static str, String)> {
-    let (nodes, per_pod) = (effective_nodes(spec), processes_per_pod(spec));
-    if nodes * per_pod <= 1 {
+    if world_size(spec) <= 1 {
         return Vec::new();
     }
     vec![
-        ("PET_NNODES", nodes.to_string()),
-        ("PET_NPROC_PER_NODE", per_pod.to_string()),
+        ("PET_NNODES", effective_nodes(spec).to_string()),
+        ("PET_NPROC_PER_NODE", processes_per_pod(spec).to_string()),
         ("PET_NODE_RANK", node_rank.to_string()),
         ("PET_MASTER_ADDR", master_addr.to_string()),
         ("PET_MASTER_PORT", DEFAULT_MASTER_PORT.to_string()),

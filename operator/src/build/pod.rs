@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::volumes::{CONFIG_DIR, CONFIG_FILE, DataPlan};
+use super::volumes::{CONFIG_DIR, CONFIG_FILE, DataPlan, env};
 use super::{BuildSettings, name_and_namespace, owner_reference};
 use crate::Result;
 use crate::names::{self, ATTEMPT_LABEL, TRAINER_CONTAINER};
@@ -55,14 +55,6 @@ fn field_env(name: &str, path: &str) -> EnvVar {
             }),
             ..EnvVarSource::default()
         }),
-    }
-}
-
-fn value_env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        value_from: None,
     }
 }
 
@@ -117,15 +109,15 @@ pub fn trainer_pod(
     let mut labels = names::common_labels(&name);
     labels.extend(names::trainer_selector(&name));
     labels.insert(ATTEMPT_LABEL.into(), attempt.to_string());
-    let mut env = vec![
+    let mut vars = vec![
         field_env("POD_IP", "status.podIP"),
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         // Keep freed memory instead of returning it to the kernel between steps: the
         // trainer allocates the same large tensors every step (about 2x throughput on CPU).
-        value_env("MIMALLOC_PURGE_DELAY", "-1"),
+        env("MIMALLOC_PURGE_DELAY", "-1"),
         // The metrics and progress server binds the pod's own address.
-        value_env(
+        env(
             "FINETUNE_METRICS_ADDRESS",
             &format!("$(POD_IP):{TRAINER_METRICS_PORT}"),
         ),
@@ -133,7 +125,7 @@ pub fn trainer_pod(
     // Several GPUs: the trainer's entry process starts one rank per GPU, which meet on the
     // pod's loopback (one pod is the whole gang until the operator starts gangs of pods).
     for (name, value) in rendezvous_env(spec, 0, "127.0.0.1", attempt) {
-        env.push(value_env(name, &value));
+        vars.push(env(name, &value));
     }
     let trainer = Container {
         name: TRAINER_CONTAINER.into(),
@@ -145,7 +137,7 @@ pub fn trainer_pod(
             "--resume".into(),
             "auto".into(),
         ]),
-        env: Some(env),
+        env: Some(vars),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
             container_port: i32::from(TRAINER_METRICS_PORT),

@@ -112,7 +112,8 @@ fn config_map_volume(name: &str, cm: &str, key: &str) -> Volume {
     }
 }
 
-fn env(name: &str, value: &str) -> EnvVar {
+/// An environment variable with a plain value.
+pub(super) fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),

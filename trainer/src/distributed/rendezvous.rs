@@ -256,6 +256,22 @@ mod tests {
         assert!(e.to_string().contains("WORLD_SIZE=3 disagrees"), "{e}");
     }
 
+    /// The ranks a node's entry process with `vars` starts: each one's world and environment.
+    fn started_ranks(vars: &HashMap<String, String>) -> Vec<(World, HashMap<String, String>)> {
+        local_ranks_to_start(|k| vars.get(k).cloned(), 0)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|env| {
+                let child: HashMap<String, String> = env.into_iter().collect();
+                (
+                    World::from_env(|k| child.get(k).cloned(), 0).unwrap(),
+                    child,
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn a_node_entry_starts_one_rank_per_process_and_a_rank_starts_none() {
         let vars = [
@@ -268,13 +284,9 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let plan = local_ranks_to_start(|k| map.get(k).cloned(), 0)
-            .unwrap()
-            .unwrap();
-        assert_eq!(plan.len(), 2);
-        for (local, env) in plan.iter().enumerate() {
-            let child: HashMap<String, String> = env.iter().cloned().collect();
-            let w = World::from_env(|k| child.get(k).cloned(), 0).unwrap();
+        let started = started_ranks(&map);
+        assert_eq!(started.len(), 2);
+        for (local, (w, child)) in started.iter().enumerate() {
             assert_eq!((w.rank, w.local_rank, w.world_size), (2 + local, local, 4));
             assert_eq!(w.master_addr, "job-0.job");
             assert!(
@@ -302,13 +314,9 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
         assert_eq!(map[finetune_api::gang::ATTEMPT_ENV], "2");
-        let ranks = local_ranks_to_start(|k| map.get(k).cloned(), 0)
-            .unwrap()
-            .unwrap();
-        assert_eq!(ranks.len(), 4);
-        for (local, env) in ranks.iter().enumerate() {
-            let child: HashMap<String, String> = env.iter().cloned().collect();
-            let w = World::from_env(|k| child.get(k).cloned(), 0).unwrap();
+        let started = started_ranks(&map);
+        assert_eq!(started.len(), 4);
+        for (local, (w, _)) in started.iter().enumerate() {
             assert_eq!((w.rank, w.local_rank, w.world_size), (local, local, 4));
             assert_eq!(
                 (w.master_addr.as_str(), w.master_port),
