@@ -59,10 +59,14 @@ crds: ## Regenerate crds/finetunejob.yaml from the Rust types (and its chart and
 	$(CARGO) run -q -p finetune-api --bin crdgen > crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/finetune-operator/crds/finetunejob.yaml
 	cp crds/finetunejob.yaml manifests/default/finetunejob-crd.yaml
+	$(CARGO) run -q -p finetune-api --bin crdgen -- --without-cel > crds/finetunejob-pre-1.25.yaml
 
-crds-check: ## Fail when crds/finetunejob.yaml is stale.
+crds-check: ## Fail when crds/finetunejob.yaml (or its pre-1.25 variant) is stale.
 	@$(CARGO) run -q -p finetune-api --bin crdgen | diff -u crds/finetunejob.yaml - \
 		|| { echo "crds/finetunejob.yaml is stale: run 'make crds'"; exit 1; }
+	@$(CARGO) run -q -p finetune-api --bin crdgen -- --without-cel \
+		| diff -u crds/finetunejob-pre-1.25.yaml - \
+		|| { echo "crds/finetunejob-pre-1.25.yaml is stale: run 'make crds'"; exit 1; }
 
 assets: ## Fetch the real Llama 2 tokenizer and the labelled review data (cached).
 	scripts/fetch-assets.sh

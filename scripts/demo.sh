@@ -44,7 +44,12 @@ trap cleanup EXIT
 kubectl get nodes
 
 step "Installing the FineTuneJob CRD and the demo data"
-kubectl apply -f crds/finetunejob.yaml
+# The local API server is 1.20, which has no CEL: it gets the CRD without its CEL rules (the
+# operator enforces them); 1.25+ servers get crds/finetunejob.yaml.
+SERVER_MINOR=$(kubectl version -o json | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | tail -1)
+CRD=crds/finetunejob.yaml
+if [ "${SERVER_MINOR:-0}" -lt 25 ]; then CRD=crds/finetunejob-pre-1.25.yaml; fi
+kubectl apply -f "$CRD"
 kubectl wait --for condition=established --timeout=60s crd/finetunejobs.finetune.dev
 kubectl create configmap amazon-reviews --from-file=reviews.csv="$ASSETS/amazon_reviews.csv" \
   --dry-run=client -o yaml | kubectl apply --server-side -f -

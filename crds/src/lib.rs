@@ -5,6 +5,7 @@
 //! pure [`validate()`] function the operator runs before it creates anything, and the
 //! [`TrainerConfig`] file the operator renders for the trainer.
 
+pub mod cel;
 pub mod console;
 pub mod document;
 pub mod fit;

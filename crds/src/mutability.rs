@@ -1,7 +1,8 @@
 //! The one rule for spec changes after a job started: only the lifecycle fields
-//! ([`MUTABLE_SPEC_FIELDS`]) may change; any other change is refused. The v1.20 API server has no
-//! CEL `self == oldSelf`, so the operator enforces the rule (it keeps running the spec it started
-//! with and reports `ImmutableFieldChanged`), and clients can check an update with
+//! ([`MUTABLE_SPEC_FIELDS`]) may change; any other change is refused. API servers from 1.25
+//! refuse such an update at admission ([`immutability_rule`], in the CRD); everywhere (the 1.20
+//! server of the tests has no CEL) the operator enforces the rule too: it keeps running the spec
+//! it started with and reports `ImmutableFieldChanged`. Clients can check an update with
 //! [`validate_update`] before sending it.
 
 use std::collections::BTreeSet;
@@ -50,6 +51,45 @@ pub fn changed_sections(old: &FineTuneJobSpec, new: &FineTuneJobSpec) -> Vec<Str
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| format!("spec.{k}"))
         .collect()
+}
+
+/// The CRD's CEL rule for this module's one rule, and its message: once `status.acceptedGeneration`
+/// is set, every spec property of `spec_schema` outside [`MUTABLE_SPEC_FIELDS`] must equal its old
+/// value, and an optional one may be neither added nor removed. A job that has not started (a
+/// spec refused as InvalidSpec, a job created suspended) may still change.
+pub fn immutability_rule(spec_schema: &serde_json::Value) -> (String, String) {
+    let required: BTreeSet<&str> = spec_schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let unchanged: Vec<String> = spec_schema["properties"]
+        .as_object()
+        .into_iter()
+        .flat_map(|props| props.keys())
+        .filter(|k| !MUTABLE_SPEC_FIELDS.contains(&k.as_str()))
+        .map(|k| {
+            if required.contains(k.as_str()) {
+                format!("self.spec.{k} == oldSelf.spec.{k}")
+            } else {
+                format!(
+                    "has(self.spec.{k}) == has(oldSelf.spec.{k}) && \
+                     (!has(self.spec.{k}) || self.spec.{k} == oldSelf.spec.{k})"
+                )
+            }
+        })
+        .collect();
+    let rule = format!(
+        "!has(oldSelf.status) || !has(oldSelf.status.acceptedGeneration) || ({})",
+        unchanged.join(" && ")
+    );
+    let message = format!(
+        "the spec is immutable once the job started (status.acceptedGeneration); only {} may \
+         change (create a new job instead)",
+        mutable_fields_sentence()
+    );
+    (rule, message)
 }
 
 impl FineTuneJobSpec {

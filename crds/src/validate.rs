@@ -5,12 +5,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::fit;
 use crate::quantity::parse_quantity_bytes;
 use crate::source::{Source, SourceKind, check_relative_path, is_dns_subdomain};
 use crate::v1alpha1::{
     DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision, SecretKeyRef, Spread,
 };
+use crate::{cel, fit};
 
 /// One problem with a spec: the JSON path of the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,7 +109,7 @@ fn validate_model(spec: &FineTuneJobSpec, e: &mut Errors) {
     }
     if let Some(token) = &m.token_secret_ref {
         let hub = m.source.as_deref().is_some_and(|s| s.starts_with("hf://"));
-        let why = (!hub).then_some("a token is only used with an hf:// source");
+        let why = (!hub).then_some(cel::MODEL_TOKEN_NEEDS_HUB.message);
         validate_secret_ref("spec.model.tokenSecretRef", token, why, e);
     }
 }
@@ -135,18 +135,14 @@ fn validate_dataset(spec: &FineTuneJobSpec, e: &mut Errors) {
     }
     if let Some(r) = &d.credentials_secret_ref {
         let https = d.source.starts_with("https://");
-        let why = (!https).then_some("credentials are only sent to an https:// source");
+        let why = (!https).then_some(cel::DATASET_CREDENTIALS_NEED_HTTPS.message);
         validate_secret_ref("spec.dataset.credentialsSecretRef", r, why, e);
     }
     match d.columns.task() {
-        None => e.add(
-            "spec.dataset.columns",
-            "set exactly one shape: text + label, prompt + completion, or messages",
-        ),
-        Some(DatasetTask::Chat) if d.format != DatasetFormat::Jsonl => e.add(
-            "spec.dataset.columns.messages",
-            "chat messages need format: jsonl",
-        ),
+        None => e.add(cel::DATASET_ONE_SHAPE.field, cel::DATASET_ONE_SHAPE.message),
+        Some(DatasetTask::Chat) if d.format != DatasetFormat::Jsonl => {
+            e.add(cel::CHAT_NEEDS_JSONL.field, cel::CHAT_NEEDS_JSONL.message)
+        }
         Some(_) => {}
     }
     if !(d.validation_split > 0.0 && d.validation_split <= 0.5) {
@@ -167,10 +163,8 @@ fn validate_dataset(spec: &FineTuneJobSpec, e: &mut Errors) {
     }
     if !c.allowed_labels.is_empty() {
         if d.columns.task() != Some(DatasetTask::Classification) {
-            e.add(
-                "spec.dataset.cleaning.allowedLabels",
-                "only classification datasets (text + label) have labels",
-            );
+            let rule = cel::ALLOWED_LABELS_NEED_CLASSIFICATION;
+            e.add(rule.field, rule.message);
         }
         let folded: BTreeSet<String> = c
             .allowed_labels
@@ -197,8 +191,8 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
     let arch = spec.model.preset.architecture();
     if m.method_type == MethodType::Full && m.lora.is_some() {
         e.add(
-            "spec.method.lora",
-            "LoRA settings are only used with type: lora",
+            cel::LORA_SETTINGS_NEED_LORA.field,
+            cel::LORA_SETTINGS_NEED_LORA.message,
         );
     }
     if let Some(lora) = &m.lora {
@@ -225,7 +219,10 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
         }
         let unique: BTreeSet<_> = lora.target_modules.iter().collect();
         if unique.len() != lora.target_modules.len() {
-            e.add("spec.method.lora.targetModules", "modules repeat");
+            e.add(
+                cel::LORA_MODULES_UNIQUE.field,
+                cel::LORA_MODULES_UNIQUE.message,
+            );
         }
     }
     if let Some(sel) = &m.trainable_layers {
@@ -258,7 +255,8 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
                     }
                 }
                 if ix.iter().collect::<BTreeSet<_>>().len() != ix.len() {
-                    e.add("spec.method.trainableLayers.indices", "indices repeat");
+                    let rule = cel::TRAINABLE_INDICES_UNIQUE;
+                    e.add(rule.field, rule.message);
                 }
             }
             _ => {}
@@ -406,8 +404,8 @@ fn validate_storage(spec: &FineTuneJobSpec, e: &mut Errors) {
     let s = &c.storage;
     if s.existing_claim.is_some() && (s.size.is_some() || s.storage_class_name.is_some()) {
         e.add(
-            "spec.checkpoints.storage.existingClaim",
-            "size and storageClassName only apply to a claim the operator creates",
+            cel::EXISTING_CLAIM_ALONE.field,
+            cel::EXISTING_CLAIM_ALONE.message,
         );
     }
     if let Some(size) = &s.size

@@ -3,7 +3,11 @@
 //! `multi-gpu/` is refused by the fit check until layers can be split over GPUs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
+
+use common::sample_files;
 
 use finetune_api::{FineTuneJob, ModelPreset, validate};
 
@@ -68,19 +72,6 @@ fn samples_hold_no_unknown_fields() {
 }
 
 /// The `.yaml` files of `dir` and of its subdirectories (the samples that wait for a feature).
-fn sample_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(sample_files(&path));
-        } else if path.extension().is_some_and(|e| e == "yaml") {
-            out.push(path);
-        }
-    }
-    out
-}
-
 fn missing_keys(a: &serde_json::Value, b: &serde_json::Value, path: &str, out: &mut Vec<String>) {
     match (a, b) {
         (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {

@@ -4,43 +4,11 @@
 //! Over 500 lines on purpose: it is a table, one short row per refused field.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
 
+use common::{L7B, TINY, base, with};
 use finetune_api::{FineTuneJob, validate, warnings};
 use serde_json::{Value, json};
-
-fn base(name: &str) -> Value {
-    let dir = if name == TINY {
-        "tests/fixtures"
-    } else {
-        "../manifests/samples"
-    };
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
-    let yaml: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    serde_json::to_value(yaml).unwrap()
-}
-
-/// Sets (or, with `Value::Null`, removes) the field at a `/`-separated pointer under `spec`.
-fn with(mut doc: Value, pointer: &str, value: Value) -> Value {
-    let (parent, key) = pointer.rsplit_once('/').unwrap();
-    let mut node = &mut doc["spec"];
-    for part in parent.split('/').filter(|p| !p.is_empty()) {
-        if node.get(part).is_none() {
-            node[part] = json!({});
-        }
-        node = &mut node[part];
-    }
-    if value.is_null() {
-        node.as_object_mut().unwrap().remove(key);
-    } else {
-        node[key] = value;
-    }
-    doc
-}
-
-const TINY: &str = "tiny-lora.yaml";
-const L7B: &str = "llama-2-7b-lora-sentiment.yaml";
 
 #[test]
 fn invalid_specs_are_refused_with_the_field_path() {

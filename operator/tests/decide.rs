@@ -263,6 +263,13 @@ fn check(case: &Value) {
             "{name}: startTime"
         );
     }
+    if let Some(accepted) = field("acceptedGeneration") {
+        assert_eq!(
+            plan.status.accepted_generation,
+            accepted.as_i64(),
+            "{name}: acceptedGeneration"
+        );
+    }
     let generation = field("generation").and_then(Value::as_i64).unwrap_or(1);
     assert_eq!(plan.status.observed_generation, Some(generation), "{name}");
 }

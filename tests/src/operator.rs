@@ -358,13 +358,48 @@ impl Drop for OperatorProcess {
     }
 }
 
-/// Applies the CRD from `crds/finetunejob.yaml` with kubectl and waits until it is served.
+/// The first API server minor version that evaluates CRD CEL rules (beta, on by default).
+const CEL_SERVER_MINOR: u32 = 25;
+
+/// Whether the cluster's API server evaluates CRD CEL rules (1.25+). The harness's 1.20 server
+/// does not, and its clients refuse `x-kubernetes-validations` as an unknown field.
+pub async fn evaluates_cel(cluster: &Cluster) -> Result<bool> {
+    let out = cluster
+        .kubectl()
+        .args(["version", "-o", "json"])
+        .output()
+        .await
+        .map_err(|e| Error::io("kubectl version", e))?;
+    let version: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::ControlPlane(format!("kubectl version: {e}")))?;
+    let minor: u32 = version["serverVersion"]["minor"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_end_matches('+')
+        .parse()
+        .map_err(|e| Error::ControlPlane(format!("server minor version: {e}")))?;
+    Ok(minor >= CEL_SERVER_MINOR)
+}
+
+/// The CRD file for this cluster: `crds/finetunejob.yaml`, or on a server without CEL (1.20 in
+/// the harness) `crds/finetunejob-pre-1.25.yaml`, the same schema without the CEL rules (which
+/// `crds/tests/cel_rules.rs` evaluates instead).
+pub async fn crd_file(cluster: &Cluster, root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let name = if evaluates_cel(cluster).await? {
+        "crds/finetunejob.yaml"
+    } else {
+        "crds/finetunejob-pre-1.25.yaml"
+    };
+    Ok(root.join(name))
+}
+
+/// Applies the CRD for this cluster ([`crd_file`]) with kubectl and waits until it is served.
 pub async fn install_crd(cluster: &Cluster, ws: &Workspace) -> Result<()> {
     let out = cluster
         .kubectl()
         .arg("apply")
         .arg("-f")
-        .arg(ws.root.join("crds/finetunejob.yaml"))
+        .arg(crd_file(cluster, &ws.root).await?)
         .output()
         .await
         .map_err(|e| Error::io("kubectl apply crd", e))?;

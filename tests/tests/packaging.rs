@@ -47,6 +47,13 @@ fn value_sets() -> Vec<(&'static str, serde_json::Value)> {
                    "networkPolicy": {"enabled": false}, "dashboards": {"enabled": false}}),
         ),
         (
+            "admission-policy",
+            json!({"admissionPolicy": {"enabled": true, "maxGpusPerJob": 8, "requireQueueName": true,
+                   "allowedModelSources": ["hf://meta-llama/", "pvc://models/"],
+                   "validationActions": ["Warn", "Audit"],
+                   "namespaceSelector": {"matchLabels": {"team": "ml"}}}}),
+        ),
+        (
             "renamed-mirror",
             json!({"fullnameOverride": "ft", "serviceAccount": {"name": "ft-operator"},
                    "image": {"repository": "registry.example.com/ft/operator", "tag": "0.1.0", "digest": "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
@@ -117,7 +124,13 @@ fn helm_renders_every_value_set() {
                 "{name}: {d:?}"
             );
             let kind = d["kind"].as_str().unwrap();
-            if !matches!(kind, "ClusterRole" | "ClusterRoleBinding") {
+            let cluster_scoped = [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+            ];
+            if !cluster_scoped.contains(&kind) {
                 assert!(
                     d["metadata"]["namespace"].is_string(),
                     "{name}: {} has no namespace",

@@ -102,8 +102,13 @@ async fn wait_served(cluster: &Cluster, resource: &str) {
 }
 
 /// The API server of the harness is v1.20, which serves PodDisruptionBudget only as
-/// policy/v1beta1 (same fields for what the chart sets); newer servers take the chart as is.
+/// policy/v1beta1 (same fields for what the chart sets) and has no CEL, so the CRD is the
+/// pre-1.25 variant (`finetune_e2e::operator::crd_file`); newer servers take the chart as is.
 async fn for_this_server(cluster: &Cluster, yaml: &str) -> String {
+    let crd_path = finetune_e2e::operator::crd_file(cluster, &repo_root())
+        .await
+        .unwrap();
+    let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(crd_path).unwrap()).unwrap();
     let out = cluster
         .kubectl()
         .arg("api-versions")
@@ -111,14 +116,15 @@ async fn for_this_server(cluster: &Cluster, yaml: &str) -> String {
         .await
         .unwrap();
     let versions = String::from_utf8_lossy(&out.stdout).into_owned();
-    if versions.lines().any(|l| l.trim() == "policy/v1") {
-        return yaml.to_string();
-    }
+    let pdb_v1 = versions.lines().any(|l| l.trim() == "policy/v1");
     let docs = parse_docs(yaml).unwrap();
     docs.into_iter()
         .map(|mut d| {
-            if d["kind"].as_str() == Some("PodDisruptionBudget") {
+            if d["kind"].as_str() == Some("PodDisruptionBudget") && !pdb_v1 {
                 d["apiVersion"] = Value::from("policy/v1beta1");
+            }
+            if d["kind"].as_str() == Some("CustomResourceDefinition") {
+                d = crd.clone();
             }
             format!("---\n{}", serde_yaml::to_string(&d).unwrap())
         })
@@ -189,6 +195,7 @@ async fn rendered_chart_and_kustomize_base_pass_server_dry_run() {
     ];
     // The CRD itself first (dry-run cannot serve a CRD it did not create), then each render.
     let crd = helm_render(None, RELEASE, NAMESPACE, true).unwrap();
+    let crd = for_this_server(&cluster, &crd).await;
     let crd_only: String = parse_docs(&crd)
         .unwrap()
         .into_iter()
@@ -208,7 +215,11 @@ async fn rendered_chart_and_kustomize_base_pass_server_dry_run() {
     let out = cluster
         .kubectl()
         .args(["apply", "-f"])
-        .arg(ws_root.join("crds/finetunejob.yaml"))
+        .arg(
+            finetune_e2e::operator::crd_file(&cluster, &ws_root)
+                .await
+                .unwrap(),
+        )
         .output()
         .await
         .unwrap();

@@ -9,6 +9,14 @@ pub struct FineTuneJobStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The `metadata.generation` whose spec the job started with (the operator accepted it and
+    /// created the trainer's configuration). From then on only suspend, backoffLimit,
+    /// activeDeadlineSeconds and ttlSecondsAfterFinished may change: the CRD's CEL rule refuses
+    /// other changes on API servers that evaluate it (1.25+), and the operator keeps running the
+    /// accepted spec on every server. Unset while a job has not started, so a spec refused as InvalidSpec
+    /// can still be corrected in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_generation: Option<i64>,
     /// Summary of the lifecycle: Pending, Running, Succeeded, Failed or Suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<JobPhase>,

@@ -13,8 +13,6 @@
 //! Over 500 lines on purpose: it is data, one short entry per hostile document.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use finetune_api::FineTuneJob;
-use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
 /// One invalid document.
@@ -541,7 +539,7 @@ fn immutable() -> Vec<(&'static str, &'static str, Value)> {
 
 /// The whole corpus.
 pub fn corpus() -> Vec<Case> {
-    let crd = serde_json::to_value(FineTuneJob::crd()).unwrap();
+    let crd = serde_json::to_value(finetune_api::v1alpha1::crd().unwrap()).unwrap();
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let mut cases = Vec::new();
     walk(schema, "spec", &mut cases);

@@ -160,6 +160,11 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             }
         }
     }
+    // A started job's spec is the accepted one; recorded for the CRD's immutability rule (jobs
+    // started by an operator without the field get it here).
+    if started && refused.is_none() && d.status.accepted_generation.is_none() {
+        d.status.accepted_generation = generation;
+    }
     for w in finetune_api::warnings(spec) {
         d.condition(
             w.condition,
@@ -254,6 +259,9 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 return Ok(d.done(vec![Write::Status], Requeue::After(Duration::from_secs(2))));
             }
             let children = build::children(&effective, &s.build, attempt)?;
+            if d.status.accepted_generation.is_none() {
+                d.status.accepted_generation = generation;
+            }
             // Old attempts' pods are kept only for the previous attempt (for its logs).
             let stale = pods
                 .iter()
