@@ -47,6 +47,11 @@ impl Errors {
             message: message.into(),
         });
     }
+
+    /// The problem a CEL rule of the CRD also refuses, at its field with its message.
+    fn refuse(&mut self, rule: cel::CelRule) {
+        self.add(rule.field, rule.message);
+    }
 }
 
 /// Validates a spec. Returns every problem found, each with its field path.
@@ -139,9 +144,9 @@ fn validate_dataset(spec: &FineTuneJobSpec, e: &mut Errors) {
         validate_secret_ref("spec.dataset.credentialsSecretRef", r, why, e);
     }
     match d.columns.task() {
-        None => e.add(cel::DATASET_ONE_SHAPE.field, cel::DATASET_ONE_SHAPE.message),
+        None => e.refuse(cel::DATASET_ONE_SHAPE),
         Some(DatasetTask::Chat) if d.format != DatasetFormat::Jsonl => {
-            e.add(cel::CHAT_NEEDS_JSONL.field, cel::CHAT_NEEDS_JSONL.message)
+            e.refuse(cel::CHAT_NEEDS_JSONL)
         }
         Some(_) => {}
     }
@@ -163,8 +168,7 @@ fn validate_dataset(spec: &FineTuneJobSpec, e: &mut Errors) {
     }
     if !c.allowed_labels.is_empty() {
         if d.columns.task() != Some(DatasetTask::Classification) {
-            let rule = cel::ALLOWED_LABELS_NEED_CLASSIFICATION;
-            e.add(rule.field, rule.message);
+            e.refuse(cel::ALLOWED_LABELS_NEED_CLASSIFICATION);
         }
         let folded: BTreeSet<String> = c
             .allowed_labels
@@ -190,10 +194,7 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
     let m = &spec.method;
     let arch = spec.model.preset.architecture();
     if m.method_type == MethodType::Full && m.lora.is_some() {
-        e.add(
-            cel::LORA_SETTINGS_NEED_LORA.field,
-            cel::LORA_SETTINGS_NEED_LORA.message,
-        );
+        e.refuse(cel::LORA_SETTINGS_NEED_LORA);
     }
     if let Some(lora) = &m.lora {
         if lora.rank == 0 || lora.rank > arch.hidden_size {
@@ -219,10 +220,7 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
         }
         let unique: BTreeSet<_> = lora.target_modules.iter().collect();
         if unique.len() != lora.target_modules.len() {
-            e.add(
-                cel::LORA_MODULES_UNIQUE.field,
-                cel::LORA_MODULES_UNIQUE.message,
-            );
+            e.refuse(cel::LORA_MODULES_UNIQUE);
         }
     }
     if let Some(sel) = &m.trainable_layers {
@@ -255,8 +253,7 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
                     }
                 }
                 if ix.iter().collect::<BTreeSet<_>>().len() != ix.len() {
-                    let rule = cel::TRAINABLE_INDICES_UNIQUE;
-                    e.add(rule.field, rule.message);
+                    e.refuse(cel::TRAINABLE_INDICES_UNIQUE);
                 }
             }
             _ => {}
@@ -403,10 +400,7 @@ fn validate_storage(spec: &FineTuneJobSpec, e: &mut Errors) {
     let c = &spec.checkpoints;
     let s = &c.storage;
     if s.existing_claim.is_some() && (s.size.is_some() || s.storage_class_name.is_some()) {
-        e.add(
-            cel::EXISTING_CLAIM_ALONE.field,
-            cel::EXISTING_CLAIM_ALONE.message,
-        );
+        e.refuse(cel::EXISTING_CLAIM_ALONE);
     }
     if let Some(size) = &s.size
         && parse_quantity_bytes(&size.0).is_none_or(|b| b < 1024.0 * 1024.0)
