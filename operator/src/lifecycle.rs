@@ -27,15 +27,83 @@ pub enum Waiting {
     },
 }
 
-/// Container waiting reasons that will not clear by themselves (the label values of
-/// `finetune_operator_blocked_jobs`).
-pub const BLOCKING_WAIT_REASONS: [&str; 5] = [
+/// Why a trainer pod cannot start that will not clear by itself (the label values of
+/// `finetune_operator_blocked_jobs`): the kubelet's container waiting reasons, and
+/// [`FAILED_MOUNT`].
+pub const BLOCKING_WAIT_REASONS: [&str; 6] = [
     "ImagePullBackOff",
     "ErrImagePull",
     "InvalidImageName",
     "CreateContainerConfigError",
     "CreateContainerError",
+    FAILED_MOUNT,
 ];
+
+/// The kubelet's event reason for a volume it cannot set up. The pod itself only says
+/// `ContainerCreating`, so the operator finds the cause by reading the ConfigMaps the pod's
+/// volumes name ([`required_config_maps`], [`mount_problem`]).
+pub const FAILED_MOUNT: &str = "FailedMount";
+
+/// A ConfigMap a pod's volume needs (not marked optional): the kubelet cannot set the volume
+/// up while the ConfigMap, or one of the keys the volume projects, is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequiredConfigMap {
+    /// The pod's volume.
+    pub volume: String,
+    /// The ConfigMap, in the pod's namespace.
+    pub name: String,
+    /// The keys the volume projects (`items`); empty when it projects every key.
+    pub keys: Vec<String>,
+}
+
+/// The ConfigMaps `pod`'s volumes need, in volume order.
+pub fn required_config_maps(pod: &Pod) -> Vec<RequiredConfigMap> {
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    volumes
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let cm = v.config_map.as_ref().filter(|c| c.optional != Some(true))?;
+            Some(RequiredConfigMap {
+                volume: v.name.clone(),
+                name: cm.name.clone(),
+                keys: cm.items.iter().flatten().map(|i| i.key.clone()).collect(),
+            })
+        })
+        .collect()
+}
+
+/// What keeps the kubelet from setting up `required`'s volume, given the ConfigMap found under
+/// its name (`None`: there is none), in the kubelet's words; `None` when nothing does.
+pub fn mount_problem(
+    required: &RequiredConfigMap,
+    found: Option<&k8s_openapi::api::core::v1::ConfigMap>,
+) -> Option<String> {
+    let volume = &required.volume;
+    let Some(cm) = found else {
+        return Some(format!(
+            "MountVolume.SetUp failed for volume \"{volume}\": configmap \"{}\" not found",
+            required.name
+        ));
+    };
+    let has = |key: &str| {
+        cm.data.as_ref().is_some_and(|d| d.contains_key(key))
+            || cm.binary_data.as_ref().is_some_and(|d| d.contains_key(key))
+    };
+    let missing: Vec<&str> = required
+        .keys
+        .iter()
+        .map(String::as_str)
+        .filter(|k| !has(k))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "MountVolume.SetUp failed for volume \"{volume}\": configmap \"{}\" has no key {}",
+            required.name,
+            missing.join(", ")
+        )
+    })
+}
 
 /// How a trainer pod ended, or where it stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,6 +378,39 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_missing_config_map_or_key_is_a_mount_problem_and_optional_ones_are_not_required() {
+        let p = pod(include_str!("../tests/fixtures/pod-failed-mount.yaml"));
+        let required = required_config_maps(&p);
+        let names: Vec<(&str, &str)> = required
+            .iter()
+            .map(|r| (r.volume.as_str(), r.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("config", "demo-config"), ("dataset", "reviews")],
+            "the optional volume is not required"
+        );
+        let dataset = &required[1];
+        assert_eq!(dataset.keys, ["data.csv"]);
+        let missing = mount_problem(dataset, None).unwrap_or_default();
+        assert!(
+            missing.contains("volume \"dataset\"") && missing.contains("\"reviews\" not found"),
+            "{missing}"
+        );
+        let wrong_key: k8s_openapi::api::core::v1::ConfigMap =
+            serde_yaml::from_str("{metadata: {name: reviews}, data: {train.csv: x}}")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let no_key = mount_problem(dataset, Some(&wrong_key)).unwrap_or_default();
+        assert!(no_key.contains("has no key data.csv"), "{no_key}");
+        let right: k8s_openapi::api::core::v1::ConfigMap =
+            serde_yaml::from_str("{metadata: {name: reviews}, binaryData: {data.csv: eA==}}")
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mount_problem(dataset, Some(&right)), None);
+        // The pod itself only says ContainerCreating: nothing blocks it by its status alone.
+        assert_eq!(classify(&p), PodOutcome::Pending(Waiting::Starting));
     }
 
     #[test]

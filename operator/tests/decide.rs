@@ -74,6 +74,17 @@ fn pod(entry: &Value, job: &str) -> Pod {
     serde_json::from_value(pod).unwrap()
 }
 
+/// A list of strings (`[]` when absent).
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn ago(mono: Instant, v: Option<&Value>) -> Option<Instant> {
     v.and_then(Value::as_u64)
         .map(|s| mono.checked_sub(Duration::from_secs(s)).unwrap())
@@ -129,15 +140,8 @@ fn check(case: &Value) {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         progress,
-        leftovers: case
-            .get("leftovers")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        leftovers: strings(case.get("leftovers")),
+        unmountable: strings(case.get("unmountable")),
         memory,
     };
     let plan = decide(&job, &observed, &settings(), &clock).unwrap();

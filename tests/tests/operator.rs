@@ -15,7 +15,9 @@ use finetune_api::{FineTuneJob, JobPhase};
 use finetune_e2e::operator::{Assets, OperatorProcess, Workspace, install_crd, tiny_base};
 use finetune_e2e::{Cluster, ClusterOptions, Signal};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 /// Tests here run real trainers; one at a time keeps the 2-core machine responsive.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -184,6 +186,56 @@ async fn an_invalid_spec_fails_with_the_field_path_and_creates_no_pod() {
         job_pods(&e.cluster, "escape").await.is_empty(),
         "no pod for an invalid spec"
     );
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_dataset_config_map_is_named_and_the_job_starts_once_it_exists() {
+    let _serial = SERIAL.lock().await;
+    let e = env().await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let yaml = tiny_job("late-data", 20, 10).replace(
+        "configmap://amazon-reviews/reviews.csv",
+        "configmap://late-reviews/reviews.csv",
+    );
+    apply_ok(&e.cluster, &yaml).await;
+    // The simulated kubelet, as a real one, says only ContainerCreating (and a FailedMount event).
+    let j = wait_job(
+        &e.cluster,
+        "late-data",
+        Duration::from_secs(120),
+        "Pending with FailedMount",
+        |j| condition(j, "Ready").is_some_and(|c| c.reason == "FailedMount"),
+    )
+    .await;
+    let c = condition(&j, "Ready").unwrap();
+    assert!(
+        c.message.contains("configmap \"late-reviews\" not found"),
+        "{}",
+        c.message
+    );
+    assert_eq!(phase(&j), Some(JobPhase::Pending));
+    // Creating it lets the kubelet mount it: the same pod starts, and the reason clears.
+    let configs: Api<ConfigMap> = Api::namespaced(e.cluster.client(), NS);
+    let mut reviews = configs.get("amazon-reviews").await.unwrap();
+    reviews.metadata = ObjectMeta {
+        name: Some("late-reviews".into()),
+        ..ObjectMeta::default()
+    };
+    configs
+        .create(&PostParams::default(), &reviews)
+        .await
+        .unwrap();
+    wait_job(
+        &e.cluster,
+        "late-data",
+        Duration::from_secs(120),
+        "Running",
+        |j| phase(j) == Some(JobPhase::Running),
+    )
+    .await;
+    assert_eq!(active(&job_pods(&e.cluster, "late-data").await).len(), 1);
     e.cluster.shutdown().await;
 }
 

@@ -515,7 +515,8 @@ fn env_from_projected_and_secret_volumes_and_missing_sources_behave_like_a_kubel
         .await;
         assert_eq!(w.message.as_deref(), Some("couldn't find key nope in Secret env-from/creds"));
 
-        // A missing ConfigMap volume that is not optional: the pod waits in ContainerCreating.
+        // A missing ConfigMap volume that is not optional: the pod waits in ContainerCreating
+        // with no message, and the cause is a FailedMount warning event.
         let p = pod(json!({
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nocm"},
             "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
@@ -524,13 +525,21 @@ fn env_from_projected_and_secret_volumes_and_missing_sources_behave_like_a_kubel
                 "volumes": [{"name": "cfg", "configMap": {"name": "absent"}}]}
         }));
         pods.create(&PostParams::default(), &p).await.unwrap();
-        let w = wait_for(LONG, "ContainerCreating with a message", || async {
-            let pod = pods.get("nocm").await.ok()?;
-            try_main_status(&pod)?.state?.waiting.filter(|w| w.message.is_some())
+        let events: Api<Event> = Api::namespaced(client.clone(), "env-from");
+        let event = wait_for(LONG, "a FailedMount event", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.involved_object.name.as_deref() == Some("nocm") && e.reason.as_deref() == Some("FailedMount")
+            })
         })
         .await;
-        assert_eq!(w.reason.as_deref(), Some("ContainerCreating"));
-        assert_eq!(w.message.as_deref(), Some("configmap \"absent\" not found"));
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(
+            event.message.as_deref(),
+            Some("MountVolume.SetUp failed for volume \"cfg\" : configmap \"absent\" not found")
+        );
+        let w = try_main_status(&pods.get("nocm").await.unwrap()).unwrap().state.unwrap().waiting.unwrap();
+        assert_eq!((w.reason.as_deref(), w.message.as_deref()), (Some("ContainerCreating"), None));
         assert_eq!(pods.get("nocm").await.unwrap().status.unwrap().phase.as_deref(), Some("Pending"));
         for name in ["nokey", "nocm"] {
             pods.delete(name, &DeleteParams::default()).await.unwrap();

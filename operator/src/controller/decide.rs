@@ -17,7 +17,7 @@ use super::draft::Draft;
 pub use super::plan::{Clock, Observed, Plan, Requeue, Settings, Write};
 use crate::Result;
 use crate::build;
-use crate::lifecycle::{PodOutcome, Waiting, backoff, classify};
+use crate::lifecycle::{FAILED_MOUNT, PodOutcome, Waiting, backoff, classify};
 use crate::names::ATTEMPT_LABEL;
 use crate::reason::Reason;
 use crate::status::{
@@ -288,6 +288,14 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             )
         }
         Some((_, PodOutcome::Pending(waiting))) => {
+            // A pod the kubelet cannot set up says only ContainerCreating; observe found why.
+            let waiting = match waiting {
+                Waiting::Starting if !obs.unmountable.is_empty() => Waiting::Blocked {
+                    reason: FAILED_MOUNT.to_string(),
+                    message: obs.unmountable.join("; "),
+                },
+                other => other,
+            };
             match waiting {
                 Waiting::Unschedulable(msg) => {
                     d.memory.unschedulable_since.get_or_insert(clock.mono);
@@ -311,6 +319,11 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                         "CreateContainerConfigError" => {
                             " (a Secret or ConfigMap the pod names is missing: check \
                              model.tokenSecretRef and the dataset's ConfigMap)"
+                        }
+                        FAILED_MOUNT => {
+                            " (a ConfigMap a volume names is missing or lacks the key: the \
+                             dataset's, retention set's or test set's configMap source, or \
+                             caBundle; the pod starts once it exists)"
                         }
                         "ImagePullBackOff" | "ErrImagePull" | "InvalidImageName" => {
                             " (the trainer image cannot be pulled: check the operator's \

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use finetune_api::{FineTuneJob, FineTuneJobSpec, JOB_LABEL, JobPhase};
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -16,7 +16,7 @@ use super::ACCEPTED_SPEC_KEY;
 use super::decide::{Observed, pod_attempt};
 use crate::build::name_and_namespace;
 use crate::context::Context;
-use crate::lifecycle::{PodOutcome, classify};
+use crate::lifecycle::{PodOutcome, Waiting, classify, mount_problem, required_config_maps};
 use crate::names;
 use crate::{Error, Result};
 
@@ -114,6 +114,17 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
             }
         }
     }
+    // A pod of the current attempt that is still starting: can the kubelet set up its volumes?
+    // It says why not only in events, so the ConfigMaps its volumes name are read here.
+    let starting = pods
+        .iter()
+        .find(|p| pod_attempt(p) == Some(attempt))
+        .filter(|p| classify(p) == PodOutcome::Pending(Waiting::Starting))
+        .filter(|_| !status.phase.is_some_and(JobPhase::is_finished) && !job.spec.suspend);
+    let unmountable = match starting {
+        Some(pod) => unmountable_volumes(&ctx.client, &ns, pod).await?,
+        None => Vec::new(),
+    };
     let (mut node_lost, mut progress) = (false, None);
     if let Some(pod) = running {
         node_lost = is_node_lost(&ctx.client, pod).await?;
@@ -127,6 +138,7 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
         node_lost,
         progress,
         leftovers,
+        unmountable,
         memory: ctx.remember(&uid, |m| m.clone()),
     })))
 }
@@ -148,6 +160,18 @@ fn controlled_by(
     uid: &str,
 ) -> bool {
     controller_uid(meta) == Some(uid)
+}
+
+/// What keeps the kubelet from setting up `pod`'s ConfigMap volumes (see
+/// [`crate::lifecycle::mount_problem`]).
+async fn unmountable_volumes(client: &kube::Client, ns: &str, pod: &Pod) -> Result<Vec<String>> {
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let mut problems = Vec::new();
+    for required in required_config_maps(pod) {
+        let found = config_maps.get_opt(&required.name).await?;
+        problems.extend(mount_problem(&required, found.as_ref()));
+    }
+    Ok(problems)
 }
 
 async fn is_node_lost(client: &kube::Client, pod: &Pod) -> Result<bool> {

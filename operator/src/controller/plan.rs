@@ -26,6 +26,9 @@ pub struct Observed {
     /// Children of an earlier job with this name that are still going (`pod/NAME`,
     /// `persistentvolumeclaim/NAME (being deleted)`): no pod is created until they are gone.
     pub leftovers: Vec<String>,
+    /// Why the kubelet cannot set up the current attempt's pending pod's volumes (a ConfigMap,
+    /// or a key of one, that a volume needs is missing), in its words; empty when nothing is.
+    pub unmountable: Vec<String>,
     /// What is remembered of the job between reconciles.
     pub memory: JobMemory,
 }

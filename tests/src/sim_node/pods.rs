@@ -475,7 +475,9 @@ async fn run_pod(
         .clone()
         .unwrap_or_else(|| "Always".into());
 
-    // Volumes (retried until ready, as a kubelet does).
+    // Volumes (retried until ready, as a kubelet does). As a kubelet, the pod says only
+    // ContainerCreating; the cause is a FailedMount warning event (one per distinct message).
+    let mut reported = None;
     let volumes = loop {
         match prepare_volumes(&ctx, spec.volumes.as_deref().unwrap_or_default()).await {
             Ok(v) => break Some(v),
@@ -485,9 +487,13 @@ async fn run_pod(
                     false,
                     &mains.first().map(|c| c.name.clone()).unwrap_or_default(),
                     |cs| {
-                        cs.state = Some(waiting("ContainerCreating", Some(msg)));
+                        cs.state = Some(waiting("ContainerCreating", None));
                     },
                 );
+                if reported.as_ref() != Some(&msg) {
+                    ctx.event(true, "FailedMount", None, msg.clone());
+                    reported = Some(msg);
+                }
                 if ctx.stopping().is_some() {
                     break None;
                 }

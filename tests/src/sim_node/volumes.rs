@@ -25,104 +25,112 @@ pub(super) struct HostVolume {
 }
 
 /// Makes every volume of the pod exist on the host, by volume name. An error (a claim not bound
-/// yet, a ConfigMap not there yet) is the message a kubelet would show; the caller retries.
+/// yet, a ConfigMap not there yet) is the message of a kubelet's `FailedMount` event; the caller
+/// retries.
 pub(super) async fn prepare_volumes(
     ctx: &PodCtx,
     volumes: &[Volume],
 ) -> Result<HashMap<String, HostVolume>, String> {
-    let client = ctx.shared.client.clone();
-    let vdir = ctx.dir.join("volumes");
     let mut out = HashMap::new();
     for v in volumes {
-        let dir = vdir.join(&v.name);
-        let path = if let Some(pvc) = &v.persistent_volume_claim {
-            let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ctx.ns);
-            let claim = claims
-                .get(&pvc.claim_name)
-                .await
-                .map_err(|e| format!("claim {}: {e}", pvc.claim_name))?;
-            let pv_name = claim
-                .spec
-                .and_then(|s| s.volume_name)
-                .ok_or_else(|| format!("claim {} is not bound", pvc.claim_name))?;
-            let pv = Api::<PersistentVolume>::all(client.clone())
-                .get(&pv_name)
-                .await
-                .map_err(|e| format!("volume {pv_name}: {e}"))?;
-            let host = pv
-                .spec
-                .and_then(|s| s.host_path)
-                .map(|h| PathBuf::from(h.path))
-                .ok_or_else(|| format!("volume {pv_name} has no hostPath"))?;
-            std::fs::create_dir_all(&host).map_err(|e| format!("{}: {e}", host.display()))?;
-            host
-        } else if let Some(hp) = &v.host_path {
-            let p = PathBuf::from(&hp.path);
-            if hp.type_.as_deref() == Some("DirectoryOrCreate") {
-                std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-            }
-            p
-        } else if v.empty_dir.is_some() {
-            mkdir(&dir)?;
-            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
-            dir
-        } else if let Some(cm) = &v.config_map {
-            let files = key_files(
-                ctx,
-                KeySource::ConfigMap,
-                &cm.name,
-                cm.items.as_deref(),
-                cm.optional,
-            )
-            .await?;
-            write_files(&dir, &files, cm.default_mode)?;
-            dir
-        } else if let Some(sec) = &v.secret {
-            let name = sec.secret_name.clone().unwrap_or_default();
-            let files = key_files(
-                ctx,
-                KeySource::Secret,
-                &name,
-                sec.items.as_deref(),
-                sec.optional,
-            )
-            .await?;
-            write_files(&dir, &files, sec.default_mode.or(Some(0o644)))?;
-            dir
-        } else if let Some(proj) = &v.projected {
-            let mut files = Vec::new();
-            for src in proj.sources.as_deref().unwrap_or_default() {
-                let config_map = src.config_map.as_ref();
-                let secret = src.secret.as_ref();
-                let keyed = [
-                    config_map.map(|c| (KeySource::ConfigMap, &c.name, &c.items, c.optional)),
-                    secret.map(|s| (KeySource::Secret, &s.name, &s.items, s.optional)),
-                ];
-                for (source, name, items, optional) in keyed.into_iter().flatten() {
-                    files.extend(key_files(ctx, source, name, items.as_deref(), optional).await?);
-                }
-                if let Some(d) = &src.downward_api {
-                    files.extend(downward_files(ctx, d.items.as_deref().unwrap_or_default()));
-                }
-            }
-            write_files(&dir, &files, proj.default_mode)?;
-            dir
-        } else if let Some(d) = &v.downward_api {
-            write_files(
-                &dir,
-                &downward_files(ctx, d.items.as_deref().unwrap_or_default()),
-                d.default_mode,
-            )?;
-            dir
-        } else {
-            return Err(format!(
-                "volume {}: type not supported by the simulated node",
-                v.name
-            ));
-        };
+        let path = set_up(ctx, v)
+            .await
+            .map_err(|e| format!("MountVolume.SetUp failed for volume \"{}\" : {e}", v.name))?;
         out.insert(v.name.clone(), HostVolume { path });
     }
     Ok(out)
+}
+
+/// Sets one volume up on the host: the path that appears at its mount paths.
+async fn set_up(ctx: &PodCtx, v: &Volume) -> Result<PathBuf, String> {
+    let client = ctx.shared.client.clone();
+    let dir = ctx.dir.join("volumes").join(&v.name);
+    let path = if let Some(pvc) = &v.persistent_volume_claim {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ctx.ns);
+        let claim = claims
+            .get(&pvc.claim_name)
+            .await
+            .map_err(|e| format!("claim {}: {e}", pvc.claim_name))?;
+        let pv_name = claim
+            .spec
+            .and_then(|s| s.volume_name)
+            .ok_or_else(|| format!("claim {} is not bound", pvc.claim_name))?;
+        let pv = Api::<PersistentVolume>::all(client.clone())
+            .get(&pv_name)
+            .await
+            .map_err(|e| format!("volume {pv_name}: {e}"))?;
+        let host = pv
+            .spec
+            .and_then(|s| s.host_path)
+            .map(|h| PathBuf::from(h.path))
+            .ok_or_else(|| format!("volume {pv_name} has no hostPath"))?;
+        std::fs::create_dir_all(&host).map_err(|e| format!("{}: {e}", host.display()))?;
+        host
+    } else if let Some(hp) = &v.host_path {
+        let p = PathBuf::from(&hp.path);
+        if hp.type_.as_deref() == Some("DirectoryOrCreate") {
+            std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        p
+    } else if v.empty_dir.is_some() {
+        mkdir(&dir)?;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+        dir
+    } else if let Some(cm) = &v.config_map {
+        let files = key_files(
+            ctx,
+            KeySource::ConfigMap,
+            &cm.name,
+            cm.items.as_deref(),
+            cm.optional,
+        )
+        .await?;
+        write_files(&dir, &files, cm.default_mode)?;
+        dir
+    } else if let Some(sec) = &v.secret {
+        let name = sec.secret_name.clone().unwrap_or_default();
+        let files = key_files(
+            ctx,
+            KeySource::Secret,
+            &name,
+            sec.items.as_deref(),
+            sec.optional,
+        )
+        .await?;
+        write_files(&dir, &files, sec.default_mode.or(Some(0o644)))?;
+        dir
+    } else if let Some(proj) = &v.projected {
+        let mut files = Vec::new();
+        for src in proj.sources.as_deref().unwrap_or_default() {
+            let config_map = src.config_map.as_ref();
+            let secret = src.secret.as_ref();
+            let keyed = [
+                config_map.map(|c| (KeySource::ConfigMap, &c.name, &c.items, c.optional)),
+                secret.map(|s| (KeySource::Secret, &s.name, &s.items, s.optional)),
+            ];
+            for (source, name, items, optional) in keyed.into_iter().flatten() {
+                files.extend(key_files(ctx, source, name, items.as_deref(), optional).await?);
+            }
+            if let Some(d) = &src.downward_api {
+                files.extend(downward_files(ctx, d.items.as_deref().unwrap_or_default()));
+            }
+        }
+        write_files(&dir, &files, proj.default_mode)?;
+        dir
+    } else if let Some(d) = &v.downward_api {
+        write_files(
+            &dir,
+            &downward_files(ctx, d.items.as_deref().unwrap_or_default()),
+            d.default_mode,
+        )?;
+        dir
+    } else {
+        return Err(format!(
+            "volume {}: type not supported by the simulated node",
+            v.name
+        ));
+    };
+    Ok(path)
 }
 
 /// `mkdir -p`, with the path in the error.
