@@ -451,13 +451,6 @@ fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
             ),
         );
     }
-    if fit::effective_nodes(spec) > 1 {
-        e.add(
-            "spec.resources.nodes",
-            "only 1 is supported: the operator does not yet start a gang of trainer pods across \
-             nodes; use one node with several GPUs (resources.gpus), which trains data-parallel",
-        );
-    }
     if r.spread == Spread::Layers {
         e.add(
             "spec.resources.spread",

@@ -23,6 +23,8 @@ pub struct JobMemory {
     pub since: Instant,
     /// When the job was first seen unschedulable.
     pub unschedulable_since: Option<Instant>,
+    /// Until when a gang released for being partly placed waits before it is created again.
+    pub gang_retry_at: Option<Instant>,
     /// The job's resourceVersion that this operator's last status write replaced. A reconcile
     /// that still sees it works from a cache the watch has not caught up with yet; it waits for
     /// the newer version (its arrival triggers the next reconcile) instead of writing from stale
@@ -40,6 +42,7 @@ impl JobMemory {
             step: 0,
             since: Instant::now(),
             unschedulable_since: None,
+            gang_retry_at: None,
             superseded_version: None,
             failed_reconciles: 0,
         }

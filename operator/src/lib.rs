@@ -12,6 +12,7 @@ pub mod context;
 pub mod controller;
 pub mod failpoints;
 pub mod fetch;
+pub mod gang;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;

@@ -7,6 +7,9 @@ use sha2::{Digest, Sha256};
 
 /// Label carrying the attempt number of a trainer pod (0 for the first).
 pub const ATTEMPT_LABEL: &str = "finetune.dev/attempt";
+/// Label carrying the node rank of a gang's trainer pod (`PET_NODE_RANK`; absent on the pod of
+/// a job of one pod).
+pub const RANK_LABEL: &str = "finetune.dev/rank";
 /// Annotation on the trainer ConfigMap holding the hash of the spec it was rendered from.
 pub const SPEC_HASH_ANNOTATION: &str = "finetune.dev/spec-hash";
 /// Name of the trainer container.
@@ -45,18 +48,22 @@ pub fn checkpoint_claim(job: &str) -> String {
 /// no dots), stricter than job names: `70b-chat` or `team.v2` become `j-70b-chat-<hash>` and
 /// `team-v2-<hash>` (the hash keeps `a.b` and `a-b` apart).
 pub fn metrics_service(job: &str) -> String {
+    bounded(&dns_label_base(job), "metrics")
+}
+
+/// `job` as the start of a DNS-1035 label: as it is when it already fits (a letter first, no
+/// dots), else dashed, prefixed and suffixed with a hash of the whole.
+fn dns_label_base(job: &str) -> String {
     let dashed = job.replace('.', "-");
-    let base = if dashed == job && job.starts_with(|c: char| c.is_ascii_lowercase()) {
-        job.to_string()
+    if dashed == job && job.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return job.to_string();
+    }
+    let prefix = if dashed.starts_with(|c: char| c.is_ascii_lowercase()) {
+        ""
     } else {
-        let prefix = if dashed.starts_with(|c: char| c.is_ascii_lowercase()) {
-            ""
-        } else {
-            "j-"
-        };
-        format!("{prefix}{dashed}-{}", &short_hash(job.as_bytes())[..6])
+        "j-"
     };
-    bounded(&base, "metrics")
+    format!("{prefix}{dashed}-{}", &short_hash(job.as_bytes())[..6])
 }
 
 /// The value of the `finetune.dev/job` label for a job: its name, or (over 63 characters, the
@@ -75,9 +82,20 @@ pub fn network_policy(job: &str) -> String {
     bounded(job, "trainer-network")
 }
 
-/// The trainer pod of one attempt.
+/// The trainer pod of one attempt (of a job of one pod; a gang's pods are [`gang_pod`]).
 pub fn trainer_pod(job: &str, attempt: u32) -> String {
     bounded(job, &format!("trainer-{attempt}"))
+}
+
+/// The trainer pod of node rank `rank` of one attempt of a gang (a job of several pods).
+pub fn gang_pod(job: &str, attempt: u32, rank: u32) -> String {
+    bounded(job, &format!("trainer-{attempt}-{rank}"))
+}
+
+/// The host name of a gang's pod (a DNS label even where the job's name has dots), under which
+/// it resolves as `<hostname>.<metrics service>` (the pod's `subdomain`).
+pub fn gang_hostname(job: &str, attempt: u32, rank: u32) -> String {
+    bounded(&dns_label_base(job), &format!("trainer-{attempt}-{rank}"))
 }
 
 /// Labels every child carries.
@@ -142,6 +160,14 @@ mod tests {
             assert!(label.len() <= 63, "{job} -> {label}");
             assert!(!label.ends_with(['-', '.']), "{label}");
         }
+        for job in ["demo", "70b-chat", "team.v2", long.as_str()] {
+            let host = gang_hostname(job, 12, 63);
+            assert!(is_dns1035(&host), "{job} -> {host}");
+            assert!(gang_pod(job, 12, 63).len() <= 63);
+        }
+        assert_eq!(gang_pod("demo", 1, 0), "demo-trainer-1-0");
+        assert_eq!(gang_hostname("demo", 1, 0), "demo-trainer-1-0");
+        assert_ne!(gang_hostname("a.b", 0, 0), gang_hostname("a-b", 0, 0));
         assert_eq!(metrics_service("demo"), "demo-metrics");
         assert_ne!(metrics_service("a.b"), metrics_service("a-b"));
         assert_eq!(label_value("demo"), "demo");

@@ -46,7 +46,7 @@ fn trainer_config(c: &finetune_operator::build::Children) -> TrainerConfig {
 fn trainer_pod_meets_the_restricted_profile() {
     for sample in ["tiny-sentiment-cpu.yaml", "llama-2-7b-lora-sentiment.yaml"] {
         let c = children(&job(sample), &BuildSettings::default(), 0).unwrap();
-        let spec = c.pod.spec.as_ref().unwrap();
+        let spec = c.pods[0].spec.as_ref().unwrap();
         assert_eq!(
             spec.automount_service_account_token,
             Some(false),
@@ -102,7 +102,7 @@ fn trainer_pod_meets_the_restricted_profile() {
                 .iter()
                 .any(|v| v.name == "scratch" && v.empty_dir.is_some())
         );
-        let port = &trainer(&c.pod).ports.as_ref().unwrap()[0];
+        let port = &trainer(&c.pods[0]).ports.as_ref().unwrap()[0];
         assert_eq!(port.name.as_deref(), Some("metrics"));
     }
 }
@@ -115,17 +115,17 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
         0,
     )
     .unwrap();
-    let res = trainer(&seven.pod).resources.as_ref().unwrap();
+    let res = trainer(&seven.pods[0]).resources.as_ref().unwrap();
     assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
     assert_eq!(
-        trainer(&seven.pod).image.as_deref(),
+        trainer(&seven.pods[0]).image.as_deref(),
         Some(finetune_operator::build::DEFAULT_TRAINER_CUDA_IMAGE)
     );
 
     let mut seventy = job("multi-gpu/llama-2-70b-lora.yaml");
     seventy.spec.resources.gpus = None; // the preset's default
     let c = children(&seventy, &BuildSettings::default(), 0).unwrap();
-    let res = trainer(&c.pod).resources.as_ref().unwrap();
+    let res = trainer(&c.pods[0]).resources.as_ref().unwrap();
     assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "4");
 
     let tiny = children(
@@ -134,10 +134,10 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
         0,
     )
     .unwrap();
-    let res = trainer(&tiny.pod).resources.as_ref().unwrap();
+    let res = trainer(&tiny.pods[0]).resources.as_ref().unwrap();
     assert!(!res.limits.as_ref().unwrap().contains_key("nvidia.com/gpu"));
     assert_eq!(
-        trainer(&tiny.pod).image.as_deref(),
+        trainer(&tiny.pods[0]).image.as_deref(),
         Some(finetune_operator::build::DEFAULT_TRAINER_IMAGE)
     );
 }
@@ -153,10 +153,150 @@ fn env_value(pod: &Pod, name: &str) -> Option<String> {
 }
 
 #[test]
+fn a_gang_is_one_pod_per_node_rank_meeting_at_rank_zero_through_the_headless_service() {
+    let mut gang = job("llama-2-7b-lora-sentiment.yaml");
+    gang.spec.resources.nodes = Some(2);
+    gang.spec.resources.gpus = Some(4);
+    let c = children(&gang, &BuildSettings::default(), 1).unwrap();
+    let svc = c.metrics_service.metadata.name.clone().unwrap();
+    let service = c.metrics_service.spec.as_ref().unwrap();
+    assert_eq!(service.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(service.publish_not_ready_addresses, Some(true));
+    let names: Vec<String> = c
+        .pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "llama-2-7b-sentiment-trainer-1-0",
+            "llama-2-7b-sentiment-trainer-1-1"
+        ]
+    );
+    for (rank, pod) in c.pods.iter().enumerate() {
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some(names[rank].as_str()));
+        assert_eq!(spec.subdomain.as_deref(), Some(svc.as_str()));
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["finetune.dev/rank"], rank.to_string());
+        assert_eq!(labels["finetune.dev/attempt"], "1");
+        let got: Vec<Option<String>> = [
+            "PET_NNODES",
+            "PET_NPROC_PER_NODE",
+            "PET_NODE_RANK",
+            "PET_MASTER_ADDR",
+        ]
+        .iter()
+        .map(|n| env_value(pod, n))
+        .collect();
+        let master = format!("{}.{svc}", names[0]);
+        let want = ["2", "4", &rank.to_string(), &master];
+        assert_eq!(got, want.map(|v| Some(v.to_string())), "rank {rank}");
+        // /dev/shm for the pod's four ranks, memory-backed.
+        let shm = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "dshm")
+            .unwrap();
+        let dir = shm.empty_dir.as_ref().unwrap();
+        assert_eq!(dir.medium.as_deref(), Some("Memory"));
+        assert_eq!(
+            dir.size_limit.as_ref().map(|q| q.0.as_str()),
+            Some("4294967296")
+        );
+        let mount = trainer(pod)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "dshm");
+        assert_eq!(mount.map(|m| m.mount_path.as_str()), Some("/dev/shm"));
+        // Kueue admits the attempt's pods as one group (the sample is queued).
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(labels["kueue.x-k8s.io/pod-group-name"], names[0]);
+        assert_eq!(annotations["kueue.x-k8s.io/pod-group-total-count"], "2");
+        assert_eq!(annotations["kueue.x-k8s.io/retriable-in-group"], "false");
+    }
+    // Every rank mounts the checkpoints, on its own node.
+    let claim = c.checkpoint_claim.as_ref().unwrap().spec.as_ref().unwrap();
+    assert_eq!(
+        claim.access_modes.as_deref(),
+        Some(&["ReadWriteMany".to_string()][..])
+    );
+    // The ranks may reach each other on any port, and nothing else more than before.
+    let policy = c.network_policy.spec.as_ref().unwrap();
+    let peers = |rules: Vec<Option<&Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>>>| {
+        rules
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| p.pod_selector.clone())
+            .count()
+    };
+    let ingress = policy
+        .ingress
+        .iter()
+        .flatten()
+        .map(|r| r.from.as_ref())
+        .collect();
+    let egress = policy
+        .egress
+        .iter()
+        .flatten()
+        .map(|r| r.to.as_ref())
+        .collect();
+    assert_eq!((peers(ingress), peers(egress)), (1, 1));
+
+    // One pod: no rank, no host name, a ReadWriteOnce claim, no pod group, no /dev/shm on CPU.
+    let one = children(
+        &job("tiny-sentiment-cpu.yaml"),
+        &BuildSettings::default(),
+        0,
+    )
+    .unwrap();
+    let pod = &one.pods[0];
+    assert_eq!(one.pods.len(), 1);
+    assert_eq!(
+        pod.metadata.name.as_deref(),
+        Some("tiny-sentiment-trainer-0")
+    );
+    assert!(
+        !pod.metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .contains_key("finetune.dev/rank")
+    );
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(
+        (spec.hostname.as_ref(), spec.subdomain.as_ref()),
+        (None, None)
+    );
+    assert!(spec.volumes.iter().flatten().all(|v| v.name != "dshm"));
+    let claim = one
+        .checkpoint_claim
+        .as_ref()
+        .unwrap()
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        claim.access_modes.as_deref(),
+        Some(&["ReadWriteOnce".to_string()][..])
+    );
+    let policy = one.network_policy.spec.as_ref().unwrap();
+    assert!(policy.ingress.iter().flatten().all(|r| r.from.is_none()));
+}
+
+#[test]
 fn a_pod_with_several_gpus_runs_one_rank_per_gpu_and_one_gpu_runs_alone() {
     let mut four = job("llama-2-7b-lora-sentiment.yaml");
     four.spec.resources.gpus = Some(4);
-    let pod = children(&four, &BuildSettings::default(), 3).unwrap().pod;
+    let pod = children(&four, &BuildSettings::default(), 3)
+        .unwrap()
+        .pods
+        .remove(0);
     let got: Vec<Option<String>> = [
         "PET_NNODES",
         "PET_NPROC_PER_NODE",
@@ -174,7 +314,8 @@ fn a_pod_with_several_gpus_runs_one_rank_per_gpu_and_one_gpu_runs_alone() {
     for sample in ["llama-2-7b-lora-sentiment.yaml", "tiny-sentiment-cpu.yaml"] {
         let pod = children(&job(sample), &BuildSettings::default(), 0)
             .unwrap()
-            .pod;
+            .pods
+            .remove(0);
         let names: Vec<&str> = trainer(&pod)
             .env
             .as_ref()
@@ -198,7 +339,8 @@ fn a_queued_jobs_pod_carries_its_kueue_labels() {
         .insert(finetune_api::KUEUE_PRIORITY_LABEL.into(), "research".into());
     let labels = children(&j, &BuildSettings::default(), 0)
         .unwrap()
-        .pod
+        .pods
+        .remove(0)
         .metadata
         .labels
         .unwrap();
@@ -222,7 +364,8 @@ fn a_queued_jobs_pod_carries_its_kueue_labels() {
         0,
     )
     .unwrap()
-    .pod;
+    .pods
+    .remove(0);
     let labels = tiny.metadata.labels.unwrap();
     assert!(labels.keys().all(|k| !k.starts_with("kueue.x-k8s.io/")));
 }
@@ -231,7 +374,10 @@ fn a_queued_jobs_pod_carries_its_kueue_labels() {
 fn later_attempts_download_the_commit_the_first_resolved() {
     let revision_of = |j: &finetune_api::FineTuneJob| {
         let c = children(j, &BuildSettings::default(), 1).unwrap();
-        let args = init_container(&c.pod, "fetch-model").args.clone().unwrap();
+        let args = init_container(&c.pods[0], "fetch-model")
+            .args
+            .clone()
+            .unwrap();
         let at = args.iter().position(|a| a == "--revision").unwrap();
         args[at + 1].clone()
     };
@@ -255,7 +401,7 @@ fn dataset_credentials_reach_only_the_download_step_by_secret_reference() {
     });
     assert!(finetune_api::validate(&j.spec).is_ok(), "a valid spec");
     let c = children(&j, &BuildSettings::default(), 0).unwrap();
-    let fetch = init_container(&c.pod, "fetch-dataset");
+    let fetch = init_container(&c.pods[0], "fetch-dataset");
     let env = fetch.env.clone().unwrap_or_default();
     let token = env
         .iter()
@@ -271,7 +417,7 @@ fn dataset_credentials_reach_only_the_download_step_by_secret_reference() {
         (sel.name.as_str(), sel.key.as_str()),
         ("bucket-token", "token")
     );
-    let trainer_env = trainer(&c.pod).env.clone().unwrap_or_default();
+    let trainer_env = trainer(&c.pods[0]).env.clone().unwrap_or_default();
     assert!(
         trainer_env
             .iter()
@@ -280,7 +426,7 @@ fn dataset_credentials_reach_only_the_download_step_by_secret_reference() {
     // Without a reference the step has no token variable.
     j.spec.dataset.credentials_secret_ref = None;
     let c = children(&j, &BuildSettings::default(), 0).unwrap();
-    let env = init_container(&c.pod, "fetch-dataset")
+    let env = init_container(&c.pods[0], "fetch-dataset")
         .env
         .clone()
         .unwrap_or_default();
@@ -304,7 +450,7 @@ fn a_ca_bundle_reaches_every_download_step_and_only_them() {
     );
     let mut j = job("llama-2-7b-lora-sentiment.yaml");
     j.spec.dataset.source = "https://data.example.com/reviews.csv".into();
-    let pod = children(&j, &settings, 0).unwrap().pod;
+    let pod = children(&j, &settings, 0).unwrap().pods.remove(0);
     let spec = pod.spec.as_ref().unwrap();
     let volume = spec
         .volumes
@@ -341,7 +487,8 @@ fn a_ca_bundle_reaches_every_download_step_and_only_them() {
     // A job that downloads nothing gets no bundle volume.
     let tiny = children(&job("tiny-sentiment-cpu.yaml"), &settings, 0)
         .unwrap()
-        .pod;
+        .pods
+        .remove(0);
     assert!(
         tiny.spec
             .unwrap()
@@ -360,7 +507,7 @@ fn hub_token_is_passed_only_by_secret_reference() {
         0,
     )
     .unwrap();
-    let fetch = init_container(&c.pod, "fetch-model");
+    let fetch = init_container(&c.pods[0], "fetch-model");
     let token = fetch
         .env
         .as_ref()
@@ -386,7 +533,7 @@ fn hub_token_is_passed_only_by_secret_reference() {
     );
     // The trainer itself never sees the token.
     assert!(
-        trainer(&c.pod)
+        trainer(&c.pods[0])
             .env
             .iter()
             .flatten()
@@ -437,7 +584,7 @@ fn config_map_carries_the_trainer_configuration() {
 #[test]
 fn https_datasets_get_a_download_step_with_checksum() {
     let c = children(&job("llama-2-13b-lora.yaml"), &BuildSettings::default(), 0).unwrap();
-    let fetch = init_container(&c.pod, "fetch-dataset");
+    let fetch = init_container(&c.pods[0], "fetch-dataset");
     let args = fetch.args.clone().unwrap();
     assert!(args.contains(&"--sha256".to_string()));
     assert!(args.contains(&"/var/lib/finetune/dataset/data.jsonl".to_string()));
@@ -457,7 +604,7 @@ fn trainer_pod_settings_reach_the_pod_and_the_operator_keys_stay() {
     .unwrap();
     assert!(finetune_api::validate(&j.spec).is_ok());
     let c = children(&j, &BuildSettings::default(), 0).unwrap();
-    let meta = &c.pod.metadata;
+    let meta = &c.pods[0].metadata;
     let labels = meta.labels.as_ref().unwrap();
     assert_eq!(labels["sidecar.istio.io/inject"], "false");
     assert_eq!(labels["team"], "ml");
@@ -465,7 +612,7 @@ fn trainer_pod_settings_reach_the_pod_and_the_operator_keys_stay() {
     let annotations = meta.annotations.as_ref().unwrap();
     assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
     assert!(annotations.contains_key("prometheus.io/port"));
-    let spec = c.pod.spec.as_ref().unwrap();
+    let spec = c.pods[0].spec.as_ref().unwrap();
     assert_eq!(
         spec.service_account_name.as_deref(),
         Some("trainer-s3-reader")
@@ -485,7 +632,7 @@ fn trainer_pod_settings_reach_the_pod_and_the_operator_keys_stay() {
         0,
     )
     .unwrap();
-    let spec = plain.pod.spec.as_ref().unwrap();
+    let spec = plain.pods[0].spec.as_ref().unwrap();
     assert!(spec.service_account_name.is_none() && spec.scheduler_name.is_none());
     assert!(spec.image_pull_secrets.is_none() && spec.runtime_class_name.is_none());
 }
@@ -495,11 +642,11 @@ fn children_are_owned_and_labelled() {
     let j = job("tiny-sentiment-cpu.yaml");
     let c = children(&j, &BuildSettings::default(), 3).unwrap();
     assert_eq!(
-        c.pod.metadata.name.as_deref(),
+        c.pods[0].metadata.name.as_deref(),
         Some("tiny-sentiment-trainer-3")
     );
     for meta in [
-        &c.pod.metadata,
+        &c.pods[0].metadata,
         &c.config_map.metadata,
         &c.metrics_service.metadata,
     ] {
@@ -577,7 +724,7 @@ fn trainer_network_policy_allows_metrics_in_and_only_dns_and_downloads_out() {
         .match_labels
         .as_ref()
         .unwrap();
-    let pod_labels = tiny.pod.metadata.labels.as_ref().unwrap();
+    let pod_labels = tiny.pods[0].metadata.labels.as_ref().unwrap();
     assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
     assert_eq!(selector["finetune.dev/job"], "tiny-sentiment");
     let owner = &tiny
@@ -622,14 +769,14 @@ fn a_test_set_is_mounted_or_downloaded_like_the_dataset() {
         Some("/var/lib/finetune/test-set/test.csv")
     );
     assert_eq!(cfg.evaluation.test_set.as_ref().unwrap().max_rows, 200);
-    let spec = c.pod.spec.as_ref().unwrap();
+    let spec = c.pods[0].spec.as_ref().unwrap();
     let volume = spec
         .volumes
         .iter()
         .flatten()
         .find(|v| v.config_map.as_ref().is_some_and(|m| m.name == "held-out"))
         .expect("the ConfigMap is a volume");
-    let mount = trainer(&c.pod)
+    let mount = trainer(&c.pods[0])
         .volume_mounts
         .iter()
         .flatten()
@@ -643,7 +790,7 @@ fn a_test_set_is_mounted_or_downloaded_like_the_dataset() {
         max_rows: 200,
     });
     let c = children(&j, &BuildSettings::default(), 0).unwrap();
-    let fetch = init_container(&c.pod, "fetch-test-set");
+    let fetch = init_container(&c.pods[0], "fetch-test-set");
     assert!(fetch.args.clone().unwrap().contains(&"ab".repeat(32)));
 }
 
@@ -655,7 +802,7 @@ fn a_downloaded_model_gets_bounded_disk_that_the_scheduler_sees() {
         0,
     )
     .unwrap();
-    let spec = c.pod.spec.as_ref().unwrap();
+    let spec = c.pods[0].spec.as_ref().unwrap();
     let model = spec
         .volumes
         .iter()
@@ -672,7 +819,7 @@ fn a_downloaded_model_gets_bounded_disk_that_the_scheduler_sees() {
     let bytes: u64 = limit.0.parse().unwrap();
     // 6.74 B parameters in 16-bit safetensors are 13.5 GB; the limit leaves room, but not 2x.
     assert!((14_000_000_000..20_000_000_000).contains(&bytes), "{bytes}");
-    let requests = trainer(&c.pod)
+    let requests = trainer(&c.pods[0])
         .resources
         .as_ref()
         .unwrap()
@@ -687,7 +834,7 @@ fn a_downloaded_model_gets_bounded_disk_that_the_scheduler_sees() {
         0,
     )
     .unwrap();
-    let tiny_requests = trainer(&tiny.pod)
+    let tiny_requests = trainer(&tiny.pods[0])
         .resources
         .clone()
         .unwrap()

@@ -11,7 +11,7 @@ use finetune_api::{FineTuneJob, JOB_LABEL, TrainerProgress};
 use finetune_operator::Args;
 use finetune_operator::context::JobMemory;
 use finetune_operator::controller::decide::{Clock, Observed, Requeue, Settings, decide};
-use finetune_operator::names::{ATTEMPT_LABEL, trainer_pod};
+use finetune_operator::names::{ATTEMPT_LABEL, RANK_LABEL, gang_pod, trainer_pod};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -71,6 +71,16 @@ fn pod(entry: &Value, job: &str) -> Pod {
             "labels": {JOB_LABEL: job, ATTEMPT_LABEL: attempt.to_string()},
         }}),
     );
+    // A gang's pod: its rank's name and label.
+    if let Some(rank) = entry.get("rank").and_then(Value::as_u64) {
+        merge(
+            &mut pod,
+            &serde_json::json!({"metadata": {
+                "name": gang_pod(job, attempt, rank as u32),
+                "labels": {RANK_LABEL: rank.to_string()},
+            }}),
+        );
+    }
     serde_json::from_value(pod).unwrap()
 }
 
@@ -130,6 +140,10 @@ fn check(case: &Value) {
         step: memory_case.get("step").and_then(Value::as_u64).unwrap_or(0),
         since: ago(mono, memory_case.get("stepSecondsAgo")).unwrap_or(mono),
         unschedulable_since: ago(mono, memory_case.get("unschedulableSecondsAgo")),
+        gang_retry_at: memory_case
+            .get("gangRetryInSeconds")
+            .and_then(Value::as_u64)
+            .map(|s| mono + Duration::from_secs(s)),
         ..JobMemory::new()
     };
     let observed = Observed {
@@ -272,6 +286,20 @@ fn check(case: &Value) {
             plan.status.accepted_generation,
             accepted.as_i64(),
             "{name}: acceptedGeneration"
+        );
+    }
+    if let Some(gang) = field("gang") {
+        assert_eq!(
+            serde_json::to_value(&plan.status.gang).unwrap(),
+            *gang,
+            "{name}: gang"
+        );
+    }
+    if let Some(s) = field("gangRetryInSeconds") {
+        assert_eq!(
+            plan.memory.gang_retry_at,
+            Some(mono + Duration::from_secs(s.as_u64().unwrap())),
+            "{name}: gang retry"
         );
     }
     let generation = field("generation").and_then(Value::as_i64).unwrap_or(1);

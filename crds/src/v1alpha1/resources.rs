@@ -18,9 +18,11 @@ pub struct ResourcesSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 64))]
     pub gpus: Option<u32>,
-    /// Trainer pods of the job, one per node, together one data-parallel gang. Default 1. Only 1
-    /// is accepted today: the operator does not yet start a gang of pods (the trainer's ranks
-    /// across nodes exist; the pods, their Service and the gang restart do not).
+    /// Trainer pods of the job, one per node, together one data-parallel gang (`resources.gpus`
+    /// ranks each). Default 1. A gang's pods are created together, meet at rank 0's pod through
+    /// the job's headless Service, and restart together from the latest checkpoint when any
+    /// fails. With several pods the checkpoint claim the operator creates is ReadWriteMany; an
+    /// `existingClaim` and a `pvc://` dataset must be mountable on several nodes too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
     pub nodes: Option<u32>,

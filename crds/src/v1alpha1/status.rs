@@ -56,6 +56,26 @@ pub struct FineTuneJobStatus {
     /// branch that moves meanwhile cannot change the weights under the checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_commit: Option<String>,
+    /// Where the current attempt's trainer pods stand, for a job of several pods (a gang,
+    /// `resources.nodes` > 1); which rank failed and why is in the Ready condition's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<GangStatus>,
+}
+
+/// The current attempt's trainer pods of a gang, counted by state.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GangStatus {
+    /// Pods of the gang (`resources.nodes`).
+    pub pods: u32,
+    /// Not created, or not yet running.
+    pub pending: u32,
+    /// Running.
+    pub running: u32,
+    /// Exited 0.
+    pub succeeded: u32,
+    /// Failed, disrupted or gone.
+    pub failed: u32,
 }
 
 /// Lifecycle phase.

@@ -7,12 +7,16 @@ mod pod;
 mod volumes;
 
 pub use objects::{checkpoint_claim, config_map, metrics_service, trainer_network_policy};
-pub use pod::trainer_pod;
+pub use pod::{
+    KUEUE_POD_GROUP_COUNT_ANNOTATION, KUEUE_POD_GROUP_LABEL, KUEUE_RETRIABLE_ANNOTATION,
+    trainer_pod,
+};
 pub use volumes::{
     DataPlan, FETCH_CA_BUNDLE_ENV, FETCH_TOKEN_ENV, MOUNT_ROOT, plan_volumes, url_port,
 };
 
 use finetune_api::FineTuneJob;
+use finetune_api::fit::effective_nodes;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -115,8 +119,9 @@ pub struct Children {
     pub metrics_service: Service,
     /// The NetworkPolicy of the trainer pods.
     pub network_policy: NetworkPolicy,
-    /// The trainer pod of the current attempt.
-    pub pod: Pod,
+    /// The trainer pods of the current attempt: one, or a gang of one per node rank (rank
+    /// order).
+    pub pods: Vec<Pod>,
 }
 
 /// Builds every child of `job` for the given attempt.
@@ -127,7 +132,9 @@ pub fn children(job: &FineTuneJob, settings: &BuildSettings, attempt: u32) -> Re
         checkpoint_claim: checkpoint_claim(job)?,
         metrics_service: metrics_service(job)?,
         network_policy: trainer_network_policy(job, &plan)?,
-        pod: trainer_pod(job, settings, &plan, attempt)?,
+        pods: (0..effective_nodes(&job.spec))
+            .map(|rank| trainer_pod(job, settings, &plan, attempt, rank))
+            .collect::<Result<_>>()?,
     })
 }
 

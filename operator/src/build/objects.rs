@@ -1,8 +1,9 @@
-//! The trainer ConfigMap, the checkpoint claim, the metrics Service and the trainer
-//! NetworkPolicy.
+//! The trainer ConfigMap, the checkpoint claim, the metrics Service (a gang's DNS domain too)
+//! and the trainer NetworkPolicy.
 
 use std::collections::BTreeMap;
 
+use finetune_api::fit::effective_nodes;
 use finetune_api::progress::TRAINER_METRICS_PORT;
 use finetune_api::{FineTuneJob, TrainerConfig};
 use k8s_openapi::api::core::v1::{
@@ -10,8 +11,8 @@ use k8s_openapi::api::core::v1::{
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
-    NetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -86,7 +87,12 @@ pub fn checkpoint_claim(job: &FineTuneJob) -> Result<Option<PersistentVolumeClai
     Ok(Some(PersistentVolumeClaim {
         metadata: m,
         spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            // A gang's pods, on several nodes, all mount it (rank 0 writes, every rank resumes).
+            access_modes: Some(vec![if effective_nodes(&job.spec) > 1 {
+                "ReadWriteMany".into()
+            } else {
+                "ReadWriteOnce".into()
+            }]),
             storage_class_name: storage.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([("storage".to_string(), size)])),
@@ -98,13 +104,16 @@ pub fn checkpoint_claim(job: &FineTuneJob) -> Result<Option<PersistentVolumeClai
     }))
 }
 
-/// A headless Service selecting the trainer pod, with the `metrics` port (for ServiceMonitors).
+/// A headless Service selecting the trainer pods, with the `metrics` port (for ServiceMonitors).
+/// It is also a gang's DNS domain (each pod's `subdomain`): it publishes not-ready addresses, so
+/// rank 0's name resolves while the ranks meet, before any is ready.
 pub fn metrics_service(job: &FineTuneJob) -> Result<Service> {
     let (name, _) = name_and_namespace(job)?;
     Ok(Service {
         metadata: meta(job, names::metrics_service(&name))?,
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
             selector: Some(names::trainer_selector(&name)),
             ports: Some(vec![ServicePort {
                 name: Some("metrics".into()),
@@ -145,6 +154,28 @@ pub fn trainer_network_policy(job: &FineTuneJob, plan: &DataPlan) -> Result<Netw
             to: None,
         });
     }
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        ports: Some(vec![port("TCP", i32::from(TRAINER_METRICS_PORT))]),
+        from: None,
+    }];
+    if effective_nodes(&job.spec) > 1 {
+        // A gang's ranks talk to each other on any port (the rendezvous, NCCL's sockets).
+        let gang = NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(names::trainer_selector(&name)),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        ingress.push(NetworkPolicyIngressRule {
+            ports: None,
+            from: Some(vec![gang.clone()]),
+        });
+        egress.push(NetworkPolicyEgressRule {
+            ports: None,
+            to: Some(vec![gang]),
+        });
+    }
     Ok(NetworkPolicy {
         metadata: meta(job, names::network_policy(&name))?,
         spec: Some(NetworkPolicySpec {
@@ -153,10 +184,7 @@ pub fn trainer_network_policy(job: &FineTuneJob, plan: &DataPlan) -> Result<Netw
                 ..LabelSelector::default()
             }),
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(vec![port("TCP", i32::from(TRAINER_METRICS_PORT))]),
-                from: None,
-            }]),
+            ingress: Some(ingress),
             egress: Some(egress),
         }),
     })

@@ -1,11 +1,11 @@
-//! The trainer pod: one per attempt, meeting the "restricted" Pod Security profile, with no
+//! The trainer pods: one per attempt, or a gang of one per node rank, each meeting the "restricted" Pod Security profile, with no
 //! service-account token, a read-only root file system and a grace period that covers a
 //! checkpoint save.
 
 use std::collections::BTreeMap;
 
 use finetune_api::FineTuneJob;
-use finetune_api::fit::effective_gpus;
+use finetune_api::fit::{effective_gpus, effective_nodes};
 use finetune_api::gang::rendezvous_env;
 use finetune_api::progress::TRAINER_METRICS_PORT;
 use k8s_openapi::api::core::v1::{
@@ -19,7 +19,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::volumes::{CONFIG_DIR, CONFIG_FILE, DataPlan, env};
 use super::{BuildSettings, name_and_namespace, owner_reference};
 use crate::Result;
-use crate::names::{self, ATTEMPT_LABEL, TRAINER_CONTAINER};
+use crate::names::{self, ATTEMPT_LABEL, RANK_LABEL, TRAINER_CONTAINER};
+
+/// Kueue's label naming a plain-Pod group (one Workload for all its pods).
+pub const KUEUE_POD_GROUP_LABEL: &str = "kueue.x-k8s.io/pod-group-name";
+/// Kueue's annotation with the number of pods of a plain-Pod group.
+pub const KUEUE_POD_GROUP_COUNT_ANNOTATION: &str = "kueue.x-k8s.io/pod-group-total-count";
+/// Kueue's annotation that makes a failed pod end its group instead of waiting for a
+/// replacement in the same group.
+pub const KUEUE_RETRIABLE_ANNOTATION: &str = "kueue.x-k8s.io/retriable-in-group";
 
 /// User and group the trainer runs as (non-root).
 pub const TRAINER_UID: i64 = 65532;
@@ -89,15 +97,17 @@ fn resources(job: &FineTuneJob, plan: &DataPlan) -> ResourceRequirements {
     }
 }
 
-/// Builds the trainer pod of one attempt.
+/// Builds the trainer pod of node rank `rank` (0 for a job of one pod) of one attempt.
 pub fn trainer_pod(
     job: &FineTuneJob,
     settings: &BuildSettings,
     plan: &DataPlan,
     attempt: u32,
+    rank: u32,
 ) -> Result<Pod> {
     let (name, namespace) = name_and_namespace(job)?;
     let spec = &job.spec;
+    let gang = effective_nodes(spec) > 1;
     let gpus = effective_gpus(spec);
     let image = spec.resources.image.clone().unwrap_or_else(|| {
         if gpus > 0 {
@@ -109,6 +119,9 @@ pub fn trainer_pod(
     let mut labels = names::common_labels(&name);
     labels.extend(names::trainer_selector(&name));
     labels.insert(ATTEMPT_LABEL.into(), attempt.to_string());
+    if gang {
+        labels.insert(RANK_LABEL.into(), rank.to_string());
+    }
     let mut vars = vec![
         field_env("POD_IP", "status.podIP"),
         field_env("POD_NAME", "metadata.name"),
@@ -122,9 +135,16 @@ pub fn trainer_pod(
             &format!("$(POD_IP):{TRAINER_METRICS_PORT}"),
         ),
     ];
-    // Several GPUs: the trainer's entry process starts one rank per GPU, which meet on the
-    // pod's loopback (one pod is the whole gang until the operator starts gangs of pods).
-    for (name, value) in rendezvous_env(spec, 0, "127.0.0.1", attempt) {
+    // Several GPUs: the trainer's entry process starts one rank per GPU. They meet on the pod's
+    // loopback, or, in a gang, at rank 0's pod under its stable DNS name (the metrics Service
+    // is headless and publishes not-ready addresses, so the name resolves before readiness).
+    let service = names::metrics_service(&name);
+    let master = if gang {
+        format!("{}.{service}", names::gang_hostname(&name, attempt, 0))
+    } else {
+        "127.0.0.1".to_string()
+    };
+    for (name, value) in rendezvous_env(spec, rank, &master, attempt) {
         vars.push(env(name, &value));
     }
     let trainer = Container {
@@ -158,15 +178,32 @@ pub fn trainer_pod(
     let mut labels_with_job = pod.labels.clone();
     labels_with_job.extend(kueue_labels(job));
     labels_with_job.extend(labels);
-    let labels = labels_with_job;
+    let mut labels = labels_with_job;
     let mut annotations = pod.annotations.clone();
+    if gang && labels.contains_key(finetune_api::KUEUE_QUEUE_LABEL) {
+        // Kueue's plain-Pod groups: the attempt's pods are one Workload, admitted whole; a
+        // failed pod ends the group (the operator starts the next attempt as a new group).
+        labels.insert(
+            KUEUE_POD_GROUP_LABEL.into(),
+            names::gang_hostname(&name, attempt, 0),
+        );
+        annotations.insert(
+            KUEUE_POD_GROUP_COUNT_ANNOTATION.into(),
+            effective_nodes(spec).to_string(),
+        );
+        annotations.insert(KUEUE_RETRIABLE_ANNOTATION.into(), "false".into());
+    }
     annotations.insert(
         "prometheus.io/port".to_string(),
         TRAINER_METRICS_PORT.to_string(),
     );
     Ok(Pod {
         metadata: ObjectMeta {
-            name: Some(names::trainer_pod(&name, attempt)),
+            name: Some(if gang {
+                names::gang_pod(&name, attempt, rank)
+            } else {
+                names::trainer_pod(&name, attempt)
+            }),
             namespace: Some(namespace),
             labels: Some(labels),
             owner_references: Some(vec![owner_reference(job)?]),
@@ -196,6 +233,8 @@ pub fn trainer_pod(
             init_containers: (!plan.init_containers.is_empty())
                 .then(|| plan.init_containers.clone()),
             containers: vec![trainer],
+            hostname: gang.then(|| names::gang_hostname(&name, attempt, rank)),
+            subdomain: gang.then_some(service),
             volumes: Some(plan.volumes.clone()),
             node_selector: (!r.node_selector.is_empty()).then(|| r.node_selector.clone()),
             tolerations: (!r.tolerations.is_empty()).then(|| r.tolerations.clone()),

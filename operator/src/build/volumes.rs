@@ -1,6 +1,7 @@
 //! Where each input and output of a job lives inside the trainer pod, and which volumes and
 //! download init steps put it there.
 
+use finetune_api::fit::{processes_per_pod, world_size};
 use finetune_api::source::{Source, SourceKind};
 use finetune_api::{DatasetFormat, FineTuneJob, TrainerPaths};
 use k8s_openapi::api::core::v1::{
@@ -283,6 +284,9 @@ fn pinned_revision(job: &FineTuneJob, revision: Option<String>) -> String {
         .unwrap_or_else(|| "main".into())
 }
 
+/// `/dev/shm` per trainer process of a pod that trains on several processes.
+pub const SHM_BYTES_PER_PROCESS: u64 = 1 << 30;
+
 /// Plans volumes, mounts, download steps and paths for a job.
 pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataPlan> {
     let (name, _) = super::name_and_namespace(job)?;
@@ -298,6 +302,21 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
     plan.mounts.push(mount("config", CONFIG_DIR, true));
     plan.volumes.push(empty_dir("scratch"));
     plan.mounts.push(mount("scratch", "/tmp", false));
+    // Several processes: NCCL's shared-memory transport between a pod's ranks needs a /dev/shm
+    // larger than a container runtime's 64 MiB default (memory-backed: it counts against the
+    // pod's memory).
+    if world_size(spec) > 1 {
+        let ranks = u64::from(processes_per_pod(spec));
+        plan.volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity((ranks * SHM_BYTES_PER_PROCESS).to_string())),
+            }),
+            ..Volume::default()
+        });
+        plan.mounts.push(mount("dshm", "/dev/shm", false));
+    }
 
     // Checkpoints (and by default the output).
     let ckpt_claim = spec

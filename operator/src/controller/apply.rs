@@ -177,12 +177,11 @@ async fn apply_children(
         &children.network_policy,
     )
     .await?;
-    apply(
-        ctx,
-        &Api::<Pod>::namespaced(client.clone(), ns),
-        &children.pod,
-    )
-    .await?;
+    // A gang's pods are created together (rank order), so a gang scheduler sees them all.
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    for pod in &children.pods {
+        apply(ctx, &pods, pod).await?;
+    }
     Ok(())
 }
 

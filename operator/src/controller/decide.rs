@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use finetune_api::fit::effective_gpus;
+use finetune_api::fit::{effective_gpus, effective_nodes};
 use finetune_api::mutability::{changed_sections, mutable_fields_sentence};
 use finetune_api::{FineTuneJob, FineTuneJobSpec, JobPhase, MethodType, OutputStatus};
 use k8s_openapi::api::core::v1::Pod;
@@ -17,12 +17,16 @@ use super::draft::Draft;
 pub use super::plan::{Clock, Observed, Plan, Requeue, Settings, Write};
 use crate::Result;
 use crate::build;
+use crate::gang;
 use crate::lifecycle::{FAILED_MOUNT, PodOutcome, Waiting, backoff, classify};
 use crate::names::ATTEMPT_LABEL;
 use crate::reason::Reason;
 use crate::status::{
     apply_progress, condition, find_condition, parse_termination_message, remove_condition,
 };
+
+/// How long a gang released for being partly placed waits before it is created again.
+pub const GANG_RETRY: Duration = Duration::from_secs(30);
 
 /// The attempt number of a trainer pod.
 pub fn pod_attempt(pod: &Pod) -> Option<u32> {
@@ -176,7 +180,18 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
 
     let pods = &obs.pods;
     let attempt = d.status.restarts + d.status.disruptions;
-    let current = pods.iter().find(|p| pod_attempt(p) == Some(attempt));
+    let ranks = effective_nodes(spec);
+    let of_attempt: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| pod_attempt(p) == Some(attempt))
+        .collect();
+    let gang = gang::judge(&of_attempt, ranks);
+    d.status.gang = gang.status.clone();
+    // Every write that ends an attempt ends all of its pods: a gang restarts whole.
+    let end_attempt = |grace: Option<u32>| Write::DeletePods {
+        names: not_deleting(of_attempt.iter().copied().filter(|p| is_active(p))),
+        grace,
+    };
 
     // Deadline.
     if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, &d.status.start_time) {
@@ -223,8 +238,20 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
         ));
     }
 
-    let plan = match current.map(|p| (p, classify(p))) {
+    let plan = match gang.outcome.clone() {
         None => {
+            // A gang released for being partly placed waits before it is created again.
+            if let Some(at) = d.memory.gang_retry_at.filter(|at| *at > clock.mono) {
+                let left = at.duration_since(clock.mono).as_secs().max(1);
+                let msg = format!(
+                    "the gang's {ranks} pods could not all be placed; creating them again in {left}s"
+                );
+                d.phase(JobPhase::Pending, Reason::Unschedulable, &msg);
+                return Ok(d.done(
+                    vec![Write::Status],
+                    Requeue::After(Duration::from_secs(left)),
+                ));
+            }
             // Wait out the backoff after a counted failure, measured from when it ended.
             if d.status.restarts > 0 {
                 let wait = backoff(d.status.restarts, s.base_backoff, s.max_backoff);
@@ -262,16 +289,20 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             if d.status.accepted_generation.is_none() {
                 d.status.accepted_generation = generation;
             }
-            // Old attempts' pods are kept only for the previous attempt (for its logs).
-            let stale = pods
-                .iter()
-                .filter(|p| pod_attempt(p).is_some_and(|a| a + 1 < attempt));
-            let msg = if attempt == 0 {
-                "trainer pod created".to_string()
+            // Old attempts' pods are kept only for the previous attempt (for its logs), and none
+            // of them keeps running (a gang's survivors).
+            let stale = pods.iter().filter(|p| {
+                pod_attempt(p).is_some_and(|a| a + 1 < attempt || a < attempt && is_active(p))
+            });
+            let what = if ranks > 1 {
+                format!("{ranks} trainer pods (a gang)")
             } else {
-                format!(
-                    "trainer pod for attempt {attempt} created; resuming from the latest checkpoint"
-                )
+                "trainer pod".to_string()
+            };
+            let msg = if attempt == 0 {
+                format!("{what} created")
+            } else {
+                format!("{what} for attempt {attempt} created; resuming from the latest checkpoint")
             };
             d.phase(JobPhase::Pending, Reason::PodCreated, &msg);
             // The pod's own events (created, scheduled, started) trigger the next reconcile.
@@ -285,6 +316,25 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                     Write::Status,
                 ],
                 Requeue::AwaitChange,
+            )
+        }
+        Some((_, PodOutcome::Pending(Waiting::Unschedulable(msg)))) if gang.partially_placed => {
+            // Without a gang scheduler the default scheduler places a gang's pods one by one:
+            // ranks that got a node would hold its GPUs, waiting for one that cannot get any.
+            // The whole gang is released and created again later.
+            d.memory.unschedulable_since.get_or_insert(clock.mono);
+            d.memory.gang_retry_at = Some(clock.mono + GANG_RETRY);
+            d.condition(condition::UNSCHEDULABLE, true, Reason::Unschedulable, &msg);
+            let msg = format!(
+                "the gang cannot be placed whole ({msg}); its placed pods were released so they \
+                 hold no GPUs, and it is created again in {}s (a gang scheduler avoids this: see \
+                 docs/distributed.md)",
+                GANG_RETRY.as_secs()
+            );
+            d.phase(JobPhase::Pending, Reason::Unschedulable, &msg);
+            d.done(
+                vec![end_attempt(Some(0)), Write::Status],
+                Requeue::After(GANG_RETRY),
             )
         }
         Some((_, PodOutcome::Pending(waiting))) => {
@@ -355,13 +405,8 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 if d.status.disruptions > s.max_disruptions {
                     let lost = format!("node {} is gone", pod_node(pod));
                     let mut plan = d.too_many_disruptions(&lost, s.max_disruptions);
-                    plan.writes.insert(
-                        0,
-                        Write::DeletePods {
-                            names: vec![pod.name_any()],
-                            grace: Some(0),
-                        },
-                    );
+                    plan.writes.insert(0, end_attempt(Some(0)));
+                    plan.writes.retain(|w| !w.is_empty_delete());
                     return Ok(plan);
                 }
                 let node = pod_node(pod);
@@ -370,13 +415,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 );
                 d.phase(JobPhase::Pending, Reason::NodeLost, &msg);
                 return Ok(d.done(
-                    vec![
-                        Write::DeletePods {
-                            names: vec![pod.name_any()],
-                            grace: Some(0),
-                        },
-                        Write::Status,
-                    ],
+                    vec![end_attempt(Some(0)), Write::Status],
                     Requeue::After(Duration::from_secs(1)),
                 ));
             }
@@ -456,7 +495,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
                 d.phase(JobPhase::Failed, Reason::BackoffLimitExceeded, &msg);
                 d.status.completion_time = Some(clock.wall.clone());
                 d.forget = true;
-                return Ok(d.done(vec![Write::Status], Requeue::AwaitChange));
+                return Ok(d.done(vec![end_attempt(None), Write::Status], Requeue::AwaitChange));
             }
             let wait = backoff(d.status.restarts, s.base_backoff, s.max_backoff);
             let msg = format!(
@@ -468,7 +507,7 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             );
             d.phase(JobPhase::Pending, Reason::Reported(failure.reason), &msg);
             d.done(
-                vec![Write::Status],
+                vec![end_attempt(None), Write::Status],
                 Requeue::After(wait.max(Duration::from_secs(1))),
             )
         }
@@ -476,14 +515,20 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             d.status.disruptions += 1;
             d.restart = Some("disruption");
             if d.status.disruptions > s.max_disruptions {
-                return Ok(d.too_many_disruptions(&msg, s.max_disruptions));
+                let mut plan = d.too_many_disruptions(&msg, s.max_disruptions);
+                plan.writes.insert(0, end_attempt(None));
+                plan.writes.retain(|w| !w.is_empty_delete());
+                return Ok(plan);
             }
             d.phase(
                 JobPhase::Pending,
                 Reason::Disrupted,
                 &format!("{msg}; rescheduling (not counted against backoffLimit)"),
             );
-            d.done(vec![Write::Status], Requeue::After(Duration::from_secs(1)))
+            d.done(
+                vec![end_attempt(None), Write::Status],
+                Requeue::After(Duration::from_secs(1)),
+            )
         }
     };
     Ok(plan)

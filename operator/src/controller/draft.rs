@@ -114,7 +114,7 @@ impl Draft<'_> {
     }
 
     pub(super) fn done(self, mut writes: Vec<Write>, requeue: Requeue) -> Plan {
-        writes.retain(|w| !matches!(w, Write::DeletePods { names, .. } if names.is_empty()));
+        writes.retain(|w| !w.is_empty_delete());
         Plan {
             status: self.status,
             writes,

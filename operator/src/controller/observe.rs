@@ -16,6 +16,7 @@ use super::ACCEPTED_SPEC_KEY;
 use super::decide::{Observed, pod_attempt};
 use crate::build::name_and_namespace;
 use crate::context::Context;
+use crate::gang::pod_rank;
 use crate::lifecycle::{PodOutcome, Waiting, classify, mount_problem, required_config_maps};
 use crate::names;
 use crate::{Error, Result};
@@ -87,15 +88,17 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
         .map(|p| format!("pod/{}", p.name_any()))
         .collect();
 
-    // A running trainer of the current attempt (of a job neither finished nor suspended): is
-    // its node still there, and how far has it got?
+    // The running trainers of the current attempt (of a job neither finished nor suspended):
+    // are their nodes still there, and how far has rank 0 (the one that reports) got?
     let status = job.status.clone().unwrap_or_default();
     let attempt = status.restarts + status.disruptions;
-    let running = pods
+    let live = !status.phase.is_some_and(JobPhase::is_finished) && !job.spec.suspend;
+    let running: Vec<&Pod> = pods
         .iter()
-        .find(|p| pod_attempt(p) == Some(attempt))
+        .filter(|p| pod_attempt(p) == Some(attempt))
         .filter(|p| classify(p) == PodOutcome::Running)
-        .filter(|_| !status.phase.is_some_and(JobPhase::is_finished) && !job.spec.suspend);
+        .filter(|_| live)
+        .collect();
     // About to create the attempt's pod: its checkpoint claim must not be an earlier job's (its
     // garbage collection is due: the new pod would resume that run's checkpoints, or wait
     // forever for a claim being deleted). A retained claim (no owner) is reused.
@@ -114,23 +117,25 @@ pub async fn observe(job: &FineTuneJob, ctx: &Context) -> Result<Observation> {
             }
         }
     }
-    // A pod of the current attempt that is still starting: can the kubelet set up its volumes?
+    // A pod of the current attempt that is still starting (a gang's pods share their volumes):
+    // can the kubelet set up its volumes?
     // It says why not only in events, so the ConfigMaps its volumes name are read here.
     let starting = pods
         .iter()
-        .find(|p| pod_attempt(p) == Some(attempt))
-        .filter(|p| classify(p) == PodOutcome::Pending(Waiting::Starting))
-        .filter(|_| !status.phase.is_some_and(JobPhase::is_finished) && !job.spec.suspend);
+        .filter(|p| pod_attempt(p) == Some(attempt))
+        .filter(|_| live)
+        .find(|p| classify(p) == PodOutcome::Pending(Waiting::Starting));
     let unmountable = match starting {
         Some(pod) => unmountable_volumes(&ctx.client, &ns, pod).await?,
         None => Vec::new(),
     };
     let (mut node_lost, mut progress) = (false, None);
-    if let Some(pod) = running {
-        node_lost = is_node_lost(&ctx.client, pod).await?;
-        if !node_lost && let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) {
-            progress = crate::progress::fetch(&ip, None, Duration::from_secs(3)).await;
-        }
+    for pod in &running {
+        node_lost |= is_node_lost(&ctx.client, pod).await?;
+    }
+    let reporter = running.iter().find(|p| pod_rank(p) == 0);
+    if !node_lost && let Some(ip) = reporter.and_then(|p| p.status.as_ref()?.pod_ip.clone()) {
+        progress = crate::progress::fetch(&ip, None, Duration::from_secs(3)).await;
     }
     Ok(Observation::Ready(Box::new(Observed {
         accepted,

@@ -103,11 +103,19 @@ pub enum Write {
 }
 
 impl Write {
+    /// A pod deletion with no pods to delete (left out of plans).
+    pub fn is_empty_delete(&self) -> bool {
+        matches!(self, Write::DeletePods { names, .. } if names.is_empty())
+    }
+
     /// A short description, for logs and fixture tests: `apply children (pod NAME)`,
     /// `delete pods A,B (grace 0)`, `status`, `delete configmap, service and network policy`.
     pub fn describe(&self) -> String {
         match self {
-            Write::ApplyChildren(c) => format!("apply children (pod {})", c.pod.name_any()),
+            Write::ApplyChildren(c) => {
+                let pods: Vec<String> = c.pods.iter().map(|p| p.name_any()).collect();
+                format!("apply children (pod {})", pods.join(", "))
+            }
             Write::DeletePods { names, grace } => match grace {
                 Some(g) => format!("delete pods {} (grace {g})", names.join(",")),
                 None => format!("delete pods {}", names.join(",")),
