@@ -33,6 +33,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod dns;
 pub mod error;
 pub mod images;
 pub mod operator;

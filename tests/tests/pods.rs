@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use finetune_e2e::{Cluster, ClusterOptions, NodeSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+    ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
@@ -542,6 +542,49 @@ fn env_from_projected_and_secret_volumes_and_missing_sources_behave_like_a_kubel
         assert_eq!((w.reason.as_deref(), w.message.as_deref()), (Some("ContainerCreating"), None));
         assert_eq!(pods.get("nocm").await.unwrap().status.unwrap().phase.as_deref(), Some("Pending"));
         for name in ["nokey", "nocm"] {
+            pods.delete(name, &DeleteParams::default()).await.unwrap();
+            wait_gone(&pods, name).await;
+        }
+    });
+}
+
+#[test]
+fn pods_of_a_headless_service_resolve_by_hostname_through_the_cluster_dns() {
+    RT.block_on(async {
+        let (c, client, pods) = setup("dns").await;
+        let services: Api<Service> = Api::namespaced(client.clone(), "dns");
+        let svc: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "gang"},
+            "spec": {"clusterIP": "None", "selector": {"app": "dns-test"},
+                     "publishNotReadyAddresses": true, "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        services.create(&PostParams::default(), &svc).await.unwrap();
+        // The server pod is named by its hostname under the Service (its subdomain).
+        let mut server = shell_pod("server", "sleep 60");
+        let spec = server.spec.as_mut().unwrap();
+        spec.hostname = Some("rank-0".into());
+        spec.subdomain = Some("gang".into());
+        server.metadata.labels = Some([("app".to_string(), "dns-test".to_string())].into());
+        pods.create(&PostParams::default(), &server).await.unwrap();
+        let ip = wait_phase(&pods, "server", &["Running"]).await.status.unwrap().pod_ip.unwrap();
+        // A client resolves the short name through the search path, as in a real cluster;
+        // a name behind no Service, or whose pod is not behind it, does not resolve.
+        let client_pod = shell_pod(
+            "client",
+            "getent hosts rank-0.gang; getent hosts rank-0.gang.dns.svc.cluster.local; \
+             getent hosts rank-0.nothing || echo no-nothing; \
+             getent hosts other.gang || echo no-other; cat /etc/resolv.conf",
+        );
+        pods.create(&PostParams::default(), &client_pod).await.unwrap();
+        wait_phase(&pods, "client", &["Succeeded", "Failed"]).await;
+        let log = c.pod_log("dns", "client", "main").unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert!(lines[0].starts_with(&format!("{ip} ")), "{log}");
+        assert!(lines[1].starts_with(&format!("{ip} ")), "{log}");
+        assert!(log.contains("no-nothing") && log.contains("no-other"), "{log}");
+        assert!(log.contains("search dns.svc.cluster.local svc.cluster.local cluster.local"), "{log}");
+        for name in ["server", "client"] {
             pods.delete(name, &DeleteParams::default()).await.unwrap();
             wait_gone(&pods, name).await;
         }

@@ -94,6 +94,8 @@ pub struct Cluster {
     shared: Arc<SimShared>,
     nodes: Mutex<Vec<NodeHandle>>,
     provisioner: Option<tokio::task::JoinHandle<()>>,
+    /// The cluster DNS stand-in ([`crate::dns`]), when it could bind.
+    dns: Option<tokio::task::JoinHandle<()>>,
     down: bool,
 }
 
@@ -223,6 +225,9 @@ impl Cluster {
         self.down = true;
         if let Some(p) = self.provisioner.take() {
             p.abort();
+        }
+        if let Some(d) = self.dns.take() {
+            d.abort();
         }
         for handle in self.lock_nodes().drain(..) {
             handle.stop();

@@ -2,7 +2,7 @@
 //! kube-controller-manager and kube-scheduler, the StorageClass and its provisioner, then the
 //! simulated nodes, and the waits until all of it is ready.
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -152,13 +152,28 @@ impl Cluster {
             &pids,
         )?;
         let client = client_from_kubeconfig(&dir.join("kubeconfig")).await?;
+        // Node i hands out pod IPs 127.(net + i + 1).x.y: a random `net` per cluster keeps pods of
+        // clusters running at the same time on this host (parallel tests) off each other's
+        // addresses (two trainers on one IP: the second cannot bind, the operator of one cluster
+        // would read the other's /progress). The block after the nodes' is the cluster DNS's.
+        let net = network_base(opts.nodes.len() + 1)?;
+        let dns_ip = Ipv4Addr::new(127, ((net + opts.nodes.len()) % 254 + 1) as u8, 0, 53);
+        let dns_socket = match crate::dns::bind(dns_ip).await {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                eprintln!("[finetune-e2e] no cluster DNS (binding {dns_ip}:53: {e})");
+                None
+            }
+        };
         let shared = Arc::new(SimShared::new(
             client.clone(),
             opts.images.clone(),
             dir.clone(),
             pids.clone(),
             ports.apiserver,
+            dns_socket.as_ref().map(|_| dns_ip),
         ));
+        let dns = dns_socket.map(|socket| tokio::spawn(crate::dns::serve(socket, client.clone())));
         let mut cluster = Self {
             dir,
             etcd_dir,
@@ -173,6 +188,7 @@ impl Cluster {
             apiserver: Mutex::new(None),
             apiserver_args: opts.extra_apiserver_args.clone(),
             controller_manager: None,
+            dns,
             scheduler: None,
             client,
             shared,
@@ -229,11 +245,6 @@ impl Cluster {
             cluster.client.clone(),
             cluster.dir.join("volumes"),
         )));
-        // Node i hands out pod IPs 127.(net + i + 1).x.y: a random `net` per cluster keeps pods of
-        // clusters running at the same time on this host (parallel tests) off each other's
-        // addresses (two trainers on one IP: the second cannot bind, the operator of one cluster
-        // would read the other's /progress).
-        let net = network_base(opts.nodes.len())?;
         for (index, spec) in opts.nodes.iter().enumerate() {
             let handle = sim_node::start_node(cluster.shared.clone(), spec.clone(), net + index);
             cluster.lock_nodes().push(handle);

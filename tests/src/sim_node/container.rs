@@ -133,6 +133,24 @@ pub(super) async fn run_container(
             target: term_path,
             read_only: false,
         });
+        // As a kubelet does for `dnsPolicy: ClusterFirst` (the default): the pod resolves names
+        // through the cluster DNS, with its namespace first on the search path.
+        let spec = ctx.pod.spec.as_ref();
+        let cluster_first = spec.and_then(|s| s.dns_policy.as_deref()).is_none_or(|p| p == "ClusterFirst")
+            && spec.and_then(|s| s.host_network) != Some(true);
+        if let Some(dns) = ctx.shared.dns.filter(|_| cluster_first) {
+            let resolv = cdir.join("resolv.conf");
+            let written = std::fs::create_dir_all(&cdir)
+                .and_then(|()| std::fs::write(&resolv, crate::dns::resolv_conf(dns, &ctx.ns)));
+            match written {
+                Ok(()) => mounts.push(Mount {
+                    host: resolv,
+                    target: "/etc/resolv.conf".into(),
+                    read_only: true,
+                }),
+                Err(e) => tracing::warn!("{}: {e}", resolv.display()),
+            }
+        }
         let started_at = now();
         ctx.event(
             false,

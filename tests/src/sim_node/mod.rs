@@ -164,6 +164,8 @@ pub(crate) struct SimShared {
     dir: PathBuf,
     pids: PidRegistry,
     apiserver_port: u16,
+    /// The cluster DNS stand-in's address, named by the pods' `/etc/resolv.conf`.
+    dns: Option<std::net::Ipv4Addr>,
     isolation: Isolation,
     pods: Mutex<HashMap<String, PodRecord>>,
     next_ip: Mutex<HashMap<usize, u32>>,
@@ -177,6 +179,7 @@ impl SimShared {
         dir: PathBuf,
         pids: PidRegistry,
         apiserver_port: u16,
+        dns: Option<std::net::Ipv4Addr>,
     ) -> Self {
         let root = nix::unistd::geteuid().is_root();
         let unshare = ["/usr/bin/unshare", "/bin/unshare"]
@@ -193,6 +196,7 @@ impl SimShared {
             dir,
             pids,
             apiserver_port,
+            dns,
             isolation,
             pods: Mutex::new(HashMap::new()),
             next_ip: Mutex::new(HashMap::new()),
