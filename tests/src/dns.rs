@@ -207,7 +207,10 @@ mod tests {
     fn a_question_is_parsed_and_answered_in_the_wire_format() {
         let q = query("Demo-Trainer-0-0.demo-metrics.ns.svc.cluster.local", TYPE_A);
         let question = Question::parse(&q).unwrap();
-        assert_eq!(question.name, "demo-trainer-0-0.demo-metrics.ns.svc.cluster.local");
+        assert_eq!(
+            question.name,
+            "demo-trainer-0-0.demo-metrics.ns.svc.cluster.local"
+        );
         assert_eq!((question.qtype, question.end), (TYPE_A, q.len()));
         let ip = Ipv4Addr::new(127, 9, 0, 2);
         let reply = question.reply(&q, &Lookup::Found(vec![ip]));
@@ -216,7 +219,11 @@ mod tests {
         assert_eq!(u16::from_be_bytes([reply[6], reply[7]]), 1, "one answer");
         assert_eq!(&reply[reply.len() - 4..], &ip.octets());
         let missing = question.reply(&q, &Lookup::NxDomain);
-        assert_eq!((missing[3] & 0x0f, missing.len()), (3, q.len()), "NXDOMAIN, no answer");
+        assert_eq!(
+            (missing[3] & 0x0f, missing.len()),
+            (3, q.len()),
+            "NXDOMAIN, no answer"
+        );
         assert_eq!(Question::parse(&q[..10]), None);
     }
 

@@ -567,7 +567,12 @@ fn pods_of_a_headless_service_resolve_by_hostname_through_the_cluster_dns() {
         spec.subdomain = Some("gang".into());
         server.metadata.labels = Some([("app".to_string(), "dns-test".to_string())].into());
         pods.create(&PostParams::default(), &server).await.unwrap();
-        let ip = wait_phase(&pods, "server", &["Running"]).await.status.unwrap().pod_ip.unwrap();
+        let ip = wait_phase(&pods, "server", &["Running"])
+            .await
+            .status
+            .unwrap()
+            .pod_ip
+            .unwrap();
         // A client resolves the short name through the search path, as in a real cluster;
         // a name behind no Service, or whose pod is not behind it, does not resolve.
         let client_pod = shell_pod(
@@ -576,14 +581,22 @@ fn pods_of_a_headless_service_resolve_by_hostname_through_the_cluster_dns() {
              getent hosts rank-0.nothing || echo no-nothing; \
              getent hosts other.gang || echo no-other; cat /etc/resolv.conf",
         );
-        pods.create(&PostParams::default(), &client_pod).await.unwrap();
+        pods.create(&PostParams::default(), &client_pod)
+            .await
+            .unwrap();
         wait_phase(&pods, "client", &["Succeeded", "Failed"]).await;
         let log = c.pod_log("dns", "client", "main").unwrap();
         let lines: Vec<&str> = log.lines().collect();
         assert!(lines[0].starts_with(&format!("{ip} ")), "{log}");
         assert!(lines[1].starts_with(&format!("{ip} ")), "{log}");
-        assert!(log.contains("no-nothing") && log.contains("no-other"), "{log}");
-        assert!(log.contains("search dns.svc.cluster.local svc.cluster.local cluster.local"), "{log}");
+        assert!(
+            log.contains("no-nothing") && log.contains("no-other"),
+            "{log}"
+        );
+        assert!(
+            log.contains("search dns.svc.cluster.local svc.cluster.local cluster.local"),
+            "{log}"
+        );
         for name in ["server", "client"] {
             pods.delete(name, &DeleteParams::default()).await.unwrap();
             wait_gone(&pods, name).await;

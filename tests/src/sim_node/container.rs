@@ -136,7 +136,9 @@ pub(super) async fn run_container(
         // As a kubelet does for `dnsPolicy: ClusterFirst` (the default): the pod resolves names
         // through the cluster DNS, with its namespace first on the search path.
         let spec = ctx.pod.spec.as_ref();
-        let cluster_first = spec.and_then(|s| s.dns_policy.as_deref()).is_none_or(|p| p == "ClusterFirst")
+        let cluster_first = spec
+            .and_then(|s| s.dns_policy.as_deref())
+            .is_none_or(|p| p == "ClusterFirst")
             && spec.and_then(|s| s.host_network) != Some(true);
         if let Some(dns) = ctx.shared.dns.filter(|_| cluster_first) {
             let resolv = cdir.join("resolv.conf");
