@@ -8,7 +8,8 @@ use std::fmt;
 use crate::quantity::parse_quantity_bytes;
 use crate::source::{Source, SourceKind, check_relative_path, is_dns_subdomain};
 use crate::v1alpha1::{
-    DatasetFormat, DatasetTask, FineTuneJobSpec, MethodType, Precision, SecretKeyRef, Spread,
+    DatasetFormat, DatasetTask, FineTuneJobSpec, GangScheduling, MethodType, Precision,
+    SecretKeyRef, Spread,
 };
 use crate::{cel, fit};
 
@@ -458,6 +459,9 @@ fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
              pod's GPUs; use data (every GPU holds the whole model) or auto",
         );
     }
+    if let Some(g) = &r.gang_scheduling {
+        validate_gang_scheduling(g, e);
+    }
     if !r.gpu_resource_name.contains('/') {
         e.add(
             "spec.resources.gpuResourceName",
@@ -480,6 +484,25 @@ fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
         e.add(
             "spec.resources.image",
             "must be an image reference without spaces",
+        );
+    }
+}
+
+/// The schema says the same (one property); this check serves servers that do not validate it
+/// and names the fix.
+fn validate_gang_scheduling(g: &GangScheduling, e: &mut Errors) {
+    if g.coscheduling.is_some() == g.volcano.is_some() {
+        e.add(
+            "spec.resources.gangScheduling",
+            "set exactly one scheduler: coscheduling or volcano",
+        );
+    }
+    if let Some(queue) = g.volcano.as_ref().and_then(|v| v.queue.as_deref())
+        && !is_dns_subdomain(queue)
+    {
+        e.add(
+            "spec.resources.gangScheduling.volcano.queue",
+            format!("{queue:?} is not a valid queue name (lowercase DNS subdomain)"),
         );
     }
 }

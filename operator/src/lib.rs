@@ -41,6 +41,14 @@ pub enum Error {
     /// The object lacks something the API server always sets (namespace, uid).
     #[error("object is missing {0}")]
     MissingField(&'static str),
+    /// The cluster does not serve an API a job asks for (a scheduler's PodGroup CRD).
+    #[error("the cluster has no {api} API: {hint}")]
+    MissingApi {
+        /// The API (`group/version kind`).
+        api: String,
+        /// What to install or change.
+        hint: &'static str,
+    },
     /// The child caches were dropped before they were filled.
     #[error("the child caches stopped before their first full list")]
     Cache,
@@ -90,7 +98,10 @@ impl Error {
             Error::Kube(_) | Error::Io(_) | Error::Cache | Error::Leader(_) => {
                 RetryClass::Unreachable
             }
-            Error::Serialize(_) | Error::Render(_) | Error::MissingField(_) => RetryClass::Refused,
+            Error::Serialize(_)
+            | Error::Render(_)
+            | Error::MissingField(_)
+            | Error::MissingApi { .. } => RetryClass::Refused,
             Error::Write { source, .. } => source.retry_class(),
         }
     }

@@ -82,6 +82,11 @@ pub fn network_policy(job: &str) -> String {
     bounded(job, "trainer-network")
 }
 
+/// The PodGroup of a gang-scheduled job (one for every attempt; also a label value).
+pub fn pod_group(job: &str) -> String {
+    bounded(job, "gang")
+}
+
 /// The trainer pod of one attempt (of a job of one pod; a gang's pods are [`gang_pod`]).
 pub fn trainer_pod(job: &str, attempt: u32) -> String {
     bounded(job, &format!("trainer-{attempt}"))

@@ -44,7 +44,8 @@ fn value_sets() -> Vec<(&'static str, serde_json::Value)> {
             "single-namespaced",
             json!({"replicaCount": 1, "leaderElection": {"enabled": false},
                    "operator": {"watchNamespace": "ml-team", "logJson": false},
-                   "networkPolicy": {"enabled": false}, "dashboards": {"enabled": false}}),
+                   "networkPolicy": {"enabled": false}, "dashboards": {"enabled": false},
+                   "rbac": {"podGroupSchedulers": ["coscheduling", "volcano"]}}),
         ),
         (
             "admission-policy",
@@ -569,6 +570,24 @@ fn rbac_is_least_privilege() {
             set(&["create", "patch"]),
             "{name}"
         );
+        // PodGroups only for the gang schedulers the values name.
+        let schedulers: Vec<&str> = values["rbac"]["podGroupSchedulers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
+        for (scheduler, group) in [
+            ("coscheduling", "scheduling.x-k8s.io"),
+            ("volcano", "scheduling.volcano.sh"),
+        ] {
+            let expected = if schedulers.contains(&scheduler) {
+                set(&["get", "create", "patch", "delete"])
+            } else {
+                BTreeSet::new()
+            };
+            assert_eq!(granted(group, "podgroups"), expected, "{name}: {group}");
+        }
         let lease_rules: Vec<_> = rules
             .iter()
             .filter(|(_, r)| strs(&r["resources"]).iter().any(|x| x == "leases"))

@@ -32,6 +32,15 @@ pub struct ResourcesSpec {
     /// (`data` when the model fits one GPU by the memory plan, else `layers`). Default `auto`.
     #[serde(default, skip_serializing_if = "Spread::is_auto")]
     pub spread: Spread,
+    /// Gang scheduling by a batch scheduler: the operator creates the scheduler's PodGroup
+    /// (one per job, `minMember` = the trainer pods of an attempt, `minResources` = their
+    /// requests) and puts the trainer pods in it, so the scheduler places all of a gang's pods
+    /// or none. Needs that scheduler and its PodGroup CRD in the cluster (see
+    /// docs/distributed.md); without it the operator places a gang itself (pods created
+    /// together, a partly placed gang released). Kueue needs no setting here: a job with the
+    /// `kueue.x-k8s.io/queue-name` label is queued as one plain-Pod group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang_scheduling: Option<GangScheduling>,
     /// Extended resource name of a GPU.
     #[serde(default = "default_gpu_resource")]
     #[schemars(
@@ -82,6 +91,7 @@ impl Default for ResourcesSpec {
             gpus: None,
             nodes: None,
             spread: Spread::Auto,
+            gang_scheduling: None,
             gpu_resource_name: default_gpu_resource(),
             gpu_memory_gib: None,
             cpu: None,
@@ -117,4 +127,45 @@ impl Spread {
     pub fn is_auto(&self) -> bool {
         *self == Spread::Auto
     }
+}
+
+/// The batch scheduler that places a job's trainer pods as one gang (`resources.gangScheduling`):
+/// exactly one of its fields.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct GangScheduling {
+    /// The coscheduling plugin of kubernetes-sigs/scheduler-plugins: a
+    /// `scheduling.x-k8s.io/v1alpha1` PodGroup and the `scheduling.x-k8s.io/pod-group` pod
+    /// label. Set `trainerPod.schedulerName` to the scheduler that runs the plugin (e.g.
+    /// `scheduler-plugins-scheduler`) unless it replaces the default scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coscheduling: Option<CoschedulingGang>,
+    /// Volcano: a `scheduling.volcano.sh/v1beta1` PodGroup in a Volcano queue, the
+    /// `scheduling.k8s.io/group-name` pod annotation, and `schedulerName: volcano` unless
+    /// `trainerPod.schedulerName` says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volcano: Option<VolcanoGang>,
+}
+
+/// Settings of a scheduler-plugins coscheduling PodGroup.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CoschedulingGang {
+    /// How long the plugin waits for the whole gang to fit before it gives up the pods it
+    /// reserved and tries again (the PodGroup's `scheduleTimeoutSeconds`). Default: the
+    /// plugin's own (60 s in Kubeflow Trainer's runtimes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub schedule_timeout_seconds: Option<u32>,
+}
+
+/// Settings of a Volcano PodGroup.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolcanoGang {
+    /// The Volcano queue whose share the gang uses. Default: Volcano's `default` queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub queue: Option<String>,
 }

@@ -4,12 +4,17 @@
 
 mod objects;
 mod pod;
+mod pod_group;
 mod volumes;
 
 pub use objects::{checkpoint_claim, config_map, metrics_service, trainer_network_policy};
 pub use pod::{
     KUEUE_POD_GROUP_COUNT_ANNOTATION, KUEUE_POD_GROUP_LABEL, KUEUE_RETRIABLE_ANNOTATION,
     trainer_pod,
+};
+pub use pod_group::{
+    COSCHEDULING_POD_GROUP_LABEL, VOLCANO_POD_GROUP_ANNOTATION, VOLCANO_SCHEDULER_NAME, pod_group,
+    pod_group_api,
 };
 pub use volumes::{
     DataPlan, FETCH_CA_BUNDLE_ENV, FETCH_TOKEN_ENV, MOUNT_ROOT, plan_volumes, url_port,
@@ -21,6 +26,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service}
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
+use kube::api::DynamicObject;
 
 use crate::{Error, Result};
 
@@ -119,6 +125,9 @@ pub struct Children {
     pub metrics_service: Service,
     /// The NetworkPolicy of the trainer pods.
     pub network_policy: NetworkPolicy,
+    /// The scheduler's PodGroup of a gang-scheduled job (`resources.gangScheduling`), applied
+    /// before the pods.
+    pub pod_group: Option<DynamicObject>,
     /// The trainer pods of the current attempt: one, or a gang of one per node rank (rank
     /// order).
     pub pods: Vec<Pod>,
@@ -127,14 +136,16 @@ pub struct Children {
 /// Builds every child of `job` for the given attempt.
 pub fn children(job: &FineTuneJob, settings: &BuildSettings, attempt: u32) -> Result<Children> {
     let plan = plan_volumes(job, settings)?;
+    let pods: Vec<Pod> = (0..effective_nodes(&job.spec))
+        .map(|rank| trainer_pod(job, settings, &plan, attempt, rank))
+        .collect::<Result<_>>()?;
     Ok(Children {
         config_map: config_map(job, &plan)?,
         checkpoint_claim: checkpoint_claim(job)?,
         metrics_service: metrics_service(job)?,
         network_policy: trainer_network_policy(job, &plan)?,
-        pods: (0..effective_nodes(&job.spec))
-            .map(|rank| trainer_pod(job, settings, &plan, attempt, rank))
-            .collect::<Result<_>>()?,
+        pod_group: pod_group(job, &pods)?,
+        pods,
     })
 }
 

@@ -193,6 +193,10 @@ pub fn trainer_pod(
         );
         annotations.insert(KUEUE_RETRIABLE_ANNOTATION.into(), "false".into());
     }
+    // A gang-scheduled job's pods join its PodGroup.
+    let group = super::pod_group::membership(job, &name);
+    labels.extend(group.labels);
+    annotations.extend(group.annotations);
     annotations.insert(
         "prometheus.io/port".to_string(),
         TRAINER_METRICS_PORT.to_string(),
@@ -250,7 +254,7 @@ pub fn trainer_pod(
                     .collect()
             }),
             runtime_class_name: pod.runtime_class_name.clone(),
-            scheduler_name: pod.scheduler_name.clone(),
+            scheduler_name: pod.scheduler_name.clone().or(group.default_scheduler),
             ..PodSpec::default()
         }),
         status: None,

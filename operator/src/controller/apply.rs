@@ -4,7 +4,7 @@
 use finetune_api::{FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, JobPhase};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::ACCEPTED_SPEC_KEY;
 use super::decide::{Plan, Write};
-use crate::build::{Children, name_and_namespace};
+use crate::build::{Children, name_and_namespace, pod_group_api};
 use crate::context::Context;
 use crate::names;
 use crate::reason::Reason;
@@ -54,7 +54,7 @@ pub async fn execute(
             Write::ApplyChildren(children) => apply_children(ctx, &ns, *children, spec).await,
             Write::DeletePods { names, grace } => delete_pods(ctx, &ns, &names, grace).await,
             Write::Status => write_status(job, ctx, &ns, &name, &old, &plan.status).await,
-            Write::DeleteFinishedChildren => delete_finished_children(ctx, &ns, &name).await,
+            Write::DeleteFinishedChildren => delete_finished_children(ctx, &ns, &name, spec).await,
         };
         if let Err(e) = done {
             if children_write {
@@ -177,6 +177,10 @@ async fn apply_children(
         &children.network_policy,
     )
     .await?;
+    // The PodGroup before the pods: a gang scheduler holds pods whose group does not exist.
+    if let Some(group) = &children.pod_group {
+        apply_pod_group(ctx, ns, spec, group).await?;
+    }
     // A gang's pods are created together (rank order), so a gang scheduler sees them all.
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     for pod in &children.pods {
@@ -185,9 +189,46 @@ async fn apply_children(
     Ok(())
 }
 
-/// Deletes a finished job's ConfigMap, metrics Service and NetworkPolicy once its TTL expired.
-/// Each is read first, so that a job whose children are gone causes no writes.
-async fn delete_finished_children(ctx: &Context, ns: &str, name: &str) -> Result<()> {
+/// Applies a gang-scheduled job's PodGroup; a cluster without the scheduler's CRD is named as
+/// such (the API server only says "could not find the requested resource").
+async fn apply_pod_group(
+    ctx: &Context,
+    ns: &str,
+    spec: &FineTuneJobSpec,
+    group: &DynamicObject,
+) -> Result<()> {
+    let Some(gang) = &spec.resources.gang_scheduling else {
+        return Ok(());
+    };
+    let resource = pod_group_api(gang);
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
+    let mut value = serde_json::to_value(group)?;
+    value["apiVersion"] = resource.api_version.clone().into();
+    value["kind"] = resource.kind.clone().into();
+    ctx.metrics.api_writes.with_label_values(&["apply"]).inc();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch(&group.name_any(), &params, &Patch::Apply(&value))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::MissingApi {
+            api: format!("{} {}", resource.api_version, resource.kind),
+            hint: "install the gang scheduler and its PodGroup CRD, or remove \
+                   spec.resources.gangScheduling (docs/distributed.md)",
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a finished job's ConfigMap, metrics Service, NetworkPolicy and PodGroup once its TTL
+/// expired. Each is read first, so that a job whose children are gone causes no writes.
+async fn delete_finished_children(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    spec: &FineTuneJobSpec,
+) -> Result<()> {
     let client = &ctx.client;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     if delete_if_present(ctx, &cms, &names::config_map(name)).await? {
@@ -199,6 +240,11 @@ async fn delete_finished_children(ctx: &Context, ns: &str, name: &str) -> Result
     }
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     delete_if_present(ctx, &policies, &names::network_policy(name)).await?;
+    if let Some(gang) = &spec.resources.gang_scheduling {
+        let resource = pod_group_api(gang);
+        let groups: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+        delete_if_present(ctx, &groups, &names::pod_group(name)).await?;
+    }
     Ok(())
 }
 

@@ -98,7 +98,8 @@ pub enum Write {
     },
     /// Write the plan's status (skipped when unchanged).
     Status,
-    /// TTL: delete the trainer ConfigMap, the metrics Service and the trainer NetworkPolicy.
+    /// TTL: delete the trainer ConfigMap, the metrics Service, the trainer NetworkPolicy and the
+    /// PodGroup of a gang-scheduled job.
     DeleteFinishedChildren,
 }
 

@@ -1,0 +1,279 @@
+//! End-to-end tests of a gang (a job of several trainer pods, `resources.nodes`) on the local
+//! control plane with two simulated GPU nodes: the real operator, the real `finetune-trainer`
+//! ranks meeting through the cluster DNS stand-in and training data-parallel over the CPU
+//! backend, a rank killed mid-run, a gang that cannot be placed whole, and a gang scheduler's
+//! PodGroup (scheduler-plugins' CRD installed, Volcano's missing).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::job::{
+    NS, TRAIN, active, apply_ok, condition, env_with, job_pods, phase, tiny_job_with, wait_job,
+};
+use finetune_api::{FineTuneJob, JobPhase};
+use finetune_e2e::operator::OperatorProcess;
+use finetune_e2e::{NodeSpec, Signal};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+
+/// Tests here run real trainers; one at a time keeps the 2-core machine responsive.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The test job with `nodes` trainer pods.
+fn gang_job(name: &str, nodes: u32, max_steps: u32, checkpoint_every: u32) -> String {
+    let mut doc: serde_yaml::Value =
+        serde_yaml::from_str(&tiny_job_with(name, max_steps, checkpoint_every, max_steps)).unwrap();
+    doc["spec"]["resources"]["nodes"] = nodes.into();
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+fn latest_checkpoint(j: &FineTuneJob) -> u64 {
+    j.status
+        .as_ref()
+        .and_then(|s| s.checkpoints.as_ref())
+        .and_then(|c| c.latest_step)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
+    let _serial = SERIAL.lock().await;
+    let e = env_with(
+        vec![NodeSpec::gpu("sim-gpu-0", 2), NodeSpec::gpu("sim-gpu-1", 2)],
+        Vec::new(),
+    )
+    .await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    apply_ok(&e.cluster, &gang_job("gang", 2, 30, 10)).await;
+
+    // Both ranks run and meet: a checkpoint from rank 0 past step 10.
+    let j = wait_job(
+        &e.cluster,
+        "gang",
+        TRAIN,
+        "a checkpoint at step >= 10",
+        |j| latest_checkpoint(j) >= 10,
+    )
+    .await;
+    assert_eq!(phase(&j), Some(JobPhase::Running));
+    let gang = j.status.as_ref().unwrap().gang.clone().unwrap();
+    assert_eq!((gang.pods, gang.running), (2, 2), "{gang:?}");
+    let checkpointed = latest_checkpoint(&j);
+    for rank in 0..2 {
+        let log = e
+            .cluster
+            .pod_log(NS, &format!("gang-trainer-0-{rank}"), "trainer")
+            .unwrap();
+        assert!(
+            log.contains("joined the data-parallel gang") && log.contains("world=2"),
+            "rank {rank}: {log}"
+        );
+    }
+
+    // Kill rank 1's trainer: a counted failure of the whole gang, a new gang that resumes.
+    e.cluster
+        .kill_container(NS, "gang-trainer-0-1", "trainer", Signal::SIGKILL)
+        .unwrap();
+    let j = wait_job(&e.cluster, "gang", TRAIN, "a resumed gang", |j| {
+        j.status.as_ref().is_some_and(|s| s.restarts == 1)
+            && j.status
+                .as_ref()
+                .and_then(|s| s.progress.as_ref())
+                .is_some_and(|p| p.resumed_from_step > 0)
+    })
+    .await;
+    let resumed = j
+        .status
+        .as_ref()
+        .unwrap()
+        .progress
+        .as_ref()
+        .unwrap()
+        .resumed_from_step;
+    assert!(
+        (checkpointed..30).contains(&resumed),
+        "resumed at {resumed}, checkpoint was {checkpointed}"
+    );
+    let pods = job_pods(&e.cluster, "gang").await;
+    let mut running = active(&pods);
+    running.sort();
+    assert_eq!(
+        running,
+        ["gang-trainer-1-0", "gang-trainer-1-1"],
+        "no survivor of attempt 0"
+    );
+
+    let j = wait_job(&e.cluster, "gang", TRAIN, "Succeeded", |j| {
+        phase(j).is_some_and(JobPhase::is_finished)
+    })
+    .await;
+    let s = j.status.clone().unwrap();
+    assert_eq!(s.phase, Some(JobPhase::Succeeded), "{s:#?}");
+    assert_eq!(s.progress.as_ref().unwrap().step, 30);
+    assert_eq!(s.restarts, 1);
+    e.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gang_that_cannot_be_placed_whole_holds_no_node() {
+    let _serial = SERIAL.lock().await;
+    let e = env_with(vec![NodeSpec::gpu("sim-gpu-0", 2)], Vec::new()).await;
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    // Two pods of 2 GPUs each on one node with 2: rank 0 fits, rank 1 cannot.
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&gang_job("wide", 2, 30, 10)).unwrap();
+    doc["spec"]["resources"]["gpus"] = 2.into();
+    apply_ok(&e.cluster, &serde_yaml::to_string(&doc).unwrap()).await;
+    let j = wait_job(
+        &e.cluster,
+        "wide",
+        Duration::from_secs(120),
+        "Unschedulable, released",
+        |j| condition(j, "Ready").is_some_and(|c| c.message.contains("cannot be placed whole")),
+    )
+    .await;
+    let c = condition(&j, "Unschedulable").unwrap();
+    assert!(
+        c.status == "True" && c.message.contains("nvidia.com/gpu"),
+        "{}",
+        c.message
+    );
+    assert_eq!(phase(&j), Some(JobPhase::Pending));
+    // The placed rank was released: within the retry wait no pod of the gang is left.
+    common::wait_for(
+        Duration::from_secs(20),
+        "the released gang's pods gone",
+        || async {
+            active(&job_pods(&e.cluster, "wide").await)
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    e.cluster.shutdown().await;
+}
+
+/// The PodGroup of a coscheduled gang, read back from the API server.
+async fn pod_group(e: &common::job::Env, name: &str) -> Option<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("scheduling.x-k8s.io", "v1alpha1", "PodGroup");
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        e.cluster.client(),
+        NS,
+        &ApiResource::from_gvk_with_plural(&gvk, "podgroups"),
+    );
+    api.get_opt(name).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_coscheduled_gang_joins_its_pod_group_and_a_missing_scheduler_api_is_named() {
+    let _serial = SERIAL.lock().await;
+    let e = env_with(
+        vec![NodeSpec::gpu("sim-gpu-0", 2), NodeSpec::gpu("sim-gpu-1", 2)],
+        Vec::new(),
+    )
+    .await;
+    // scheduler-plugins' PodGroup CRD (a stand-in for installing the plugin; see the fixture).
+    let crd =
+        e.ws.root
+            .join("tests/fixtures/coscheduling-podgroup-crd.yaml");
+    let out = e
+        .cluster
+        .kubectl()
+        .args(["apply", "-f"])
+        .arg(&crd)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = e
+        .cluster
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/podgroups.scheduling.x-k8s.io",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let _op =
+        OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
+    let with_gang = |name: &str, gang: &str| {
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&gang_job(name, 2, 6, 6)).unwrap();
+        doc["spec"]["resources"]["gangScheduling"] = serde_yaml::from_str(gang).unwrap();
+        serde_yaml::to_string(&doc).unwrap()
+    };
+
+    // Volcano is not installed: the job says so and no pod is created without its group.
+    apply_ok(
+        &e.cluster,
+        &with_gang("volcano", "{volcano: {queue: research}}"),
+    )
+    .await;
+    let j = wait_job(
+        &e.cluster,
+        "volcano",
+        Duration::from_secs(60),
+        "the missing PodGroup API named",
+        |j| {
+            condition(j, "Ready").is_some_and(|c| {
+                c.message
+                    .contains("the cluster has no scheduling.volcano.sh/v1beta1 PodGroup API")
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        condition(&j, "Ready").unwrap().reason,
+        "ApplyFailed",
+        "{:?}",
+        j.status
+    );
+    assert!(job_pods(&e.cluster, "volcano").await.is_empty());
+
+    // Coscheduling: the group first, with the whole gang as minMember, then both labelled pods.
+    apply_ok(
+        &e.cluster,
+        &with_gang("cosched", "{coscheduling: {scheduleTimeoutSeconds: 30}}"),
+    )
+    .await;
+    wait_job(&e.cluster, "cosched", TRAIN, "two trainer pods", |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.gang.as_ref())
+            .is_some_and(|g| g.pods == 2)
+    })
+    .await;
+    let group = pod_group(&e, "cosched-gang").await.expect("the PodGroup");
+    assert_eq!(group.data["spec"]["minMember"], 2, "{group:?}");
+    assert_eq!(group.data["spec"]["scheduleTimeoutSeconds"], 30);
+    assert!(
+        group.data["spec"]["minResources"]["cpu"].is_string(),
+        "{group:?}"
+    );
+    let pods = job_pods(&e.cluster, "cosched").await;
+    assert_eq!(pods.len(), 2);
+    for pod in &pods {
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            labels
+                .get("scheduling.x-k8s.io/pod-group")
+                .map(String::as_str),
+            Some("cosched-gang")
+        );
+        assert!(
+            group.metadata.creation_timestamp <= pod.metadata.creation_timestamp,
+            "the group exists before its pods"
+        );
+    }
+    let j = wait_job(&e.cluster, "cosched", TRAIN, "Succeeded", |j| {
+        phase(j).is_some_and(JobPhase::is_finished)
+    })
+    .await;
+    assert_eq!(phase(&j), Some(JobPhase::Succeeded), "{:?}", j.status);
+    e.cluster.shutdown().await;
+}
