@@ -84,6 +84,21 @@ kubectl get ftj "$JOB" -o jsonpath='{.status}' | python3 -m json.tool
 
 claim="$(kubectl get pvc "$JOB-checkpoints" -o jsonpath='{.spec.volumeName}')"
 dir="$(kubectl get pv "$claim" -o jsonpath='{.spec.hostPath.path}')"
-step "The trainer's report ($dir/output/report.md)"
-"$BIN/finetune-trainer" report "$dir/output" || cat "$dir/output/report.md"
+out="$dir/output"
+step "The trainer's report ($out/report.md)"
+report="$("$BIN/finetune-trainer" report "$out" 2>/dev/null || cat "$out/report.md" 2>/dev/null || true)"
+printf '%s\n' "$report"
+
+# The report's sections a user should look at, by their Markdown headings.
+section() { awk -v h="$1" '/^## /{p = (index($0, h) == 1); n = 0; next} p && NF {n++} p && n' <<<"$report"; }
+step "What to look at"
+echo "Validation accuracy against the majority-class baseline, per class:"
+section "## Classification" | sed 's/^/  /'
+echo "Forgetting (perplexity on general text the base was not pretrained on; ratio near 1 = no forgetting):"
+section "## Forgetting" | sed 's/^/  /'
+echo "The showcase prompts (spec.evaluation.samplePrompts), base model vs tuned model:"
+section "## Before / after samples" | sed 's/^/  /'
+echo "Plots (SVG, open in a browser):"
+ls -1 "$out"/*.svg 2>/dev/null | sed 's/^/  /' || echo "  none (no evaluation ran)"
+echo "Full report: $out/report.md; fine-tuned output: $out"
 [ "$phase" = Succeeded ]

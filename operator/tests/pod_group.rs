@@ -6,6 +6,7 @@ use finetune_api::FineTuneJob;
 use finetune_operator::build::{
     BuildSettings, COSCHEDULING_POD_GROUP_LABEL, Children, VOLCANO_POD_GROUP_ANNOTATION, children,
 };
+use kube::api::DynamicObject;
 use serde_json::json;
 
 /// A two-pod gang of 7B with 4 GPUs, 8 CPUs and 64Gi each, and the given `gangScheduling`.
@@ -42,17 +43,23 @@ fn built(j: &FineTuneJob) -> Children {
     children(j, &BuildSettings::default(), 1).unwrap()
 }
 
+/// The children of `j` and its PodGroup, which must be of `api_version`.
+fn built_with_group(j: &FineTuneJob, api_version: &str) -> (Children, DynamicObject) {
+    let mut c = built(j);
+    let group = c.pod_group.take().expect("a PodGroup");
+    let types = group.types.as_ref().unwrap();
+    assert_eq!(
+        (types.api_version.as_str(), types.kind.as_str()),
+        (api_version, "PodGroup")
+    );
+    (c, group)
+}
+
 #[test]
 fn coscheduling_gets_one_pod_group_for_the_whole_gang_and_labelled_pods() {
     let j = gang_job("      coscheduling: {scheduleTimeoutSeconds: 120}");
     assert_eq!(finetune_api::validate::validate(&j.spec), Ok(()));
-    let c = built(&j);
-    let group = c.pod_group.expect("a PodGroup");
-    let types = group.types.as_ref().unwrap();
-    assert_eq!(
-        (types.api_version.as_str(), types.kind.as_str()),
-        ("scheduling.x-k8s.io/v1alpha1", "PodGroup")
-    );
+    let (c, group) = built_with_group(&j, "scheduling.x-k8s.io/v1alpha1");
     let name = group.metadata.name.clone().unwrap();
     assert_eq!(name, "llama-two-nodes-gang");
     assert_eq!(group.metadata.namespace.as_deref(), Some("team-a"));
@@ -107,13 +114,7 @@ fn coscheduling_gets_one_pod_group_for_the_whole_gang_and_labelled_pods() {
 fn volcano_gets_its_pod_group_in_the_queue_and_its_scheduler() {
     let j = gang_job("      volcano: {queue: research}");
     assert_eq!(finetune_api::validate::validate(&j.spec), Ok(()));
-    let c = built(&j);
-    let group = c.pod_group.expect("a PodGroup");
-    let types = group.types.as_ref().unwrap();
-    assert_eq!(
-        (types.api_version.as_str(), types.kind.as_str()),
-        ("scheduling.volcano.sh/v1beta1", "PodGroup")
-    );
+    let (c, group) = built_with_group(&j, "scheduling.volcano.sh/v1beta1");
     let spec = &group.data["spec"];
     assert_eq!(spec["minMember"], 2);
     assert_eq!(spec["queue"], "research");

@@ -10,9 +10,10 @@ mod common;
 use std::time::Duration;
 
 use common::job::{
-    NS, TRAIN, active, apply_ok, condition, env_with, job_pods, phase, tiny_job_with, wait_job,
+    NS, TRAIN, active, apply_ok, checkpoint_step, condition, env_with, job_pods, phase,
+    resumed_from, tiny_job_with, wait_job,
 };
-use finetune_api::{FineTuneJob, JobPhase};
+use finetune_api::JobPhase;
 use finetune_e2e::operator::OperatorProcess;
 use finetune_e2e::{NodeSpec, Signal};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -28,13 +29,6 @@ fn gang_job(name: &str, nodes: u32, max_steps: u32, checkpoint_every: u32) -> St
     serde_yaml::to_string(&doc).unwrap()
 }
 
-fn latest_checkpoint(j: &FineTuneJob) -> u64 {
-    j.status
-        .as_ref()
-        .and_then(|s| s.checkpoints.as_ref())
-        .and_then(|c| c.latest_step)
-        .unwrap_or(0)
-}
 
 #[tokio::test]
 async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
@@ -54,13 +48,13 @@ async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
         "gang",
         TRAIN,
         "a checkpoint at step >= 10",
-        |j| latest_checkpoint(j) >= 10,
+        |j| checkpoint_step(j) >= 10,
     )
     .await;
     assert_eq!(phase(&j), Some(JobPhase::Running));
     let gang = j.status.as_ref().unwrap().gang.clone().unwrap();
     assert_eq!((gang.pods, gang.running), (2, 2), "{gang:?}");
-    let checkpointed = latest_checkpoint(&j);
+    let checkpointed = checkpoint_step(&j);
     for rank in 0..2 {
         let log = e
             .cluster
@@ -77,21 +71,10 @@ async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
         .kill_container(NS, "gang-trainer-0-1", "trainer", Signal::SIGKILL)
         .unwrap();
     let j = wait_job(&e.cluster, "gang", TRAIN, "a resumed gang", |j| {
-        j.status.as_ref().is_some_and(|s| s.restarts == 1)
-            && j.status
-                .as_ref()
-                .and_then(|s| s.progress.as_ref())
-                .is_some_and(|p| p.resumed_from_step > 0)
+        j.status.as_ref().is_some_and(|s| s.restarts == 1) && resumed_from(j) > 0
     })
     .await;
-    let resumed = j
-        .status
-        .as_ref()
-        .unwrap()
-        .progress
-        .as_ref()
-        .unwrap()
-        .resumed_from_step;
+    let resumed = resumed_from(&j);
     assert!(
         (checkpointed..30).contains(&resumed),
         "resumed at {resumed}, checkpoint was {checkpointed}"
