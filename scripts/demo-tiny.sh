@@ -11,9 +11,11 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator"
 work="${1:-$cache/demo-local}"
 bin="${TRAINER:-$root/target/release/finetune-trainer}"
 mkdir -p "$work"
-# The same cached base as `make demo` (same arguments, so the cache is shared).
+# The same cached base as `make demo` (same arguments, so the cache is shared): pretrained on the
+# NYT snippets after the first 400, which `make demo` keeps for its forgetting check.
+tail -n +401 "$assets/nyt_general.txt" > "$cache/pretrain-general.txt"
 MIMALLOC_PURGE_DELAY=-1 "$bin" init-tiny --out "$cache/tiny-base" --tokenizer "$assets/tokenizer.json" \
-  --pretrain-text "$assets/nyt_general.txt"
+  --pretrain-text "$cache/pretrain-general.txt"
 sed -e "s|@ASSETS@|$assets|g" -e "s|@WORK@|$work|g" -e "s|$work/tiny-base|$cache/tiny-base|" "$root/trainer/examples/demo-tiny.yaml" > "$work/trainer-config.yaml"
 rm -rf "$work/checkpoints" "$work/output"
 MIMALLOC_PURGE_DELAY=-1 RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}" /usr/bin/time -v "$bin" train --config "$work/trainer-config.yaml" --resume never 2> >(tee "$work/train.log" >&2)
