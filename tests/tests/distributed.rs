@@ -29,7 +29,6 @@ fn gang_job(name: &str, nodes: u32, max_steps: u32, checkpoint_every: u32) -> St
     serde_yaml::to_string(&doc).unwrap()
 }
 
-
 #[tokio::test]
 async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
     let _serial = SERIAL.lock().await;

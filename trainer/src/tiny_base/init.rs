@@ -1,6 +1,6 @@
 //! `finetune-trainer init-tiny`: the tiny preset in Hugging Face layout, optionally pretrained on
 //! general text, and cached: a marker file records everything that determines the weights
-//! (architecture, tokenizer digest, seed, pretraining text and steps), and a directory whose
+//! (architecture, tokenizer digest, seed, pretraining text's digest and steps), and a directory whose
 //! marker matches is reused as is.
 
 use std::path::PathBuf;
@@ -56,7 +56,8 @@ pub fn init_tiny(req: &InitTiny) -> Result<InitOutcome> {
         "config": cfg,
         "tokenizerSha256": sha256_file(&req.tokenizer)?,
         "seed": req.seed,
-        "pretrainText": text.map(|t| t.display().to_string()),
+        // The text's content, not its path: a file rewritten in place rebuilds the model.
+        "pretrainTextSha256": text.map(|t| sha256_file(t)).transpose()?,
         "pretrainSteps": if text.is_some() { req.steps } else { 0 },
     });
     let marker_path = req.out.join("init-tiny.json");
@@ -136,6 +137,24 @@ mod tests {
             InitOutcome::Written { .. }
         ));
         assert_eq!(init_tiny(&reseeded).unwrap(), InitOutcome::Cached);
+        // The pretraining text is keyed by its content: rewritten in place, it rebuilds.
+        let general = dir.join("general.txt");
+        std::fs::write(&general, "the cat sat on the mat\n").unwrap();
+        let pretrained = InitTiny {
+            pretrain_text: Some(general.clone()),
+            steps: 1,
+            ..reseeded.clone()
+        };
+        assert!(matches!(
+            init_tiny(&pretrained).unwrap(),
+            InitOutcome::Written { .. }
+        ));
+        assert_eq!(init_tiny(&pretrained).unwrap(), InitOutcome::Cached);
+        std::fs::write(&general, "the mat sat on the cat\n").unwrap();
+        assert!(matches!(
+            init_tiny(&pretrained).unwrap(),
+            InitOutcome::Written { .. }
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
