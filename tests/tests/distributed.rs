@@ -60,7 +60,7 @@ async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
             .pod_log(NS, &format!("gang-trainer-0-{rank}"), "trainer")
             .unwrap();
         assert!(
-            log.contains("joined the data-parallel gang") && log.contains("world=2"),
+            log.contains("joined the data-parallel gang") && log.contains(r#""world":2"#),
             "rank {rank}: {log}"
         );
     }
