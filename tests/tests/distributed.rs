@@ -174,15 +174,7 @@ async fn a_coscheduled_gang_joins_its_pod_group_and_a_missing_scheduler_api_is_n
     let crd =
         e.ws.root
             .join("tests/fixtures/coscheduling-podgroup-crd.yaml");
-    let out = e
-        .cluster
-        .kubectl()
-        .args(["apply", "-f"])
-        .arg(&crd)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    apply_ok(&e.cluster, &std::fs::read_to_string(crd).unwrap()).await;
     let out = e
         .cluster
         .kubectl()

@@ -202,9 +202,8 @@ async fn apply_pod_group(
     };
     let resource = pod_group_api(gang);
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
-    let mut value = serde_json::to_value(group)?;
-    value["apiVersion"] = resource.api_version.clone().into();
-    value["kind"] = resource.kind.clone().into();
+    // The object carries its apiVersion and kind (its `types`, set by the builder).
+    let value = serde_json::to_value(group)?;
     ctx.metrics.api_writes.with_label_values(&["apply"]).inc();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     match api
