@@ -223,6 +223,15 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
         if unique.len() != lora.target_modules.len() {
             e.refuse(cel::LORA_MODULES_UNIQUE);
         }
+        if lora.train_label_tokens
+            && spec.dataset.columns.task() != Some(DatasetTask::Classification)
+        {
+            e.add(
+                "spec.method.lora.trainLabelTokens",
+                "needs a classification dataset (dataset.columns.text and .label): the rows \
+                 trained are those of the labels' tokens",
+            );
+        }
     }
     if let Some(sel) = &m.trainable_layers {
         match (sel.last, &sel.indices) {

@@ -101,6 +101,23 @@ fn invalid_specs_are_refused_with_the_field_path() {
             ),
             "spec.evaluation.testSet",
         ),
+        (
+            "label tokens of a prompt/completion dataset",
+            with(
+                with(
+                    with(
+                        base(TINY),
+                        "/dataset/columns",
+                        json!({"prompt": "q", "completion": "a"}),
+                    ),
+                    "/method",
+                    json!({"type": "lora", "lora": {"trainLabelTokens": true}}),
+                ),
+                "/dataset/cleaning/allowedLabels",
+                json!([]),
+            ),
+            "spec.method.lora.trainLabelTokens",
+        ),
         // dataset
         (
             "plain http dataset",

@@ -62,14 +62,21 @@ pub fn judge<'a>(pods: &[&'a Pod], ranks: u32) -> Gang<'a> {
         }
     }
     let scheduled = judged.iter().any(|(_, p, _)| is_scheduled(p));
-    let unschedulable = judged
-        .iter()
-        .any(|(_, _, o)| matches!(o, PodOutcome::Pending(Waiting::Unschedulable(_))));
+    let unschedulable = judged.iter().any(|(_, _, o)| {
+        matches!(o, PodOutcome::Pending(Waiting::Unschedulable(m)) if !waits_for_claim(m))
+    });
     Gang {
         outcome: gang_outcome(&judged, &missing),
         status: Some(status),
         partially_placed: scheduled && unschedulable,
     }
+}
+
+/// Whether the scheduler only waits for a claim to be bound (a fresh checkpoint volume): the
+/// claim is bound within seconds and the scheduler retries by itself, so the gang is not
+/// released for it (the message would say it "cannot be placed whole", which is not known yet).
+fn waits_for_claim(message: &str) -> bool {
+    message.contains("unbound immediate PersistentVolumeClaims")
 }
 
 fn is_scheduled(pod: &Pod) -> bool {
@@ -280,6 +287,30 @@ mod tests {
         ];
         let refs: Vec<&Pod> = pods.iter().collect();
         assert!(!judge(&refs, 3).partially_placed);
+        // A rank waiting only for its checkpoint claim to be bound: the gang waits, unreleased.
+        let mut claim = pod("unschedulable", 1);
+        for c in claim
+            .status
+            .iter_mut()
+            .flat_map(|s| s.conditions.iter_mut().flatten())
+        {
+            c.message = Some(
+                "0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims."
+                    .into(),
+            );
+        }
+        let pods = [pod("running", 0), claim, pod("running", 2)];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let gang = judge(&refs, 3);
+        assert!(
+            matches!(&gang.outcome, Some((_, PodOutcome::Pending(Waiting::Unschedulable(m)))) if m.contains("PersistentVolumeClaims")),
+            "{:?}",
+            gang.outcome
+        );
+        assert!(
+            !gang.partially_placed,
+            "waiting for a claim is not a failed placement"
+        );
     }
 
     #[test]

@@ -126,17 +126,21 @@ async fn a_gang_that_cannot_be_placed_whole_holds_no_node() {
         },
     )
     .await;
-    // The scheduler's reason: no GPU left for rank 1, or, when the gang was first created
-    // before the checkpoint claim was bound, the claim (a release all the same).
+    // The scheduler's reason: no GPU left for rank 1. (A rank that waited only for the
+    // checkpoint claim to be bound, when the gang was created before it was, released nothing.)
     let c = condition(&j, "Unschedulable").unwrap();
     assert!(
-        c.message.contains("nodes are available")
-            && (c.message.contains("nvidia.com/gpu")
-                || c.message.contains("PersistentVolumeClaims")),
+        c.message.contains("nodes are available") && c.message.contains("nvidia.com/gpu"),
         "{}",
         c.message
     );
     assert_eq!(phase(&j), Some(JobPhase::Pending));
+    // Every pod that exists now was created before the release was seen.
+    let released: Vec<String> = job_pods(&e.cluster, "wide")
+        .await
+        .iter()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
     // The placed rank was released: within the retry wait no pod of the gang is left.
     common::wait_for(
         Duration::from_secs(20),
@@ -144,6 +148,24 @@ async fn a_gang_that_cannot_be_placed_whole_holds_no_node() {
         || async {
             active(&job_pods(&e.cluster, "wide").await)
                 .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    // After the retry wait (30 s) the gang is created again: a pod none of the above.
+    common::wait_for(
+        Duration::from_secs(90),
+        "the gang created again after the retry wait",
+        || async {
+            job_pods(&e.cluster, "wide")
+                .await
+                .iter()
+                .any(|p| {
+                    p.metadata
+                        .uid
+                        .as_ref()
+                        .is_some_and(|u| !released.contains(u))
+                })
                 .then_some(())
         },
     )

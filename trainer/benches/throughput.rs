@@ -56,6 +56,8 @@ fn train_bench() -> anyhow::Result<()> {
             dropout: 0.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             layers: None,
+            train_label_tokens: false,
+            head_token_ids: vec![],
         })
     } else {
         TrainableSpec::Full {

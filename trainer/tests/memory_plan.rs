@@ -114,6 +114,8 @@ impl Shape {
                 dropout: 0.05,
                 target_modules: vec!["q_proj".into(), "v_proj".into()],
                 layers: None,
+                train_label_tokens: false,
+                head_token_ids: vec![],
             })
         } else {
             TrainableSpec::Full {

@@ -182,6 +182,20 @@ impl Encoder {
         Ok(out)
     }
 
+    /// The distinct token ids that spell `labels` as responses (without `</s>`), in order of
+    /// first appearance: the `lm_head` rows `trainLabelTokens` trains.
+    pub fn label_token_ids(&self, labels: &[String]) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = Vec::new();
+        for label in labels {
+            for id in self.tokens_cached(label)? {
+                if id != self.bos && id != self.eos && !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Encodes the same example with each candidate label as the response (for classification).
     pub fn encode_candidates(&self, ex: &Example, labels: &[String]) -> Result<Vec<Encoded>> {
         labels

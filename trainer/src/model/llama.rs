@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use super::config::LlamaConfig;
+use super::head_rows::{HeadRows, PEFT_HEAD_ROWS_NAME};
 use super::linear::FwdCtx;
 use super::lora::{ALL_TARGETS, LoraSettings, module_path};
 use super::rope::Rope;
@@ -55,6 +56,8 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
+    /// Trained rows of the frozen `lm_head` (LoRA with trainable label tokens).
+    head_rows: Option<HeadRows>,
     device: Device,
     dtype: DType,
     trainable: Vec<(String, Var)>,
@@ -129,7 +132,8 @@ impl Llama {
         } else {
             p.param("lm_head.weight", &[cfg.vocab_size, h], head_trainable)?
         };
-        let trainable = p.trainable;
+        let mut trainable = p.trainable;
+        let mut head_rows = None;
         if let TrainableSpec::Lora(ls) = spec {
             ls.validate()?;
             if trainable.is_empty() {
@@ -142,6 +146,18 @@ impl Llama {
                     return Err(TrainerError::Config(format!("unknown module {m}")));
                 }
             }
+            if !ls.head_token_ids.is_empty() {
+                if cfg.tie_word_embeddings {
+                    return Err(TrainerError::Config(
+                        "trainable label tokens need an lm_head of its own; this model ties it \
+                         to the embeddings (turn off method.lora.trainLabelTokens)"
+                            .into(),
+                    ));
+                }
+                let rows = HeadRows::new(&lm_head, &ls.head_token_ids)?;
+                trainable.push((PEFT_HEAD_ROWS_NAME.to_string(), rows.var().clone()));
+                head_rows = Some(rows);
+            }
         }
         Ok(Self {
             cfg: cfg.clone(),
@@ -149,6 +165,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            head_rows,
             device: device.clone(),
             dtype,
             trainable,
@@ -276,7 +293,12 @@ impl Llama {
     /// Logits (n, vocab) in f32 for the given rows of a (n, hidden) matrix.
     pub fn project(&self, hidden_rows: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
         let w = ctx.param(&self.lm_head);
-        Ok(ctx.matmul_t(hidden_rows, &w)?.to_dtype(DType::F32)?)
+        let logits = ctx.matmul_t(hidden_rows, &w)?;
+        let logits = match &self.head_rows {
+            Some(rows) => rows.apply(hidden_rows, &logits, ctx)?,
+            None => logits,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// All-position logits (b, s, vocab), f32.
@@ -312,7 +334,11 @@ impl Llama {
         let mut m = HashMap::new();
         m.insert("model.embed_tokens.weight".to_string(), self.embed.detach());
         m.insert("model.norm.weight".to_string(), self.norm.detach());
-        m.insert("lm_head.weight".to_string(), self.lm_head.detach());
+        let lm_head = match &self.head_rows {
+            Some(rows) => rows.merge(&self.lm_head)?,
+            None => self.lm_head.detach(),
+        };
+        m.insert("lm_head.weight".to_string(), lm_head);
         for (i, blk) in self.blocks.iter().enumerate() {
             for (module, lin) in blk.linears() {
                 m.insert(

@@ -52,7 +52,31 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings> {
                 .filter_map(|x| x.as_u64().map(|n| n as usize))
                 .collect()
         }),
+        train_label_tokens: false,
+        head_token_ids: head_token_ids(&c["trainable_token_indices"])
+            .ok_or_else(|| field("trainable_token_indices"))?,
     })
+}
+
+/// The `lm_head` token ids of PEFT's `trainable_token_indices` (absent or null: none). A list
+/// alone means the embedding in PEFT, which this trainer does not train: refused (`None`), as
+/// is any other layer or a non-integer id.
+fn head_token_ids(v: &serde_json::Value) -> Option<Vec<u32>> {
+    let map = match v {
+        serde_json::Value::Null => return Some(Vec::new()),
+        serde_json::Value::Object(m) => m,
+        _ => return None,
+    };
+    if map.keys().any(|k| k != "lm_head") {
+        return None;
+    }
+    let Some(ids) = map.get("lm_head") else {
+        return Some(Vec::new());
+    };
+    ids.as_array()?
+        .iter()
+        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect()
 }
 
 /// Loads the model (f32) with its adapter, if any, ready for inference.

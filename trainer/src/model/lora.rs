@@ -31,6 +31,15 @@ pub struct LoraSettings {
     pub target_modules: Vec<String>,
     /// Layers to adapt (all when `None`).
     pub layers: Option<Vec<usize>>,
+    /// Train the `lm_head` rows of the tokens that spell the class labels (the API's
+    /// `trainLabelTokens`); the trainer resolves them into [`LoraSettings::head_token_ids`] once
+    /// it knows the labels.
+    #[serde(default)]
+    pub train_label_tokens: bool,
+    /// Token ids whose `lm_head` rows are trained beside the adapters (PEFT's
+    /// `trainable_token_indices` on `lm_head`); none when empty.
+    #[serde(default)]
+    pub head_token_ids: Vec<u32>,
 }
 
 impl LoraSettings {
@@ -42,6 +51,8 @@ impl LoraSettings {
             dropout: l.dropout as f32,
             target_modules: l.target_modules.iter().map(target_name).collect(),
             layers,
+            train_label_tokens: l.train_label_tokens,
+            head_token_ids: Vec::new(),
         }
     }
 
@@ -109,6 +120,8 @@ pub fn write_peft_adapter(
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
+        "trainable_token_indices": (!settings.head_token_ids.is_empty())
+            .then(|| serde_json::json!({ "lm_head": settings.head_token_ids })),
     });
     let cfg_path = dir.join("adapter_config.json");
     crate::atomic_file::write_atomic(&cfg_path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
@@ -147,6 +160,8 @@ mod tests {
             dropout: 0.0,
             target_modules: vec!["qproj".into()],
             layers: None,
+            train_label_tokens: false,
+            head_token_ids: vec![],
         };
         assert!(bad.validate().is_err());
     }

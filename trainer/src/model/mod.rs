@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod frozen;
+pub mod head_rows;
 pub mod linear;
 pub mod llama;
 pub mod load;

@@ -21,7 +21,7 @@ use crate::eval::classify::ClassificationSet;
 use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdict};
 use crate::metrics::{Metrics, Phase};
 use crate::model::weights::Weights;
-use crate::model::{Llama, LlamaConfig};
+use crate::model::{Llama, LlamaConfig, TrainableSpec};
 use crate::optim::{AdamW, AdamWParams, Schedule};
 use crate::rng::Rng;
 use crate::{Result, TrainerError};
@@ -173,6 +173,24 @@ impl Trainer {
             for (reason, n) in &data.report.dropped {
                 m.data_rows.with_label_values(&[reason]).inc_by(*n as u64);
             }
+        }
+        let mut params = params;
+        if let TrainableSpec::Lora(lora) = &mut params.method
+            && lora.train_label_tokens
+        {
+            if data.labels.is_empty() {
+                return Err(TrainerError::Config(
+                    "method.lora.trainLabelTokens needs a classification dataset: the data has \
+                     no class labels"
+                        .into(),
+                ));
+            }
+            lora.head_token_ids = encoder.label_token_ids(&data.labels)?;
+            tracing::info!(
+                labels = ?data.labels,
+                tokens = ?lora.head_token_ids,
+                "training the lm_head rows of the label tokens"
+            );
         }
         set_phase(Phase::Loading);
         let weights = Weights::from_dir(&params.model_dir, dtype, &device)?;

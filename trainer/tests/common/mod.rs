@@ -44,6 +44,8 @@ pub fn lora_all(rank: usize) -> LoraSettings {
             .map(|s| s.to_string())
             .collect(),
         layers: None,
+        train_label_tokens: false,
+        head_token_ids: vec![],
     }
 }
 
