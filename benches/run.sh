@@ -19,6 +19,13 @@ plain="$(BENCH_METHOD=lora BENCH_REFERENCE_MATMUL=1 BENCH_CSV_ROWS=0 MIMALLOC_PU
 a="$(grep -o '= [0-9]* tokens/s' <<<"$lora" | tr -dc 0-9)"
 b="$(grep -o '= [0-9]* tokens/s' <<<"$plain" | tr -dc 0-9)"
 python3 -c "print(f'ratio LoRA frozen-matmul/plain-matmul tokens/s = {$a/$b:.2f}')"
+# LoRA over a quantized base (issue 18): the same LoRA run with the frozen projections held as
+# int8 and int4, each in its own process, against the f32 run above.
+for q in int8 int4; do
+  out="$(BENCH_METHOD=lora BENCH_QUANT=$q BENCH_CSV_ROWS=0 MIMALLOC_PURGE_DELAY=-1 cargo bench -q -p finetune-trainer --bench throughput 2>/dev/null | tee /dev/stderr)"
+  n="$(grep -o '= [0-9]* tokens/s' <<<"$out" | tr -dc 0-9)"
+  python3 -c "print(f'ratio LoRA over an $q base / f32 base tokens/s = {$n/$a:.2f}')"
+done
 if [ "${BENCH_TORCH:-0}" = "1" ]; then
   # transformers and transformers + PEFT as peers of the full and the LoRA runs above, same run.
   hf_full="$("$root/benches/run-pytorch.sh" hf full 2>/dev/null | tee /dev/stderr)"

@@ -3,7 +3,7 @@
 //! trainer processes of the gang).
 
 use crate::memory::{GIB, MemoryPlan, PlanInput, PlannedMethod, plan};
-use crate::v1alpha1::{FineTuneJobSpec, MethodType, Precision, TargetModule};
+use crate::v1alpha1::{BaseQuantization, FineTuneJobSpec, MethodType, Precision, TargetModule};
 
 /// Precision the job trains in: the spec's, or bf16 with GPUs and f32 without.
 pub fn effective_precision(spec: &FineTuneJobSpec) -> Precision {
@@ -136,16 +136,44 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
                     rank: 8,
                     targets: vec![TargetModule::QProj, TargetModule::VProj],
                     dropout: true,
+                    base: BaseQuantization::None,
                 },
                 ..input.clone()
             },
         );
     }
+    if let PlannedMethod::Lora {
+        rank,
+        targets,
+        dropout,
+        base,
+    } = &input.method
+    {
+        let smaller: &[BaseQuantization] = match base {
+            BaseQuantization::None => &[BaseQuantization::Int8, BaseQuantization::Int4],
+            BaseQuantization::Int8 => &[BaseQuantization::Int4],
+            BaseQuantization::Int4 => &[],
+        };
+        for q in smaller {
+            try_option(
+                format!("method.lora.baseQuantization: {}", q.name()),
+                PlanInput {
+                    method: PlannedMethod::Lora {
+                        rank: *rank,
+                        targets: targets.clone(),
+                        dropout: *dropout,
+                        base: *q,
+                    },
+                    ..input.clone()
+                },
+            );
+        }
+    }
     let weights = p.component("weights");
     if weights > input.budget_bytes {
         options.push(format!(
             "the base weights alone are {:.1} GiB: a GPU with more memory (gpuMemoryGiB), or \
-             a quantized base once supported",
+             LoRA over a 4-bit base (method.lora.baseQuantization: int4)",
             gib(weights)
         ));
     }
@@ -228,6 +256,54 @@ mod tests {
             assert!(msg.contains("resources.spread: layers"), "{msg}");
             assert!(msg.contains("the base weights alone are"), "{msg}");
         }
+    }
+
+    fn quantized(mut s: FineTuneJobSpec, q: BaseQuantization, gpu_gib: u32) -> FineTuneJobSpec {
+        s.method.lora = Some(crate::v1alpha1::LoraSpec {
+            base_quantization: q,
+            ..Default::default()
+        });
+        s.resources.gpu_memory_gib = Some(gpu_gib);
+        s
+    }
+
+    #[test]
+    fn a_four_bit_base_fits_70b_on_one_large_gpu_and_7b_on_a_24_gb_gpu() {
+        let seventy = spec(ModelPreset::Llama2_70b, MethodType::Lora, 1);
+        let seventy = quantized(seventy, BaseQuantization::Int4, 141);
+        let p = check(&seventy).unwrap_or_else(|e| panic!("{e}"));
+        // 68.5 G projection weights at 18 bytes per 32, the rest in bf16: about 37 GiB.
+        let weights = p.component("weights") as f64 / GIB as f64;
+        assert!(
+            (34.0..40.0).contains(&weights),
+            "70B int4 weights: {weights}"
+        );
+        assert!(p.component("dequantized") > 0);
+        let seven = spec(ModelPreset::Llama2_7b, MethodType::Lora, 1);
+        let mut seven = quantized(seven, BaseQuantization::Int4, 24);
+        seven.hyperparameters.batch_size = 1;
+        assert!(check(&seven).is_ok(), "{:?}", check(&seven));
+        // The same 7B job over a bf16 base does not fit 24 GB: the refusal offers the formats.
+        let mut bf16 = seven.clone();
+        bf16.hyperparameters.batch_size = 16;
+        if let Some(l) = bf16.method.lora.as_mut() {
+            l.base_quantization = BaseQuantization::None;
+        }
+        let msg = check(&bf16).unwrap_err();
+        assert!(
+            msg.contains("method.lora.baseQuantization: int8")
+                && msg.contains("method.lora.baseQuantization: int4"),
+            "{msg}"
+        );
+        // 8 bits sit between: more than 4 bits, less than bf16.
+        let int8 = quantized(
+            spec(ModelPreset::Llama2_13b, MethodType::Lora, 1),
+            BaseQuantization::Int8,
+            80,
+        );
+        let int4 = quantized(int8.clone(), BaseQuantization::Int4, 80);
+        let dense = quantized(int8.clone(), BaseQuantization::None, 80);
+        assert!(gib(&int4) < gib(&int8) && gib(&int8) < gib(&dense));
     }
 
     #[test]

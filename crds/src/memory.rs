@@ -27,7 +27,7 @@ use crate::fit::{
     effective_gpu_memory_gib, effective_gpus, effective_gradient_checkpointing, effective_precision,
 };
 use crate::presets::ModelArchitecture;
-use crate::v1alpha1::{FineTuneJobSpec, TargetModule, TrainableLayers};
+use crate::v1alpha1::{BaseQuantization, FineTuneJobSpec, TargetModule, TrainableLayers};
 
 /// Bytes in a GiB.
 pub const GIB: u64 = 1 << 30;
@@ -49,6 +49,8 @@ pub enum PlannedMethod {
         targets: Vec<TargetModule>,
         /// Whether dropout masks are drawn (dropout > 0).
         dropout: bool,
+        /// How the frozen projections are stored.
+        base: BaseQuantization,
     },
     /// The weights of the trained layers, and with `embeddings_and_head` the embeddings, the
     /// final norm and the LM head.
@@ -138,6 +140,7 @@ impl PlanInput {
                     rank: u64::from(lora.rank),
                     targets,
                     dropout: lora.dropout > 0.0,
+                    base: lora.base_quantization,
                 }
             }
             None => PlannedMethod::Full {
@@ -263,8 +266,13 @@ impl Widths {
         }
     }
 
+    /// Weights of one layer's seven projections.
+    fn projection_parameters(&self) -> u64 {
+        2 * self.h * self.h + 2 * self.h * self.kv + 3 * self.h * self.f
+    }
+
     fn layer_parameters(&self) -> u64 {
-        2 * self.h * self.h + 2 * self.h * self.kv + 3 * self.h * self.f + 2 * self.h
+        self.projection_parameters() + 2 * self.h
     }
 }
 
@@ -286,12 +294,37 @@ pub fn plan(input: &PlanInput) -> MemoryPlan {
     let s = input.batch * input.sequence;
     let mut components = Vec::new();
 
-    // Weights: the model in its dtype; LoRA adapters in f32 beside it.
-    components.push(line(
-        "weights",
-        arch.parameters * a,
-        format!("{} parameters × {a} bytes", arch.parameters),
-    ));
+    // Weights: the model in its dtype, or its projections quantized; LoRA adapters in f32.
+    let quantized = match input.method {
+        PlannedMethod::Lora { base, .. } => base.block(),
+        PlannedMethod::Full { .. } => None,
+    };
+    match quantized {
+        None => components.push(line(
+            "weights",
+            arch.parameters * a,
+            format!("{} parameters × {a} bytes", arch.parameters),
+        )),
+        Some((per_block, block_bytes)) => {
+            let projections = layers * w.projection_parameters();
+            let rest = arch.parameters.saturating_sub(projections);
+            components.push(line(
+                "weights",
+                projections.div_ceil(per_block) * block_bytes + rest * a,
+                format!(
+                    "{projections} projection weights quantized ({block_bytes} bytes per \
+                     {per_block}), {rest} others × {a} bytes"
+                ),
+            ));
+            // The backward multiplies by one dequantized projection at a time.
+            let largest = w.h * w.f;
+            components.push(line(
+                "dequantized",
+                largest * (4 + a),
+                format!("the largest projection ({largest} weights) in f32 and the dtype"),
+            ));
+        }
+    }
     let (adapters, adapters_detail) = match input.method {
         PlannedMethod::Lora { .. } => (trainable * 4, "adapters in f32"),
         PlannedMethod::Full { .. } => (0, "trained weights are the model's own"),

@@ -223,6 +223,13 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
         if unique.len() != lora.target_modules.len() {
             e.refuse(cel::LORA_MODULES_UNIQUE);
         }
+        if m.method_type == MethodType::Full && !lora.base_quantization.is_none() {
+            e.add(
+                "spec.method.lora.baseQuantization",
+                "a quantized base stays frozen, and full fine-tuning trains the base weights: \
+                 use type: lora, or remove baseQuantization",
+            );
+        }
         if lora.train_label_tokens
             && spec.dataset.columns.task() != Some(DatasetTask::Classification)
         {

@@ -25,6 +25,7 @@ fn the_runnable_samples_are_valid() {
         ("tiny-sentiment-cpu.yaml", ModelPreset::Tiny),
         ("llama-2-7b-lora-sentiment.yaml", ModelPreset::Llama2_7b),
         ("llama-2-13b-lora.yaml", ModelPreset::Llama2_13b),
+        ("llama-2-70b-qlora-one-gpu.yaml", ModelPreset::Llama2_70b),
     ] {
         let job = sample(file);
         assert_eq!(job.spec.model.preset, preset, "{file}");
@@ -100,4 +101,9 @@ fn the_demo_sample_trains_on_cpu_and_70b_waits_for_multi_gpu_training() {
     assert_eq!(finetune_api::fit::effective_gpus(&big.spec), 4);
     let msg = finetune_api::fit::check(&big.spec).unwrap_err();
     assert!(msg.contains("more GPUs do not lower it"), "{msg}");
+    // Over a 4-bit base, 70B LoRA fits one 141 GB GPU.
+    let one = sample("llama-2-70b-qlora-one-gpu.yaml");
+    assert_eq!(finetune_api::fit::effective_gpus(&one.spec), 1);
+    let plan = finetune_api::fit::check(&one.spec).unwrap_or_else(|e| panic!("{e}"));
+    assert!(plan.per_gpu_bytes < 141 * finetune_api::memory::GIB);
 }

@@ -118,6 +118,15 @@ fn invalid_specs_are_refused_with_the_field_path() {
             ),
             "spec.method.lora.trainLabelTokens",
         ),
+        (
+            "full fine-tuning of a quantized base",
+            with(
+                base(TINY),
+                "/method",
+                json!({"type": "full", "lora": {"baseQuantization": "int4"}}),
+            ),
+            "spec.method.lora.baseQuantization",
+        ),
         // dataset
         (
             "plain http dataset",

@@ -49,6 +49,12 @@ fn train_bench() -> anyhow::Result<()> {
     let w = tiny::init_weights(&cfg, 1, &dev)?;
     let lora = std::env::var("BENCH_METHOD").is_ok_and(|m| m == "lora");
     let reference_matmul = std::env::var_os("BENCH_REFERENCE_MATMUL").is_some();
+    // BENCH_QUANT=int8|int4: LoRA over a quantized base (the frozen projections).
+    let base_quantization = match std::env::var("BENCH_QUANT").as_deref() {
+        Ok("int8") => finetune_api::BaseQuantization::Int8,
+        Ok("int4") => finetune_api::BaseQuantization::Int4,
+        _ => finetune_api::BaseQuantization::None,
+    };
     let spec = if lora {
         TrainableSpec::Lora(LoraSettings {
             rank: 16,
@@ -58,6 +64,7 @@ fn train_bench() -> anyhow::Result<()> {
             layers: None,
             train_label_tokens: false,
             head_token_ids: vec![],
+            base_quantization,
         })
     } else {
         TrainableSpec::Full {
@@ -102,13 +109,18 @@ fn train_bench() -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let tokens = (steps * batch * seq) as f64;
     println!(
-        "train stories15M-shape ({} params, {}{}) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
+        "train stories15M-shape ({} params, {}{}{}) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
         cfg.num_parameters(),
         if lora { "LoRA r=16 q,v" } else { "full" },
         if reference_matmul {
             ", frozen weights through plain matmul"
         } else {
             ""
+        },
+        if base_quantization.is_none() {
+            String::new()
+        } else {
+            format!(", {} base", base_quantization.name())
         },
         tokens / secs,
         peak_memory_bytes().unwrap_or(0) as f64 / 1e9

@@ -116,6 +116,7 @@ impl Shape {
                 layers: None,
                 train_label_tokens: false,
                 head_token_ids: vec![],
+                base_quantization: finetune_api::BaseQuantization::None,
             })
         } else {
             TrainableSpec::Full {
@@ -145,6 +146,7 @@ impl Shape {
                     rank: 16,
                     targets: vec![TargetModule::QProj, TargetModule::VProj],
                     dropout: true,
+                    base: finetune_api::BaseQuantization::None,
                 }
             } else {
                 PlannedMethod::Full {

@@ -80,6 +80,52 @@ pub struct LoraSpec {
     /// token's logit stays the base's. Classification datasets only; not with tied embeddings.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub train_label_tokens: bool,
+    /// How the frozen base's projection weights (q, k, v, o, gate, up, down of every layer) are
+    /// held during training: `none` (the model's dtype), `int8` (8.5 bits per weight) or
+    /// `int4` (4.5 bits per weight), QLoRA-style. Adapters, their gradients and AdamW state stay
+    /// f32; embeddings, norms and lm_head stay in the model's dtype. The exported adapter is a
+    /// standard PEFT adapter for the unquantized base, and merged weights are made from the
+    /// unquantized base. LoRA only: a quantized base cannot be fully fine-tuned.
+    #[serde(default, skip_serializing_if = "BaseQuantization::is_none")]
+    pub base_quantization: BaseQuantization,
+}
+
+/// The storage format of a frozen base's projection weights during LoRA training.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseQuantization {
+    /// The model's own dtype (bf16 on GPUs, f32 on CPU).
+    #[default]
+    None,
+    /// 8-bit: GGML `Q8_0`, blocks of 32 weights sharing one f16 scale (34 bytes per block).
+    Int8,
+    /// 4-bit: GGML `Q4_0`, blocks of 32 weights sharing one f16 scale (18 bytes per block).
+    Int4,
+}
+
+impl BaseQuantization {
+    /// Whether the base stays in the model's dtype.
+    pub fn is_none(&self) -> bool {
+        *self == BaseQuantization::None
+    }
+
+    /// The name in the spec (`none`, `int8`, `int4`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BaseQuantization::None => "none",
+            BaseQuantization::Int8 => "int8",
+            BaseQuantization::Int4 => "int4",
+        }
+    }
+
+    /// Weights per block and bytes per block of the format (`None` for the model's dtype).
+    pub fn block(&self) -> Option<(u64, u64)> {
+        match self {
+            BaseQuantization::None => None,
+            BaseQuantization::Int8 => Some((32, 34)),
+            BaseQuantization::Int4 => Some((32, 18)),
+        }
+    }
 }
 
 impl Default for LoraSpec {
@@ -90,6 +136,7 @@ impl Default for LoraSpec {
             dropout: default_dropout(),
             target_modules: default_targets(),
             train_label_tokens: false,
+            base_quantization: BaseQuantization::None,
         }
     }
 }

@@ -8,10 +8,14 @@
 //!
 //! When the input tracks no gradient (evaluation, or the first layers of a LoRA run whose adapters
 //! sit further up) nothing is recorded at all.
+//!
+//! A quantized frozen weight (LoRA over an `int8` / `int4` base) goes through the same op, its
+//! products taken with the weight dequantized for that one product ([`quantized_matmul`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 use crate::Result;
@@ -23,17 +27,55 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
     }
+    record(x, value, FrozenWeight::Dense(weight.detach()))
+}
+
+/// `x · Dᵀ` for a rank-2 `x` (rows × in) and a quantized frozen `weight` (out × in) whose
+/// dequantized value is `D`, differentiable in `x` only. Forward and backward each multiply by
+/// `D` dequantized for that one product (as bitsandbytes' 4-bit layers do in training), so the
+/// op is exactly linear in `x` (no activation quantization, unlike candle's quantized matmul
+/// kernels for inference) and only one projection exists in full precision at a time.
+pub fn quantized_matmul(x: &Tensor, weight: &Arc<QTensor>) -> Result<Tensor> {
+    let dense = dequantized(weight, x)?;
+    let value = x.detach().matmul(&dense.t()?)?;
+    drop(dense);
+    if !x.track_op() {
+        return Ok(value);
+    }
+    record(x, value, FrozenWeight::Quantized(weight.clone()))
+}
+
+/// `weight` dequantized onto `like`'s device, in its dtype.
+fn dequantized(weight: &QTensor, like: &Tensor) -> candle_core::Result<Tensor> {
+    let dense = weight.dequantize(like.device())?;
+    if dense.dtype() == like.dtype() {
+        Ok(dense)
+    } else {
+        dense.to_dtype(like.dtype())
+    }
+}
+
+/// Records `value` = x · Wᵀ as an op of `x` whose backward is `dY · W`.
+fn record(x: &Tensor, value: Tensor, weight: FrozenWeight) -> Result<Tensor> {
     let op = FrozenMatmul {
-        weight: weight.detach(),
+        weight,
         value: Mutex::new(Some(value.contiguous()?)),
     };
     Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
 }
 
+/// The frozen weight an op multiplies by in its backward.
+enum FrozenWeight {
+    /// In the model's dtype.
+    Dense(Tensor),
+    /// Quantized; dequantized for each backward product.
+    Quantized(Arc<QTensor>),
+}
+
 /// The graph node: its forward hands over the product computed outside the graph (once), its
 /// backward multiplies the output's gradient by the frozen weight.
 struct FrozenMatmul {
-    weight: Tensor,
+    weight: FrozenWeight,
     /// The product, taken by the forward so the graph does not hold a second copy of it.
     value: Mutex<Option<Tensor>>,
 }
@@ -99,6 +141,10 @@ impl CustomOp1 for FrozenMatmul {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        grad_y.matmul(&self.weight).map(Some)
+        let weight = match &self.weight {
+            FrozenWeight::Dense(w) => w.clone(),
+            FrozenWeight::Quantized(q) => dequantized(q, grad_y)?,
+        };
+        grad_y.matmul(&weight).map(Some)
     }
 }

@@ -1,8 +1,12 @@
 //! A linear layer with a frozen or trainable weight and an optional LoRA adapter.
 
-use candle_core::{DType, Tensor, Var};
+use std::sync::Arc;
 
-use super::frozen::frozen_matmul;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor, Var};
+use finetune_api::BaseQuantization;
+
+use super::frozen::{frozen_matmul, quantized_matmul};
 use crate::Result;
 use crate::rng::Rng;
 
@@ -84,11 +88,30 @@ pub struct LoraAdapter {
     pub dropout: f32,
 }
 
+/// A projection's weight (out × in).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// In the model's dtype: a plain tensor when frozen, a Var's tensor when trained in full.
+    Dense(Tensor),
+    /// Frozen and quantized (LoRA over an `int8` / `int4` base).
+    Quantized(Arc<QTensor>),
+}
+
+/// The GGML format of a base quantization (`None` for the model's dtype): `int8` is `Q8_0`,
+/// `int4` is `Q4_0` (blocks of 32 weights, so every Llama width qualifies).
+pub fn ggml_dtype(q: BaseQuantization) -> Option<GgmlDType> {
+    match q {
+        BaseQuantization::None => None,
+        BaseQuantization::Int8 => Some(GgmlDType::Q8_0),
+        BaseQuantization::Int4 => Some(GgmlDType::Q4_0),
+    }
+}
+
 /// `y = x·Wᵀ (+ scale·dropout(x)·Aᵀ·Bᵀ)`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// Weight (out × in): a plain tensor when frozen, a Var's tensor when trained in full.
-    pub weight: Tensor,
+    /// The weight.
+    pub weight: Weight,
     /// Optional LoRA adapter.
     pub lora: Option<LoraAdapter>,
 }
@@ -116,12 +139,44 @@ fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
 impl Linear {
     /// A linear layer without adapter.
     pub fn new(weight: Tensor) -> Self {
-        Self { weight, lora: None }
+        Self {
+            weight: Weight::Dense(weight),
+            lora: None,
+        }
+    }
+
+    /// A frozen linear layer whose weight is quantized to `format` (kept dense for `None`).
+    pub fn frozen(weight: Tensor, format: BaseQuantization) -> Result<Self> {
+        let Some(dtype) = ggml_dtype(format) else {
+            return Ok(Self::new(weight));
+        };
+        let q = QTensor::quantize(&weight, dtype)?;
+        Ok(Self {
+            weight: Weight::Quantized(Arc::new(q)),
+            lora: None,
+        })
     }
 
     /// Output features.
     pub fn out_dim(&self) -> usize {
-        self.weight.dims().first().copied().unwrap_or(0)
+        let dims = match &self.weight {
+            Weight::Dense(w) => w.dims(),
+            Weight::Quantized(q) => q.shape().dims(),
+        };
+        dims.first().copied().unwrap_or(0)
+    }
+
+    /// Whether the weight itself is trained (full fine-tuning).
+    pub fn weight_trained(&self) -> bool {
+        matches!(&self.weight, Weight::Dense(w) if w.is_variable())
+    }
+
+    /// The weight in the model's dtype (dequantized to f32 when quantized).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::Dense(w) => w.detach(),
+            Weight::Quantized(q) => q.dequantize(&q.device())?,
+        })
     }
 
     /// Applies the layer to `x` of shape (.., in).
@@ -130,8 +185,10 @@ impl Linear {
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let w = ctx.param(&self.weight);
-        let mut y = ctx.matmul_t(&x2, &w)?;
+        let mut y = match &self.weight {
+            Weight::Dense(w) => ctx.matmul_t(&x2, &ctx.param(w))?,
+            Weight::Quantized(q) => quantized_matmul(&x2, q)?,
+        };
         if let Some(l) = &self.lora {
             let a = ctx.param(l.a.as_tensor());
             let b = ctx.param(l.b.as_tensor());
@@ -160,9 +217,11 @@ impl Linear {
         Ok(y.reshape(out)?)
     }
 
-    /// The weight with the adapter merged in: `W + scale·B·A` (in the weight's dtype).
+    /// The weight with the adapter merged in: `W + scale·B·A` (in the weight's dtype; from the
+    /// dequantized weight when quantized, which export never uses: it merges into the
+    /// unquantized base).
     pub fn merged_weight(&self) -> Result<Tensor> {
-        let w = self.weight.detach();
+        let w = self.dense_weight()?;
         match &self.lora {
             None => Ok(w),
             Some(l) => {

@@ -179,6 +179,11 @@ impl Llama {
         &self.cfg
     }
 
+    /// The dtype of the weights (and activations) of the run.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device

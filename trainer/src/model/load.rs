@@ -55,6 +55,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSettings> {
         train_label_tokens: false,
         head_token_ids: head_token_ids(&c["trainable_token_indices"])
             .ok_or_else(|| field("trainable_token_indices"))?,
+        base_quantization: finetune_api::BaseQuantization::None,
     })
 }
 

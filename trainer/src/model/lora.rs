@@ -1,6 +1,7 @@
 //! LoRA settings and the Hugging Face PEFT adapter layout.
 
 use candle_core::Tensor;
+use finetune_api::BaseQuantization;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -40,6 +41,9 @@ pub struct LoraSettings {
     /// `trainable_token_indices` on `lm_head`); none when empty.
     #[serde(default)]
     pub head_token_ids: Vec<u32>,
+    /// How the frozen projections are held (QLoRA-style `int8` / `int4`, or the model's dtype).
+    #[serde(default)]
+    pub base_quantization: BaseQuantization,
 }
 
 impl LoraSettings {
@@ -53,6 +57,7 @@ impl LoraSettings {
             layers,
             train_label_tokens: l.train_label_tokens,
             head_token_ids: Vec::new(),
+            base_quantization: l.base_quantization,
         }
     }
 
@@ -162,6 +167,7 @@ mod tests {
             layers: None,
             train_label_tokens: false,
             head_token_ids: vec![],
+            base_quantization: finetune_api::BaseQuantization::None,
         };
         assert!(bad.validate().is_err());
     }

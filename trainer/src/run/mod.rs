@@ -208,10 +208,22 @@ pub fn run_job_in(
     let last_eval = t.evals.last().cloned();
     let overfitting = t.evals.iter().rev().find_map(|e| e.verdict.reason.clone());
     let method = match &t.params.method {
-        TrainableSpec::Lora(l) => format!(
-            "lora r={} alpha={} on {:?}",
-            l.rank, l.alpha, l.target_modules
-        ),
+        TrainableSpec::Lora(l) => {
+            let mut m = format!(
+                "lora r={} alpha={} on {:?}",
+                l.rank, l.alpha, l.target_modules
+            );
+            if !l.base_quantization.is_none() {
+                m.push_str(&format!(
+                    ", base quantized to {} (merged weights from the unquantized base)",
+                    l.base_quantization.name()
+                ));
+            }
+            if !l.head_token_ids.is_empty() {
+                m.push_str(&format!(", lm_head rows of tokens {:?}", l.head_token_ids));
+            }
+            m
+        }
         TrainableSpec::Full {
             layers,
             embeddings_and_head,

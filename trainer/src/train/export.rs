@@ -3,8 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{Device, Tensor};
+use finetune_api::BaseQuantization;
+use std::collections::HashMap;
+
 use crate::model::lora::write_peft_adapter;
-use crate::model::{Llama, TrainableSpec, tiny};
+use crate::model::weights::Weights;
+use crate::model::{Llama, LoraSettings, TrainableSpec, tiny};
 use crate::{Result, TrainerError};
 
 /// Paths of what was written.
@@ -35,10 +40,40 @@ pub fn export(
     let full = matches!(spec, TrainableSpec::Full { .. });
     if full || merge {
         let dir: PathBuf = out.join(if full { "model" } else { "merged" });
-        tiny::write_hf_model(&dir, model.config(), &model.merged_weights()?)?;
+        let weights = match spec {
+            TrainableSpec::Lora(settings) if !settings.base_quantization.is_none() => {
+                merged_into_unquantized_base(model, settings, Path::new(base_model))?
+            }
+            _ => model.merged_weights()?,
+        };
+        tiny::write_hf_model(&dir, model.config(), &weights)?;
         let tok = dir.join("tokenizer.json");
         std::fs::copy(tokenizer, &tok).map_err(|e| TrainerError::io(&tok, e))?;
         done.model = Some(dir.display().to_string());
     }
     Ok(done)
+}
+
+/// The adapters of `model` (trained over a quantized base) merged into the unquantized base read
+/// again from `base_dir`, in the dtype the run used, on the CPU: merged weights never come from
+/// the quantized copy.
+fn merged_into_unquantized_base(
+    model: &Llama,
+    settings: &LoraSettings,
+    base_dir: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let weights = Weights::from_dir(base_dir, model.dtype(), &Device::Cpu)?;
+    let unquantized = LoraSettings {
+        base_quantization: BaseQuantization::None,
+        ..settings.clone()
+    };
+    let base = Llama::from_weights(
+        model.config(),
+        weights,
+        &TrainableSpec::Lora(unquantized),
+        0,
+        &Device::Cpu,
+    )?;
+    base.load_trainable(&model.trainable_tensors())?;
+    base.merged_weights()
 }

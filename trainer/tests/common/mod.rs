@@ -46,6 +46,7 @@ pub fn lora_all(rank: usize) -> LoraSettings {
         layers: None,
         train_label_tokens: false,
         head_token_ids: vec![],
+        base_quantization: finetune_api::BaseQuantization::None,
     }
 }
 

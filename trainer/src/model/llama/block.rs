@@ -88,6 +88,6 @@ impl Block {
             || self
                 .linears()
                 .iter()
-                .any(|(_, l)| l.lora.is_some() || l.weight.is_variable())
+                .any(|(_, l)| l.lora.is_some() || l.weight_trained())
     }
 }

@@ -69,10 +69,18 @@ impl<'a> ParamLoader<'a> {
     ) -> Result<Linear> {
         let name = format!("{}.weight", module_path(layer, module));
         let weight = self.param(&name, &[out, inp], full)?;
-        let mut linear = Linear::new(weight);
         let TrainableSpec::Lora(ls) = self.spec else {
-            return Ok(linear);
+            return Ok(Linear::new(weight));
         };
+        let mut linear = Linear::frozen(weight, ls.base_quantization).map_err(|e| {
+            crate::TrainerError::Weight {
+                name: name.clone(),
+                reason: format!(
+                    "cannot be held as {} (rows must split into blocks of 32): {e}",
+                    ls.base_quantization.name()
+                ),
+            }
+        })?;
         let layer_selected = ls.layers.as_ref().is_none_or(|v| v.contains(&layer));
         if !layer_selected || !ls.target_modules.iter().any(|m| m == module) {
             return Ok(linear);
