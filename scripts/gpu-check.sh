@@ -9,7 +9,8 @@
 # It (1) checks CUDA logits against CPU logits on the tiny model; (2) trains a Llama-2-7B-shaped
 # model with random weights (LoRA r=16 on q,v, bf16, sequence 1024, batch 1 and 4, 20 steps) with
 # our trainer and with PyTorch + PEFT in the same run, printing tokens/s, peak GPU memory and the
-# ratios; (3) sets the memory plan (`finetune-trainer plan`) against the measured peaks.
+# ratios; then LoRA over a 4-bit base (ours int4; PEFT over bitsandbytes nf4 when installed);
+# (3) sets the memory plan (`finetune-trainer plan`) against the measured peaks.
 # Results: $OUT/gpu-check.json and a markdown table on stdout (for BENCHMARKS.md).
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU with the tiny shape and 3 steps (the CPU
@@ -72,10 +73,13 @@ cp "$tokenizer" "$work/model/tokenizer.json"
 
 # Peak GPU memory of a process tree while it runs: nvidia-smi every 100 ms, minus the idle level.
 gpu_used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }
-for b in $batches; do
-  cfg="$work/ours-b$b.yaml"
+# One run of our trainer: batch $1, base quantization $2 (none, int8, int4).
+run_ours() {
+  local b=$1 quant=$2
+  local tag="b$b-$quant"
+  local cfg="$work/ours-$tag.yaml"
   cat > "$cfg" <<EOF
-job: gpu-check/ours-b$b
+job: gpu-check/ours-$tag
 model: {preset: $preset}
 dataset:
   source: pvc://gpu-check/data.csv
@@ -84,7 +88,7 @@ dataset:
   validationSplit: 0.02
 method:
   type: lora
-  lora: {rank: 16, alpha: 32, dropout: 0.05, targetModules: [q_proj, v_proj]}
+  lora: {rank: 16, alpha: 32, dropout: 0.05, targetModules: [q_proj, v_proj], baseQuantization: $quant}
 hyperparameters:
   maxSteps: $steps
   batchSize: $b
@@ -101,30 +105,39 @@ paths:
   modelDir: $work/model
   tokenizerFile: $tokenizer
   datasetFile: $work/data.csv
-  checkpointDir: $work/ckpt-b$b
-  outputDir: $work/out-b$b
-  terminationMessageFile: $work/term-b$b
+  checkpointDir: $work/ckpt-$tag
+  outputDir: $work/out-$tag
+  terminationMessageFile: $work/term-$tag
 metricsAddress: ""
 EOF
+  local plan_bytes peak=0 idle smi tps run=ours
   plan_bytes=$("$bin" plan --json "$cfg" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["perGpuBytes"])' || true)
-  log "ours, batch $b (plan: $plan_bytes bytes)"
-  peak=0
+  log "ours, batch $b, base $quant (plan: $plan_bytes bytes)"
   if [ "$gpu" = true ]; then
     idle=$(gpu_used)
-    ( while sleep 0.1; do gpu_used; done ) > "$work/smi-b$b" &
+    ( while sleep 0.1; do gpu_used; done ) > "$work/smi-$tag" &
     smi=$!
   fi
-  "$bin" train --config "$cfg" --resume never > "$work/ours-b$b.log" 2>&1 \
-    || { tail -20 "$work/ours-b$b.log" >&2; exit 1; }
+  "$bin" train --config "$cfg" --resume never > "$work/ours-$tag.log" 2>&1 \
+    || { tail -20 "$work/ours-$tag.log" >&2; exit 1; }
   if [ "$gpu" = true ]; then
     kill "$smi"
-    peak=$(( ($(sort -n "$work/smi-b$b" | tail -1) - idle) * 1048576 ))
+    peak=$(( ($(sort -n "$work/smi-$tag" | tail -1) - idle) * 1048576 ))
   fi
-  tps=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_second"])' "$work/out-b$b/report.json")
-  echo "{\"run\": \"ours\", \"batch\": $b, \"seq\": $seq, \"steps\": $steps, \"tokens_per_s\": $tps, \"peak_gpu_bytes\": $peak, \"plan_bytes\": ${plan_bytes:-0}}" | tee -a "$results" >&2
+  tps=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_second"])' "$work/out-$tag/report.json")
+  [ "$quant" = none ] || run="ours-$quant"
+  echo "{\"run\": \"$run\", \"batch\": $b, \"seq\": $seq, \"steps\": $steps, \"tokens_per_s\": $tps, \"peak_gpu_bytes\": $peak, \"plan_bytes\": ${plan_bytes:-0}}" | tee -a "$results" >&2
+}
+for b in $batches; do
+  run_ours "$b" none
   log "PyTorch + PEFT, batch $b"
   "$python" scripts/gpu_check.py peft "$work/model" "$b" "$seq" "$steps" | tee -a "$results" >&2
 done
+# LoRA over a 4-bit base (issue 18), batch 1: ours, and PEFT over bitsandbytes' 4-bit base when
+# the machine has bitsandbytes (a line saying it was skipped otherwise).
+run_ours 1 int4
+log "PyTorch + PEFT over a bitsandbytes 4-bit base, batch 1"
+"$python" scripts/gpu_check.py peft "$work/model" 1 "$seq" "$steps" nf4 | tee -a "$results" >&2
 
 # 3. The table: tokens/s, peak memory, the ratios and the plan's error.
 "$python" scripts/gpu_check.py summary "$out/gpu-check.json" < "$results"

@@ -61,14 +61,32 @@ def compare(cpu_path, cuda_path):
     return diff <= 1e-3 * max(1.0, scale)
 
 
-def peft_run(model_dir, batch, seq, steps):
+def peft_run(model_dir, batch, seq, steps, quant="none"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
     dev = device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype,
-                                             attn_implementation="sdpa").to(dev)
+    run = "peft"
+    if quant == "nf4":
+        run = "peft-nf4"
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            print(json.dumps({"skipped": run, "why": "bitsandbytes is not installed"}))
+            return
+        if dev != "cuda":
+            print(json.dumps({"skipped": run, "why": "bitsandbytes 4-bit needs a GPU"}))
+            return
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype,
+                                                 quantization_config=bnb,
+                                                 attn_implementation="sdpa")
+    else:
+        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype,
+                                                 attn_implementation="sdpa").to(dev)
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
@@ -93,7 +111,7 @@ def peft_run(model_dir, batch, seq, steps):
         times.append(time.perf_counter() - t0)
     timed = times[2:] or times
     peak = torch.cuda.max_memory_reserved() if dev == "cuda" else 0
-    print(json.dumps({"run": "peft", "batch": batch, "seq": seq, "steps": steps,
+    print(json.dumps({"run": run, "batch": batch, "seq": seq, "steps": steps,
                       "tokens_per_s": batch * seq * len(timed) / sum(timed),
                       "peak_gpu_bytes": peak}))
 
@@ -111,12 +129,14 @@ def summary(out, lines):
         print(f"| {r['run']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_gpu_bytes'] / 2**30:.1f} | "
               f"{(plan or 0) / 2**30:.1f} | {err} |")
-    for b in sorted({r["batch"] for r in rows if "run" in r}):
-        ours = [r for r in rows if r.get("run") == "ours" and r["batch"] == b]
-        peer = [r for r in rows if r.get("run") == "peft" and r["batch"] == b]
+    pairs = [("ours", "peft", ""), ("ours-int4", "peft-nf4", " (4-bit base)")]
+    batches = sorted({r["batch"] for r in rows if "run" in r})
+    for b, (mine, theirs, what) in ((b, p) for b in batches for p in pairs):
+        ours = [r for r in rows if r.get("run") == mine and r["batch"] == b]
+        peer = [r for r in rows if r.get("run") == theirs and r["batch"] == b]
         if ours and peer and peer[0]["tokens_per_s"]:
             o, p = ours[0], peer[0]
-            line = f"batch {b}: tokens/s ours/PEFT = {o['tokens_per_s'] / p['tokens_per_s']:.2f}"
+            line = f"batch {b}{what}: tokens/s ours/PEFT = {o['tokens_per_s'] / p['tokens_per_s']:.2f}"
             if p["peak_gpu_bytes"]:
                 line += f", peak memory ours/PEFT = {o['peak_gpu_bytes'] / p['peak_gpu_bytes']:.2f}"
             print(line)
@@ -131,7 +151,7 @@ def main(argv):
     elif cmd == "compare":
         return 0 if compare(argv[2], argv[3]) else 1
     elif cmd == "peft":
-        peft_run(argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
+        peft_run(argv[2], int(argv[3]), int(argv[4]), int(argv[5]), *argv[6:7])
     elif cmd == "summary":
         summary(argv[2], sys.stdin.readlines())
     else:

@@ -231,3 +231,83 @@ fn a_quantized_projection_holds_no_dense_weight() {
     assert_eq!(linear.out_dim(), cfg.intermediate_size);
     assert!(!linear.weight_trained());
 }
+
+#[test]
+fn loading_quantizes_the_projections_one_tensor_at_a_time_and_equals_quantizing_after() {
+    use finetune_trainer::model::weights::{Weights, is_projection_weight};
+    let cfg = quant_config();
+    let w = common::random_weights(&cfg, 11);
+    let dir = std::env::temp_dir().join(format!("quantized-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model.safetensors");
+    candle_core::safetensors::save(&w, &file).unwrap();
+    assert!(is_projection_weight("model.layers.12.mlp.down_proj.weight"));
+    assert!(!is_projection_weight(
+        "model.layers.0.input_layernorm.weight"
+    ));
+    assert!(!is_projection_weight("lm_head.weight"));
+    let mut loaded = Weights::load_quantizing(
+        std::slice::from_ref(&file),
+        DType::F32,
+        &Device::Cpu,
+        ggml_dtype(BaseQuantization::Int4),
+    )
+    .unwrap();
+    let q = loaded
+        .take_quantized("model.layers.0.self_attn.q_proj.weight", &[32, 32])
+        .unwrap()
+        .expect("a projection is quantized while loading");
+    assert_eq!(q.dtype(), ggml_dtype(BaseQuantization::Int4).unwrap());
+    assert!(
+        loaded
+            .take_quantized("model.norm.weight", &[32])
+            .unwrap()
+            .is_none(),
+        "norms stay dense"
+    );
+    // A model built from the quantizing loader equals one quantized after a dense load.
+    let from_loader = Llama::from_weights(
+        &cfg,
+        Weights::load_quantizing(
+            std::slice::from_ref(&file),
+            DType::F32,
+            &Device::Cpu,
+            ggml_dtype(BaseQuantization::Int4),
+        )
+        .unwrap(),
+        &lora(BaseQuantization::Int4),
+        3,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let after = common::build(&cfg, &w, &lora(BaseQuantization::Int4));
+    let ids = Tensor::new(&[[1u32, 5, 9, 14]], &Device::Cpu).unwrap();
+    let mut ctx = FwdCtx::eval();
+    let a = from_loader.forward(&ids, None, &mut ctx).unwrap();
+    let b = after.forward(&ids, None, &mut ctx).unwrap();
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
+    // A quantized weight with a full fine-tuning spec is refused by name.
+    let err = Llama::from_weights(
+        &cfg,
+        Weights::load_quantizing(
+            std::slice::from_ref(&file),
+            DType::F32,
+            &Device::Cpu,
+            ggml_dtype(BaseQuantization::Int8),
+        )
+        .unwrap(),
+        &TrainableSpec::Full {
+            layers: None,
+            embeddings_and_head: true,
+        },
+        3,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("only LoRA trains over a quantized base"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

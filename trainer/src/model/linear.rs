@@ -157,6 +157,14 @@ impl Linear {
         })
     }
 
+    /// A frozen linear layer over a weight quantized while loading.
+    pub fn quantized(weight: Arc<QTensor>) -> Self {
+        Self {
+            weight: Weight::Quantized(weight),
+            lora: None,
+        }
+    }
+
     /// Output features.
     pub fn out_dim(&self) -> usize {
         let dims = match &self.weight {

@@ -3,9 +3,11 @@
 //! The files are read into memory with safe code and converted to the requested dtype; tensors are
 //! never created implicitly: a missing or misshapen weight is an error naming the tensor.
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::{Result, TrainerError};
 
@@ -13,6 +15,17 @@ use crate::{Result, TrainerError};
 #[derive(Debug, Default)]
 pub struct Weights {
     map: HashMap<String, Tensor>,
+    /// Projection weights quantized while loading (LoRA over a quantized base).
+    quantized: HashMap<String, Arc<QTensor>>,
+}
+
+/// Whether `name` is the weight of a decoder layer's projection (`model.layers.N.*_proj.weight`),
+/// what a quantized base quantizes.
+pub fn is_projection_weight(name: &str) -> bool {
+    name.strip_prefix("model.layers.")
+        .and_then(|rest| rest.strip_suffix(".weight"))
+        .and_then(|rest| rest.rsplit('.').next())
+        .is_some_and(|module| super::lora::ALL_TARGETS.contains(&module))
 }
 
 /// Loads a safetensors file after validating its header (offsets, dtypes, shapes, sizes), so that
@@ -69,7 +82,21 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 impl Weights {
     /// Loads every tensor of the given files, converted to `dtype` on `device`.
     pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantizing(files, dtype, device, None)
+    }
+
+    /// Loads every tensor of the given files, converted to `dtype` on `device`; with `quantize`,
+    /// the projection weights ([`is_projection_weight`]) are quantized to that format instead,
+    /// one tensor at a time on the host, so neither the host (one shard at a time) nor the device
+    /// ever holds the dense projections.
+    pub fn load_quantizing(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        quantize: Option<GgmlDType>,
+    ) -> Result<Self> {
         let mut map = HashMap::new();
+        let mut quantized = HashMap::new();
         for f in files {
             let bytes = std::fs::read(f).map_err(|e| TrainerError::io(f, e))?;
             finetune_formats::safetensors::validate(
@@ -77,18 +104,33 @@ impl Weights {
                 &bytes,
                 bytes.len() as u64,
             )?;
-            let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+            let load_on = if quantize.is_some() {
+                &Device::Cpu
+            } else {
+                device
+            };
+            let tensors = candle_core::safetensors::load_buffer(&bytes, load_on)?;
             drop(bytes);
             for (name, t) in tensors {
+                if let Some(format) = quantize.filter(|_| is_projection_weight(&name)) {
+                    let q = QTensor::quantize_onto(&t, format, device).map_err(|e| {
+                        TrainerError::Weight {
+                            name: name.clone(),
+                            reason: format!("cannot be quantized to {format:?}: {e}"),
+                        }
+                    })?;
+                    quantized.insert(name, Arc::new(q));
+                    continue;
+                }
                 let t = if t.dtype() == dtype {
                     t
                 } else {
                     t.to_dtype(dtype)?
                 };
-                map.insert(name, t);
+                map.insert(name, t.to_device(device)?);
             }
         }
-        Ok(Self { map })
+        Ok(Self { map, quantized })
     }
 
     /// Loads the weights of a model directory.
@@ -98,7 +140,25 @@ impl Weights {
 
     /// Wraps an existing map.
     pub fn from_map(map: HashMap<String, Tensor>) -> Self {
-        Self { map }
+        Self {
+            map,
+            quantized: HashMap::new(),
+        }
+    }
+
+    /// Takes a weight quantized while loading, by name, checking its shape (`None` when it was
+    /// not quantized).
+    pub fn take_quantized(&mut self, name: &str, shape: &[usize]) -> Result<Option<Arc<QTensor>>> {
+        let Some(q) = self.quantized.remove(name) else {
+            return Ok(None);
+        };
+        if q.shape().dims() != shape {
+            return Err(TrainerError::Weight {
+                name: name.to_string(),
+                reason: format!("shape {:?}, expected {:?}", q.shape().dims(), shape),
+            });
+        }
+        Ok(Some(q))
     }
 
     /// Takes a tensor by name, checking its shape.
@@ -118,12 +178,17 @@ impl Weights {
 
     /// Whether a tensor is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.map.contains_key(name)
+        self.map.contains_key(name) || self.quantized.contains_key(name)
     }
 
     /// Names not consumed yet.
     pub fn remaining(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.map.keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .map
+            .keys()
+            .chain(self.quantized.keys())
+            .cloned()
+            .collect();
         v.sort();
         v
     }

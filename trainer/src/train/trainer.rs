@@ -20,7 +20,8 @@ use crate::distributed::{Collective, SingleProcess};
 use crate::eval::classify::ClassificationSet;
 use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdict};
 use crate::metrics::{Metrics, Phase};
-use crate::model::weights::Weights;
+use crate::model::linear::ggml_dtype;
+use crate::model::weights::{Weights, weight_files};
 use crate::model::{Llama, LlamaConfig, TrainableSpec};
 use crate::optim::{AdamW, AdamWParams, Schedule};
 use crate::rng::Rng;
@@ -193,7 +194,13 @@ impl Trainer {
             );
         }
         set_phase(Phase::Loading);
-        let weights = Weights::from_dir(&params.model_dir, dtype, &device)?;
+        // A quantized base is quantized while loading, one tensor at a time.
+        let quantize = match &params.method {
+            TrainableSpec::Lora(lora) => ggml_dtype(lora.base_quantization),
+            _ => None,
+        };
+        let weights =
+            Weights::load_quantizing(&weight_files(&params.model_dir)?, dtype, &device, quantize)?;
         let model = Llama::from_weights(&cfg, weights, &params.method, params.seed, &device)?;
         tracing::info!(
             trainable = model.trainable_count(),

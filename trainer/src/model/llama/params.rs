@@ -68,19 +68,38 @@ impl<'a> ParamLoader<'a> {
         full: bool,
     ) -> Result<Linear> {
         let name = format!("{}.weight", module_path(layer, module));
-        let weight = self.param(&name, &[out, inp], full)?;
-        let TrainableSpec::Lora(ls) = self.spec else {
-            return Ok(Linear::new(weight));
+        let lora = match self.spec {
+            TrainableSpec::Lora(ls) => Some(ls),
+            _ => None,
         };
-        let mut linear = Linear::frozen(weight, ls.base_quantization).map_err(|e| {
-            crate::TrainerError::Weight {
-                name: name.clone(),
-                reason: format!(
-                    "cannot be held as {} (rows must split into blocks of 32): {e}",
-                    ls.base_quantization.name()
-                ),
+        let quantized = self.weights.take_quantized(&name, &[out, inp])?;
+        let (mut linear, ls) = match (quantized, lora) {
+            // Quantized while loading (the trainer's path for a quantized base).
+            (Some(q), Some(ls)) => (Linear::quantized(q), ls),
+            (Some(_), None) => {
+                return Err(crate::TrainerError::Weight {
+                    name,
+                    reason: "was quantized while loading, but only LoRA trains over a \
+                             quantized base"
+                        .into(),
+                });
             }
-        })?;
+            (None, None) => return Ok(Linear::new(self.param(&name, &[out, inp], full)?)),
+            // Dense: quantized here when the spec asks for it (weights built in memory).
+            (None, Some(ls)) => {
+                let weight = self.param(&name, &[out, inp], full)?;
+                let linear = Linear::frozen(weight, ls.base_quantization).map_err(|e| {
+                    crate::TrainerError::Weight {
+                        name: name.clone(),
+                        reason: format!(
+                            "cannot be held as {} (rows must split into blocks of 32): {e}",
+                            ls.base_quantization.name()
+                        ),
+                    }
+                })?;
+                (linear, ls)
+            }
+        };
         let layer_selected = ls.layers.as_ref().is_none_or(|v| v.contains(&layer));
         if !layer_selected || !ls.target_modules.iter().any(|m| m == module) {
             return Ok(linear);
