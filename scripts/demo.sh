@@ -18,6 +18,12 @@ DEMO="$CACHE/demo"
 BIN="$ROOT/target/debug"
 JOB=tiny-sentiment
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# The simulated node runs the trainer pod with the image's files taken from the host (the tiny
+# base and the tokenizer under $CACHE) and an emptyDir at /tmp, as the restricted profile's
+# read-only root needs: a cache under /tmp would be hidden from the pod.
+case "$CACHE/" in
+  /tmp/*) echo "demo: the cache $CACHE is under /tmp, which the trainer pod's emptyDir hides; set CACHE_DIR (or HOME) elsewhere" >&2; exit 2 ;;
+esac
 
 step "Building the workspace (cached after the first run)"
 cargo build --bins

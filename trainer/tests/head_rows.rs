@@ -7,7 +7,6 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::head_rows::PEFT_HEAD_ROWS_NAME;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::load::{ModelRef, load_for_inference, read_adapter_config};
@@ -26,14 +25,7 @@ fn settings() -> LoraSettings {
 }
 
 fn loss_of(model: &Llama) -> Tensor {
-    let ids = Tensor::new(&[[1u32, 5, 9, 13, 7, 2], [1, 8, 3, 2, 0, 0]], &Device::Cpu).unwrap();
-    let mask = vec![vec![1, 1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0, 0]];
-    let rows = Tensor::new(&[2u32, 3, 4, 7, 8], &Device::Cpu).unwrap();
-    let targets = Tensor::new(&[13u32, 7, 2, 3, 2], &Device::Cpu).unwrap();
-    let logits = model
-        .logits_at(&ids, Some(&mask), &rows, &mut FwdCtx::train(None))
-        .unwrap();
-    masked_cross_entropy(&logits, &targets).unwrap()
+    common::small_batch_loss(model)
 }
 
 fn head_rows_var(model: &Llama) -> &candle_core::Var {
@@ -61,44 +53,26 @@ fn every_tensor_gets_a_gradient_and_the_rows_agree_with_finite_differences() {
     // 2 layers × 7 modules × (A, B), and the rows.
     assert_eq!(model.trainable().len(), 29);
     let grads = loss_of(&model).backward().unwrap();
-    for (name, var) in model.trainable() {
-        let g = grads.get(var.as_tensor()).unwrap();
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(n > 0.0 && n.is_finite(), "no gradient for {name}: {n}");
-    }
+    common::assert_every_trainable_has_a_gradient(&model, &grads);
     let var = head_rows_var(&model);
     let g = grads
         .get(var.as_tensor())
         .unwrap()
-        .to_vec2::<f32>()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
         .unwrap();
-    let eps = 1e-2f64;
+    // Rows of a target (13), of no target (40) and of the padding-adjacent EOS (2).
+    let hidden = var.dims()[1];
     for (row, col) in [(0usize, 3usize), (2, 17), (1, 5)] {
-        let orig = var.as_tensor().to_vec2::<f32>().unwrap();
-        let eval_at = |delta: f64| {
-            let mut v = orig.clone();
-            v[row][col] += delta as f32;
-            var.set(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
+        let idx = row * hidden + col;
+        common::assert_finite_difference("lm_head rows", var, idx, g[idx] as f64, || {
             loss_of(&model)
                 .to_dtype(DType::F64)
                 .unwrap()
                 .to_scalar::<f64>()
                 .unwrap()
-        };
-        let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::new(orig, &Device::Cpu).unwrap()).unwrap();
-        let analytic = g[row][col] as f64;
-        let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
-        assert!(
-            (analytic - numeric).abs() < tol,
-            "rows[{row}][{col}]: autograd {analytic} vs finite difference {numeric}"
-        );
+        });
     }
 }
 

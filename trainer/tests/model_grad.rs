@@ -6,27 +6,14 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::TrainableSpec;
 use finetune_trainer::model::linear::FwdCtx;
 use std::collections::HashMap;
 
 const VOCAB: usize = 50;
 
-fn batch() -> (Tensor, Vec<Vec<u8>>, Tensor, Tensor) {
-    // Two rows, the second right padded; loss on a few positions of each.
-    let ids = Tensor::new(&[[1u32, 5, 9, 13, 7, 2], [1, 8, 3, 2, 0, 0]], &Device::Cpu).unwrap();
-    let mask = vec![vec![1, 1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0, 0]];
-    let rows = Tensor::new(&[2u32, 3, 4, 7, 8], &Device::Cpu).unwrap();
-    let targets = Tensor::new(&[13u32, 7, 2, 3, 2], &Device::Cpu).unwrap();
-    (ids, mask, rows, targets)
-}
-
 fn loss_of(model: &finetune_trainer::model::Llama) -> Tensor {
-    let (ids, mask, rows, targets) = batch();
-    let mut ctx = FwdCtx::train(None);
-    let logits = model.logits_at(&ids, Some(&mask), &rows, &mut ctx).unwrap();
-    masked_cross_entropy(&logits, &targets).unwrap()
+    common::small_batch_loss(model)
 }
 
 fn assert_all_grads(spec: TrainableSpec, kv: usize, expected_count: usize) {
@@ -35,24 +22,8 @@ fn assert_all_grads(spec: TrainableSpec, kv: usize, expected_count: usize) {
     let model = common::build(&cfg, &w, &spec);
     common::perturb_lora_b(&model);
     assert_eq!(model.trainable().len(), expected_count);
-    let loss = loss_of(&model);
-    let grads = loss.backward().unwrap();
-    for (name, var) in model.trainable() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            n > 0.0 && n.is_finite(),
-            "zero/NaN gradient for {name}: {n}"
-        );
-    }
+    let grads = loss_of(&model).backward().unwrap();
+    common::assert_every_trainable_has_a_gradient(&model, &grads);
 }
 
 #[test]
@@ -117,37 +88,17 @@ fn finite_differences_agree_with_autograd() {
         ("model.norm.weight", 7),
         ("model.embed_tokens.weight", 5 * 32 + 2),
     ];
-    let eps = 1e-2f64;
     for (name, idx) in picks {
         let var = &model.trainable().iter().find(|(n, _)| n == name).unwrap().1;
         let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
         let analytic = g.to_vec1::<f32>().unwrap()[idx] as f64;
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let eval_at = |delta: f64| {
-            let mut v = orig.clone();
-            v[idx] += delta as f32;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-
+        common::assert_finite_difference(name, var, idx, analytic, || {
             loss_of(&model)
                 .to_dtype(DType::F64)
                 .unwrap()
                 .to_scalar::<f64>()
                 .unwrap()
-        };
-        let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-        let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
-        assert!(
-            (analytic - numeric).abs() < tol,
-            "{name}[{idx}]: autograd {analytic} vs finite difference {numeric}"
-        );
+        });
     }
 }
 

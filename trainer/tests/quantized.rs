@@ -11,7 +11,6 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use finetune_api::BaseQuantization;
-use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::frozen::quantized_matmul;
 use finetune_trainer::model::linear::{FwdCtx, Weight, ggml_dtype};
 use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec};
@@ -65,14 +64,7 @@ fn lora(format: BaseQuantization) -> TrainableSpec {
 }
 
 fn loss_of(model: &Llama) -> Tensor {
-    let ids = Tensor::new(&[[1u32, 5, 9, 13, 7, 2], [1, 8, 3, 2, 0, 0]], &Device::Cpu).unwrap();
-    let mask = vec![vec![1, 1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0, 0]];
-    let rows = Tensor::new(&[2u32, 3, 4, 7, 8], &Device::Cpu).unwrap();
-    let targets = Tensor::new(&[13u32, 7, 2, 3, 2], &Device::Cpu).unwrap();
-    let logits = model
-        .logits_at(&ids, Some(&mask), &rows, &mut FwdCtx::train(None))
-        .unwrap();
-    masked_cross_entropy(&logits, &targets).unwrap()
+    common::small_batch_loss(model)
 }
 
 #[test]
@@ -85,23 +77,9 @@ fn every_adapter_gets_a_gradient_and_finite_differences_agree() {
         // 2 layers × 7 projections × (A, B): the quantized weights are not trainable.
         assert_eq!(model.trainable().len(), 28);
         let grads = loss_of(&model).backward().unwrap();
-        for (name, var) in model.trainable() {
-            let g = grads.get(var.as_tensor()).unwrap();
-            let n = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                n > 0.0 && n.is_finite(),
-                "{format:?}: no gradient for {name}"
-            );
-        }
+        common::assert_every_trainable_has_a_gradient(&model, &grads);
         // Finite differences through two quantized layers (the gradient reaches layer 0's
         // adapters through layer 1's quantized projections).
-        let eps = 1e-2f64;
         for (name, idx) in [
             (
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
@@ -119,30 +97,18 @@ fn every_adapter_gets_a_gradient_and_finite_differences_agree() {
             let var = &model.trainable().iter().find(|(n, _)| n == name).unwrap().1;
             let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
             let analytic = g.to_vec1::<f32>().unwrap()[idx] as f64;
-            let orig = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let eval_at = |delta: f64| {
-                let mut v = orig.clone();
-                v[idx] += delta as f32;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss_of(&model)
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
-            assert!(
-                (analytic - numeric).abs() < tol,
-                "{format:?} {name}[{idx}]: autograd {analytic} vs finite difference {numeric}"
+            common::assert_finite_difference(
+                &format!("{format:?} {name}"),
+                var,
+                idx,
+                analytic,
+                || {
+                    loss_of(&model)
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                },
             );
         }
     }

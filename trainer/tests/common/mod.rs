@@ -94,6 +94,75 @@ pub fn perturb_lora_b(model: &Llama) {
     }
 }
 
+/// Masked cross-entropy of a fixed two-row batch (the second right padded) on five positions,
+/// with the backward graph: the batch of the gradient tests.
+pub fn small_batch_loss(model: &Llama) -> Tensor {
+    use finetune_trainer::model::linear::FwdCtx;
+    let ids = Tensor::new(&[[1u32, 5, 9, 13, 7, 2], [1, 8, 3, 2, 0, 0]], &Device::Cpu).unwrap();
+    let mask = vec![vec![1, 1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0, 0]];
+    let rows = Tensor::new(&[2u32, 3, 4, 7, 8], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[13u32, 7, 2, 3, 2], &Device::Cpu).unwrap();
+    let mut ctx = FwdCtx::train(None);
+    let logits = model.logits_at(&ids, Some(&mask), &rows, &mut ctx).unwrap();
+    finetune_trainer::loss::masked_cross_entropy(&logits, &targets).unwrap()
+}
+
+/// Asserts that every trainable tensor of `model` has a non-zero, finite gradient in `grads`.
+pub fn assert_every_trainable_has_a_gradient(
+    model: &Llama,
+    grads: &candle_core::backprop::GradStore,
+) {
+    for (name, var) in model.trainable() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            n > 0.0 && n.is_finite(),
+            "zero/NaN gradient for {name}: {n}"
+        );
+    }
+}
+
+/// Asserts that the autograd gradient `analytic` of element `idx` of `var` agrees with the
+/// central finite difference (step 1e-2) of `loss`, within 2 % + 2e-4; restores `var`.
+pub fn assert_finite_difference(
+    what: &str,
+    var: &candle_core::Var,
+    idx: usize,
+    analytic: f64,
+    loss: impl Fn() -> f64,
+) {
+    let eps = 1e-2f64;
+    let orig = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let eval_at = |delta: f64| {
+        let mut v = orig.clone();
+        v[idx] += delta as f32;
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        loss()
+    };
+    let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
+    var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
+        .unwrap();
+    let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
+    assert!(
+        (analytic - numeric).abs() < tol,
+        "{what}[{idx}]: autograd {analytic} vs finite difference {numeric}"
+    );
+}
+
 /// Asserts that `reference` is not all zero and that `got` is within `tol` of it, relative to
 /// max |reference| (at least 1); `what` names the tensor in the failure.
 pub fn assert_close_to_reference(what: &str, got: &Tensor, reference: &Tensor, tol: f32) {
