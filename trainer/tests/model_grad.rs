@@ -88,18 +88,7 @@ fn finite_differences_agree_with_autograd() {
         ("model.norm.weight", 7),
         ("model.embed_tokens.weight", 5 * 32 + 2),
     ];
-    for (name, idx) in picks {
-        let var = &model.trainable().iter().find(|(n, _)| n == name).unwrap().1;
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
-        let analytic = g.to_vec1::<f32>().unwrap()[idx] as f64;
-        common::assert_finite_difference(name, var, idx, analytic, || {
-            loss_of(&model)
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        });
-    }
+    common::assert_finite_differences("full", &model, &grads, &picks);
 }
 
 fn peer_logits(

@@ -130,49 +130,70 @@ pub fn assert_every_trainable_has_a_gradient(
     }
 }
 
-/// Asserts that the autograd gradient `analytic` of element `idx` of `var` agrees with the
-/// central finite difference (step 1e-2) of `loss`, within 2 % + 2e-4; restores `var`.
-pub fn assert_finite_difference(
+/// Asserts, for each `(name, idx)` of `picks`, that the gradient in `grads` of element `idx` of
+/// the trainable tensor `name` agrees with the central finite difference (step 1e-2) of
+/// [`small_batch_loss`], within 2 % + 2e-4; restores each tensor. `what` prefixes failures.
+pub fn assert_finite_differences(
     what: &str,
-    var: &candle_core::Var,
-    idx: usize,
-    analytic: f64,
-    loss: impl Fn() -> f64,
+    model: &Llama,
+    grads: &candle_core::backprop::GradStore,
+    picks: &[(&str, usize)],
 ) {
-    let eps = 1e-2f64;
-    let orig = var
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let eval_at = |delta: f64| {
-        let mut v = orig.clone();
-        v[idx] += delta as f32;
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-        loss()
+    let loss = || {
+        small_batch_loss(model)
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
-    let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-    var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
-        .unwrap();
-    let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
-    assert!(
-        (analytic - numeric).abs() < tol,
-        "{what}[{idx}]: autograd {analytic} vs finite difference {numeric}"
-    );
+    let eps = 1e-2f64;
+    for &(name, idx) in picks {
+        let var = &model
+            .trainable()
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no trainable tensor {name}"))
+            .1;
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let analytic = g.to_vec1::<f32>().unwrap()[idx] as f64;
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let eval_at = |delta: f64| {
+            let mut v = orig.clone();
+            v[idx] += delta as f32;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss()
+        };
+        let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
+        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
+        assert!(
+            (analytic - numeric).abs() < tol,
+            "{what} {name}[{idx}]: autograd {analytic} vs finite difference {numeric}"
+        );
+    }
+}
+
+/// max |t| over all elements, as f32.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Asserts that `reference` is not all zero and that `got` is within `tol` of it, relative to
 /// max |reference| (at least 1); `what` names the tensor in the failure.
 pub fn assert_close_to_reference(what: &str, got: &Tensor, reference: &Tensor, tol: f32) {
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(reference);
     assert!(scale > 0.0, "{what}: zero reference");
     let d = max_abs_diff(got, reference);
     assert!(
