@@ -1,9 +1,12 @@
 //! The fit check: the job's memory plan ([`crate::memory`]) against one GPU's memory, and the
-//! settings the plan resolves from a spec (precision, checkpointing, GPUs and their memory, the
-//! trainer processes of the gang).
+//! settings the plan resolves from a spec (precision, checkpointing, GPUs and their memory, how
+//! the model is spread over them, the trainer processes of the gang).
 
 use crate::memory::{GIB, MemoryPlan, PlanInput, PlannedMethod, plan};
-use crate::v1alpha1::{BaseQuantization, FineTuneJobSpec, MethodType, Precision, TargetModule};
+use crate::placement::{LayerSplit, split_layers};
+use crate::v1alpha1::{
+    BaseQuantization, FineTuneJobSpec, MethodType, Precision, Spread, TargetModule,
+};
 
 /// Precision the job trains in: the spec's, or bf16 with GPUs and f32 without.
 pub fn effective_precision(spec: &FineTuneJobSpec) -> Precision {
@@ -36,10 +39,44 @@ pub fn effective_nodes(spec: &FineTuneJobSpec) -> u32 {
     spec.resources.nodes.unwrap_or(1).max(1)
 }
 
-/// Trainer processes in each pod: one per GPU (data parallel: each holds the whole model), one
-/// on CPU.
+/// How the model is spread over a pod's GPUs: the spec's `data` or `layers`, or for `auto`
+/// `layers` when the pod has several GPUs and the whole model does not fit one by the memory
+/// plan, else `data`.
+pub fn effective_spread(spec: &FineTuneJobSpec) -> Spread {
+    match spec.resources.spread {
+        Spread::Auto if effective_gpus(spec) >= 2 && !plan(&PlanInput::from_spec(spec)).fits => {
+            Spread::Layers
+        }
+        Spread::Auto => Spread::Data,
+        chosen => chosen,
+    }
+}
+
+/// The decoder layers' split over the pod's GPUs when the spread is `layers` (`None` otherwise,
+/// or when the GPUs cannot each take a layer).
+pub fn layer_split(spec: &FineTuneJobSpec) -> Option<LayerSplit> {
+    if effective_spread(spec) != Spread::Layers {
+        return None;
+    }
+    split_layers(&PlanInput::from_spec(spec), effective_gpus(spec))
+}
+
+/// The plan the fit check applies: the busiest GPU's under a layer split, else one device's.
+pub fn plan_for(spec: &FineTuneJobSpec) -> MemoryPlan {
+    let whole = || plan(&PlanInput::from_spec(spec));
+    match layer_split(spec) {
+        Some(split) => split.busiest().unwrap_or_else(whole),
+        None => whole(),
+    }
+}
+
+/// Trainer processes in each pod: one per GPU under data parallelism (each holds the whole
+/// model), one for a layer split (it drives all the pod's GPUs), one on CPU.
 pub fn processes_per_pod(spec: &FineTuneJobSpec) -> u32 {
-    effective_gpus(spec).max(1)
+    match effective_spread(spec) {
+        Spread::Layers => 1,
+        _ => effective_gpus(spec).max(1),
+    }
 }
 
 /// Trainer processes of the whole job (the gang's world size).
@@ -57,14 +94,22 @@ pub fn effective_gpu_memory_gib(spec: &FineTuneJobSpec) -> u32 {
         })
 }
 
-/// Checks the job's memory plan against one GPU: under data parallelism (the one spread the
-/// trainer has) every GPU holds the whole model and one micro-batch, so the budget is one GPU's
-/// memory whatever `resources.gpus` says.
+/// Checks the job's memory plan against one GPU's memory: under data parallelism every GPU
+/// holds the whole model and one micro-batch, so more GPUs do not lower it; under a layer split
+/// ([`layer_split`]) the busiest GPU's share is checked.
 /// Returns the plan, or a message with the estimate, the budget and what would make it fit (each
 /// alternative planned too). CPU jobs (no GPUs) are not checked.
 pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
     let input = PlanInput::from_spec(spec);
-    let p = plan(&input);
+    let gpus = effective_gpus(spec);
+    let split = effective_spread(spec) == Spread::Layers;
+    let planned = |input: &PlanInput, split: bool, gpus: u32| -> MemoryPlan {
+        match split_layers(input, gpus).filter(|_| split) {
+            Some(s) => s.busiest().unwrap_or_else(|| plan(input)),
+            None => plan(input),
+        }
+    };
+    let p = planned(&input, split, gpus);
     if p.fits {
         return Ok(p);
     }
@@ -77,7 +122,7 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         .collect();
     let mut options = Vec::new();
     let mut try_option = |what: String, changed: PlanInput| {
-        let q = plan(&changed);
+        let q = planned(&changed, split, gpus);
         options.push(format!(
             "{what} ({:.1} GiB{})",
             gib(q.per_gpu_bytes),
@@ -149,12 +194,7 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         base,
     } = &input.method
     {
-        let smaller: &[BaseQuantization] = match base {
-            BaseQuantization::None => &[BaseQuantization::Int8, BaseQuantization::Int4],
-            BaseQuantization::Int8 => &[BaseQuantization::Int4],
-            BaseQuantization::Int4 => &[],
-        };
-        for q in smaller {
+        for q in base.smaller() {
             try_option(
                 format!("method.lora.baseQuantization: {}", q.name()),
                 PlanInput {
@@ -169,19 +209,64 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
             );
         }
     }
+    // More GPUs help only by splitting the layers: the fewest (up to 8) whose split fits.
+    let splits_that_fit = (gpus.max(1)..=8).filter(|g| *g >= 2).find_map(|g| {
+        let q = split_layers(&input, g)?.busiest()?;
+        q.fits.then_some((g, q))
+    });
+    if let Some((g, q)) = splits_that_fit
+        && (!split || g > gpus)
+    {
+        let what = if g == gpus {
+            "resources.spread: layers".to_string()
+        } else {
+            format!("resources.gpus: {g} with resources.spread: layers")
+        };
+        options.push(format!(
+            "{what} ({:.1} GiB on the busiest GPU, fits)",
+            gib(q.per_gpu_bytes)
+        ));
+    }
     let weights = p.component("weights");
     if weights > input.budget_bytes {
+        let four_bit = match &input.method {
+            PlannedMethod::Lora { base, .. } if base.smaller().is_empty() => "",
+            _ => ", or LoRA over a 4-bit base (method.lora.baseQuantization: int4)",
+        };
         options.push(format!(
-            "the base weights alone are {:.1} GiB: a GPU with more memory (gpuMemoryGiB), or \
-             LoRA over a 4-bit base (method.lora.baseQuantization: int4)",
+            "the base weights alone are {:.1} GiB: a GPU with more memory (gpuMemoryGiB), the \
+             layers split over more GPUs{four_bit}",
             gib(weights)
         ));
     }
+    let spread = if split {
+        let busiest = p
+            .devices
+            .iter()
+            .max_by_key(|d| d.bytes)
+            .map(|d| {
+                format!(
+                    "GPU {}, layers {}-{}",
+                    d.gpu,
+                    d.first_layer,
+                    d.end_layer.saturating_sub(1)
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "on the busiest of the pod's {gpus} GPUs the layers are split over ({busiest}: {})",
+            parts.join(", ")
+        )
+    } else {
+        format!(
+            "on each GPU ({}); every GPU holds the whole model (data parallel), so more GPUs \
+             alone do not lower it",
+            parts.join(", ")
+        )
+    };
     Err(format!(
-        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB on each \
-         GPU ({}) but a GPU has {} GiB: short by {:.1} GiB. Every GPU holds the whole model \
-         (data parallel), so more GPUs do not lower it; splitting the layers over a pod's GPUs \
-         (resources.spread: layers) is not supported yet. To fit: {}.",
+        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB {} but \
+         a GPU has {} GiB: short by {:.1} GiB. To fit: {}.",
         spec.model.preset,
         match spec.method.method_type {
             MethodType::Lora => "LoRA",
@@ -191,7 +276,7 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         input.batch,
         input.sequence,
         gib(p.per_gpu_bytes),
-        parts.join(", "),
+        spread,
         effective_gpu_memory_gib(spec),
         gib(p.per_gpu_bytes) - gib(input.budget_bytes),
         options.join("; ")
@@ -249,13 +334,36 @@ mod tests {
     }
 
     #[test]
-    fn seventy_b_is_refused_however_many_gpus_until_layers_can_be_split() {
-        for gpus in [1, 4] {
-            let msg = check(&spec(ModelPreset::Llama2_70b, MethodType::Lora, gpus)).unwrap_err();
-            assert!(msg.contains("more GPUs do not lower it"), "{msg}");
-            assert!(msg.contains("resources.spread: layers"), "{msg}");
-            assert!(msg.contains("the base weights alone are"), "{msg}");
-        }
+    fn seventy_b_on_one_gpu_is_refused_naming_the_split_that_fits_and_four_gpus_split_it() {
+        let msg = check(&spec(ModelPreset::Llama2_70b, MethodType::Lora, 1)).unwrap_err();
+        assert!(msg.contains("more GPUs alone do not lower it"), "{msg}");
+        assert!(msg.contains("with resources.spread: layers"), "{msg}");
+        assert!(msg.contains("the base weights alone are"), "{msg}");
+        let four = spec(ModelPreset::Llama2_70b, MethodType::Lora, 4);
+        assert_eq!(effective_spread(&four), Spread::Layers);
+        assert_eq!((processes_per_pod(&four), world_size(&four)), (1, 1));
+        let p = check(&four).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.devices.len(), 4);
+        assert_eq!(layer_split(&four).map(|s| s.layer_gpus.len()), Some(80));
+        // Asked to keep the whole model on every GPU, the refusal offers the split.
+        let mut data = four.clone();
+        data.resources.spread = Spread::Data;
+        let msg = check(&data).unwrap_err();
+        assert!(msg.contains("resources.spread: layers ("), "{msg}");
+        assert!(layer_split(&data).is_none());
+    }
+
+    #[test]
+    fn a_split_that_does_not_fit_names_its_busiest_gpu() {
+        let mut two = spec(ModelPreset::Llama2_70b, MethodType::Lora, 2);
+        two.resources.spread = Spread::Layers;
+        let msg = check(&two).unwrap_err();
+        assert!(msg.contains("the busiest of the pod's 2 GPUs"), "{msg}");
+        assert!(
+            msg.contains("resources.gpus: 3 with resources.spread: layers")
+                || msg.contains("resources.gpus: 4 with resources.spread: layers"),
+            "{msg}"
+        );
     }
 
     fn quantized(mut s: FineTuneJobSpec, q: BaseQuantization, gpu_gib: u32) -> FineTuneJobSpec {
@@ -311,7 +419,11 @@ mod tests {
         let one = spec(ModelPreset::Llama2_7b, MethodType::Lora, 1);
         let mut four = one.clone();
         four.resources.gpus = Some(4);
-        four.resources.spread = crate::v1alpha1::Spread::Data;
+        assert_eq!(
+            effective_spread(&four),
+            Spread::Data,
+            "auto: the model fits one GPU"
+        );
         assert_eq!((processes_per_pod(&four), world_size(&four)), (4, 4));
         assert_eq!(gib(&four), gib(&one), "each GPU holds the whole model");
         assert!(check(&four).is_ok());

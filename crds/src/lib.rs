@@ -12,6 +12,7 @@ pub mod fit;
 pub mod gang;
 pub mod memory;
 pub mod mutability;
+pub mod placement;
 pub mod presets;
 pub mod progress;
 pub mod quantity;

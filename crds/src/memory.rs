@@ -17,9 +17,11 @@
 //! Layers below the lowest trained one record nothing (their inputs need no gradient) unless the
 //! embeddings are trained. With activation checkpointing the forward keeps one (s, hidden) input
 //! per layer and the backward holds one recomputed layer at a time. The backward's working set is
-//! taken as one layer's activations. Parameters are not sharded: under data parallelism (the
-//! trainer's one spread) every GPU holds the whole model, so the plan is per device and the
-//! budget is one GPU's memory.
+//! taken as one layer's activations. Parameters are not sharded: under data parallelism every
+//! GPU holds the whole model, so the plan is per device and the budget is one GPU's memory.
+//! When the decoder layers are split over a pod's GPUs ([`crate::placement`]), each GPU is
+//! planned for its [`DeviceShare`]: its layers, and the embeddings (first GPU) or the final
+//! norm, LM head and logits (last GPU).
 
 use serde::Serialize;
 
@@ -111,8 +113,46 @@ pub struct MemoryPlan {
     pub gpu_budget_bytes: u64,
     /// Whether `per_gpu_bytes` ≤ `gpu_budget_bytes` (always true on CPU).
     pub fits: bool,
-    /// Trainable parameters.
+    /// Trainable parameters of the whole model.
     pub trainable_parameters: u64,
+    /// With the layers split over several GPUs: every GPU's share and total (this plan's
+    /// components are those of the busiest one); empty when one device holds the whole model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceLoad>,
+}
+
+/// One GPU of a layer split: the layers it holds and its planned bytes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceLoad {
+    /// The GPU's index in the pod (`cuda:N`).
+    pub gpu: u32,
+    /// The first decoder layer it holds.
+    pub first_layer: u32,
+    /// One past the last decoder layer it holds.
+    pub end_layer: u32,
+    /// Its planned total.
+    pub bytes: u64,
+}
+
+/// The part of the model one device holds: a contiguous run of decoder layers, the embeddings
+/// when it holds the first layer, and the final norm, LM head and logits when it holds the last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceShare {
+    /// The decoder layers, `first..end`.
+    pub layers: std::ops::Range<u32>,
+}
+
+impl DeviceShare {
+    /// Whether the share holds the embeddings (the first layer's device).
+    pub fn holds_embeddings(&self) -> bool {
+        self.layers.start == 0
+    }
+
+    /// Whether the share holds the final norm, LM head and logits (the last layer's device).
+    pub fn holds_head(&self, num_layers: u32) -> bool {
+        self.layers.end >= num_layers
+    }
 }
 
 impl MemoryPlan {
@@ -190,8 +230,24 @@ impl PlanInput {
 
     /// Trainable parameters.
     pub fn trainable_parameters(&self) -> u64 {
+        self.trainable_parameters_in(&self.whole_model())
+    }
+
+    /// The share of one device holding the whole model.
+    pub fn whole_model(&self) -> DeviceShare {
+        DeviceShare {
+            layers: 0..self.architecture.num_layers,
+        }
+    }
+
+    /// Trainable parameters held by `share`.
+    pub fn trainable_parameters_in(&self, share: &DeviceShare) -> u64 {
         let w = self.widths();
-        let layers = self.trained_layers.len() as u64;
+        let layers = self
+            .trained_layers
+            .iter()
+            .filter(|l| share.layers.contains(l))
+            .count() as u64;
         match &self.method {
             PlannedMethod::Lora { rank, targets, .. } => {
                 let per_layer: u64 = targets
@@ -207,13 +263,20 @@ impl PlanInput {
                 embeddings_and_head,
             } => {
                 let per_layer = w.layer_parameters();
-                let head = if *embeddings_and_head {
-                    let copies = if self.tied_embeddings { 1 } else { 2 };
-                    copies * w.vocab * w.h + w.h
-                } else {
-                    0
-                };
-                per_layer * layers + head
+                let mut outside = 0;
+                if *embeddings_and_head {
+                    let num_layers = self.architecture.num_layers;
+                    let whole = share.holds_embeddings() && share.holds_head(num_layers);
+                    if share.holds_embeddings() {
+                        outside += w.vocab * w.h;
+                    }
+                    if share.holds_head(num_layers) && !(self.tied_embeddings && whole) {
+                        outside += w.vocab * w.h + w.h;
+                    } else if share.holds_head(num_layers) {
+                        outside += w.h;
+                    }
+                }
+                per_layer * layers + outside
             }
         }
     }
@@ -284,30 +347,48 @@ fn line(name: &'static str, bytes: u64, detail: String) -> PlanComponent {
     }
 }
 
-/// The memory plan of `input`.
+/// The memory plan of `input` on one device holding the whole model.
 pub fn plan(input: &PlanInput) -> MemoryPlan {
+    plan_share(input, &input.whole_model())
+}
+
+/// The memory plan of the device that holds `share` of the model.
+pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
     let w = input.widths();
     let a = input.dtype_bytes;
     let arch = &input.architecture;
     let layers = u64::from(arch.num_layers);
-    let trainable = input.trainable_parameters();
+    let here = u64::from(share.layers.end.saturating_sub(share.layers.start));
+    let embeddings = share.holds_embeddings();
+    let head = share.holds_head(arch.num_layers);
+    let trainable = input.trainable_parameters_in(share);
     let s = input.batch * input.sequence;
     let mut components = Vec::new();
 
-    // Weights: the model in its dtype, or its projections quantized; LoRA adapters in f32.
+    // Weights: the layers in the model's dtype, or their projections quantized; the parameters
+    // outside the layers (embeddings first, then the final norm and LM head) in the dtype.
+    let outside = arch
+        .parameters
+        .saturating_sub(layers * w.layer_parameters());
+    let embedding_parameters = outside.min(w.vocab * w.h);
+    let outside_here = u64::from(embeddings) * embedding_parameters
+        + u64::from(head) * (outside - embedding_parameters);
     let quantized = match input.method {
         PlannedMethod::Lora { base, .. } => base.block(),
         PlannedMethod::Full { .. } => None,
     };
     match quantized {
-        None => components.push(line(
-            "weights",
-            arch.parameters * a,
-            format!("{} parameters × {a} bytes", arch.parameters),
-        )),
+        None => {
+            let parameters = here * w.layer_parameters() + outside_here;
+            components.push(line(
+                "weights",
+                parameters * a,
+                format!("{parameters} parameters × {a} bytes"),
+            ));
+        }
         Some((per_block, block_bytes)) => {
-            let projections = layers * w.projection_parameters();
-            let rest = arch.parameters.saturating_sub(projections);
+            let projections = here * w.projection_parameters();
+            let rest = here * 2 * w.h + outside_here;
             components.push(line(
                 "weights",
                 projections.div_ceil(per_block) * block_bytes + rest * a,
@@ -354,16 +435,22 @@ pub fn plan(input: &PlanInput) -> MemoryPlan {
         input
             .trained_layers
             .first()
-            .map_or(layers, |l| u64::from(*l))
+            .copied()
+            .unwrap_or(arch.num_layers)
     };
-    let recording = layers.saturating_sub(lowest);
+    let recording = u64::from(
+        share
+            .layers
+            .end
+            .saturating_sub(share.layers.start.max(lowest)),
+    );
     let per_layer = input.layer_activation_bytes();
     if input.checkpointing {
         components.push(line(
             "activations",
-            layers * s * w.h * a + 2 * per_layer,
+            here * s * w.h * a + 2 * per_layer,
             format!(
-                "checkpointed: {layers} layer inputs of {s} × {} plus one recomputed layer \
+                "checkpointed: {here} layer inputs of {s} × {} plus one recomputed layer \
                  ({per_layer} bytes) and its backward",
                 w.h
             ),
@@ -378,17 +465,26 @@ pub fn plan(input: &PlanInput) -> MemoryPlan {
             ),
         ));
     }
-    let rows = input.loss_rows;
-    let logit_copies = if input.gpu { 6 } else { 2 };
-    components.push(line(
-        "logits",
-        rows * w.vocab * (a + 4 * logit_copies) + s * w.h * (12 + a),
-        format!(
-            "{rows} loss rows × vocabulary {}: the projection and {logit_copies} f32 copies \
-             (loss and its gradient), and the final norm",
-            w.vocab
-        ),
-    ));
+    if !embeddings {
+        components.push(line(
+            "transfer",
+            2 * s * w.h * a,
+            "the hidden state received from the previous GPU and its gradient".to_string(),
+        ));
+    }
+    if head {
+        let rows = input.loss_rows;
+        let logit_copies = if input.gpu { 6 } else { 2 };
+        components.push(line(
+            "logits",
+            rows * w.vocab * (a + 4 * logit_copies) + s * w.h * (12 + a),
+            format!(
+                "{rows} loss rows × vocabulary {}: the projection and {logit_copies} f32 copies \
+                 (loss and its gradient), and the final norm",
+                w.vocab
+            ),
+        ));
+    }
     let tensors: u64 = components.iter().map(|c| c.bytes).sum();
     if input.gpu {
         let frag = (tensors as f64 * FRAGMENTATION) as u64;
@@ -415,6 +511,7 @@ pub fn plan(input: &PlanInput) -> MemoryPlan {
         per_gpu_bytes,
         gpu_budget_bytes: input.budget_bytes,
         fits: !input.gpu || per_gpu_bytes <= input.budget_bytes,
-        trainable_parameters: trainable,
+        trainable_parameters: input.trainable_parameters(),
+        devices: Vec::new(),
     }
 }

@@ -60,6 +60,12 @@ pub struct TrainerConfig {
     pub gradient_checkpointing: bool,
     /// Whether the trainer should use a GPU.
     pub use_gpu: bool,
+    /// With the decoder layers split over the pod's GPUs (`resources.spread: layers`): the GPU
+    /// (`cuda:N`) of each layer, in layer order ([`crate::placement`]); the embeddings go with
+    /// the first layer, the final norm and LM head with the last. Empty: one device holds the
+    /// whole model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_gpus: Vec<u32>,
     /// Local paths inside the trainer pod.
     pub paths: TrainerPaths,
     /// Address the metrics and progress server binds to (`0.0.0.0:9090`, or the pod IP).
@@ -113,6 +119,9 @@ impl TrainerConfig {
             precision: crate::fit::effective_precision(spec),
             gradient_checkpointing: crate::fit::effective_gradient_checkpointing(spec),
             use_gpu: crate::fit::effective_gpus(spec) > 0,
+            layer_gpus: crate::fit::layer_split(spec)
+                .map(|s| s.layer_gpus)
+                .unwrap_or_default(),
             paths,
             metrics_address,
         }

@@ -469,11 +469,26 @@ fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
         );
     }
     if r.spread == Spread::Layers {
-        e.add(
-            "spec.resources.spread",
-            "layers is not supported yet: the trainer cannot split the decoder layers over a \
-             pod's GPUs; use data (every GPU holds the whole model) or auto",
-        );
+        let gpus = fit::effective_gpus(spec);
+        let layers = spec.model.preset.architecture().num_layers;
+        if gpus < 2 {
+            e.add(
+                "spec.resources.spread",
+                format!(
+                    "layers splits the decoder layers over the pod's GPUs and needs at least 2 \
+                     (resources.gpus is {gpus})"
+                ),
+            );
+        } else if gpus > layers {
+            e.add(
+                "spec.resources.spread",
+                format!(
+                    "layers gives every GPU at least one decoder layer: {} has {layers}, fewer \
+                     than resources.gpus ({gpus})",
+                    spec.model.preset
+                ),
+            );
+        }
     }
     if let Some(g) = &r.gang_scheduling {
         validate_gang_scheduling(g, e);

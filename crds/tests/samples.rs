@@ -1,6 +1,5 @@
 //! Every sample under `manifests/samples/` deserialises into a FineTuneJob without unknown
-//! fields; the runnable ones (the top directory) pass `validate()`, and the 70B sample in
-//! `multi-gpu/` is refused by the fit check until layers can be split over GPUs.
+//! fields and passes `validate()`, the fit check included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -93,14 +92,16 @@ fn missing_keys(a: &serde_json::Value, b: &serde_json::Value, path: &str, out: &
 }
 
 #[test]
-fn the_demo_sample_trains_on_cpu_and_70b_waits_for_multi_gpu_training() {
+fn the_demo_sample_trains_on_cpu_and_70b_splits_its_layers_over_four_gpus() {
     let tiny = sample("tiny-sentiment-cpu.yaml");
     assert_eq!(finetune_api::fit::effective_gpus(&tiny.spec), 0);
-    let big = sample("multi-gpu/llama-2-70b-lora.yaml");
+    let big = sample("llama-2-70b-lora-four-gpus.yaml");
     assert_eq!(big.spec.model.preset, ModelPreset::Llama2_70b);
     assert_eq!(finetune_api::fit::effective_gpus(&big.spec), 4);
-    let msg = finetune_api::fit::check(&big.spec).unwrap_err();
-    assert!(msg.contains("more GPUs do not lower it"), "{msg}");
+    assert_eq!(finetune_api::fit::processes_per_pod(&big.spec), 1);
+    let plan = finetune_api::fit::check(&big.spec).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plan.devices.len(), 4, "{plan:?}");
+    assert!(plan.per_gpu_bytes < 80 * finetune_api::memory::GIB);
     // Over a 4-bit base, 70B LoRA fits one 141 GB GPU.
     let one = sample("llama-2-70b-qlora-one-gpu.yaml");
     assert_eq!(finetune_api::fit::effective_gpus(&one.spec), 1);

@@ -390,8 +390,17 @@ fn invalid_specs_are_refused_with_the_field_path() {
             "spec.resources.gpus",
         ),
         (
-            "layers split over GPUs",
+            "layers split over one GPU",
             with(base(L7B), "/resources/spread", json!("layers")),
+            "spec.resources.spread",
+        ),
+        (
+            "layers split over more GPUs than layers",
+            with(
+                with(base(TINY), "/resources/gpus", json!(8)),
+                "/resources/spread",
+                json!("layers"),
+            ),
             "spec.resources.spread",
         ),
         (

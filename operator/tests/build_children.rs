@@ -122,11 +122,24 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
         Some(finetune_operator::build::DEFAULT_TRAINER_CUDA_IMAGE)
     );
 
-    let mut seventy = job("multi-gpu/llama-2-70b-lora.yaml");
+    let mut seventy = job("llama-2-70b-lora-four-gpus.yaml");
     seventy.spec.resources.gpus = None; // the preset's default
     let c = children(&seventy, &BuildSettings::default(), 0).unwrap();
     let res = trainer(&c.pods[0]).resources.as_ref().unwrap();
     assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "4");
+    // The layers split over the pod's four GPUs: one trainer process drives them all.
+    let layer_gpus = trainer_config(&c).layer_gpus;
+    assert_eq!(layer_gpus.len(), 80);
+    assert_eq!((layer_gpus[0], layer_gpus[79]), (0, 3));
+    assert_eq!(
+        env_value(&c.pods[0], "PET_NPROC_PER_NODE"),
+        None,
+        "one pod, one process"
+    );
+    assert!(
+        trainer_config(&seven).layer_gpus.is_empty(),
+        "7B fits one GPU"
+    );
 
     let tiny = children(
         &job("tiny-sentiment-cpu.yaml"),

@@ -149,6 +149,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         gradient_checkpointing: c.gradient_checkpointing,
         use_gpu: c.use_gpu,
         gpu_ordinal: 0,
+        layer_gpus: c.layer_gpus.iter().map(|g| *g as usize).collect(),
         eval,
         checkpoint_dir: PathBuf::from(&c.paths.checkpoint_dir),
         checkpoint_interval: c.checkpoints.interval_steps as usize,

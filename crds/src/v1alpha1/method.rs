@@ -126,6 +126,15 @@ impl BaseQuantization {
             BaseQuantization::Int4 => Some((32, 18)),
         }
     }
+
+    /// The formats that store the base in fewer bytes than this one, largest first.
+    pub fn smaller(&self) -> &'static [BaseQuantization] {
+        match self {
+            BaseQuantization::None => &[BaseQuantization::Int8, BaseQuantization::Int4],
+            BaseQuantization::Int8 => &[BaseQuantization::Int4],
+            BaseQuantization::Int4 => &[],
+        }
+    }
 }
 
 impl Default for LoraSpec {

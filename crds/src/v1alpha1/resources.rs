@@ -13,7 +13,9 @@ pub struct ResourcesSpec {
     /// GPUs for the trainer pod, i.e. per node (0 trains on CPU). With `spread: data` the pod
     /// runs one trainer process per GPU, each holding the whole model and training on its own
     /// share of every optimizer step (the effective batch is batchSize ×
-    /// gradientAccumulationSteps × GPUs × nodes). Default: 1 for 7B and 13B, 4 for 70B, 0 for
+    /// gradientAccumulationSteps × GPUs × nodes); with `spread: layers` one process holds the
+    /// model split over them (the effective batch is batchSize × gradientAccumulationSteps ×
+    /// nodes). Default: 1 for 7B and 13B, 4 for 70B, 0 for
     /// tiny.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 64))]
@@ -27,9 +29,12 @@ pub struct ResourcesSpec {
     #[schemars(range(min = 1, max = 64))]
     pub nodes: Option<u32>,
     /// How the model is spread over the GPUs: `data` (every GPU holds the whole model and
-    /// trains on its share of each step), `layers` (the decoder layers split over the pod's
-    /// GPUs, for a model that does not fit one; not supported yet and refused) or `auto`
-    /// (`data` when the model fits one GPU by the memory plan, else `layers`). Default `auto`.
+    /// trains on its share of each step), `layers` (one trainer process per pod splits the
+    /// decoder layers over the pod's GPUs, for a model that does not fit one: the embeddings
+    /// with the first layers, the LM head with the last, the split chosen by the memory plan;
+    /// with several nodes the pods train data-parallel) or `auto` (`layers` when the pod has
+    /// several GPUs and the model does not fit one by the memory plan, else `data`). Default
+    /// `auto`.
     #[serde(default, skip_serializing_if = "Spread::is_auto")]
     pub spread: Spread,
     /// Gang scheduling by a batch scheduler: the operator creates the scheduler's PodGroup
@@ -118,7 +123,7 @@ pub enum Spread {
     Auto,
     /// Data parallel: one trainer process per GPU, each with the whole model.
     Data,
-    /// The decoder layers split over the pod's GPUs (not supported yet).
+    /// The decoder layers split over the pod's GPUs, driven by one trainer process per pod.
     Layers,
 }
 

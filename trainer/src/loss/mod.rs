@@ -10,15 +10,18 @@ use crate::Result;
 
 pub mod fused_ce;
 
-/// Log-probability of each target under `logits` (n, vocab) → (n).
+/// Log-probability of each target under `logits` (n, vocab) → (n). The targets are moved to
+/// the logits' device (the last layer's when the layers are split over GPUs).
 pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let targets = targets.to_device(logits.device())?;
     Ok(lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)
 }
 
 /// Mean negative log-likelihood over the loss tokens. On CPU with f32 logits this is one fused
 /// op with its own backward ([`crate::loss::fused_ce`]); elsewhere it is built from primitives.
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = &targets.to_device(logits.device())?;
     if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
         return Ok(crate::loss::fused_ce::fused_nll(logits, targets)?);
     }

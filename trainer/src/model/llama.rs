@@ -12,6 +12,7 @@ use super::config::LlamaConfig;
 use super::head_rows::{HeadRows, PEFT_HEAD_ROWS_NAME};
 use super::linear::FwdCtx;
 use super::lora::{ALL_TARGETS, LoraSettings, module_path};
+use super::placement::LayerDevices;
 use super::rope::Rope;
 use super::weights::Weights;
 use crate::{Result, TrainerError};
@@ -58,13 +59,18 @@ pub struct Llama {
     lm_head: Tensor,
     /// Trained rows of the frozen `lm_head` (LoRA with trainable label tokens).
     head_rows: Option<HeadRows>,
-    device: Device,
+    /// The device of each layer (one for all unless the layers are split over GPUs).
+    placement: LayerDevices,
     dtype: DType,
     trainable: Vec<(String, Var)>,
     rope: Rope,
-    /// RoPE tables and the causal bias for the longest sequence seen, on the device.
-    position_tables: Mutex<Option<PositionTables>>,
+    /// RoPE tables and the causal bias for the longest sequence seen, on each device of the
+    /// placement (by its index).
+    position_tables: Mutex<Vec<Option<PositionTables>>>,
 }
+
+/// The RoPE tables and the attention bias of a batch, on each device of the placement.
+type AttentionInputs = Vec<(Tensor, Tensor, Tensor)>;
 
 /// Keys and values of the positions a sequence has been run through, per decoder layer, for
 /// [`Llama::hidden_cached`]. Cloning is cheap (tensors are shared), so candidates that continue
@@ -93,16 +99,38 @@ impl KvCache {
 }
 
 impl Llama {
-    /// Builds the model from loaded weights; trainable tensors become Vars according to `spec`.
-    /// LoRA matrices are initialised from `seed` (A Kaiming-uniform, B zero).
+    /// Builds the model from loaded weights on one device; trainable tensors become Vars
+    /// according to `spec`. LoRA matrices are initialised from `seed` (A Kaiming-uniform, B
+    /// zero).
     pub fn from_weights(
         cfg: &LlamaConfig,
-        mut w: Weights,
+        w: Weights,
         spec: &TrainableSpec,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        let placement = LayerDevices::single(device, cfg.num_hidden_layers);
+        Self::from_weights_placed(cfg, w, spec, seed, &placement)
+    }
+
+    /// As [`Llama::from_weights`], each layer (with its weights, adapters and trained tensors)
+    /// on its device of `placement`, the embeddings on the first layer's, the final norm and
+    /// LM head on the last layer's. Weights are moved there when loaded elsewhere.
+    pub fn from_weights_placed(
+        cfg: &LlamaConfig,
+        mut w: Weights,
+        spec: &TrainableSpec,
+        seed: u64,
+        placement: &LayerDevices,
+    ) -> Result<Self> {
         cfg.validate()?;
+        if placement.layers() != cfg.num_hidden_layers {
+            return Err(TrainerError::Config(format!(
+                "the layer placement covers {} layers; the model has {}",
+                placement.layers(),
+                cfg.num_hidden_layers
+            )));
+        }
         let rope = cfg.rope()?;
         let h = cfg.hidden_size;
         let full_layers = |i: usize| match spec {
@@ -116,7 +144,7 @@ impl Llama {
                 ..
             }
         );
-        let mut p = ParamLoader::new(&mut w, spec, seed, device);
+        let mut p = ParamLoader::new(&mut w, spec, seed, placement);
         let embed = p.param(
             "model.embed_tokens.weight",
             &[cfg.vocab_size, h],
@@ -166,11 +194,11 @@ impl Llama {
             norm,
             lm_head,
             head_rows,
-            device: device.clone(),
+            placement: placement.clone(),
             dtype,
             trainable,
             rope,
-            position_tables: Mutex::new(None),
+            position_tables: Mutex::new(placement.devices().iter().map(|_| None).collect()),
         })
     }
 
@@ -184,9 +212,20 @@ impl Llama {
         self.dtype
     }
 
-    /// The device.
+    /// The device of the input and the embeddings (the only device unless the layers are
+    /// split).
     pub fn device(&self) -> &Device {
-        &self.device
+        self.placement.input()
+    }
+
+    /// The device of the final norm, the LM head and the logits.
+    pub fn output_device(&self) -> &Device {
+        self.placement.output()
+    }
+
+    /// The device of each layer.
+    pub fn placement(&self) -> &LayerDevices {
+        &self.placement
     }
 
     /// Trainable tensors with their names (PEFT names for LoRA, HF names for full training).
@@ -205,28 +244,27 @@ impl Llama {
     }
 
     /// The `(cos, sin)` RoPE tables (s, head_dim) in the model's dtype and the causal bias
-    /// (1, 1, s, s) in f32. They are built on the device for the longest length seen so far and
-    /// narrowed for shorter batches, so memory stays that of one length.
-    fn position_tables(&self, s: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    /// (1, 1, s, s) in f32, on each device of the placement. They are built on each device for
+    /// the longest length seen so far and narrowed for shorter batches, so memory stays that of
+    /// one length.
+    fn position_tables(&self, s: usize) -> Result<AttentionInputs> {
         let mut cache = self
             .position_tables
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let built = cache.as_ref().filter(|t| t.len >= s);
-        let tables = match built {
-            Some(t) => t,
-            None => cache.insert(PositionTables::build(
-                &self.rope,
-                s,
-                self.dtype,
-                &self.device,
-            )?),
-        };
-        Ok((
-            tables.cos.narrow(0, 0, s)?,
-            tables.sin.narrow(0, 0, s)?,
-            tables.causal.narrow(2, 0, s)?.narrow(3, 0, s)?,
-        ))
+        let mut out = Vec::with_capacity(cache.len());
+        for (slot, device) in cache.iter_mut().zip(self.placement.devices()) {
+            let tables = match slot {
+                Some(t) if t.len >= s => t,
+                _ => slot.insert(PositionTables::build(&self.rope, s, self.dtype, device)?),
+            };
+            out.push((
+                tables.cos.narrow(0, 0, s)?,
+                tables.sin.narrow(0, 0, s)?,
+                tables.causal.narrow(2, 0, s)?.narrow(3, 0, s)?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Final hidden states (b, s, hidden) after the last norm. `ids` is (b, s) u32; `mask` holds
@@ -239,11 +277,30 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let mut x = self.embed_ids(ids, ctx)?;
-        let (cos, sin, bias) = self.attention_inputs(mask, b, s)?;
-        for blk in &self.blocks {
-            x = blk.forward(&x, (&cos, &sin), &bias, None, ctx)?;
+        let inputs = self.attention_inputs(mask, b, s)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let (cos, sin, bias) = self.layer_inputs(&inputs, i)?;
+            x = blk.forward(&self.to_layer(&x, i)?, (cos, sin), bias, None, ctx)?;
         }
         rms_norm(&x, &ctx.param(&self.norm), self.cfg.rms_norm_eps)
+    }
+
+    /// `x` on layer `i`'s device (itself when already there; a recorded op otherwise, whose
+    /// backward moves the gradient back).
+    fn to_layer(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        Ok(x.to_device(self.placement.of_layer(i))?)
+    }
+
+    /// Layer `i`'s RoPE tables and attention bias, from those of every device.
+    fn layer_inputs<'a>(
+        &self,
+        inputs: &'a AttentionInputs,
+        i: usize,
+    ) -> Result<(&'a Tensor, &'a Tensor, &'a Tensor)> {
+        let (cos, sin, bias) = inputs
+            .get(self.placement.index_of_layer(i))
+            .ok_or_else(|| TrainerError::Config(format!("no attention inputs for layer {i}")))?;
+        Ok((cos, sin, bias))
     }
 
     /// Final hidden states (n, hidden) of `ids`, the tokens at positions `cache.len()..` of one
@@ -257,14 +314,28 @@ impl Llama {
             cache.layers = vec![None; self.blocks.len()];
         }
         let mut ctx = FwdCtx::eval();
-        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let ids = Tensor::new(ids, self.device())?.unsqueeze(0)?;
         let mut x = self.embed_ids(&ids, &ctx)?;
-        let (cos, sin, causal) = self.position_tables(start + n)?;
-        let cos = cos.narrow(0, start, n)?;
-        let sin = sin.narrow(0, start, n)?;
-        let bias = causal.narrow(2, start, n)?;
-        for (blk, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = blk.forward(&x, (&cos, &sin), &bias, Some(slot), &mut ctx)?;
+        let inputs = self
+            .position_tables(start + n)?
+            .into_iter()
+            .map(|(cos, sin, causal)| {
+                Ok((
+                    cos.narrow(0, start, n)?,
+                    sin.narrow(0, start, n)?,
+                    causal.narrow(2, start, n)?,
+                ))
+            })
+            .collect::<Result<AttentionInputs>>()?;
+        for (i, (blk, slot)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let (cos, sin, bias) = self.layer_inputs(&inputs, i)?;
+            x = blk.forward(
+                &self.to_layer(&x, i)?,
+                (cos, sin),
+                bias,
+                Some(slot),
+                &mut ctx,
+            )?;
         }
         cache.len = start + n;
         let x = rms_norm(&x, &ctx.param(&self.norm), self.cfg.rms_norm_eps)?;
@@ -278,20 +349,25 @@ impl Llama {
         mask: Option<&[Vec<u8>]>,
         b: usize,
         s: usize,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (cos, sin, causal) = self.position_tables(s)?;
-        let bias = match padding_bias(mask, b, s, &self.device)? {
-            Some(pad) => causal.broadcast_add(&pad)?,
-            None => causal,
-        };
-        Ok((cos, sin, bias))
+    ) -> Result<AttentionInputs> {
+        let pad = padding_bias(mask, b, s, self.device())?;
+        self.position_tables(s)?
+            .into_iter()
+            .map(|(cos, sin, causal)| {
+                let bias = match &pad {
+                    Some(pad) => causal.broadcast_add(&pad.to_device(causal.device())?)?,
+                    None => causal,
+                };
+                Ok((cos, sin, bias))
+            })
+            .collect()
     }
 
     fn embed_ids(&self, ids: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let embed = ctx.param(&self.embed);
         Ok(embed
-            .index_select(&ids.flatten_all()?, 0)?
+            .index_select(&ids.flatten_all()?.to_device(embed.device())?, 0)?
             .reshape((b, s, self.cfg.hidden_size))?)
     }
 
@@ -330,7 +406,7 @@ impl Llama {
         let (b, s) = ids.dims2()?;
         let hs = self.hidden(ids, mask, ctx)?;
         let flat = hs.reshape((b * s, self.cfg.hidden_size))?;
-        let picked = flat.index_select(rows, 0)?;
+        let picked = flat.index_select(&rows.to_device(flat.device())?, 0)?;
         self.project(&picked, ctx)
     }
 
@@ -385,7 +461,7 @@ impl Llama {
                     reason: format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
                 });
             }
-            var.set(&t.to_dtype(var.dtype())?.to_device(&self.device)?)?;
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Global gradient-norm clipping.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
 use crate::Result;
@@ -12,23 +12,26 @@ pub fn clip_grad_norm(
     grads: &mut HashMap<String, Tensor>,
     max_norm: f64,
 ) -> Result<f64> {
-    // The per-tensor sums stay on the device; one read of the total (no sync per tensor).
-    let mut sums = Vec::with_capacity(vars.len());
+    // The per-tensor sums stay on their device; one read of the total per device (no sync per
+    // tensor; several devices when the layers are split over GPUs).
+    let mut sums: Vec<(Device, Vec<Tensor>)> = Vec::new();
     for (name, _) in vars {
         if let Some(g) = grads.get(name) {
-            sums.push(
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?,
-            );
+            let sum = g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?;
+            match sums.iter_mut().find(|(d, _)| d.same_device(g.device())) {
+                Some((_, on_device)) => on_device.push(sum),
+                None => sums.push((g.device().clone(), vec![sum])),
+            }
         }
     }
-    let total = if sums.is_empty() {
-        0.0
-    } else {
-        Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?
-    };
+    let mut total = 0.0;
+    for (_, on_device) in &sums {
+        total += Tensor::stack(on_device, 0)?.sum_all()?.to_scalar::<f64>()?;
+    }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let factor = max_norm / (norm + 1e-6);

@@ -2,6 +2,7 @@
 
 use candle_core::Device;
 
+use crate::model::LayerDevices;
 use crate::{Result, TrainerError};
 
 /// The device to use: the CPU, or GPU `ordinal` of those the process sees (`CUDA_VISIBLE_DEVICES`,
@@ -28,10 +29,50 @@ pub fn select_device(use_gpu: bool, ordinal: usize) -> Result<Device> {
     })
 }
 
+/// The device of every decoder layer: all of them on [`select_device`]`(use_gpu, ordinal)`,
+/// or with `layer_gpus` (one entry per layer) layer `i` on GPU `layer_gpus[i]`. A CPU run with
+/// `layer_gpus` puts every part on the CPU: the same split code path, as a stand-in for tests.
+pub fn layer_devices(
+    use_gpu: bool,
+    ordinal: usize,
+    layer_gpus: &[usize],
+    layers: usize,
+) -> Result<LayerDevices> {
+    if layer_gpus.is_empty() {
+        return Ok(LayerDevices::single(
+            &select_device(use_gpu, ordinal)?,
+            layers,
+        ));
+    }
+    if layer_gpus.len() != layers {
+        return Err(TrainerError::Config(format!(
+            "layerGpus names a GPU for {} layers; the model has {layers}",
+            layer_gpus.len()
+        )));
+    }
+    let used = layer_gpus.iter().max().map_or(1, |g| g + 1);
+    let devices = (0..used)
+        .map(|g| select_device(use_gpu, g))
+        .collect::<Result<Vec<_>>>()?;
+    LayerDevices::new(devices, layer_gpus.to_vec())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_names_one_gpu_per_layer_and_runs_on_the_cpu_as_a_stand_in() {
+        let p = layer_devices(false, 0, &[0, 0, 1, 1], 4).unwrap();
+        assert!(p.is_split() && p.devices().iter().all(Device::is_cpu));
+        let err = layer_devices(false, 0, &[0, 1], 4).unwrap_err().to_string();
+        assert!(
+            err.contains("layerGpus") && err.contains("2 layers"),
+            "{err}"
+        );
+        assert!(!layer_devices(false, 0, &[], 4).unwrap().is_split());
+    }
 
     #[test]
     fn a_cpu_job_gets_the_cpu() {

@@ -146,6 +146,9 @@ pub struct TrainParams {
     pub use_gpu: bool,
     /// Which of the visible GPUs (a data-parallel rank's `LOCAL_RANK`; 0 alone).
     pub gpu_ordinal: usize,
+    /// The decoder layers split over the visible GPUs: the GPU of each layer (the trainer
+    /// configuration's `layerGpus`). Empty: the whole model on `gpu_ordinal`.
+    pub layer_gpus: Vec<usize>,
     /// Evaluation settings.
     pub eval: EvalParams,
     /// Checkpoint directory.
@@ -198,6 +201,7 @@ impl TrainParams {
             gradient_checkpointing: false,
             use_gpu: false,
             gpu_ordinal: 0,
+            layer_gpus: Vec::new(),
             eval: EvalParams::default(),
             checkpoint_dir: work.join("checkpoints"),
             checkpoint_interval: checkpoints.interval_steps as usize,
@@ -243,6 +247,7 @@ impl TrainParams {
             gradient_checkpointing: false,
             use_gpu: false,
             gpu_ordinal: 0,
+            layer_gpus: Vec::new(),
             eval: EvalParams::default(),
             checkpoint_dir: PathBuf::new(),
             checkpoint_interval: 0,

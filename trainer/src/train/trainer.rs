@@ -31,7 +31,7 @@ mod checkpointing;
 mod evaluation;
 mod gang;
 
-use super::device::select_device;
+use super::device::layer_devices;
 
 /// One optimizer step's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,17 +139,26 @@ impl Trainer {
             }
         };
         set_phase(Phase::Loading);
-        let device = select_device(params.use_gpu, params.gpu_ordinal)?;
-        let dtype = if params.bf16 && device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        };
         let mut cfg = LlamaConfig::from_file(&params.model_dir.join("config.json"))?;
         if let Some(act) = &params.activation {
             cfg.hidden_act = act.clone();
             cfg.validate()?;
         }
+        let placement = layer_devices(
+            params.use_gpu,
+            params.gpu_ordinal,
+            &params.layer_gpus,
+            cfg.num_hidden_layers,
+        )?;
+        let device = placement.input().clone();
+        if placement.is_split() {
+            tracing::info!(layer_gpus = ?params.layer_gpus, "decoder layers split over GPUs");
+        }
+        let dtype = if params.bf16 && device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let encoder = Encoder::from_file(
             &params.tokenizer,
             params.template.clone(),
@@ -199,9 +208,16 @@ impl Trainer {
             TrainableSpec::Lora(lora) => ggml_dtype(lora.base_quantization),
             _ => None,
         };
+        // A split model is read onto the host and each tensor moved to its layer's GPU.
+        let load_on = if placement.is_split() {
+            Device::Cpu
+        } else {
+            device.clone()
+        };
         let weights =
-            Weights::load_quantizing(&weight_files(&params.model_dir)?, dtype, &device, quantize)?;
-        let model = Llama::from_weights(&cfg, weights, &params.method, params.seed, &device)?;
+            Weights::load_quantizing(&weight_files(&params.model_dir)?, dtype, &load_on, quantize)?;
+        let model =
+            Llama::from_weights_placed(&cfg, weights, &params.method, params.seed, &placement)?;
         tracing::info!(
             trainable = model.trainable_count(),
             tensors = model.trainable().len(),

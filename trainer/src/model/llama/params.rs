@@ -2,12 +2,13 @@
 //! become `Var`s registered under their checkpoint names, and LoRA adapters are created where
 //! the spec asks for them.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::TrainableSpec;
 use crate::Result;
 use crate::model::linear::{Linear, LoraAdapter};
 use crate::model::lora::{module_path, peft_name};
+use crate::model::placement::LayerDevices;
 use crate::model::weights::Weights;
 use crate::rng::Rng;
 
@@ -15,7 +16,7 @@ use crate::rng::Rng;
 pub(super) struct ParamLoader<'a> {
     weights: &'a mut Weights,
     spec: &'a TrainableSpec,
-    device: &'a Device,
+    placement: &'a LayerDevices,
     /// LoRA A initialisation stream (one for the whole model, drawn in layer and module order).
     lora_rng: Rng,
     /// The trainable tensors so far, with their names.
@@ -28,12 +29,12 @@ impl<'a> ParamLoader<'a> {
         weights: &'a mut Weights,
         spec: &'a TrainableSpec,
         seed: u64,
-        device: &'a Device,
+        placement: &'a LayerDevices,
     ) -> Self {
         Self {
             weights,
             spec,
-            device,
+            placement,
             lora_rng: Rng::derive(seed, 0x10A),
             trainable: Vec::new(),
         }
@@ -44,9 +45,13 @@ impl<'a> ParamLoader<'a> {
         self.weights.contains(name)
     }
 
-    /// The tensor `name` of shape `shape`; a registered `Var` when `train`.
+    /// The tensor `name` of shape `shape`, on its device of the placement; a registered `Var`
+    /// when `train`.
     pub(super) fn param(&mut self, name: &str, shape: &[usize], train: bool) -> Result<Tensor> {
-        let t = self.weights.take(name, shape)?;
+        let t = self
+            .weights
+            .take(name, shape)?
+            .to_device(self.placement.of_weight(name))?;
         if !train {
             return Ok(t);
         }
@@ -73,6 +78,18 @@ impl<'a> ParamLoader<'a> {
             _ => None,
         };
         let quantized = self.weights.take_quantized(&name, &[out, inp])?;
+        let device = self.placement.of_layer(layer);
+        if let Some(q) = &quantized
+            && !q.device().same_device(device)
+        {
+            return Err(crate::TrainerError::Weight {
+                name,
+                reason: format!(
+                    "was quantized onto {:?}, but its layer is placed on {device:?}",
+                    q.device()
+                ),
+            });
+        }
         let (mut linear, ls) = match (quantized, lora) {
             // Quantized while loading (the trainer's path for a quantized base).
             (Some(q), Some(ls)) => (Linear::quantized(q), ls),
@@ -108,8 +125,8 @@ impl<'a> ParamLoader<'a> {
         let a: Vec<f32> = (0..ls.rank * inp)
             .map(|_| (self.lora_rng.next_f32() * 2.0 - 1.0) * bound)
             .collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (ls.rank, inp), self.device)?)?;
-        let b = Var::zeros((out, ls.rank), DType::F32, self.device)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (ls.rank, inp), device)?)?;
+        let b = Var::zeros((out, ls.rank), DType::F32, device)?;
         self.trainable
             .push((peft_name(layer, module, 'A'), a.clone()));
         self.trainable

@@ -110,16 +110,19 @@ impl Llama {
             return Ok(LossAndGrads { loss, grads });
         }
         let (b, s) = ids.dims2()?;
-        let (cos, sin, bias) = self.attention_inputs(mask, b, s)?;
+        let positions = self.attention_inputs(mask, b, s)?;
 
-        // Forward without a graph, keeping each layer's input and dropout stream.
+        // Forward without a graph, keeping each layer's input (on the layer's device) and
+        // dropout stream.
         let mut plain = ctx.without_graph();
         let mut x = self.embed_ids(ids, &plain)?;
         let mut inputs = Vec::with_capacity(self.blocks.len());
-        for blk in &self.blocks {
+        for (i, blk) in self.blocks.iter().enumerate() {
             let start = plain.dropout_rng;
-            let y = blk.forward(&x, (&cos, &sin), &bias, None, &mut plain)?;
-            inputs.push((x, start));
+            let (cos, sin, bias) = self.layer_inputs(&positions, i)?;
+            let input = self.to_layer(&x, i)?;
+            let y = blk.forward(&input, (cos, sin), bias, None, &mut plain)?;
+            inputs.push((input, start));
             x = y;
         }
         let after_forward = plain.dropout_rng;
@@ -132,7 +135,8 @@ impl Llama {
             self.cfg.rms_norm_eps,
         )?;
         let flat = hidden.reshape((b * s, self.cfg.hidden_size))?;
-        let value = loss(&self.project(&flat.index_select(rows, 0)?, ctx)?)?;
+        let picked = flat.index_select(&rows.to_device(flat.device())?, 0)?;
+        let value = loss(&self.project(&picked, ctx)?)?;
         let store = value.backward()?;
         grads.add_store(&self.trainable, &store)?;
         let mut upstream = store.get(top.as_tensor()).cloned();
@@ -161,7 +165,10 @@ impl Llama {
                 dropout_rng: start,
                 ..ctx.without_graph()
             };
-            let y = self.blocks[i].forward(&input, (&cos, &sin), &bias, None, &mut again)?;
+            let (cos, sin, bias) = self.layer_inputs(&positions, i)?;
+            let y = self.blocks[i].forward(&input, (cos, sin), bias, None, &mut again)?;
+            // The gradient of this layer's output comes from the next layer's device.
+            let g = g.to_device(y.device())?;
             let store = (y * g)?.sum_all()?.backward()?;
             grads.add_store(&self.trainable, &store)?;
             if needs_input_grad {
@@ -170,6 +177,7 @@ impl Llama {
         }
         if let (true, Some(g)) = (embed_trained, upstream) {
             let x0 = self.embed_ids(ids, ctx)?;
+            let g = g.to_device(x0.device())?;
             let store = (x0 * g)?.sum_all()?.backward()?;
             grads.add_store(&self.trainable, &store)?;
         }
