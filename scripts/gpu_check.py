@@ -129,6 +129,11 @@ def summary(out, lines):
         print(f"| {r['run']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_gpu_bytes'] / 2**30:.1f} | "
               f"{(plan or 0) / 2**30:.1f} | {err} |")
+    for r in rows:
+        if r.get("check") == "layer-split":
+            print(f"layers split over {r['devices']}: {r['gradients_compared']} gradients, "
+                  f"largest relative difference {r['max_relative_gradient_difference']:.1e} "
+                  f"({'ok' if r['ok'] else 'FAILED'})")
     pairs = [("ours", "peft", ""), ("ours-int4", "peft-nf4", " (4-bit base)")]
     batches = sorted({r["batch"] for r in rows if "run" in r})
     for b, (mine, theirs, what) in ((b, p) for b in batches for p in pairs):

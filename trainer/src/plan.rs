@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use finetune_api::memory::{GIB, MemoryPlan, PlanInput, plan};
-use finetune_api::v1alpha1::FineTuneJobSpec;
+use finetune_api::fit::plan_for;
+use finetune_api::memory::{GIB, MemoryPlan};
+use finetune_api::v1alpha1::{FineTuneJobSpec, Spread};
 use finetune_api::{FineTuneJob, TrainerConfig};
 use serde::Serialize;
 
@@ -41,7 +42,7 @@ pub fn plan_file(path: &Path) -> Result<PlanReport> {
             spec_of_config(&cfg),
         )
     };
-    let plan = plan(&PlanInput::from_spec(&spec));
+    let plan = plan_for(&spec);
     let refusal = finetune_api::fit::check(&spec).err();
     Ok(PlanReport {
         source,
@@ -62,13 +63,32 @@ fn spec_of_config(cfg: &TrainerConfig) -> FineTuneJobSpec {
     spec.hyperparameters.precision = Some(cfg.precision);
     spec.hyperparameters.gradient_checkpointing = Some(cfg.gradient_checkpointing);
     spec.resources.gpus = Some(u32::from(cfg.use_gpu));
+    if let Some(last) = cfg.layer_gpus.iter().max() {
+        spec.resources.gpus = Some(last + 1);
+        spec.resources.spread = Spread::Layers;
+    }
     spec
 }
 
 /// The report as a table: one row per component, the total, the budget and the verdict.
 pub fn table(r: &PlanReport) -> String {
     let gib = |b: u64| b as f64 / GIB as f64;
-    let mut out = format!("memory plan of {} (one device)\n", r.source);
+    let mut out = match r.plan.devices.len() {
+        0 => format!("memory plan of {} (one device)\n", r.source),
+        n => format!(
+            "memory plan of {} (layers split over {n} GPUs; the busiest below)\n",
+            r.source
+        ),
+    };
+    for d in &r.plan.devices {
+        out.push_str(&format!(
+            "  GPU {:<10} {:>9.2} GiB  layers {}-{}\n",
+            d.gpu,
+            gib(d.bytes),
+            d.first_layer,
+            d.end_layer.saturating_sub(1)
+        ));
+    }
     for c in &r.plan.components {
         out.push_str(&format!(
             "  {:<14} {:>9.2} GiB  {}\n",

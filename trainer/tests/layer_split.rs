@@ -157,3 +157,30 @@ fn a_training_run_with_layer_gpus_equals_the_one_device_run() {
     assert!(err.contains("layerGpus"), "{err}");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn the_split_check_command_compares_every_gradient_and_passes() {
+    let (work, model) = common::setup("split-check");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finetune-trainer"))
+        .args(["split-check", "--model"])
+        .arg(&model)
+        .args(["--ids", "1,5,9,13,7,2"])
+        .output()
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{line}");
+    assert_eq!(line["devices"], "cpu+cpu");
+    // Two passes (plain and checkpointed) over every LoRA A and B of 2 layers × 7 modules.
+    assert_eq!(line["gradients_compared"], 2 * 2 * 7 * 2);
+    assert_eq!(line["ok"], true);
+    let one = std::process::Command::new(env!("CARGO_BIN_EXE_finetune-trainer"))
+        .args(["split-check", "--model"])
+        .arg(&model)
+        .args(["--ids", "1"])
+        .output()
+        .unwrap();
+    assert!(!one.status.success());
+    assert!(String::from_utf8_lossy(&one.stderr).contains("--ids"));
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -214,6 +214,21 @@ pub enum Command {
         #[arg(long)]
         gpu: bool,
     },
+    /// One LoRA batch's loss and gradients with the decoder layers split over two devices
+    /// (`cuda:0` and the CPU with --gpu, else the CPU twice) against one device, as JSON
+    /// (`max_relative_gradient_difference`, `ok`); exits 1 past 1e-4: the layer-split check of
+    /// scripts/gpu-check.sh.
+    SplitCheck {
+        /// HF model directory (at least two decoder layers).
+        #[arg(long)]
+        model: PathBuf,
+        /// Token ids, comma-separated (at least two).
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+        /// Put the first half of the layers on the GPU (a CUDA build).
+        #[arg(long)]
+        gpu: bool,
+    },
     /// Classify every row of a labelled CSV or JSONL file with a model (a base, a base + PEFT
     /// adapter, or merged weights), cleaned and templated as in training; writes
     /// evaluation.json and evaluation.md (accuracy, per-class precision/recall/F1, confusion

@@ -95,6 +95,9 @@ pub fn run(command: Command) -> Result<ExitCode> {
             })
         }
         Command::Logits { model, ids, gpu } => logits(&model, ids, gpu),
+        Command::SplitCheck { model, ids, gpu } => {
+            super::split_check::split_check(&model, ids, gpu)
+        }
         Command::Evaluate {
             model,
             adapter,

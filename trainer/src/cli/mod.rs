@@ -5,6 +5,7 @@ mod args;
 mod commands;
 pub mod gang;
 mod launch;
+mod split_check;
 
 pub use args::{Args, Command, HeldOutArgs, Resume, cleaning_from_flags};
 pub use commands::run;
