@@ -100,6 +100,26 @@ impl LayerDevices {
         &self.devices[self.devices.len() - 1]
     }
 
+    /// The split in words (`decoder layers split over 2 GPUs: 0-1 on GPU 0, 2-3 on GPU 1`), or
+    /// `None` when one device holds everything.
+    pub fn describe(&self) -> Option<String> {
+        if !self.is_split() {
+            return None;
+        }
+        let runs: Vec<String> = (0..self.devices.len())
+            .filter_map(|d| {
+                let first = self.layer_device.iter().position(|x| *x == d)?;
+                let last = self.layer_device.iter().rposition(|x| *x == d)?;
+                Some(format!("{first}-{last} on GPU {d}"))
+            })
+            .collect();
+        Some(format!(
+            "decoder layers split over {} GPUs: {}",
+            self.devices.len(),
+            runs.join(", ")
+        ))
+    }
+
     /// The device a weight of the Hugging Face checkpoint goes to, by its name.
     pub fn of_weight(&self, name: &str) -> &Device {
         if let Some(layer) = name
@@ -137,6 +157,11 @@ mod tests {
         assert_eq!(index("model.layers.2.mlp.down_proj.weight"), 1);
         assert_eq!(index("model.norm.weight"), 1);
         assert_eq!(index("lm_head.weight"), 1);
+        assert_eq!(
+            p.describe().unwrap(),
+            "decoder layers split over 2 GPUs: 0-1 on GPU 0, 2-2 on GPU 1"
+        );
+        assert_eq!(LayerDevices::single(&Device::Cpu, 3).describe(), None);
     }
 
     #[test]

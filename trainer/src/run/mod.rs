@@ -233,6 +233,10 @@ pub fn run_job_in(
         },
         TrainableSpec::Frozen => "none".into(),
     };
+    let method = match t.model.placement().describe() {
+        Some(split) => format!("{method}; {split}"),
+        None => method,
+    };
     let report = Report {
         job: t.params.job.clone(),
         status: status.into(),
