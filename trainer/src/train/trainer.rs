@@ -21,6 +21,7 @@ use crate::eval::classify::ClassificationSet;
 use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdict};
 use crate::metrics::{Metrics, Phase};
 use crate::model::linear::ggml_dtype;
+use crate::model::quantized_cache::QuantizedCache;
 use crate::model::weights::{Weights, weight_files};
 use crate::model::{Llama, LlamaConfig, TrainableSpec};
 use crate::optim::{AdamW, AdamWParams, Schedule};
@@ -199,8 +200,26 @@ impl Trainer {
             TrainableSpec::Lora(lora) => ggml_dtype(lora.base_quantization),
             _ => None,
         };
-        let weights =
-            Weights::load_quantizing(&weight_files(&params.model_dir)?, dtype, &device, quantize)?;
+        let files = weight_files(&params.model_dir)?;
+        let weights = match (quantize, &params.quantized_cache_dir) {
+            (Some(format), Some(dir)) => {
+                let cache = QuantizedCache {
+                    dir: dir.clone(),
+                    model_commit: params.run.model_commit.clone(),
+                };
+                let started = std::time::Instant::now();
+                let (weights, outcome) =
+                    Weights::load_quantizing_cached(&files, dtype, &device, format, &cache)?;
+                tracing::info!(
+                    %outcome,
+                    dir = %dir.display(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "quantized base loaded"
+                );
+                weights
+            }
+            _ => Weights::load_quantizing(&files, dtype, &device, quantize)?,
+        };
         let model = Llama::from_weights(&cfg, weights, &params.method, params.seed, &device)?;
         tracing::info!(
             trainable = model.trainable_count(),
