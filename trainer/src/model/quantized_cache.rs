@@ -410,7 +410,14 @@ impl QuantizedCache {
 fn read_manifest(path: &Path) -> std::result::Result<Option<Manifest>, CacheProblem> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
         Err(e) => {
             return Err(CacheProblem::Corrupt(format!("{}: {e}", path.display())));
         }
