@@ -416,8 +416,11 @@ mod cache {
         let _ = std::fs::remove_dir_all(&work);
     }
 
-    /// Damages of a written cache, each with what the rebuild reports.
-    fn damages() -> Vec<(&'static str, Box<dyn Fn(&QuantizedCache)>)> {
+    /// Damages a written cache.
+    type Damage = Box<dyn Fn(&QuantizedCache)>;
+
+    /// Damages of a written cache, each named.
+    fn damages() -> Vec<(&'static str, Damage)> {
         let gguf = |c: &QuantizedCache| c.dir.join(GGUF_FILE);
         let manifest = |c: &QuantizedCache| c.dir.join(MANIFEST_FILE);
         vec![
