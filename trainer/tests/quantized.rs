@@ -602,6 +602,57 @@ mod cache {
         let _ = std::fs::remove_dir_all(&work);
     }
 
+    /// Load times of a larger synthetic base (hidden 2048, MLP 5632, `QCACHE_BENCH_LAYERS`
+    /// layers, default 4: 51 M projection weights a layer) without the cache, on a miss (quantize
+    /// and write) and on a hit: `cargo test -p finetune-trainer --test quantized -- --ignored
+    /// --nocapture load_times`.
+    #[test]
+    #[ignore = "a timing, not a check: run by hand"]
+    fn load_times_of_a_larger_base() {
+        let layers = std::env::var("QCACHE_BENCH_LAYERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        let mut cfg = common::small_config(64, 16);
+        cfg.hidden_size = 2048;
+        cfg.intermediate_size = 5632;
+        cfg.num_attention_heads = 16;
+        cfg.num_hidden_layers = layers;
+        let work = std::env::temp_dir().join(format!("qcache-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let model = work.join("model");
+        let w = finetune_trainer::model::tiny::init_weights(&cfg, 1, &Device::Cpu).unwrap();
+        finetune_trainer::model::tiny::write_hf_model(&model, &cfg, &w).unwrap();
+        drop(w);
+        let files = weight_files(&model).unwrap();
+        let megabytes = |p: &Path| std::fs::metadata(p).unwrap().len() as f64 / 1e6;
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let cache = cache_in(&work, "");
+            let _ = std::fs::remove_dir_all(&cache.dir);
+            let timed = |f: &dyn Fn() -> Option<CacheOutcome>| {
+                let started = std::time::Instant::now();
+                let outcome = f();
+                (started.elapsed().as_secs_f64(), outcome)
+            };
+            let (plain, _) = timed(&|| {
+                fresh(&files, format);
+                None
+            });
+            let (miss, o) = timed(&|| Some(load(&files, format, &cache).1));
+            assert_eq!(o, Some(CacheOutcome::Miss { written: true }));
+            let (hit, o) = timed(&|| Some(load(&files, format, &cache).1));
+            assert_eq!(o, Some(CacheOutcome::Hit));
+            eprintln!(
+                "{layers} layers, {:.0} MB f32 safetensors, {format:?} cache {:.0} MB: \
+                 quantizing load without cache {plain:.2} s, miss (quantize + write) {miss:.2} s, \
+                 hit {hit:.2} s",
+                megabytes(&files[0]),
+                megabytes(&cache.dir.join(GGUF_FILE)),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
     /// Every file under `dir`, recursively.
     fn files_under(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
