@@ -93,8 +93,8 @@ impl Weights {
 
     /// Loads every tensor of the given files, converted to `dtype` on `device`; with `quantize`,
     /// the projection weights ([`is_projection_weight`]) are quantized to that format instead,
-    /// one tensor at a time on the host, so neither the host (one tensor at a time) nor the
-    /// device ever holds the dense projections.
+    /// on the host as they are read: the host holds one tensor at a time, and the device never
+    /// holds a dense projection.
     pub fn load_quantizing(
         files: &[PathBuf],
         dtype: DType,
@@ -115,8 +115,9 @@ impl Weights {
     /// [`Self::load_quantizing`] to `format` through the quantized base cache: on a hit the
     /// projections come from the cache and only the other tensors are read from the shards (the
     /// projections' bytes are not read, nothing is quantized); otherwise the base is quantized
-    /// while loading and the cache written as it goes (a failed write is a warning). A cache
-    /// that is stale or does not verify is a warning too: it is removed and rebuilt.
+    /// while loading and the cache written as it goes, one quantized projection on the host at a
+    /// time (a failed write is a warning). A cache that is stale or does not verify is a
+    /// warning too: it is removed and rebuilt.
     pub fn load_quantizing_cached(
         files: &[PathBuf],
         dtype: DType,
@@ -174,9 +175,11 @@ impl Weights {
         device: &Device,
         mut projections: Projections<'_>,
     ) -> Result<Self> {
+        // With a quantized base every tensor goes through the host, on a hit as on a miss, so
+        // both convert the dense tensors alike.
         let load_on = match projections {
-            Projections::Quantize { .. } => &Device::Cpu,
-            Projections::Dense | Projections::Skip => device,
+            Projections::Quantize { .. } | Projections::Skip => &Device::Cpu,
+            Projections::Dense => device,
         };
         let skip_projections = matches!(projections, Projections::Skip);
         let mut map = HashMap::new();
