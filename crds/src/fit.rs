@@ -229,13 +229,24 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
     }
     let weights = p.component("weights");
     if weights > input.budget_bytes {
-        let four_bit = match &input.method {
-            PlannedMethod::Lora { base, .. } if base.smaller().is_empty() => "",
-            _ => ", or LoRA over a 4-bit base (method.lora.baseQuantization: int4)",
+        // Only formats smaller than the base's current one (full fine-tuning keeps it dense).
+        let base = match &input.method {
+            PlannedMethod::Lora { base, .. } => *base,
+            PlannedMethod::Full { .. } => BaseQuantization::None,
+        };
+        let smaller: Vec<String> = base
+            .smaller()
+            .iter()
+            .map(|q| format!("method.lora.baseQuantization: {}", q.name()))
+            .collect();
+        let quantize = if smaller.is_empty() {
+            String::new()
+        } else {
+            format!(", or LoRA over a smaller base ({})", smaller.join(" or "))
         };
         options.push(format!(
             "the base weights alone are {:.1} GiB: a GPU with more memory (gpuMemoryGiB), the \
-             layers split over more GPUs{four_bit}",
+             layers split over more GPUs{quantize}",
             gib(weights)
         ));
     }
@@ -412,6 +423,30 @@ mod tests {
         let int4 = quantized(int8.clone(), BaseQuantization::Int4, 80);
         let dense = quantized(int8.clone(), BaseQuantization::None, 80);
         assert!(gib(&int4) < gib(&int8) && gib(&int8) < gib(&dense));
+    }
+
+    #[test]
+    fn a_refusal_offers_only_base_formats_smaller_than_the_current_one() {
+        // 70B: its weights alone exceed a 24 GB GPU in every format.
+        let offered = |q: BaseQuantization| {
+            let s = quantized(spec(ModelPreset::Llama2_70b, MethodType::Lora, 1), q, 24);
+            let msg = check(&s).unwrap_err();
+            assert!(msg.contains("the base weights alone are"), "{msg}");
+            ["int8", "int4"]
+                .into_iter()
+                .filter(|f| msg.contains(&format!("method.lora.baseQuantization: {f}")))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(offered(BaseQuantization::None), ["int8", "int4"]);
+        assert_eq!(offered(BaseQuantization::Int8), ["int4"]);
+        assert!(offered(BaseQuantization::Int4).is_empty());
+        // Full fine-tuning is offered LoRA over a smaller base.
+        let full = check(&spec(ModelPreset::Llama2_70b, MethodType::Full, 1)).unwrap_err();
+        assert!(full.contains("baseQuantization: int4"), "{full}");
+        assert_eq!(
+            BaseQuantization::None.smaller(),
+            [BaseQuantization::Int8, BaseQuantization::Int4]
+        );
     }
 
     #[test]

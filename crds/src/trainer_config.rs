@@ -91,6 +91,11 @@ pub struct TrainerPaths {
     pub test_set_file: Option<String>,
     /// Checkpoint directory (on the checkpoint volume).
     pub checkpoint_dir: String,
+    /// Directory of the quantized base cache (LoRA over a quantized base), on the checkpoint
+    /// volume and shared by the job's attempts, so a restarted pod does not quantize the base
+    /// again; absent: no cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized_cache_dir: Option<String>,
     /// Output directory (adapter, merged weights, report).
     pub output_dir: String,
     /// File whose contents become the container's termination message (a summary < 4 KiB).

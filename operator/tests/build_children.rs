@@ -580,6 +580,11 @@ fn config_map_carries_the_trainer_configuration() {
         format!("/var/lib/finetune/checkpoints/checkpoints/{uid}")
     );
     assert_eq!(cfg.job_uid, uid);
+    // The quantized base cache sits beside the jobs' checkpoint folders (kept across attempts).
+    assert_eq!(
+        cfg.paths.quantized_cache_dir.as_deref(),
+        Some("/var/lib/finetune/checkpoints/quantized-base")
+    );
     assert_eq!(cfg.paths.output_dir, "/var/lib/finetune/checkpoints/output");
     assert_eq!(
         (cfg.hyperparameters.epochs, cfg.hyperparameters.max_steps),

@@ -152,6 +152,7 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         layer_gpus: c.layer_gpus.iter().map(|g| *g as usize).collect(),
         eval,
         checkpoint_dir: PathBuf::from(&c.paths.checkpoint_dir),
+        quantized_cache_dir: c.paths.quantized_cache_dir.as_ref().map(PathBuf::from),
         checkpoint_interval: c.checkpoints.interval_steps as usize,
         keep_last: c.checkpoints.keep_last as usize,
         keep_best: c.checkpoints.keep_best,

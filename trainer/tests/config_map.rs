@@ -59,6 +59,23 @@ fn demo_config_maps_onto_params() {
         (p.checkpoint_interval, p.keep_last, p.keep_best),
         (100, 2, true)
     );
+    // No quantized base cache unless the paths name one (the demo's file has none).
+    assert_eq!(p.quantized_cache_dir, None);
+    let mut cached = c.clone();
+    cached.paths.quantized_cache_dir = Some("/ckpt/quantized-base".into());
+    let yaml = serde_yaml::to_string(&cached).unwrap();
+    assert!(
+        yaml.contains("quantizedCacheDir: /ckpt/quantized-base"),
+        "{yaml}"
+    );
+    let reread: finetune_api::TrainerConfig = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        finetune_trainer::config::to_params(&reread)
+            .unwrap()
+            .quantized_cache_dir
+            .as_deref(),
+        Some(std::path::Path::new("/ckpt/quantized-base"))
+    );
     // LoRA on the last layer only, with PEFT module names.
     let mut c2 = c.clone();
     c2.method.method_type = finetune_api::MethodType::Lora;

@@ -330,6 +330,7 @@ spec:
         retention_file: None,
         test_set_file: None,
         checkpoint_dir: root.join("checkpoints/c").display().to_string(),
+        quantized_cache_dir: None,
         output_dir: root.join("checkpoints/out").display().to_string(),
         termination_message_file: root.join("termination-log").display().to_string(),
     };

@@ -259,3 +259,464 @@ fn loading_quantizes_the_projections_one_tensor_at_a_time_and_equals_quantizing_
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- The quantized base cache (issue 18 item 3) ----
+
+mod cache {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use finetune_trainer::model::quantized_cache::{
+        CacheOutcome, CacheProblem, GGUF_FILE, MANIFEST_FILE, QuantizedCache, planned_projections,
+    };
+    use finetune_trainer::model::shard::Shard;
+    use finetune_trainer::model::weights::{Weights, weight_files};
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    /// A work directory with the quantizable test model written as two shards and an index
+    /// (layer 0 and the embeddings in the first, the rest in the second).
+    fn sharded_model(name: &str, seed: u64) -> (PathBuf, Vec<PathBuf>) {
+        let work = std::env::temp_dir().join(format!("qcache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let model = work.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        write_shards(
+            &model,
+            &common::random_weights(&quant_config(), seed),
+            DType::F32,
+        );
+        (work.clone(), weight_files(&model).unwrap())
+    }
+
+    fn write_shards(model: &Path, w: &HashMap<String, Tensor>, dtype: DType) {
+        let (first, second): (HashMap<_, _>, HashMap<_, _>) = w
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap()))
+            .partition(|(k, _)| k.starts_with("model.layers.0.") || k.contains("embed"));
+        let mut weight_map = serde_json::Map::new();
+        for (file, part) in [("a.safetensors", &first), ("b.safetensors", &second)] {
+            candle_core::safetensors::save(part, model.join(file)).unwrap();
+            for k in part.keys() {
+                weight_map.insert(k.clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({ "weight_map": weight_map });
+        std::fs::write(
+            model.join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+    }
+
+    fn cache_in(work: &Path, commit: &str) -> QuantizedCache {
+        QuantizedCache {
+            dir: work.join("quantized-base"),
+            model_commit: commit.into(),
+        }
+    }
+
+    fn load(
+        files: &[PathBuf],
+        format: GgmlDType,
+        cache: &QuantizedCache,
+    ) -> (Weights, CacheOutcome) {
+        Weights::load_quantizing_cached(files, DType::F32, &Device::Cpu, format, cache).unwrap()
+    }
+
+    fn fresh(files: &[PathBuf], format: GgmlDType) -> Weights {
+        Weights::load_quantizing(files, DType::F32, &Device::Cpu, Some(format)).unwrap()
+    }
+
+    /// Asserts that two loads hold the same tensors: every projection quantized to `format`
+    /// with the same bytes, every other tensor equal.
+    fn assert_same_weights(files: &[PathBuf], format: GgmlDType, mut a: Weights, mut b: Weights) {
+        let shards: Vec<Shard> = files.iter().map(|f| Shard::open(f).unwrap()).collect();
+        let planned = planned_projections(&shards);
+        // 2 layers × 7 projections.
+        assert_eq!(planned.len(), 14);
+        for p in &planned {
+            let qa = a.take_quantized(&p.name, &p.shape).unwrap().unwrap();
+            let qb = b.take_quantized(&p.name, &p.shape).unwrap().unwrap();
+            assert_eq!((qa.dtype(), qb.dtype()), (format, format), "{}", p.name);
+            assert!(
+                qa.data().unwrap() == qb.data().unwrap(),
+                "{} differs",
+                p.name
+            );
+        }
+        for info in shards.iter().flat_map(|s| s.header.tensors.iter()) {
+            if planned.iter().any(|p| p.name == info.name) {
+                continue;
+            }
+            let ta = a.take(&info.name, &info.shape).unwrap();
+            let tb = b.take(&info.name, &info.shape).unwrap();
+            assert_eq!(common::max_abs_diff(&ta, &tb), 0.0, "{}", info.name);
+        }
+        assert!(a.remaining().is_empty() && b.remaining().is_empty());
+    }
+
+    fn cache_files(cache: &QuantizedCache) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&cache.dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_first_load_writes_the_cache_and_the_second_uses_it_without_quantizing() {
+        let (work, files) = sharded_model("hit", 11);
+        let cache = cache_in(&work, "0123456789abcdef0123456789abcdef01234567");
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let _ = std::fs::remove_dir_all(&cache.dir);
+            let started = std::time::Instant::now();
+            let (first, outcome) = load(&files, format, &cache);
+            let miss = started.elapsed();
+            assert_eq!(outcome, CacheOutcome::Miss { written: true });
+            assert_eq!(cache_files(&cache), [GGUF_FILE, MANIFEST_FILE]);
+            assert_same_weights(&files, format, first, fresh(&files, format));
+            let started = std::time::Instant::now();
+            let (second, outcome) = load(&files, format, &cache);
+            let hit = started.elapsed();
+            assert_eq!(outcome, CacheOutcome::Hit);
+            // The cached projections are bit for bit those quantized from the shards.
+            assert_same_weights(&files, format, second, fresh(&files, format));
+            eprintln!("{format:?}: quantizing load {miss:?}, cache hit {hit:?}");
+        }
+        // A hit does not read the projections from the shards: with the bytes of one projection
+        // changed in place (same header, same commit), the cache's are still loaded, while the
+        // shards' other tensors are read.
+        let shard = Shard::open(&files[0]).unwrap();
+        let info = shard
+            .header
+            .tensors
+            .iter()
+            .find(|t| t.name == "model.layers.0.mlp.up_proj.weight")
+            .unwrap();
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        let at = 8 + shard.header.header_len + info.data_offsets.0;
+        bytes[at..at + 64].fill(0);
+        std::fs::write(&files[0], &bytes).unwrap();
+        let (mut cached, outcome) = load(&files, GgmlDType::Q4_0, &cache);
+        assert_eq!(outcome, CacheOutcome::Hit);
+        let mut requantized = fresh(&files, GgmlDType::Q4_0);
+        let from_cache = cached
+            .take_quantized(&info.name, &[64, 32])
+            .unwrap()
+            .unwrap();
+        let from_shard = requantized
+            .take_quantized(&info.name, &[64, 32])
+            .unwrap()
+            .unwrap();
+        assert!(from_cache.data().unwrap() != from_shard.data().unwrap());
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    /// Damages a written cache.
+    type Damage = Box<dyn Fn(&QuantizedCache)>;
+
+    /// Damages of a written cache, each named.
+    fn damages() -> Vec<(&'static str, Damage)> {
+        let gguf = |c: &QuantizedCache| c.dir.join(GGUF_FILE);
+        let manifest = |c: &QuantizedCache| c.dir.join(MANIFEST_FILE);
+        vec![
+            (
+                "a byte flipped in the middle",
+                Box::new(move |c| {
+                    let mut b = std::fs::read(gguf(c)).unwrap();
+                    let mid = b.len() / 2;
+                    b[mid] ^= 0x10;
+                    std::fs::write(gguf(c), b).unwrap();
+                }),
+            ),
+            (
+                "a byte flipped in the header",
+                Box::new(move |c| {
+                    let mut b = std::fs::read(gguf(c)).unwrap();
+                    b[100] ^= 0x01;
+                    std::fs::write(gguf(c), b).unwrap();
+                }),
+            ),
+            (
+                "a byte flipped in the last tensor's padding",
+                Box::new(move |c| {
+                    let mut b = std::fs::read(gguf(c)).unwrap();
+                    let last = b.len() - 1;
+                    b[last] ^= 0x80;
+                    std::fs::write(gguf(c), b).unwrap();
+                }),
+            ),
+            (
+                "truncated to half",
+                Box::new(move |c| {
+                    let b = std::fs::read(gguf(c)).unwrap();
+                    std::fs::write(gguf(c), &b[..b.len() / 2]).unwrap();
+                }),
+            ),
+            (
+                "truncated with the manifest's size (SHA-256 only)",
+                Box::new(move |c| {
+                    let b = std::fs::read(gguf(c)).unwrap();
+                    let mut m: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(manifest(c)).unwrap()).unwrap();
+                    let cut = b.len() - 100;
+                    m["gguf_bytes"] = cut.into();
+                    std::fs::write(manifest(c), m.to_string()).unwrap();
+                    std::fs::write(gguf(c), &b[..cut]).unwrap();
+                }),
+            ),
+            (
+                "no manifest (the write was killed before it)",
+                Box::new(move |c| std::fs::remove_file(manifest(c)).unwrap()),
+            ),
+            (
+                "a manifest that is not JSON",
+                Box::new(move |c| std::fs::write(manifest(c), "{\"key\": ").unwrap()),
+            ),
+            (
+                "an empty GGUF",
+                Box::new(move |c| std::fs::write(gguf(c), b"").unwrap()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_corrupt_cache_is_detected_removed_and_rebuilt_equal_to_a_fresh_quantization() {
+        let (work, files) = sharded_model("corrupt", 12);
+        let cache = cache_in(&work, "");
+        let format = GgmlDType::Q8_0;
+        assert_eq!(
+            load(&files, format, &cache).1,
+            CacheOutcome::Miss { written: true }
+        );
+        let pristine = std::fs::read(cache.dir.join(GGUF_FILE)).unwrap();
+        for (what, damage) in damages() {
+            damage(&cache);
+            let (rebuilt, outcome) = load(&files, format, &cache);
+            let CacheOutcome::Rebuilt {
+                problem: CacheProblem::Corrupt(why),
+                written: true,
+            } = &outcome
+            else {
+                panic!("{what}: {outcome:?}");
+            };
+            eprintln!("{what}: {why}");
+            assert_same_weights(&files, format, rebuilt, fresh(&files, format));
+            // The rebuilt cache is the same file, and it is used next time.
+            assert!(
+                std::fs::read(cache.dir.join(GGUF_FILE)).unwrap() == pristine,
+                "{what}"
+            );
+            assert_eq!(load(&files, format, &cache).1, CacheOutcome::Hit, "{what}");
+        }
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    #[test]
+    fn another_format_commit_or_weight_file_does_not_reuse_the_cache() {
+        let (work, files) = sharded_model("stale", 13);
+        let commit = "1111111111111111111111111111111111111111";
+        let first = cache_in(&work, commit);
+        assert_eq!(
+            load(&files, GgmlDType::Q8_0, &first).1,
+            CacheOutcome::Miss { written: true }
+        );
+        let stale = |outcome: CacheOutcome, why: &str| match outcome {
+            CacheOutcome::Rebuilt {
+                problem: CacheProblem::Stale(reason),
+                written: true,
+            } => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{other:?}"),
+        };
+        // int4 after int8: rebuilt in Q4_0, equal to a fresh int4 quantization.
+        let (q4, outcome) = load(&files, GgmlDType::Q4_0, &first);
+        stale(outcome, "format Q8_0 (now Q4_0)");
+        assert_same_weights(&files, GgmlDType::Q4_0, q4, fresh(&files, GgmlDType::Q4_0));
+        // Another commit of the model.
+        let moved = cache_in(&work, "2222222222222222222222222222222222222222");
+        stale(load(&files, GgmlDType::Q4_0, &moved).1, "model commit");
+        assert_eq!(load(&files, GgmlDType::Q4_0, &moved).1, CacheOutcome::Hit);
+        // Other weight files under the same commit (here re-saved in bf16: other headers).
+        let model = files[0].parent().unwrap();
+        write_shards(
+            model,
+            &common::random_weights(&quant_config(), 14),
+            DType::BF16,
+        );
+        let (changed, outcome) = load(&files, GgmlDType::Q4_0, &moved);
+        stale(outcome, "weight files differ");
+        assert_same_weights(
+            &files,
+            GgmlDType::Q4_0,
+            changed,
+            fresh(&files, GgmlDType::Q4_0),
+        );
+        // Only the current cache is kept.
+        assert_eq!(cache_files(&moved), [GGUF_FILE, MANIFEST_FILE]);
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    #[test]
+    fn a_killed_writers_stale_temporary_file_is_removed_and_a_live_ones_is_not() {
+        let (work, files) = sharded_model("temporary", 15);
+        let cache = cache_in(&work, "");
+        std::fs::create_dir_all(&cache.dir).unwrap();
+        let old = cache.dir.join(format!("{GGUF_FILE}.tmp-7-1"));
+        let live = cache.dir.join(format!("{GGUF_FILE}.tmp-8-2"));
+        for f in [&old, &live] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        assert_eq!(
+            load(&files, GgmlDType::Q4_0, &cache).1,
+            CacheOutcome::Miss { written: true }
+        );
+        assert!(!old.exists() && live.exists());
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    #[test]
+    fn an_unwritable_cache_directory_is_a_miss_not_a_failure() {
+        let (work, files) = sharded_model("unwritable", 16);
+        // The cache "directory" is a file: nothing can be created in it.
+        let cache = cache_in(&work, "");
+        std::fs::write(&cache.dir, b"not a directory").unwrap();
+        let (weights, outcome) = load(&files, GgmlDType::Q8_0, &cache);
+        assert_eq!(outcome, CacheOutcome::Miss { written: false });
+        assert_same_weights(
+            &files,
+            GgmlDType::Q8_0,
+            weights,
+            fresh(&files, GgmlDType::Q8_0),
+        );
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    /// Load times of a larger synthetic base (hidden 2048, MLP 5632, `QCACHE_BENCH_LAYERS`
+    /// layers, default 4: 51 M projection weights a layer) without the cache, on a miss (quantize
+    /// and write) and on a hit: `cargo test -p finetune-trainer --test quantized -- --ignored
+    /// --nocapture load_times`.
+    #[test]
+    #[ignore = "a timing, not a check: run by hand"]
+    fn load_times_of_a_larger_base() {
+        let layers = std::env::var("QCACHE_BENCH_LAYERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        let mut cfg = common::small_config(64, 16);
+        cfg.hidden_size = 2048;
+        cfg.intermediate_size = 5632;
+        cfg.num_attention_heads = 16;
+        cfg.num_hidden_layers = layers;
+        let work = std::env::temp_dir().join(format!("qcache-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let model = work.join("model");
+        let w = finetune_trainer::model::tiny::init_weights(&cfg, 1, &Device::Cpu).unwrap();
+        finetune_trainer::model::tiny::write_hf_model(&model, &cfg, &w).unwrap();
+        drop(w);
+        let files = weight_files(&model).unwrap();
+        let megabytes = |p: &Path| std::fs::metadata(p).unwrap().len() as f64 / 1e6;
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let cache = cache_in(&work, "");
+            let _ = std::fs::remove_dir_all(&cache.dir);
+            let timed = |f: &dyn Fn() -> Option<CacheOutcome>| {
+                let started = std::time::Instant::now();
+                let outcome = f();
+                (started.elapsed().as_secs_f64(), outcome)
+            };
+            let (plain, _) = timed(&|| {
+                fresh(&files, format);
+                None
+            });
+            let (miss, o) = timed(&|| Some(load(&files, format, &cache).1));
+            assert_eq!(o, Some(CacheOutcome::Miss { written: true }));
+            let (hit, o) = timed(&|| Some(load(&files, format, &cache).1));
+            assert_eq!(o, Some(CacheOutcome::Hit));
+            eprintln!(
+                "{layers} layers, {:.0} MB f32 safetensors, {format:?} cache {:.0} MB: \
+                 quantizing load without cache {plain:.2} s, miss (quantize + write) {miss:.2} s, \
+                 hit {hit:.2} s",
+                megabytes(&files[0]),
+                megabytes(&cache.dir.join(GGUF_FILE)),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    /// Every file under `dir`, recursively.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_trainer_writes_the_cache_only_where_its_paths_name_a_cache_directory() {
+        let work = std::env::temp_dir().join(format!("qcache-trainer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let mut cfg = common::small_config(64, 2);
+        cfg.intermediate_size = 64;
+        let model = work.join("model");
+        finetune_trainer::model::tiny::write_hf_model(
+            &model,
+            &cfg,
+            &common::random_weights(&cfg, 17),
+        )
+        .unwrap();
+        let cached = |run: &str| work.join(run).join("quantized-base");
+        for (run, cache_dir) in [("none", None), ("cached", Some(cached("cached")))] {
+            let mut p = common::params(&work, &model, run, lora(BaseQuantization::Int8));
+            p.quantized_cache_dir = cache_dir;
+            finetune_trainer::train::Trainer::new(p, false, None).unwrap();
+        }
+        let mut written: Vec<PathBuf> = files_under(&work)
+            .into_iter()
+            .filter(|f| {
+                let name = f.file_name().unwrap().to_string_lossy();
+                name.contains(GGUF_FILE) || name.contains(MANIFEST_FILE)
+            })
+            .collect();
+        written.sort();
+        assert_eq!(
+            written,
+            [
+                cached("cached").join(GGUF_FILE),
+                cached("cached").join(MANIFEST_FILE)
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&work);
+    }
+}
+
+#[test]
+fn the_api_block_sizes_are_candles_ggml_sizes() {
+    assert_eq!(BaseQuantization::None.block(), None);
+    assert_eq!(ggml_dtype(BaseQuantization::None), None);
+    for format in FORMATS {
+        let ggml = ggml_dtype(format).unwrap();
+        assert_eq!(
+            format.block(),
+            Some((ggml.block_size() as u64, ggml.type_size() as u64)),
+            "{format:?} is {ggml:?}"
+        );
+    }
+    assert_eq!(BaseQuantization::Int8.block(), Some((32, 34)));
+    assert_eq!(BaseQuantization::Int4.block(), Some((32, 18)));
+}

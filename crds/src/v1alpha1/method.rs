@@ -118,21 +118,22 @@ impl BaseQuantization {
         }
     }
 
+    /// The formats that store the base in fewer bytes than this one, largest first (what a fit
+    /// refusal may offer).
+    pub fn smaller(&self) -> &'static [BaseQuantization] {
+        match self {
+            BaseQuantization::None => &[BaseQuantization::Int8, BaseQuantization::Int4],
+            BaseQuantization::Int8 => &[BaseQuantization::Int4],
+            BaseQuantization::Int4 => &[],
+        }
+    }
+
     /// Weights per block and bytes per block of the format (`None` for the model's dtype).
     pub fn block(&self) -> Option<(u64, u64)> {
         match self {
             BaseQuantization::None => None,
             BaseQuantization::Int8 => Some((32, 34)),
             BaseQuantization::Int4 => Some((32, 18)),
-        }
-    }
-
-    /// The formats that store the base in fewer bytes than this one, largest first.
-    pub fn smaller(&self) -> &'static [BaseQuantization] {
-        match self {
-            BaseQuantization::None => &[BaseQuantization::Int8, BaseQuantization::Int4],
-            BaseQuantization::Int8 => &[BaseQuantization::Int4],
-            BaseQuantization::Int4 => &[],
         }
     }
 }

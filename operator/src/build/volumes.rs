@@ -457,6 +457,9 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
         // One directory per job UID: a job re-created with the same name on a retained or
         // shared claim starts afresh beside the old job's checkpoints instead of resuming them.
         checkpoint_dir: format!("{ckpt_dir}/checkpoints/{}", super::job_uid(job)?),
+        // Beside the jobs' checkpoint folders: kept across attempts (the model volume is
+        // read-only), keyed by the model revision and format, so one claim keeps one cache.
+        quantized_cache_dir: Some(format!("{ckpt_dir}/quantized-base")),
         output_dir,
         termination_message_file: "/dev/termination-log".into(),
     };

@@ -1,7 +1,9 @@
 //! Loading HF safetensors weights (single file or sharded with an index) as plain tensors.
 //!
-//! The files are read into memory with safe code and converted to the requested dtype; tensors are
-//! never created implicitly: a missing or misshapen weight is an error naming the tensor.
+//! Each file's header is validated, then its tensors are read one at a time with safe code and
+//! converted to the requested dtype; tensors are never created implicitly: a missing or
+//! misshapen weight is an error naming the tensor. With a quantized base, the projections are
+//! quantized while loading, or read from the quantized base cache ([`super::quantized_cache`]).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -9,6 +11,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::quantized_cache::{
+    CacheKey, CacheOutcome, CacheWriter, Lookup, QuantizedCache, onto_device, planned_projections,
+};
+use super::shard::Shard;
 use crate::{Result, TrainerError};
 
 /// A set of named tensors taken from safetensors files.
@@ -87,48 +93,118 @@ impl Weights {
 
     /// Loads every tensor of the given files, converted to `dtype` on `device`; with `quantize`,
     /// the projection weights ([`is_projection_weight`]) are quantized to that format instead,
-    /// one tensor at a time on the host, so neither the host (one shard at a time) nor the device
-    /// ever holds the dense projections.
+    /// on the host as they are read: the host holds one tensor at a time, and the device never
+    /// holds a dense projection.
     pub fn load_quantizing(
         files: &[PathBuf],
         dtype: DType,
         device: &Device,
         quantize: Option<GgmlDType>,
     ) -> Result<Self> {
+        let shards = open_shards(files)?;
+        let projections = match quantize {
+            Some(format) => Projections::Quantize {
+                format,
+                cache: &mut None,
+            },
+            None => Projections::Dense,
+        };
+        Self::load_shards(&shards, dtype, device, projections)
+    }
+
+    /// [`Self::load_quantizing`] to `format` through the quantized base cache: on a hit the
+    /// projections come from the cache and only the other tensors are read from the shards (the
+    /// projections' bytes are not read, nothing is quantized); otherwise the base is quantized
+    /// while loading and the cache written as it goes, one quantized projection on the host at a
+    /// time (a failed write is a warning). A cache that is stale or does not verify is a
+    /// warning too: it is removed and rebuilt.
+    pub fn load_quantizing_cached(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        format: GgmlDType,
+        cache: &QuantizedCache,
+    ) -> Result<(Self, CacheOutcome)> {
+        let shards = open_shards(files)?;
+        let planned = planned_projections(&shards);
+        let key = CacheKey::new(format, &cache.model_commit, &shards);
+        let problem = match cache.lookup(&key, &planned, format, device) {
+            Lookup::Hit(quantized) => {
+                let mut weights = Self::load_shards(&shards, dtype, device, Projections::Skip)?;
+                weights.quantized = quantized;
+                return Ok((weights, CacheOutcome::Hit));
+            }
+            Lookup::Absent => None,
+            Lookup::Unusable(problem) => {
+                tracing::warn!(
+                    dir = %cache.dir.display(),
+                    %problem,
+                    "the quantized base cache cannot be used: removing it and quantizing again"
+                );
+                cache.remove();
+                Some(problem)
+            }
+        };
+        let mut writer = cache
+            .writer(&key, &planned, format)
+            .map_err(|e| warn_cache_write(cache, &e))
+            .ok();
+        let weights = Self::load_shards(
+            &shards,
+            dtype,
+            device,
+            Projections::Quantize {
+                format,
+                cache: &mut writer,
+            },
+        )?;
+        let written =
+            writer.is_some_and(|w| w.finish().map_err(|e| warn_cache_write(cache, &e)).is_ok());
+        let outcome = match problem {
+            None => CacheOutcome::Miss { written },
+            Some(problem) => CacheOutcome::Rebuilt { problem, written },
+        };
+        Ok((weights, outcome))
+    }
+
+    /// Reads the shards tensor by tensor: the projections as `projections` says, every other
+    /// tensor converted to `dtype` on `device`.
+    fn load_shards(
+        shards: &[Shard],
+        dtype: DType,
+        device: &Device,
+        mut projections: Projections<'_>,
+    ) -> Result<Self> {
+        // With a quantized base every tensor goes through the host, on a hit as on a miss, so
+        // both convert the dense tensors alike.
+        let load_on = match projections {
+            Projections::Quantize { .. } | Projections::Skip => &Device::Cpu,
+            Projections::Dense => device,
+        };
+        let skip_projections = matches!(projections, Projections::Skip);
         let mut map = HashMap::new();
         let mut quantized = HashMap::new();
-        for f in files {
-            let bytes = std::fs::read(f).map_err(|e| TrainerError::io(f, e))?;
-            finetune_formats::safetensors::validate(
-                &f.display().to_string(),
-                &bytes,
-                bytes.len() as u64,
+        for shard in shards {
+            shard.for_each_tensor(
+                load_on,
+                |info| !(skip_projections && is_projection_weight(&info.name)),
+                |info, t| {
+                    if let Projections::Quantize { format, cache } = &mut projections
+                        && is_projection_weight(&info.name)
+                    {
+                        let q = quantize_projection(&info.name, &t, *format, device, cache)?;
+                        quantized.insert(info.name.clone(), Arc::new(q));
+                        return Ok(());
+                    }
+                    let t = if t.dtype() == dtype {
+                        t
+                    } else {
+                        t.to_dtype(dtype)?
+                    };
+                    map.insert(info.name.clone(), t.to_device(device)?);
+                    Ok(())
+                },
             )?;
-            let load_on = if quantize.is_some() {
-                &Device::Cpu
-            } else {
-                device
-            };
-            let tensors = candle_core::safetensors::load_buffer(&bytes, load_on)?;
-            drop(bytes);
-            for (name, t) in tensors {
-                if let Some(format) = quantize.filter(|_| is_projection_weight(&name)) {
-                    let q = QTensor::quantize_onto(&t, format, device).map_err(|e| {
-                        TrainerError::Weight {
-                            name: name.clone(),
-                            reason: format!("cannot be quantized to {format:?}: {e}"),
-                        }
-                    })?;
-                    quantized.insert(name, Arc::new(q));
-                    continue;
-                }
-                let t = if t.dtype() == dtype {
-                    t
-                } else {
-                    t.to_dtype(dtype)?
-                };
-                map.insert(name, t.to_device(device)?);
-            }
         }
         Ok(Self { map, quantized })
     }
@@ -192,4 +268,54 @@ impl Weights {
         v.sort();
         v
     }
+}
+
+/// What [`Weights::load_shards`] does with the projection weights.
+enum Projections<'a> {
+    /// Loads them like every other tensor.
+    Dense,
+    /// Quantizes them to `format`, appending each to the cache being written, if any.
+    Quantize {
+        /// The GGML format.
+        format: GgmlDType,
+        /// The cache being written (`None` when there is none or its write failed).
+        cache: &'a mut Option<CacheWriter>,
+    },
+    /// Does not read them (they come from the cache).
+    Skip,
+}
+
+fn open_shards(files: &[PathBuf]) -> Result<Vec<Shard>> {
+    files.iter().map(|f| Shard::open(f)).collect()
+}
+
+/// Quantizes one projection on the host, appends it to the cache being written (a failed write
+/// is a warning, and the cache is abandoned), and moves it to `device`.
+fn quantize_projection(
+    name: &str,
+    t: &Tensor,
+    format: GgmlDType,
+    device: &Device,
+    cache: &mut Option<CacheWriter>,
+) -> Result<QTensor> {
+    let q = QTensor::quantize(t, format).map_err(|e| TrainerError::Weight {
+        name: name.to_string(),
+        reason: format!("cannot be quantized to {format:?}: {e}"),
+    })?;
+    if let Some(writer) = cache.as_mut()
+        && let Err(e) = writer.append(name, &q)
+    {
+        tracing::warn!(error = %e, "cannot write the quantized base cache: training goes on without it");
+        *cache = None;
+    }
+    onto_device(q, device)
+}
+
+/// Logs a failed cache write (training goes on without the cache).
+fn warn_cache_write(cache: &QuantizedCache, e: &TrainerError) {
+    tracing::warn!(
+        dir = %cache.dir.display(),
+        error = %e,
+        "cannot write the quantized base cache: training goes on without it"
+    );
 }

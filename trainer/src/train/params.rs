@@ -153,6 +153,8 @@ pub struct TrainParams {
     pub eval: EvalParams,
     /// Checkpoint directory.
     pub checkpoint_dir: PathBuf,
+    /// Directory of the quantized base cache (`None`: the base is quantized at every start).
+    pub quantized_cache_dir: Option<PathBuf>,
     /// Checkpoint every N optimizer steps (0: only at the end / on SIGTERM).
     pub checkpoint_interval: usize,
     /// Checkpoints kept.
@@ -204,6 +206,7 @@ impl TrainParams {
             layer_gpus: Vec::new(),
             eval: EvalParams::default(),
             checkpoint_dir: work.join("checkpoints"),
+            quantized_cache_dir: None,
             checkpoint_interval: checkpoints.interval_steps as usize,
             keep_last: checkpoints.keep_last as usize,
             keep_best: checkpoints.keep_best,
@@ -250,6 +253,7 @@ impl TrainParams {
             layer_gpus: Vec::new(),
             eval: EvalParams::default(),
             checkpoint_dir: PathBuf::new(),
+            quantized_cache_dir: None,
             checkpoint_interval: 0,
             keep_last: 0,
             keep_best: false,

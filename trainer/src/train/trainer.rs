@@ -21,6 +21,7 @@ use crate::eval::classify::ClassificationSet;
 use crate::eval::{ClassificationReport, EvalPoint, OverfitMonitor, OverfitVerdict};
 use crate::metrics::{Metrics, Phase};
 use crate::model::linear::ggml_dtype;
+use crate::model::quantized_cache::QuantizedCache;
 use crate::model::weights::{Weights, weight_files};
 use crate::model::{Llama, LlamaConfig, TrainableSpec};
 use crate::optim::{AdamW, AdamWParams, Schedule};
@@ -208,14 +209,32 @@ impl Trainer {
             TrainableSpec::Lora(lora) => ggml_dtype(lora.base_quantization),
             _ => None,
         };
+        let files = weight_files(&params.model_dir)?;
         // A split model is read onto the host and each tensor moved to its layer's GPU.
         let load_on = if placement.is_split() {
             Device::Cpu
         } else {
             device.clone()
         };
-        let weights =
-            Weights::load_quantizing(&weight_files(&params.model_dir)?, dtype, &load_on, quantize)?;
+        let weights = match (quantize, &params.quantized_cache_dir) {
+            (Some(format), Some(dir)) => {
+                let cache = QuantizedCache {
+                    dir: dir.clone(),
+                    model_commit: params.run.model_commit.clone(),
+                };
+                let started = std::time::Instant::now();
+                let (weights, outcome) =
+                    Weights::load_quantizing_cached(&files, dtype, &load_on, format, &cache)?;
+                tracing::info!(
+                    %outcome,
+                    dir = %dir.display(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "quantized base loaded"
+                );
+                weights
+            }
+            _ => Weights::load_quantizing(&files, dtype, &load_on, quantize)?,
+        };
         let model =
             Llama::from_weights_placed(&cfg, weights, &params.method, params.seed, &placement)?;
         tracing::info!(

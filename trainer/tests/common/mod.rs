@@ -281,6 +281,7 @@ pub fn trainer_config_file(
         retention_file: None,
         test_set_file: None,
         checkpoint_dir: work.join("checkpoints").display().to_string(),
+        quantized_cache_dir: None,
         output_dir: work.join("output").display().to_string(),
         termination_message_file: work.join("termination-log").display().to_string(),
     };
