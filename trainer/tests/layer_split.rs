@@ -184,3 +184,55 @@ fn the_split_check_command_compares_every_gradient_and_passes() {
     assert!(String::from_utf8_lossy(&one.stderr).contains("--ids"));
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn a_quantized_base_loads_onto_its_layers_devices_and_trains_as_on_one_device() {
+    use finetune_trainer::model::linear::ggml_dtype;
+    use finetune_trainer::model::weights::weight_files;
+    let work = std::env::temp_dir().join(format!("ft-split-quantized-{}", std::process::id()));
+    let model_dir = work.join("model");
+    let mut cfg = common::small_config(64, 2);
+    cfg.intermediate_size = 64; // every projection's rows split into blocks of 32
+    let w = common::random_weights(&cfg, 4);
+    finetune_trainer::model::tiny::write_hf_model(&model_dir, &cfg, &w).unwrap();
+    let files = weight_files(&model_dir).unwrap();
+    let quantized = finetune_api::BaseQuantization::Int8;
+    let spec = TrainableSpec::Lora(LoraSettings {
+        base_quantization: quantized,
+        ..common::lora_all(4)
+    });
+    let load = |placement: &LayerDevices| {
+        let w = Weights::load_quantizing(
+            &files,
+            candle_core::DType::F32,
+            placement,
+            ggml_dtype(quantized),
+        )
+        .unwrap();
+        Llama::from_weights_placed(&cfg, w, &spec, 3, placement).unwrap()
+    };
+    let one = load(&LayerDevices::single(&Device::Cpu, cfg.num_hidden_layers));
+    let split = load(&LayerDevices::new(vec![Device::Cpu, Device::Cpu], vec![0, 1]).unwrap());
+    common::perturb_lora_b(&one);
+    split.load_trainable(&one.trainable_tensors()).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 13, 7, 2]], &Device::Cpu).unwrap();
+    let rows = Tensor::new(&[1u32, 2, 3, 4], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[9u32, 13, 7, 2], &Device::Cpu).unwrap();
+    let run = |m: &Llama| {
+        m.loss_and_grads(&ids, None, &rows, &mut FwdCtx::train(None), true, |l| {
+            masked_cross_entropy(l, &targets)
+        })
+        .unwrap()
+    };
+    let (a, b) = (run(&one), run(&split));
+    assert_eq!(a.loss, b.loss);
+    assert_eq!(a.grads.len(), one.trainable().len());
+    for (name, _) in one.trainable() {
+        let (x, y) = (a.grads.get(name).unwrap(), b.grads.get(name).unwrap());
+        assert!(
+            common::max_abs_diff(x, y) <= 1e-6 * common::max_abs(x).max(1.0),
+            "{name}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use finetune_api::BaseQuantization;
 use finetune_trainer::model::frozen::quantized_matmul;
 use finetune_trainer::model::linear::{FwdCtx, Weight, ggml_dtype};
-use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec};
+use finetune_trainer::model::{LayerDevices, Llama, LoraSettings, TrainableSpec};
 
 const VOCAB: usize = 50;
 const FORMATS: [BaseQuantization; 2] = [BaseQuantization::Int8, BaseQuantization::Int4];
@@ -197,7 +197,7 @@ fn loading_quantizes_the_projections_one_tensor_at_a_time_and_equals_quantizing_
     let mut loaded = Weights::load_quantizing(
         std::slice::from_ref(&file),
         DType::F32,
-        &Device::Cpu,
+        &LayerDevices::single(&Device::Cpu, 0),
         ggml_dtype(BaseQuantization::Int4),
     )
     .unwrap();
@@ -219,7 +219,7 @@ fn loading_quantizes_the_projections_one_tensor_at_a_time_and_equals_quantizing_
         Weights::load_quantizing(
             std::slice::from_ref(&file),
             DType::F32,
-            &Device::Cpu,
+            &LayerDevices::single(&Device::Cpu, 0),
             ggml_dtype(BaseQuantization::Int4),
         )
         .unwrap(),
@@ -240,7 +240,7 @@ fn loading_quantizes_the_projections_one_tensor_at_a_time_and_equals_quantizing_
         Weights::load_quantizing(
             std::slice::from_ref(&file),
             DType::F32,
-            &Device::Cpu,
+            &LayerDevices::single(&Device::Cpu, 0),
             ggml_dtype(BaseQuantization::Int8),
         )
         .unwrap(),
@@ -320,11 +320,24 @@ mod cache {
         format: GgmlDType,
         cache: &QuantizedCache,
     ) -> (Weights, CacheOutcome) {
-        Weights::load_quantizing_cached(files, DType::F32, &Device::Cpu, format, cache).unwrap()
+        Weights::load_quantizing_cached(
+            files,
+            DType::F32,
+            &LayerDevices::single(&Device::Cpu, 0),
+            format,
+            cache,
+        )
+        .unwrap()
     }
 
     fn fresh(files: &[PathBuf], format: GgmlDType) -> Weights {
-        Weights::load_quantizing(files, DType::F32, &Device::Cpu, Some(format)).unwrap()
+        Weights::load_quantizing(
+            files,
+            DType::F32,
+            &LayerDevices::single(&Device::Cpu, 0),
+            Some(format),
+        )
+        .unwrap()
     }
 
     /// Asserts that two loads hold the same tensors: every projection quantized to `format`

@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use super::shard::Shard;
 use super::weights::is_projection_weight;
+use crate::model::placement::LayerDevices;
 use crate::{Result, TrainerError};
 
 /// File name of the cached GGUF in the cache directory.
@@ -321,13 +322,14 @@ impl QuantizedCache {
     }
 
     /// Looks the cache up for `key`, which must hold the `planned` projections in `format`, and
-    /// reads it onto `device` if it verifies. Never fails: what goes wrong is a problem.
+    /// reads each onto its device of `placement` if it verifies. Never fails: what goes wrong is
+    /// a problem.
     pub(crate) fn lookup(
         &self,
         key: &CacheKey,
         planned: &[CachedTensor],
         format: GgmlDType,
-        device: &Device,
+        placement: &LayerDevices,
     ) -> Lookup {
         let manifest = match read_manifest(&self.manifest_path()) {
             Ok(Some(manifest)) => manifest,
@@ -349,7 +351,7 @@ impl QuantizedCache {
             planned,
             format,
         };
-        match verified.read(device) {
+        match verified.read(placement) {
             Ok(tensors) => Lookup::Hit(tensors),
             Err(problem) => Lookup::Unusable(problem),
         }
@@ -441,11 +443,11 @@ impl VerifiedRead<'_> {
     }
 
     /// Checks the size, the GGUF structure, the metadata and the tensors' names, shapes and
-    /// format, then reads every byte once, hashing it, and builds each projection on `device`;
-    /// the projections are returned only when the hash equals the manifest's.
+    /// format, then reads every byte once, hashing it, and builds each projection on its device
+    /// of `placement`; the projections are returned only when the hash equals the manifest's.
     fn read(
         &self,
-        device: &Device,
+        placement: &LayerDevices,
     ) -> std::result::Result<HashMap<String, Arc<QTensor>>, CacheProblem> {
         let mut file = File::open(self.path).map_err(|e| self.corrupt(e))?;
         let len = file.metadata().map_err(|e| self.corrupt(e))?.len();
@@ -461,7 +463,7 @@ impl VerifiedRead<'_> {
         self.check_tensors(&content)?;
         file.seek(SeekFrom::Start(0)).map_err(|e| self.corrupt(e))?;
         let mut reader = Hashing::new(file);
-        let tensors = self.read_tensors(&mut reader, &content, device)?;
+        let tensors = self.read_tensors(&mut reader, &content, placement)?;
         let digest = reader.digest();
         if digest != self.manifest.gguf_sha256 {
             return Err(self.corrupt(format!(
@@ -530,12 +532,12 @@ impl VerifiedRead<'_> {
     }
 
     /// Reads the whole file through `reader` in order: the header, then each tensor (building it
-    /// on `device`), the padding between them and after the last.
+    /// on its device of `placement`), the padding between them and after the last.
     fn read_tensors(
         &self,
         reader: &mut Hashing<File>,
         content: &gguf_file::Content,
-        device: &Device,
+        placement: &LayerDevices,
     ) -> std::result::Result<HashMap<String, Arc<QTensor>>, CacheProblem> {
         let mut by_offset: Vec<_> = content.tensor_infos.iter().collect();
         by_offset.sort_by_key(|(_, info)| info.offset);
@@ -567,7 +569,7 @@ impl VerifiedRead<'_> {
                 info.ggml_dtype,
                 &raw,
                 info.shape.dims().to_vec(),
-                device,
+                placement.of_weight(name),
             )
             .map_err(|e| self.corrupt(format!("tensor {name}: {e}")))?;
             tensors.insert(name.clone(), Arc::new(q));

@@ -15,6 +15,7 @@ use super::quantized_cache::{
     CacheKey, CacheOutcome, CacheWriter, Lookup, QuantizedCache, onto_device, planned_projections,
 };
 use super::shard::Shard;
+use crate::model::placement::LayerDevices;
 use crate::{Result, TrainerError};
 
 /// A set of named tensors taken from safetensors files.
@@ -88,17 +89,18 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 impl Weights {
     /// Loads every tensor of the given files, converted to `dtype` on `device`.
     pub fn load(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_quantizing(files, dtype, device, None)
+        Self::load_quantizing(files, dtype, &LayerDevices::single(device, 0), None)
     }
 
-    /// Loads every tensor of the given files, converted to `dtype` on `device`; with `quantize`,
-    /// the projection weights ([`is_projection_weight`]) are quantized to that format instead,
-    /// on the host as they are read: the host holds one tensor at a time, and the device never
-    /// holds a dense projection.
+    /// Loads every tensor of the given files, converted to `dtype` onto its device of
+    /// `placement` ([`LayerDevices::of_weight`]; a split model's tensors go through the host
+    /// one at a time); with `quantize`, the projection weights ([`is_projection_weight`]) are
+    /// quantized to that format instead, on the host as they are read: the host holds one
+    /// tensor at a time, and no device ever holds a dense projection.
     pub fn load_quantizing(
         files: &[PathBuf],
         dtype: DType,
-        device: &Device,
+        placement: &LayerDevices,
         quantize: Option<GgmlDType>,
     ) -> Result<Self> {
         let shards = open_shards(files)?;
@@ -109,7 +111,7 @@ impl Weights {
             },
             None => Projections::Dense,
         };
-        Self::load_shards(&shards, dtype, device, projections)
+        Self::load_shards(&shards, dtype, placement, projections)
     }
 
     /// [`Self::load_quantizing`] to `format` through the quantized base cache: on a hit the
@@ -121,16 +123,16 @@ impl Weights {
     pub fn load_quantizing_cached(
         files: &[PathBuf],
         dtype: DType,
-        device: &Device,
+        placement: &LayerDevices,
         format: GgmlDType,
         cache: &QuantizedCache,
     ) -> Result<(Self, CacheOutcome)> {
         let shards = open_shards(files)?;
         let planned = planned_projections(&shards);
         let key = CacheKey::new(format, &cache.model_commit, &shards);
-        let problem = match cache.lookup(&key, &planned, format, device) {
+        let problem = match cache.lookup(&key, &planned, format, placement) {
             Lookup::Hit(quantized) => {
-                let mut weights = Self::load_shards(&shards, dtype, device, Projections::Skip)?;
+                let mut weights = Self::load_shards(&shards, dtype, placement, Projections::Skip)?;
                 weights.quantized = quantized;
                 return Ok((weights, CacheOutcome::Hit));
             }
@@ -152,7 +154,7 @@ impl Weights {
         let weights = Self::load_shards(
             &shards,
             dtype,
-            device,
+            placement,
             Projections::Quantize {
                 format,
                 cache: &mut writer,
@@ -168,18 +170,19 @@ impl Weights {
     }
 
     /// Reads the shards tensor by tensor: the projections as `projections` says, every other
-    /// tensor converted to `dtype` on `device`.
+    /// tensor converted to `dtype` on its device of `placement`.
     fn load_shards(
         shards: &[Shard],
         dtype: DType,
-        device: &Device,
+        placement: &LayerDevices,
         mut projections: Projections<'_>,
     ) -> Result<Self> {
         // With a quantized base every tensor goes through the host, on a hit as on a miss, so
-        // both convert the dense tensors alike.
+        // both convert the dense tensors alike; so does every tensor of a split model.
         let load_on = match projections {
             Projections::Quantize { .. } | Projections::Skip => &Device::Cpu,
-            Projections::Dense => device,
+            Projections::Dense if placement.is_split() => &Device::Cpu,
+            Projections::Dense => placement.input(),
         };
         let skip_projections = matches!(projections, Projections::Skip);
         let mut map = HashMap::new();
@@ -189,6 +192,7 @@ impl Weights {
                 load_on,
                 |info| !(skip_projections && is_projection_weight(&info.name)),
                 |info, t| {
+                    let device = placement.of_weight(&info.name);
                     if let Projections::Quantize { format, cache } = &mut projections
                         && is_projection_weight(&info.name)
                     {

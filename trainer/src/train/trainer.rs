@@ -210,12 +210,6 @@ impl Trainer {
             _ => None,
         };
         let files = weight_files(&params.model_dir)?;
-        // A split model is read onto the host and each tensor moved to its layer's GPU.
-        let load_on = if placement.is_split() {
-            Device::Cpu
-        } else {
-            device.clone()
-        };
         let weights = match (quantize, &params.quantized_cache_dir) {
             (Some(format), Some(dir)) => {
                 let cache = QuantizedCache {
@@ -224,7 +218,7 @@ impl Trainer {
                 };
                 let started = std::time::Instant::now();
                 let (weights, outcome) =
-                    Weights::load_quantizing_cached(&files, dtype, &load_on, format, &cache)?;
+                    Weights::load_quantizing_cached(&files, dtype, &placement, format, &cache)?;
                 tracing::info!(
                     %outcome,
                     dir = %dir.display(),
@@ -233,7 +227,7 @@ impl Trainer {
                 );
                 weights
             }
-            _ => Weights::load_quantizing(&files, dtype, &load_on, quantize)?,
+            _ => Weights::load_quantizing(&files, dtype, &placement, quantize)?,
         };
         let model =
             Llama::from_weights_placed(&cfg, weights, &params.method, params.seed, &placement)?;
