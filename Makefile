@@ -46,7 +46,7 @@ lint: ## rustfmt check, clippy with warnings as errors, CRD drift check, the CUD
 cuda-build: ## Build the CUDA trainer for the GPU machines (nvcc from Debian non-free, CUDA 13 sonames).
 	scripts/cuda-build.sh
 
-cuda-check: ## Compile-check the trainer with --features cuda (no GPU needed).
+cuda-check: ## Compile-check the trainer with --features nccl (CUDA and NCCL; no GPU needed).
 	scripts/cuda-build.sh --check
 
 gpu-check: ## On a GPU machine: CUDA vs CPU logits, 7B-shaped LoRA against PyTorch + PEFT, the plan's error.

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The CUDA trainer (`--features cuda`):
+# The CUDA trainer with NCCL (`--features nccl`, which implies `cuda`; the CUDA images carry
+# NCCL: libnccl-dev in -devel for the link, libnccl2 in -runtime):
 #   docker build -f docker/trainer-cuda.Dockerfile -t ghcr.io/finetune-operator/trainer:0.1.0-cuda .
 # CUDA_COMPUTE_CAP selects the kernels candle compiles (90 = H100/H200, 80 = A100).
 ARG RUST_VERSION=1.95.0
@@ -12,7 +13,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certifi
  && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain ${RUST_VERSION}
 WORKDIR /src
 COPY . .
-RUN cargo build --locked --release -p finetune-trainer --bin finetune-trainer --features cuda \
+RUN cargo build --locked --release -p finetune-trainer --bin finetune-trainer --features nccl \
  && install -D -m 0755 target/release/finetune-trainer /out/finetune-trainer
 # The build stage has no GPU: the tiny base is initialised with a CPU build of the trainer (its
 # own target directory), never by running the CUDA binary here.

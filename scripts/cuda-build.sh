@@ -3,15 +3,16 @@
 # driver (recipe and the facts behind it: ../shared/notes/gpu-build.md).
 #
 #   scripts/cuda-build.sh          release build, stripped: target/cuda/finetune-trainer
-#   scripts/cuda-build.sh --check  `cargo check --features cuda` only (what CI runs: no link step)
+#   scripts/cuda-build.sh --check  `cargo check --features nccl` only (what CI runs: no link step)
 #
 # - nvcc: Debian bookworm's `nvidia-cuda-toolkit` (11.8, from non-free), installed once through a
 #   private apt list derived from the system's sources (the system's own lists are untouched).
 #   nvcc 11.8 cannot target compute_90, so kernels are PTX for sm_80, which Hopper JIT-compiles.
 # - CUDA 13 sonames: cudarc reads CUDARC_CUDA_VERSION for its bindings, and the link step finds
 #   unversioned links to the CUDA 13 libraries of NVIDIA's PyPI wheels (cached), so the binary
-#   needs libcublas.so.13, libcudart.so.13, libcurand.so.10 and libcuda.so.1: what the GPU
-#   machines' PyTorch environment and driver provide.
+#   needs libcublas.so.13, libcudart.so.13, libcurand.so.10, libnccl.so.2 and libcuda.so.1: what
+#   the GPU machines' PyTorch environment and driver provide. NCCL (the `nccl` feature, which
+#   implies `cuda`) comes from PyPI's nvidia-nccl-cu13 at 2.30, the version of cudarc's bindings.
 # - Its own target directory under the cache (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ log() { echo "[cuda-build] $*" >&2; }
 
 # Pinned wheels (any 13.x gives the same sonames; pinned for a reproducible link).
 wheels=(nvidia-cublas==13.10.0.20 nvidia-cuda-runtime==13.5.37 nvidia-cuda-nvrtc==13.5.37
-        nvidia-curand==10.4.5.25)
+        nvidia-curand==10.4.5.25 nvidia-nccl-cu13==2.30.7)
 
 ensure_nvcc() {
   if command -v nvcc >/dev/null 2>&1; then return; fi
@@ -50,9 +51,12 @@ ensure_nvcc() {
 
 # Unversioned links to the CUDA 13 libraries, for the linker.
 ensure_link_dir() {
-  local lib="$cache/wheels/nvidia/cu13/lib" links="$cache/link" so missing=0
-  local libs=(libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libnvrtc.so.13 libcurand.so.10)
-  for so in "${libs[@]}"; do [ -f "$lib/$so" ] || missing=1; done
+  local links="$cache/link" so missing=0 found
+  local libs=(libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libnvrtc.so.13 libcurand.so.10
+              libnccl.so.2)
+  for so in "${libs[@]}"; do
+    [ -n "$(find "$cache/wheels" -name "$so" -print -quit 2>/dev/null)" ] || missing=1
+  done
   if [ "$missing" = 1 ]; then
     log "fetching the CUDA 13 libraries from PyPI (${wheels[*]})"
     rm -rf "$cache/whl" "$cache/wheels.partial"
@@ -62,7 +66,9 @@ ensure_link_dir() {
   fi
   mkdir -p "$links"
   for so in "${libs[@]}"; do
-    ln -sf "$lib/$so" "$links/${so%%.so*}.so"
+    found=$(find "$cache/wheels" -name "$so" -print -quit)
+    [ -n "$found" ] || { echo "$so is in none of the wheels (${wheels[*]})" >&2; exit 1; }
+    ln -sf "$found" "$links/${so%%.so*}.so"
   done
   echo "$links"
 }
@@ -74,14 +80,14 @@ export CUDA_COMPUTE_CAP=80 CUDARC_CUDA_VERSION=13000
 export CARGO_TARGET_DIR="$cache/target"
 if [ "$mode" = check ]; then
   # No link step, so no CUDA libraries needed; every target, so the CUDA code paths compile.
-  cargo=(cargo check --locked -p finetune-trainer --all-targets --features cuda)
+  cargo=(cargo check --locked -p finetune-trainer --all-targets --features nccl)
   log "${cargo[*]}"
   RUSTFLAGS="-D warnings" "${cargo[@]}"
   exit 0
 fi
 links="$(ensure_link_dir)"
 export RUSTFLAGS="-L native=$links -C strip=symbols"
-cargo=(cargo build --locked --release -p finetune-trainer --bin finetune-trainer --features cuda)
+cargo=(cargo build --locked --release -p finetune-trainer --bin finetune-trainer --features nccl)
 log "${cargo[*]}"
 "${cargo[@]}"
 
@@ -91,7 +97,7 @@ bin=target/cuda/finetune-trainer
 size=$(stat -c %s "$bin")
 needed=$(readelf -d "$bin" | awk '/NEEDED/ {gsub(/[][]/, "", $5); print $5}' | tr '\n' ' ')
 log "$bin: $((size / 1048576)) MiB; NEEDED: $needed"
-for so in libcublas.so.13 libcudart.so.13 libcuda.so.1; do
+for so in libcublas.so.13 libcudart.so.13 libnccl.so.2 libcuda.so.1; do
   case " $needed " in *" $so "*) ;; *) echo "$bin does not link $so" >&2; exit 1 ;; esac
 done
 [ "$size" -lt $((64 * 1048576)) ] || { echo "$bin is over the 64 MiB a GPU check may carry" >&2; exit 1; }

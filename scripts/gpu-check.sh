@@ -6,8 +6,9 @@
 #     && cp "$(scripts/fetch-assets.sh)/tokenizer.json" target/gpu-check/
 #   # carry target/cuda/finetune-trainer and target/gpu-check; run this script there.
 #
-# It (1) checks CUDA logits against CPU logits on the tiny model, and a LoRA batch's gradients
-# with the tiny model's layers split over cuda:0 and the CPU against one device (issue 17); (2) trains a Llama-2-7B-shaped
+# It (1) checks CUDA logits against CPU logits on the tiny model, a LoRA batch's gradients
+# with the tiny model's layers split over cuda:0 and the CPU against one device, and NCCL with
+# world size 1 (issue 17); (2) trains a Llama-2-7B-shaped
 # model with random weights (LoRA r=16 on q,v, bf16, sequence 1024, batch 1 and 4, 20 steps) with
 # our trainer and with PyTorch + PEFT in the same run, printing tokens/s, peak GPU memory and the
 # ratios; then LoRA over a 4-bit base (ours int4; PEFT over bitsandbytes nf4 when installed);
@@ -72,6 +73,14 @@ log "1b. tiny model: layers split over cuda:0 and the CPU against one device"
 split_flag=""
 [ "$gpu" = true ] && split_flag=--gpu
 "$bin" split-check --model "$work/tiny" --ids "$ids" $split_flag | tee -a "$results" >&2
+
+# 1c. NCCL through cudarc: a communicator of world size 1 and an all-reduce of known values.
+log "1c. NCCL: world size 1, all-reduce and broadcast"
+if [ "$gpu" = true ]; then
+  "$bin" nccl-check | tee -a "$results" >&2 || log "NCCL check FAILED (see above)"
+else
+  echo '{"skipped": "nccl", "why": "a dry run has no GPU"}' | tee -a "$results" >&2
+fi
 
 # 2. The 7B-shaped model, our trainer and PyTorch + PEFT on the same shape.
 log "2. $shape-shaped model with random weights"

@@ -130,6 +130,9 @@ def summary(out, lines):
               f"{r['peak_gpu_bytes'] / 2**30:.1f} | "
               f"{(plan or 0) / 2**30:.1f} | {err} |")
     for r in rows:
+        if r.get("check") == "nccl":
+            print(f"NCCL, world size {r['world_size']}: all-reduce of {r['values']} values "
+                  f"{'exact' if r['all_reduce_exact'] else 'CHANGED'} ({'ok' if r['ok'] else 'FAILED'})")
         if r.get("check") == "layer-split":
             print(f"layers split over {r['devices']}: {r['gradients_compared']} gradients, "
                   f"largest relative difference {r['max_relative_gradient_difference']:.1e} "

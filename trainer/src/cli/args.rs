@@ -214,6 +214,10 @@ pub enum Command {
         #[arg(long)]
         gpu: bool,
     },
+    /// An NCCL communicator of world size 1 on GPU 0 and an all-reduce and a broadcast of known
+    /// values, as JSON (`ok`); exits 1 when a value comes back changed: the NCCL check of
+    /// scripts/gpu-check.sh (a build with the `nccl` feature).
+    NcclCheck,
     /// One LoRA batch's loss and gradients with the decoder layers split over two devices
     /// (`cuda:0` and the CPU with --gpu, else the CPU twice) against one device, as JSON
     /// (`max_relative_gradient_difference`, `ok`); exits 1 past 1e-4: the layer-split check of

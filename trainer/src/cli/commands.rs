@@ -95,6 +95,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
             })
         }
         Command::Logits { model, ids, gpu } => logits(&model, ids, gpu),
+        Command::NcclCheck => nccl_check(),
         Command::SplitCheck { model, ids, gpu } => {
             super::split_check::split_check(&model, ids, gpu)
         }
@@ -222,7 +223,7 @@ fn train(config: &Path, resume: Resume) -> Result<ExitCode> {
             .map(|p| crate::metrics::progress::compact_json(&p, TERMINATION_MESSAGE_BYTES))
             .unwrap_or_default()
     };
-    let collective = super::gang::connect(&world, &params.run);
+    let collective = super::gang::connect(&world, &params.run, params.use_gpu);
     let outcome = collective.and_then(|c| {
         crate::run::run_job_in(params, resume == Resume::Auto, Some(metrics.clone()), c)
     });
@@ -281,6 +282,26 @@ fn init_tiny(req: &InitTiny) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `nccl-check`: NCCL's world-size-1 self check (a build with the `nccl` feature).
+#[cfg(feature = "nccl")]
+fn nccl_check() -> Result<ExitCode> {
+    let report = crate::distributed::nccl::self_check(std::time::Duration::from_secs(120))?;
+    println!("{report}");
+    Ok(if report["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `nccl-check` in a build without NCCL: an error that says so.
+#[cfg(not(feature = "nccl"))]
+fn nccl_check() -> Result<ExitCode> {
+    Err(TrainerError::Config(
+        "this finetune-trainer was built without NCCL: use the CUDA build (make cuda-build)".into(),
+    ))
 }
 
 /// `logits`: every position's logits of `ids` as JSON, on the CPU or the GPU.

@@ -22,8 +22,9 @@ pub fn world_from_env() -> Result<World> {
 }
 
 /// The collective of `world`: [`SingleProcess`] for one rank, else the CPU backend connected to
-/// the other ranks of the gang named by the job's UID and [`ATTEMPT_ENV`].
-pub fn connect(world: &World, run: &RunIdentity) -> Result<Box<dyn Collective>> {
+/// the other ranks of the gang named by the job's UID and [`ATTEMPT_ENV`]; for GPU ranks (`gpu`)
+/// in a build with NCCL, the NCCL communicator those ranks then join through it.
+pub fn connect(world: &World, run: &RunIdentity, gpu: bool) -> Result<Box<dyn Collective>> {
     if world.world_size == 1 {
         return Ok(Box::new(SingleProcess));
     }
@@ -44,9 +45,36 @@ pub fn connect(world: &World, run: &RunIdentity) -> Result<Box<dyn Collective>> 
         world = world.world_size,
         master = %format!("{}:{}", world.master_addr, world.master_port),
         %gang,
-        "joining the gang (CPU backend)"
+        "joining the gang"
     );
-    Ok(Box::new(TcpCollective::connect(world, &gang, timeouts)?))
+    let tcp = TcpCollective::connect(world, &gang, timeouts)?;
+    if gpu {
+        return gpu_collective(tcp, world.local_rank, timeouts.collective);
+    }
+    Ok(Box::new(tcp))
+}
+
+/// GPU ranks' collective: NCCL, met through `tcp`.
+#[cfg(feature = "nccl")]
+fn gpu_collective(
+    mut tcp: TcpCollective,
+    ordinal: usize,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    let nccl = crate::distributed::nccl::NcclCollective::over(&mut tcp, ordinal, timeout)?;
+    Ok(Box::new(nccl))
+}
+
+/// GPU ranks' collective in a build without NCCL: the CPU backend (gradients through host
+/// memory), said once.
+#[cfg(not(feature = "nccl"))]
+fn gpu_collective(
+    tcp: TcpCollective,
+    _ordinal: usize,
+    _timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    tracing::warn!("this trainer was built without NCCL: GPU ranks reduce through the CPU backend");
+    Ok(Box::new(tcp))
 }
 
 /// The ranks this process must start, when it is a node's entry process with several processes

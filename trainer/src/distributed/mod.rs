@@ -1,14 +1,19 @@
 //! Data-parallel training's collectives: the [`Collective`] interface the optimizer step
 //! all-reduces gradients through, the rendezvous contract read from the environment
-//! ([`rendezvous::World`]), and the backends: [`SingleProcess`] (world size 1) and the CPU backend
-//! [`tcp::TcpCollective`] (in the role gloo has for PyTorch; NCCL is the GPU engine).
+//! ([`rendezvous::World`]), and the backends: [`SingleProcess`] (world size 1), the CPU backend
+//! [`tcp::TcpCollective`] (in the role gloo has for PyTorch) and, in builds with the `nccl`
+//! feature, the GPU backend `nccl::NcclCollective` (NCCL through cudarc), which GPU ranks use.
 //!
 //! Every backend reduces in rank order, so a data-parallel step over `W` ranks of `k`
 //! micro-batches each sums the same gradients in the same order as one rank accumulating `W × k`
 //! micro-batches (up to the grouping of the additions).
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
+pub mod unique_id;
+pub mod watchdog;
 
 pub use rendezvous::{RankEnv, World};
 
