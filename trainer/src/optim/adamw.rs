@@ -72,12 +72,14 @@ impl AdamW {
                 continue;
             }
             let g = g.detach().to_dtype(DType::F32)?;
+            // Moments restored from a checkpoint are read onto one device; each moves to its
+            // parameter's on first use (the layers may be split over GPUs).
             let m_prev = match self.m.get(name) {
-                Some(m) => m.clone(),
+                Some(m) => m.to_device(g.device())?,
                 None => g.zeros_like()?,
             };
             let v_prev = match self.v.get(name) {
-                Some(v) => v.clone(),
+                Some(v) => v.to_device(g.device())?,
                 None => g.zeros_like()?,
             };
             let m = ((m_prev * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
