@@ -158,15 +158,20 @@ fn a_training_run_with_layer_gpus_equals_the_one_device_run() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// `finetune-trainer split-check` on `model` with `ids`.
+fn split_check(model: &std::path::Path, ids: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_finetune-trainer"))
+        .args(["split-check", "--model"])
+        .arg(model)
+        .args(["--ids", ids])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn the_split_check_command_compares_every_gradient_and_passes() {
     let (work, model) = common::setup("split-check");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finetune-trainer"))
-        .args(["split-check", "--model"])
-        .arg(&model)
-        .args(["--ids", "1,5,9,13,7,2"])
-        .output()
-        .unwrap();
+    let out = split_check(&model, "1,5,9,13,7,2");
     let line: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert!(out.status.success(), "{line}");
@@ -174,12 +179,7 @@ fn the_split_check_command_compares_every_gradient_and_passes() {
     // Two passes (plain and checkpointed) over every LoRA A and B of 2 layers × 7 modules.
     assert_eq!(line["gradients_compared"], 2 * 2 * 7 * 2);
     assert_eq!(line["ok"], true);
-    let one = std::process::Command::new(env!("CARGO_BIN_EXE_finetune-trainer"))
-        .args(["split-check", "--model"])
-        .arg(&model)
-        .args(["--ids", "1"])
-        .output()
-        .unwrap();
+    let one = split_check(&model, "1");
     assert!(!one.status.success());
     assert!(String::from_utf8_lossy(&one.stderr).contains("--ids"));
     let _ = std::fs::remove_dir_all(&work);

@@ -18,6 +18,20 @@ pub struct Args {
     pub command: Command,
 }
 
+/// A model and token ids to run it on: the GPU checks' probes (`logits`, `split-check`).
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// HF model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Vec<u32>,
+    /// Run on the GPU (a CUDA build).
+    #[arg(long)]
+    pub gpu: bool,
+}
+
 /// The held-out file of `evaluate` and `compare`, and how to read it.
 #[derive(clap::Args, Debug)]
 pub struct HeldOutArgs {
@@ -203,17 +217,7 @@ pub enum Command {
     },
     /// Print the logits of a model for token ids as JSON (`{"device", "logits": [[f32]]}`),
     /// one row per position: the CPU-against-CUDA check of scripts/gpu-check.sh.
-    Logits {
-        /// HF model directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// Token ids, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        ids: Vec<u32>,
-        /// Run on the GPU (a CUDA build).
-        #[arg(long)]
-        gpu: bool,
-    },
+    Logits(#[command(flatten)] ProbeArgs),
     /// An NCCL communicator of world size 1 on GPU 0 and an all-reduce and a broadcast of known
     /// values, as JSON (`ok`); exits 1 when a value comes back changed: the NCCL check of
     /// scripts/gpu-check.sh (a build with the `nccl` feature).
@@ -221,18 +225,8 @@ pub enum Command {
     /// One LoRA batch's loss and gradients with the decoder layers split over two devices
     /// (`cuda:0` and the CPU with --gpu, else the CPU twice) against one device, as JSON
     /// (`max_relative_gradient_difference`, `ok`); exits 1 past 1e-4: the layer-split check of
-    /// scripts/gpu-check.sh.
-    SplitCheck {
-        /// HF model directory (at least two decoder layers).
-        #[arg(long)]
-        model: PathBuf,
-        /// Token ids, comma-separated (at least two).
-        #[arg(long, value_delimiter = ',')]
-        ids: Vec<u32>,
-        /// Put the first half of the layers on the GPU (a CUDA build).
-        #[arg(long)]
-        gpu: bool,
-    },
+    /// scripts/gpu-check.sh (--gpu puts the first half of the layers on the GPU).
+    SplitCheck(#[command(flatten)] ProbeArgs),
     /// Classify every row of a labelled CSV or JSONL file with a model (a base, a base + PEFT
     /// adapter, or merged weights), cleaned and templated as in training; writes
     /// evaluation.json and evaluation.md (accuracy, per-class precision/recall/F1, confusion

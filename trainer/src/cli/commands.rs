@@ -94,11 +94,9 @@ pub fn run(command: Command) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Logits { model, ids, gpu } => logits(&model, ids, gpu),
+        Command::Logits(p) => logits(&p.model, p.ids, p.gpu),
         Command::NcclCheck => nccl_check(),
-        Command::SplitCheck { model, ids, gpu } => {
-            super::split_check::split_check(&model, ids, gpu)
-        }
+        Command::SplitCheck(p) => super::split_check::split_check(&p.model, p.ids, p.gpu),
         Command::Evaluate {
             model,
             adapter,
