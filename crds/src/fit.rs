@@ -250,7 +250,7 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
             gib(weights)
         ));
     }
-    let spread = if split {
+    let (place, why) = if split {
         let busiest = p
             .devices
             .iter()
@@ -264,20 +264,24 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
                 )
             })
             .unwrap_or_default();
-        format!(
-            "on the busiest of the pod's {gpus} GPUs the layers are split over ({busiest}: {})",
-            parts.join(", ")
+        (
+            format!(
+                "on the busiest of the pod's {gpus} GPUs the layers are split over ({busiest}: {})",
+                parts.join(", ")
+            ),
+            String::new(),
         )
     } else {
-        format!(
-            "on each GPU ({}); every GPU holds the whole model (data parallel), so more GPUs \
-             alone do not lower it",
-            parts.join(", ")
+        (
+            format!("on each GPU ({})", parts.join(", ")),
+            " Every GPU holds the whole model (data parallel), so more GPUs alone do not lower \
+             it."
+            .to_string(),
         )
     };
     Err(format!(
-        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB {} but \
-         a GPU has {} GiB: short by {:.1} GiB. To fit: {}.",
+        "{} {} fine-tuning in {:?} with batch {} × {} tokens needs an estimated {:.1} GiB {place} \
+         but a GPU has {} GiB: short by {:.1} GiB.{why} To fit: {}.",
         spec.model.preset,
         match spec.method.method_type {
             MethodType::Lora => "LoRA",
@@ -287,7 +291,6 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         input.batch,
         input.sequence,
         gib(p.per_gpu_bytes),
-        spread,
         effective_gpu_memory_gib(spec),
         gib(p.per_gpu_bytes) - gib(input.budget_bytes),
         options.join("; ")
