@@ -121,6 +121,24 @@ pub enum RetryClass {
     Refused,
 }
 
+impl RetryClass {
+    /// Every class, for the metric's label values.
+    pub const ALL: [RetryClass; 3] = [
+        RetryClass::Unreachable,
+        RetryClass::Congested,
+        RetryClass::Refused,
+    ];
+
+    /// The class's name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryClass::Unreachable => "unreachable",
+            RetryClass::Congested => "congested",
+            RetryClass::Refused => "refused",
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -11,6 +11,9 @@ pub struct Metrics {
     pub registry: Registry,
     /// `finetune_operator_reconcile_total{result}`.
     pub reconcile_total: IntCounterVec,
+    /// `finetune_operator_reconcile_errors_total{class}`: failed reconciles by how they are
+    /// retried (`RetryClass`: unreachable, congested, refused).
+    pub reconcile_errors: IntCounterVec,
     /// `finetune_operator_reconcile_duration_seconds`.
     pub reconcile_duration: Histogram,
     /// `finetune_operator_jobs{phase}`.
@@ -50,6 +53,15 @@ impl Metrics {
                 "Reconciliations by result (ok, error).",
             ),
             &["result"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_reconcile_errors_total",
+                "Failed reconciliations by retry class (unreachable: no answer from the API \
+                 server, retried every 5 s; congested: 409, 429 or 5xx, backing off from 2 s; \
+                 refused: any other refusal, backing off from 30 s).",
+            ),
+            &["class"],
         )?;
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -130,6 +142,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(api_writes.clone()))?;
         registry.register(Box::new(reconcile_total.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(pod_restarts.clone()))?;
@@ -143,6 +156,11 @@ impl Metrics {
         // Every bounded label value starts at 0, so rates and alerts see a series from the start.
         for result in ["ok", "error"] {
             reconcile_total.with_label_values(&[result]).reset();
+        }
+        for class in crate::RetryClass::ALL {
+            reconcile_errors
+                .with_label_values(&[class.as_str()])
+                .reset();
         }
         for result in ["ok", "conflict", "error"] {
             status_writes.with_label_values(&[result]).reset();
@@ -162,6 +180,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             reconcile_total,
+            reconcile_errors,
             reconcile_duration,
             jobs,
             pod_restarts,

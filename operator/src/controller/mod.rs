@@ -163,6 +163,12 @@ pub async fn reconcile(job: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Actio
         .reconcile_total
         .with_label_values(&[label])
         .inc();
+    if let Err(e) = &result {
+        ctx.metrics
+            .reconcile_errors
+            .with_label_values(&[e.retry_class().as_str()])
+            .inc();
+    }
     result
 }
 
