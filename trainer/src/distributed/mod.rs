@@ -13,7 +13,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 pub mod unique_id;
-pub mod watchdog;
+pub mod worker;
 
 pub use rendezvous::{RankEnv, World};
 
