@@ -52,22 +52,29 @@ pub fn effective_spread(spec: &FineTuneJobSpec) -> Spread {
     }
 }
 
+/// The GPUs the decoder layers are split over: the pod's when the spread is `layers`.
+fn split_gpus(spec: &FineTuneJobSpec) -> Option<u32> {
+    (effective_spread(spec) == Spread::Layers).then(|| effective_gpus(spec))
+}
+
 /// The decoder layers' split over the pod's GPUs when the spread is `layers` (`None` otherwise,
 /// or when the GPUs cannot each take a layer).
 pub fn layer_split(spec: &FineTuneJobSpec) -> Option<LayerSplit> {
-    if effective_spread(spec) != Spread::Layers {
-        return None;
-    }
-    split_layers(&PlanInput::from_spec(spec), effective_gpus(spec))
+    split_layers(&PlanInput::from_spec(spec), split_gpus(spec)?)
+}
+
+/// The plan of `input`: the busiest GPU's with the layers split over `split_over` GPUs, else (or
+/// when they cannot each take a layer) one device's holding the whole model.
+fn plan_split_over(input: &PlanInput, split_over: Option<u32>) -> MemoryPlan {
+    split_over
+        .and_then(|gpus| split_layers(input, gpus))
+        .and_then(|split| split.busiest())
+        .unwrap_or_else(|| plan(input))
 }
 
 /// The plan the fit check applies: the busiest GPU's under a layer split, else one device's.
 pub fn plan_for(spec: &FineTuneJobSpec) -> MemoryPlan {
-    let whole = || plan(&PlanInput::from_spec(spec));
-    match layer_split(spec) {
-        Some(split) => split.busiest().unwrap_or_else(whole),
-        None => whole(),
-    }
+    plan_split_over(&PlanInput::from_spec(spec), split_gpus(spec))
 }
 
 /// Trainer processes in each pod: one per GPU under data parallelism (each holds the whole
@@ -102,14 +109,9 @@ pub fn effective_gpu_memory_gib(spec: &FineTuneJobSpec) -> u32 {
 pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
     let input = PlanInput::from_spec(spec);
     let gpus = effective_gpus(spec);
-    let split = effective_spread(spec) == Spread::Layers;
-    let planned = |input: &PlanInput, split: bool, gpus: u32| -> MemoryPlan {
-        match split_layers(input, gpus).filter(|_| split) {
-            Some(s) => s.busiest().unwrap_or_else(|| plan(input)),
-            None => plan(input),
-        }
-    };
-    let p = planned(&input, split, gpus);
+    let split_over = split_gpus(spec);
+    let split = split_over.is_some();
+    let p = plan_split_over(&input, split_over);
     if p.fits {
         return Ok(p);
     }
@@ -122,7 +124,7 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         .collect();
     let mut options = Vec::new();
     let mut try_option = |what: String, changed: PlanInput| {
-        let q = planned(&changed, split, gpus);
+        let q = plan_split_over(&changed, split_over);
         options.push(format!(
             "{what} ({:.1} GiB{})",
             gib(q.per_gpu_bytes),
@@ -210,7 +212,7 @@ pub fn check(spec: &FineTuneJobSpec) -> Result<MemoryPlan, String> {
         }
     }
     // More GPUs help only by splitting the layers: the fewest (up to 8) whose split fits.
-    let splits_that_fit = (gpus.max(1)..=8).filter(|g| *g >= 2).find_map(|g| {
+    let splits_that_fit = (gpus.max(2)..=8).find_map(|g| {
         let q = split_layers(&input, g)?.busiest()?;
         q.fits.then_some((g, q))
     });

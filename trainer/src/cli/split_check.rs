@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::loss::masked_cross_entropy;
 use crate::model::linear::FwdCtx;
-use crate::model::lora::ALL_TARGETS;
 use crate::model::weights::Weights;
 use crate::model::{LayerDevices, Llama, LlamaConfig, LoraSettings, LossAndGrads, TrainableSpec};
 use crate::rng::Rng;
@@ -42,16 +41,14 @@ pub fn split_check(model_dir: &Path, ids: Vec<u32>, gpu: bool) -> Result<ExitCod
         vec![first.clone(), Device::Cpu],
         (0..layers).map(|i| usize::from(i >= layers / 2)).collect(),
     )?;
-    let spec = TrainableSpec::Lora(LoraSettings {
+    let lora = finetune_api::LoraSpec {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
-        layers: None,
-        train_label_tokens: false,
-        head_token_ids: Vec::new(),
-        base_quantization: finetune_api::BaseQuantization::None,
-    });
+        target_modules: finetune_api::TargetModule::ALL.to_vec(),
+        ..Default::default()
+    };
+    let spec = TrainableSpec::Lora(LoraSettings::from_spec(&lora, None));
     let single = Llama::from_weights(
         &cfg,
         Weights::from_dir(model_dir, DType::F32, &first)?,

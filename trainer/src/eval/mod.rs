@@ -16,6 +16,7 @@ use crate::data::batch::Batch;
 use crate::data::encode::{Encoded, Encoder};
 use crate::loss::token_log_probs;
 use crate::model::linear::FwdCtx;
+use crate::model::llama::select_rows;
 use crate::model::{KvCache, Llama};
 
 /// Sum of target log-probabilities per example, and their token counts, for encoded examples.
@@ -86,7 +87,7 @@ pub fn shared_prefix_log_likelihoods(
         } else {
             prefix.clone()
         };
-        let logits = model.project(&hidden.index_select(&batch.rows, 0)?, &FwdCtx::eval())?;
+        let logits = model.project(&select_rows(&hidden, &batch.rows)?, &FwdCtx::eval())?;
         let lp = token_log_probs(&logits, &batch.targets)?.to_vec1::<f32>()?;
         out.push((lp.iter().map(|v| *v as f64).sum(), lp.len()));
     }

@@ -72,6 +72,12 @@ pub struct Llama {
 /// The RoPE tables and the attention bias of a batch, on each device of the placement.
 type AttentionInputs = Vec<(Tensor, Tensor, Tensor)>;
 
+/// The rows `rows` (flat positions) of the hidden states `hidden` (n, hidden), the positions
+/// moved to `hidden`'s device first (the last layer's when the layers are split over GPUs).
+pub fn select_rows(hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    Ok(hidden.index_select(&rows.to_device(hidden.device())?, 0)?)
+}
+
 /// Keys and values of the positions a sequence has been run through, per decoder layer, for
 /// [`Llama::hidden_cached`]. Cloning is cheap (tensors are shared), so candidates that continue
 /// one prefix each start from a clone.
@@ -216,11 +222,6 @@ impl Llama {
     /// split).
     pub fn device(&self) -> &Device {
         self.placement.input()
-    }
-
-    /// The device of the final norm, the LM head and the logits.
-    pub fn output_device(&self) -> &Device {
-        self.placement.output()
     }
 
     /// The device of each layer.
@@ -406,8 +407,7 @@ impl Llama {
         let (b, s) = ids.dims2()?;
         let hs = self.hidden(ids, mask, ctx)?;
         let flat = hs.reshape((b * s, self.cfg.hidden_size))?;
-        let picked = flat.index_select(&rows.to_device(flat.device())?, 0)?;
-        self.project(&picked, ctx)
+        self.project(&select_rows(&flat, rows)?, ctx)
     }
 
     /// All base weights with adapters merged, in HF names (for export or the peer check).

@@ -15,7 +15,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::block::Block;
-use super::{Llama, rms_norm};
+use super::{Llama, rms_norm, select_rows};
 use crate::Result;
 use crate::model::linear::FwdCtx;
 
@@ -135,8 +135,7 @@ impl Llama {
             self.cfg.rms_norm_eps,
         )?;
         let flat = hidden.reshape((b * s, self.cfg.hidden_size))?;
-        let picked = flat.index_select(&rows.to_device(flat.device())?, 0)?;
-        let value = loss(&self.project(&picked, ctx)?)?;
+        let value = loss(&self.project(&select_rows(&flat, rows)?, ctx)?)?;
         let store = value.backward()?;
         grads.add_store(&self.trainable, &store)?;
         let mut upstream = store.get(top.as_tensor()).cloned();
