@@ -10,13 +10,18 @@ mod common;
 use std::time::Duration;
 
 use common::job::{
-    NS, TRAIN, active, apply_ok, checkpoint_step, condition, env_with, job_pods, phase,
+    NS, TRAIN, active, apply_ok, checkpoint_step, condition, env_with, job, job_pods, phase,
     resumed_from, tiny_job_with, wait_job,
 };
-use finetune_api::JobPhase;
+use finetune_api::{JOB_LABEL, JobPhase};
 use finetune_e2e::operator::OperatorProcess;
 use finetune_e2e::{NodeSpec, Signal};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent, WatchParams,
+};
 
 /// Tests here run real trainers; one at a time keeps the 2-core machine responsive.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -102,7 +107,7 @@ async fn a_two_pod_gang_trains_and_restarts_whole_when_a_rank_is_killed() {
 async fn a_gang_that_cannot_be_placed_whole_holds_no_node() {
     let _serial = SERIAL.lock().await;
     let e = env_with(vec![NodeSpec::gpu("sim-gpu-0", 2)], Vec::new()).await;
-    let _op =
+    let op =
         OperatorProcess::start(&e.cluster, &e.ws, &e.tiny, &e.assets, "operator", &[]).unwrap();
     // Two pods of 2 GPUs each on one node with 2: rank 0 fits, rank 1 cannot.
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&gang_job("wide", 2, 30, 10)).unwrap();
@@ -135,12 +140,21 @@ async fn a_gang_that_cannot_be_placed_whole_holds_no_node() {
         c.message
     );
     assert_eq!(phase(&j), Some(JobPhase::Pending));
-    // Every pod that exists now was created before the release was seen.
-    let released: Vec<String> = job_pods(&e.cluster, "wide")
+    // Every pod that exists now was created before the release was seen; the list's version is
+    // where the watch below starts, so no pod created later can be missed. (A re-created gang is
+    // released again within a fraction of a second, too fast for polling to see.)
+    let pods = Api::<Pod>::namespaced(e.cluster.client(), NS);
+    let of_job = format!("{JOB_LABEL}=wide");
+    let listed = pods
+        .list(&ListParams::default().labels(&of_job))
         .await
+        .unwrap();
+    let released: Vec<String> = listed
+        .items
         .iter()
         .filter_map(|p| p.metadata.uid.clone())
         .collect();
+    let version = listed.metadata.resource_version.unwrap();
     // The placed rank was released: within the retry wait no pod of the gang is left.
     common::wait_for(
         Duration::from_secs(20),
@@ -152,24 +166,44 @@ async fn a_gang_that_cannot_be_placed_whole_holds_no_node() {
         },
     )
     .await;
-    // After the retry wait (30 s) the gang is created again: a pod none of the above.
-    common::wait_for(
-        Duration::from_secs(90),
-        "the gang created again after the retry wait",
-        || async {
-            job_pods(&e.cluster, "wide")
-                .await
-                .iter()
-                .any(|p| {
-                    p.metadata
-                        .uid
-                        .as_ref()
-                        .is_some_and(|u| !released.contains(u))
-                })
-                .then_some(())
-        },
-    )
+    // After the retry wait (30 s) the gang is created again (a pod none of the above), and, still
+    // unable to fit, released again: the pod is deleted.
+    let watch = WatchParams::default().labels(&of_job).timeout(120);
+    let mut events = pods.watch(&watch, &version).await.unwrap().boxed();
+    let mut created: Option<String> = None;
+    let mut seen = Vec::new();
+    let fresh = |p: &Pod| p.metadata.uid.clone().filter(|u| !released.contains(u));
+    let outcome = tokio::time::timeout(Duration::from_secs(100), async {
+        while let Some(event) = events.next().await {
+            match event.unwrap() {
+                WatchEvent::Added(p) => {
+                    seen.push(format!("added {}", p.name_any()));
+                    created = created.take().or_else(|| fresh(&p));
+                }
+                WatchEvent::Deleted(p) => {
+                    seen.push(format!("deleted {}", p.name_any()));
+                    if created.is_some() && fresh(&p) == created {
+                        return true;
+                    }
+                }
+                WatchEvent::Modified(_) | WatchEvent::Bookmark(_) => {}
+                WatchEvent::Error(err) => panic!("pod watch failed: {err:?}"),
+            }
+        }
+        false
+    })
     .await;
+    if outcome != Ok(true) {
+        let status = job(&e.cluster, "wide").await.status;
+        let log = op.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "the gang was not created again after the retry wait and released again (created: \
+             {created:?}); pod events: {seen:?}\nstatus: {}\noperator log (newest first):\n{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default(),
+            tail.join("\n")
+        );
+    }
     e.cluster.shutdown().await;
 }
 
