@@ -122,6 +122,12 @@ pub struct TrainerProgress {
     /// the download step's record beside them; absent for other sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_commit: Option<String>,
+    /// The format the base model's frozen weights were held in while training: the compute
+    /// dtype (`bf16` on a GPU, `f32` on a CPU), or `int8` / `int4` when a LoRA job's projections
+    /// were quantized (`method.lora.baseQuantization`; the embeddings, norms and LM head stay in
+    /// the compute dtype).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_format: Option<String>,
     /// Output directory (relative to the output volume) once exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<String>,

@@ -187,6 +187,9 @@ pub fn apply_progress(status: &mut FineTuneJobStatus, p: &TrainerProgress) {
         // Kept once known: later attempts download this commit (see the model download step).
         status.model_commit = p.model_commit.clone();
     }
+    if p.base_format.is_some() {
+        status.base_format = p.base_format.clone();
+    }
     if p.latest_checkpoint.is_some() || p.best_checkpoint.is_some() {
         status.checkpoints = Some(CheckpointStatus {
             latest: p.latest_checkpoint.clone(),
@@ -336,6 +339,16 @@ mod tests {
         // A progress document without it (a later process that lost it) keeps the known commit.
         apply_progress(&mut s, &p);
         assert_eq!(s.model_commit.as_deref(), Some("4b2a0c9e"));
+        // The base's format, once the weights are loaded, stays through later documents.
+        assert_eq!(s.base_format, None);
+        let loaded = TrainerProgress {
+            base_format: Some("int4".into()),
+            ..p.clone()
+        };
+        apply_progress(&mut s, &loaded);
+        assert_eq!(s.base_format.as_deref(), Some("int4"));
+        apply_progress(&mut s, &p);
+        assert_eq!(s.base_format.as_deref(), Some("int4"));
     }
 
     #[test]

@@ -111,6 +111,8 @@ async fn tiny_sample_succeeds_and_resumes_after_the_trainer_is_killed() {
         "{m:?}"
     );
     assert!(m.validation_accuracy.is_some(), "{m:?}");
+    // A CPU trainer over an unquantized base holds it in f32.
+    assert_eq!(s.base_format.as_deref(), Some("f32"));
     assert!(s.checkpoints.as_ref().unwrap().latest.is_some());
     assert_eq!(
         s.output.as_ref().unwrap().adapter.as_deref(),
@@ -138,6 +140,26 @@ async fn tiny_sample_succeeds_and_resumes_after_the_trainer_is_killed() {
     let header = table.lines().next().unwrap_or_default();
     assert!(header.contains("REASON"), "{table}");
     assert!(table.contains("Completed"), "{table}");
+    // `-o wide` adds the base's format.
+    let out = e
+        .cluster
+        .kubectl()
+        .args(["get", "ftj", "tiny-sentiment", "-o", "wide"])
+        .output()
+        .await
+        .unwrap();
+    let wide = String::from_utf8_lossy(&out.stdout);
+    let mut rows = wide.lines();
+    let (header, row) = (
+        rows.next().unwrap_or_default(),
+        rows.next().unwrap_or_default(),
+    );
+    // kubectl aligns the columns: the value starts where its header does.
+    let base = header
+        .find(" BASE ")
+        .and_then(|at| row.get(at + 1..))
+        .and_then(|rest| rest.split_whitespace().next());
+    assert_eq!(base, Some("f32"), "{wide}");
 
     // Idle: a finished job causes no more status writes.
     let rv = job(&e.cluster, "tiny-sentiment")

@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model.preset"}"#,
+    printcolumn = r#"{"name":"Base","type":"string","jsonPath":".status.baseFormat","priority":1}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.summary"}"#,
     printcolumn = r#"{"name":"Train-Loss","type":"number","jsonPath":".status.metrics.trainLoss"}"#,
     printcolumn = r#"{"name":"Val-Loss","type":"number","jsonPath":".status.metrics.validationLoss"}"#,

@@ -56,6 +56,12 @@ pub struct FineTuneJobStatus {
     /// branch that moves meanwhile cannot change the weights under the checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_commit: Option<String>,
+    /// The format the base model's frozen weights were held in while training: the compute
+    /// dtype (`bf16` on a GPU, `f32` on a CPU), or `int8` / `int4` when a LoRA job's projections
+    /// were quantized (`method.lora.baseQuantization`; the embeddings, norms and LM head stay in
+    /// the compute dtype).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_format: Option<String>,
     /// Where the current attempt's trainer pods stand, for a job of several pods (a gang,
     /// `resources.nodes` > 1); which rank failed and why is in the Ready condition's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]

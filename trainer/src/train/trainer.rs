@@ -229,6 +229,13 @@ impl Trainer {
             }
             _ => Weights::load_quantizing(&files, dtype, &placement, quantize)?,
         };
+        let base_format = match &params.method {
+            TrainableSpec::Lora(lora) if quantize.is_some() => lora.base_quantization.name(),
+            _ => dtype.as_str(),
+        };
+        if let Some(m) = &metrics {
+            m.update_progress(|p| p.base_format = Some(base_format.to_string()));
+        }
         let model =
             Llama::from_weights_placed(&cfg, weights, &params.method, params.seed, &placement)?;
         tracing::info!(
