@@ -2,9 +2,9 @@
 # The GPU check (`make gpu-check`): one prepared run of a few minutes on a GPU machine that has
 # CUDA 13, PyTorch, transformers and peft but no Rust and no model hub. Build here first:
 #
-#   make cuda-build && mkdir -p target/gpu-check \
-#     && cp "$(scripts/fetch-assets.sh)/tokenizer.json" target/gpu-check/
-#   # carry target/cuda/finetune-trainer and target/gpu-check; run this script there.
+#   make cuda-build   # also fills target/gpu-check: finetune-trainer.gz and tokenizer.json
+#   # carry target/gpu-check (about 19 MB; the bare binary is 63+ MiB of the 64 MiB a call may
+#   # carry); run this script there: it unpacks the binary.
 #
 # It (1) checks CUDA logits against CPU logits on the tiny model, a LoRA batch's gradients
 # with the tiny model's layers split over cuda:0 and the CPU against one device, and NCCL with
@@ -32,6 +32,11 @@ if [ "$dry" = 1 ]; then
   shape=tiny preset=tiny steps=3 seq=128 batches="1 2" gpu=false precision=f32
 else
   bin=${GPU_CHECK_BIN:-$root/target/cuda/finetune-trainer}
+  packed=$root/target/gpu-check/finetune-trainer.gz
+  if [ -z "${GPU_CHECK_BIN:-}" ] && [ ! -e "$bin" ] && [ -e "$packed" ]; then
+    bin=$work/finetune-trainer
+    gzip -dc "$packed" > "$bin" && chmod 0755 "$bin"
+  fi
   shape=7b preset=llama-2-7b steps=20 seq=1024 batches="1 4" gpu=true precision=bf16
 fi
 tokenizer=${GPU_CHECK_TOKENIZER:-$root/target/gpu-check/tokenizer.json}
