@@ -25,6 +25,9 @@ pub struct JobMemory {
     pub unschedulable_since: Option<Instant>,
     /// Until when a gang released for being partly placed waits before it is created again.
     pub gang_retry_at: Option<Instant>,
+    /// Releases of the gang in a row, without it being placed whole in between: the exponent of
+    /// the wait before the next try ([`crate::controller::decide::gang_retry_wait`]).
+    pub gang_releases: u32,
     /// The job's resourceVersion that this operator's last status write replaced. A reconcile
     /// that still sees it works from a cache the watch has not caught up with yet; it waits for
     /// the newer version (its arrival triggers the next reconcile) instead of writing from stale
@@ -43,6 +46,7 @@ impl JobMemory {
             since: Instant::now(),
             unschedulable_since: None,
             gang_retry_at: None,
+            gang_releases: 0,
             superseded_version: None,
             failed_reconciles: 0,
         }

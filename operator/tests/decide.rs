@@ -144,6 +144,10 @@ fn check(case: &Value) {
             .get("gangRetryInSeconds")
             .and_then(Value::as_u64)
             .map(|s| mono + Duration::from_secs(s)),
+        gang_releases: memory_case
+            .get("gangReleases")
+            .and_then(Value::as_u64)
+            .map_or(0, |n| n as u32),
         ..JobMemory::new()
     };
     let observed = Observed {
@@ -300,6 +304,13 @@ fn check(case: &Value) {
             plan.memory.gang_retry_at,
             Some(mono + Duration::from_secs(s.as_u64().unwrap())),
             "{name}: gang retry"
+        );
+    }
+    if let Some(n) = field("gangReleases") {
+        assert_eq!(
+            Some(u64::from(plan.memory.gang_releases)),
+            n.as_u64(),
+            "{name}: gang releases in a row"
         );
     }
     let generation = field("generation").and_then(Value::as_i64).unwrap_or(1);

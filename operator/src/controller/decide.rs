@@ -11,6 +11,7 @@ use finetune_api::fit::{effective_gpus, effective_nodes};
 use finetune_api::mutability::{changed_sections, mutable_fields_sentence};
 use finetune_api::{FineTuneJob, FineTuneJobSpec, JobPhase, MethodType, OutputStatus};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::{SignedDuration, Unit};
 use kube::ResourceExt;
 
 use super::draft::Draft;
@@ -25,8 +26,32 @@ use crate::status::{
     apply_progress, condition, find_condition, parse_termination_message, remove_condition,
 };
 
-/// How long a gang released for being partly placed waits before it is created again.
+/// How long a gang released for being partly placed waits before it is created again the first
+/// time; the wait doubles with each release in a row, up to [`MAX_GANG_RETRY`].
 pub const GANG_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between a gang's release and its next try.
+pub const MAX_GANG_RETRY: Duration = Duration::from_secs(300);
+
+/// The wait after a gang's `releases`-th release in a row (1 for the first): [`GANG_RETRY`]
+/// doubled with each release after the first, at most [`MAX_GANG_RETRY`]. A gang that can never
+/// fit (without a gang scheduler) costs the scheduler and the API server one try every 5
+/// minutes, not every 30 s.
+pub fn gang_retry_wait(releases: u32) -> Duration {
+    let doublings = releases.saturating_sub(1).min(16);
+    GANG_RETRY
+        .saturating_mul(1 << doublings)
+        .min(MAX_GANG_RETRY)
+}
+
+/// The wall-clock time `secs` after `clock`'s, to the second (RFC 3339, UTC).
+fn seconds_after(clock: &Clock, secs: u64) -> String {
+    let later = clock
+        .wall
+        .0
+        .checked_add(SignedDuration::from_secs(secs.min(i64::MAX as u64) as i64))
+        .unwrap_or(clock.wall.0);
+    later.round(Unit::Second).unwrap_or(later).to_string()
+}
 
 /// The attempt number of a trainer pod.
 pub fn pod_attempt(pod: &Pod) -> Option<u32> {
@@ -243,8 +268,12 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             // A gang released for being partly placed waits before it is created again.
             if let Some(at) = d.memory.gang_retry_at.filter(|at| *at > clock.mono) {
                 let left = at.duration_since(clock.mono).as_secs().max(1);
+                // The time, not a countdown: the message stays true until the next try.
                 let msg = format!(
-                    "the gang's {ranks} pods could not all be placed; creating them again in {left}s"
+                    "the gang's {ranks} pods could not all be placed (release {} in a row); \
+                     creating them again at {}",
+                    d.memory.gang_releases.max(1),
+                    seconds_after(clock, left)
                 );
                 d.phase(JobPhase::Pending, Reason::Unschedulable, &msg);
                 return Ok(d.done(
@@ -323,18 +352,23 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
             // ranks that got a node would hold its GPUs, waiting for one that cannot get any.
             // The whole gang is released and created again later.
             d.memory.unschedulable_since.get_or_insert(clock.mono);
-            d.memory.gang_retry_at = Some(clock.mono + GANG_RETRY);
+            d.memory.gang_releases = d.memory.gang_releases.saturating_add(1);
+            let wait = gang_retry_wait(d.memory.gang_releases);
+            d.memory.gang_retry_at = Some(clock.mono + wait);
             d.condition(condition::UNSCHEDULABLE, true, Reason::Unschedulable, &msg);
             let msg = format!(
                 "the gang cannot be placed whole ({msg}); its placed pods were released so they \
-                 hold no GPUs, and it is created again in {}s (a gang scheduler avoids this: see \
+                 hold no GPUs, and it is created again in {}s (release {} in a row; the wait \
+                 doubles with each, up to {}s; a gang scheduler avoids this: see \
                  docs/distributed.md)",
-                GANG_RETRY.as_secs()
+                wait.as_secs(),
+                d.memory.gang_releases,
+                MAX_GANG_RETRY.as_secs()
             );
             d.phase(JobPhase::Pending, Reason::Unschedulable, &msg);
             d.done(
                 vec![end_attempt(Some(0)), Write::Status],
-                Requeue::After(GANG_RETRY),
+                Requeue::After(wait),
             )
         }
         Some((_, PodOutcome::Pending(waiting))) => {
@@ -399,6 +433,8 @@ pub fn decide(job: &FineTuneJob, obs: &Observed, s: &Settings, clock: &Clock) ->
         }
         Some((pod, PodOutcome::Running)) => {
             d.scheduled();
+            // Placed whole: a later release starts the waits from the first again.
+            d.memory.gang_releases = 0;
             if obs.node_lost {
                 d.status.disruptions += 1;
                 d.restart = Some("disruption");
