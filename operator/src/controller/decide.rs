@@ -37,10 +37,7 @@ pub const MAX_GANG_RETRY: Duration = Duration::from_secs(300);
 /// fit (without a gang scheduler) costs the scheduler and the API server one try every 5
 /// minutes, not every 30 s.
 pub fn gang_retry_wait(releases: u32) -> Duration {
-    let doublings = releases.saturating_sub(1).min(16);
-    GANG_RETRY
-        .saturating_mul(1 << doublings)
-        .min(MAX_GANG_RETRY)
+    backoff(releases.max(1), GANG_RETRY, MAX_GANG_RETRY)
 }
 
 /// The wall-clock time `secs` after `clock`'s, to the second (RFC 3339, UTC).

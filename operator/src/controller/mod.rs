@@ -143,8 +143,7 @@ pub fn retry_delay(class: RetryClass, failures: u32) -> Duration {
         RetryClass::Congested => (CONGESTED_RETRY, MAX_CONGESTED_RETRY),
         RetryClass::Refused => (REFUSED_RETRY, MAX_REFUSED_RETRY),
     };
-    let doublings = failures.saturating_sub(1).min(16);
-    first.saturating_mul(1 << doublings).min(max)
+    crate::lifecycle::backoff(failures.max(1), first, max)
 }
 
 /// Reconciles one FineTuneJob.
