@@ -21,12 +21,15 @@ RUN cargo build --locked --release -p finetune-trainer --bin finetune-trainer --
  && assets="$(scripts/fetch-assets.sh)" \
  && install -D -m 0644 "$assets/tokenizer.json" /out/tokenizer/tokenizer.json \
  && target/cpu/release/finetune-trainer init-tiny --out /out/tiny-base --tokenizer "$assets/tokenizer.json" \
-      --pretrain-text "$assets/nyt_general.txt"
+      --pretrain-text "$assets/nyt_general.txt" \
+ && target/cpu/release/finetune-trainer import-llama2c --checkpoint "$assets/stories15M.bin" \
+      --tokenizer "$assets/tokenizer.json" --out /out/stories-15m
 
 FROM docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
 COPY --from=build /out/finetune-trainer /usr/local/bin/finetune-trainer
 COPY --from=build /out/tokenizer /opt/finetune/tokenizer
 COPY --from=build /out/tiny-base /opt/finetune/tiny-base
+COPY --from=build /out/stories-15m /opt/finetune/stories-15m
 USER 65532:65532
 EXPOSE 9090
 ENTRYPOINT ["/usr/local/bin/finetune-trainer"]

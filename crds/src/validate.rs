@@ -98,7 +98,7 @@ pub fn warnings(spec: &FineTuneJobSpec) -> Vec<FieldWarning> {
 
 fn validate_model(spec: &FineTuneJobSpec, e: &mut Errors) {
     let m = &spec.model;
-    match (&m.source, m.preset.is_pretrained()) {
+    match (&m.source, !m.preset.is_bundled()) {
         (None, true) => e.add(
             "spec.model.source",
             format!(
@@ -459,7 +459,7 @@ fn validate_storage(spec: &FineTuneJobSpec, e: &mut Errors) {
 
 fn validate_resources(spec: &FineTuneJobSpec, e: &mut Errors) {
     let r = &spec.resources;
-    if spec.model.preset.is_pretrained() && fit::effective_gpus(spec) == 0 {
+    if spec.model.preset.defaults().gpus > 0 && fit::effective_gpus(spec) == 0 {
         e.add(
             "spec.resources.gpus",
             format!(

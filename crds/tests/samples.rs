@@ -22,6 +22,7 @@ fn sample(name: &str) -> FineTuneJob {
 fn the_runnable_samples_are_valid() {
     for (file, preset) in [
         ("tiny-sentiment-cpu.yaml", ModelPreset::Tiny),
+        ("stories-sentiment-lora-cpu.yaml", ModelPreset::Stories15m),
         ("llama-2-7b-lora-sentiment.yaml", ModelPreset::Llama2_7b),
         ("llama-2-13b-lora.yaml", ModelPreset::Llama2_13b),
         ("llama-2-70b-qlora-one-gpu.yaml", ModelPreset::Llama2_70b),

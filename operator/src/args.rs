@@ -43,7 +43,15 @@ pub struct Args {
         default_value = "/opt/finetune/tiny-base"
     )]
     pub tiny_model_dir: String,
-    /// The Llama 2 `tokenizer.json` inside the trainer image (used by `tiny`).
+    /// Directory of the `stories-15m` base model inside the trainer image (llama2.c's
+    /// stories15M, imported into Hugging Face layout).
+    #[arg(
+        long,
+        env = "STORIES_MODEL_DIR",
+        default_value = "/opt/finetune/stories-15m"
+    )]
+    pub stories_model_dir: String,
+    /// The Llama 2 `tokenizer.json` inside the trainer image (used by `tiny` and `stories-15m`).
     #[arg(
         long,
         env = "TINY_TOKENIZER_FILE",

@@ -555,6 +555,33 @@ fn hub_token_is_passed_only_by_secret_reference() {
 }
 
 #[test]
+fn a_bundled_preset_trains_the_weights_the_trainer_image_ships() {
+    // `tiny` and `stories-15m` need no source: each reads its own directory of the image, with
+    // the image's Llama 2 tokenizer, and mounts no model volume.
+    let settings = BuildSettings {
+        tiny_model_dir: "/image/tiny".into(),
+        stories_model_dir: "/image/stories".into(),
+        tiny_tokenizer_file: "/image/tokenizer.json".into(),
+        ..BuildSettings::default()
+    };
+    for (sample, dir) in [
+        ("tiny-sentiment-cpu.yaml", "/image/tiny"),
+        ("stories-sentiment-lora-cpu.yaml", "/image/stories"),
+    ] {
+        let c = children(&job(sample), &settings, 0).unwrap();
+        let cfg = trainer_config(&c);
+        assert_eq!(cfg.paths.model_dir, dir, "{sample}");
+        assert_eq!(
+            cfg.paths.tokenizer_file, "/image/tokenizer.json",
+            "{sample}"
+        );
+        assert!(!cfg.use_gpu, "{sample}");
+        let volumes = c.pods[0].spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert!(volumes.iter().all(|v| v.name != "model"), "{sample}");
+    }
+}
+
+#[test]
 fn config_map_carries_the_trainer_configuration() {
     let c = children(
         &job("tiny-sentiment-cpu.yaml"),

@@ -46,6 +46,14 @@ pub enum TrainerError {
     /// The metrics registry could not be built.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A foreign checkpoint to import (a llama2.c `model.bin`) is malformed.
+    #[error("{path}: {reason}")]
+    Import {
+        /// The file being imported.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The configuration is inconsistent.
     #[error("configuration: {0}")]
     Config(String),

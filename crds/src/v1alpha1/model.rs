@@ -7,12 +7,13 @@ use crate::presets::ModelPreset;
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
-    /// Which model family and size: `tiny` (CPU, initialised locally), `llama-2-7b`,
+    /// Which model family and size: `tiny` (CPU, initialised locally), `stories-15m` (CPU,
+    /// llama2.c's TinyStories model, shipped in the trainer image), `llama-2-7b`,
     /// `llama-2-13b` or `llama-2-70b`. Fixes the architecture and the default GPU resources.
     pub preset: ModelPreset,
     /// Where the weights come from: `hf://org/name[@revision]` (downloaded by an init step) or
     /// `pvc://claim/path` (a directory in Hugging Face layout on an existing claim). Leave empty
-    /// for `tiny`, which is initialised locally.
+    /// for `tiny` and `stories-15m`, whose weights the trainer image ships.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(hf|pvc)://.+$"))]
     pub source: Option<String>,

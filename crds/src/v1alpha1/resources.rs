@@ -16,7 +16,7 @@ pub struct ResourcesSpec {
     /// gradientAccumulationSteps × GPUs × nodes); with `spread: layers` one process holds the
     /// model split over them (the effective batch is batchSize × gradientAccumulationSteps ×
     /// nodes). Default: 1 for 7B and 13B, 4 for 70B, 0 for
-    /// tiny.
+    /// tiny and stories-15m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 64))]
     pub gpus: Option<u32>,

@@ -20,8 +20,8 @@ pub use volumes::{
     DataPlan, FETCH_CA_BUNDLE_ENV, FETCH_TOKEN_ENV, MOUNT_ROOT, plan_volumes, url_port,
 };
 
-use finetune_api::FineTuneJob;
 use finetune_api::fit::effective_nodes;
+use finetune_api::{FineTuneJob, ModelPreset};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -52,6 +52,8 @@ pub struct BuildSettings {
     pub hf_endpoint: String,
     /// Pretrained tiny base inside the trainer image.
     pub tiny_model_dir: String,
+    /// The `stories-15m` base inside the trainer image.
+    pub stories_model_dir: String,
     /// Llama 2 tokenizer inside the trainer image.
     pub tiny_tokenizer_file: String,
     /// Grace period of trainer pods.
@@ -84,6 +86,18 @@ impl CaBundle {
     }
 }
 
+impl BuildSettings {
+    /// The directory inside the trainer image with the weights of a preset the image ships
+    /// (`tiny`, `stories-15m`; validation requires a source for every other preset, which then
+    /// falls back to the tiny base here).
+    pub fn bundled_model_dir(&self, preset: ModelPreset) -> &str {
+        match preset {
+            ModelPreset::Stories15m => &self.stories_model_dir,
+            _ => &self.tiny_model_dir,
+        }
+    }
+}
+
 impl Default for BuildSettings {
     fn default() -> Self {
         BuildSettings {
@@ -92,6 +106,7 @@ impl Default for BuildSettings {
             fetch_image: DEFAULT_FETCH_IMAGE.into(),
             hf_endpoint: "https://huggingface.co".into(),
             tiny_model_dir: "/opt/finetune/tiny-base".into(),
+            stories_model_dir: "/opt/finetune/stories-15m".into(),
             tiny_tokenizer_file: "/opt/finetune/tokenizer/tokenizer.json".into(),
             trainer_grace_seconds: 120,
             ca_bundle: None,
@@ -107,6 +122,7 @@ impl From<&crate::Args> for BuildSettings {
             fetch_image: a.fetch_image.clone(),
             hf_endpoint: a.hf_endpoint.clone(),
             tiny_model_dir: a.tiny_model_dir.clone(),
+            stories_model_dir: a.stories_model_dir.clone(),
             tiny_tokenizer_file: a.tiny_tokenizer_file.clone(),
             trainer_grace_seconds: a.trainer_grace_seconds,
             ca_bundle: CaBundle::parse(&a.ca_bundle_config_map),

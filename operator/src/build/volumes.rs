@@ -346,7 +346,7 @@ pub fn plan_volumes(job: &FineTuneJob, settings: &BuildSettings) -> Result<DataP
     // The model.
     let (model_dir, tokenizer_file) = match spec.model.source.as_deref() {
         None => (
-            settings.tiny_model_dir.clone(),
+            settings.bundled_model_dir(spec.model.preset).to_string(),
             settings.tiny_tokenizer_file.clone(),
         ),
         Some(uri) => {

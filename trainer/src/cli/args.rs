@@ -184,6 +184,19 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Import a llama2.c checkpoint (`model.bin`, e.g. the `stories-15m` preset's) into a Hugging
+    /// Face model directory the trainer loads like any other base.
+    ImportLlama2c {
+        /// The llama2.c `model.bin`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// tokenizer.json matching the checkpoint's vocabulary (copied beside the weights).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Greedy generation with a model and optional PEFT adapter.
     Generate {
         /// HF model directory.

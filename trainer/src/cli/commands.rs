@@ -67,6 +67,11 @@ pub fn run(command: Command) -> Result<ExitCode> {
             seed,
             force,
         }),
+        Command::ImportLlama2c {
+            checkpoint,
+            tokenizer,
+            out,
+        } => import_llama2c(&checkpoint, &tokenizer, &out),
         Command::Generate {
             model,
             adapter,
@@ -279,6 +284,31 @@ fn init_tiny(req: &InitTiny) -> Result<ExitCode> {
             eprintln!("wrote {} ({parameters} parameters)", req.out.display());
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `import-llama2c`: a llama2.c checkpoint written as a Hugging Face model directory, its
+/// tokenizer checked against the checkpoint's vocabulary first.
+fn import_llama2c(checkpoint: &Path, tokenizer: &Path, out: &Path) -> Result<ExitCode> {
+    let vocab = Encoder::from_file(tokenizer, PromptTemplate::default(), 64)?.vocab_size();
+    let (cfg, weights) = crate::model::llama2c::read_llama2c(checkpoint)?;
+    if cfg.vocab_size != vocab {
+        return Err(TrainerError::Import {
+            path: checkpoint.to_path_buf(),
+            reason: format!(
+                "a vocabulary of {} tokens, but {} has {vocab}",
+                cfg.vocab_size,
+                tokenizer.display()
+            ),
+        });
+    }
+    crate::model::llama2c::write_imported(out, tokenizer, &cfg, &weights)?;
+    eprintln!(
+        "imported {} into {} ({} parameters)",
+        checkpoint.display(),
+        out.display(),
+        cfg.num_parameters()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -182,8 +182,11 @@ impl Encoder {
         Ok(out)
     }
 
-    /// The distinct token ids that spell `labels` as responses (without `</s>`), in order of
-    /// first appearance: the `lm_head` rows `trainLabelTokens` trains.
+    /// The distinct token ids of every supervised answer token: those that spell `labels` as
+    /// responses, in order of first appearance, then the `</s>` that ends each answer. These are
+    /// the `lm_head` rows `trainLabelTokens` trains; `</s>` is among them because a base that
+    /// never ends a text with it (one pretrained on stories separated by `<s>` only) would
+    /// otherwise pay its whole loss on that token.
     pub fn label_token_ids(&self, labels: &[String]) -> Result<Vec<u32>> {
         let mut ids: Vec<u32> = Vec::new();
         for label in labels {
@@ -193,6 +196,7 @@ impl Encoder {
                 }
             }
         }
+        ids.push(self.eos);
         Ok(ids)
     }
 

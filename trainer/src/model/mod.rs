@@ -6,6 +6,7 @@ pub mod frozen;
 pub mod head_rows;
 pub mod linear;
 pub mod llama;
+pub mod llama2c;
 pub mod load;
 pub mod lora;
 pub mod placement;
