@@ -63,6 +63,26 @@ fn amazon_csv_cleans_and_tokenizes_with_response_mask() {
         prompt.starts_with("[INST]") && prompt.ends_with("[/INST]"),
         "{prompt}"
     );
+    // trainLabelTokens' rows are exactly the supervised answer tokens: every one of them, `</s>`
+    // included (a base that never ends a text with it pays its whole loss there), each once.
+    let labels = ["Negative".to_string(), "Positive".to_string()];
+    let rows_trained = enc.label_token_ids(&labels).unwrap();
+    let mut supervised: Vec<u32> = Vec::new();
+    for label in &labels {
+        let mut ex = rows[0].clone();
+        ex.response = label.clone();
+        let e = enc.encode(&ex).unwrap();
+        for (id, m) in e.ids.iter().zip(&e.target) {
+            if *m == 1 && !supervised.contains(id) {
+                supervised.push(*id);
+            }
+        }
+    }
+    assert_eq!(rows_trained.last(), Some(&enc.eos));
+    let (mut trained, mut wanted) = (rows_trained.clone(), supervised);
+    trained.sort_unstable();
+    wanted.sort_unstable();
+    assert_eq!(trained, wanted, "each supervised token once");
 }
 
 #[test]

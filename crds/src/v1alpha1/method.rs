@@ -73,9 +73,10 @@ pub struct LoraSpec {
     #[serde(default = "default_targets")]
     #[schemars(length(min = 1, max = 7))]
     pub target_modules: Vec<TargetModule>,
-    /// Also train the `lm_head` rows of the tokens that spell the class labels (PEFT's
-    /// `trainable_token_indices` on `lm_head`; saved in the adapter). Turn it on when the base
-    /// rarely writes the label words (a small or domain base): adapters alone cannot separate
+    /// Also train the `lm_head` rows of the tokens that spell the class labels and of the `</s>`
+    /// that ends each answer (PEFT's `trainable_token_indices` on `lm_head`; saved in the
+    /// adapter). Turn it on when the base rarely writes the label words or never ends a text
+    /// with `</s>` (a small or domain base): adapters alone cannot separate
     /// labels whose head rows the base never trained. Only those rows change, so every other
     /// token's logit stays the base's. Classification datasets only; not with tied embeddings.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
