@@ -109,17 +109,24 @@ pub fn mean_nll(
     Ok(if n == 0 { f64::NAN } else { -s / n as f64 })
 }
 
-/// Encodes plain text lines as language-modelling examples (every token after BOS is a target).
+/// Encodes plain text lines as language-modelling examples (every token after BOS is a target),
+/// each ended by `</s>` when `end_with_eos` (pretraining, which teaches where a text ends); the
+/// forgetting check leaves it out, so that it scores the text's own tokens only, not whether the
+/// base ends a text with `</s>` (llama2.c's TinyStories models never do, and `trainLabelTokens`
+/// trains that row).
 pub fn encode_lm_lines(
     encoder: &Encoder,
     lines: &[String],
     max_len: usize,
+    end_with_eos: bool,
 ) -> Result<Vec<Encoded>> {
     let mut out = Vec::new();
     for l in lines {
         let mut ids = vec![encoder.bos];
         ids.extend(encoder.tokens(l.trim())?);
-        ids.push(encoder.eos);
+        if end_with_eos {
+            ids.push(encoder.eos);
+        }
         ids.truncate(max_len.max(2));
         let mut target = vec![1u8; ids.len()];
         target[0] = 0;

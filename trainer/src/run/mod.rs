@@ -33,6 +33,7 @@ fn retention_set(t: &Trainer) -> Result<Option<Vec<crate::data::Encoded>>> {
         &t.encoder,
         &lines,
         t.params.max_seq_len,
+        false,
     )?))
 }
 

@@ -59,7 +59,7 @@ pub fn pretrain(
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect();
-    let data = encode_lm_lines(encoder, &lines, s.seq_len)?;
+    let data = encode_lm_lines(encoder, &lines, s.seq_len, true)?;
     if data.is_empty() {
         return Err(TrainerError::Data(format!(
             "{}: no text",
