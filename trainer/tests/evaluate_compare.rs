@@ -323,3 +323,48 @@ fn a_jobs_test_set_is_scored_before_and_after_training() {
     assert!(md.contains("## Held-out test set"), "{md}");
     let _ = std::fs::remove_dir_all(work);
 }
+
+#[test]
+fn the_validation_loss_taken_from_the_classification_scores_is_the_rows_own_mean_nll() {
+    // Evaluation scores every validation row with each label; the true label's candidate is
+    // the row itself, so its scores give the validation loss without a second forward. Equal to
+    // the path it replaces (mean_nll over the rows), and that path is taken when the rows are
+    // not the candidates.
+    let (_work, _base, tuned) = base_and_adapter("validation-loss");
+    let set = HeldOutSet::read(&held_out(), None, &options().cleaning, None).unwrap();
+    let (model, _) = load_for_inference(&tuned, &Device::Cpu).unwrap();
+    let enc = Encoder::from_file(&tokenizer(), PromptTemplate::default(), 48).unwrap();
+    let classes =
+        ClassificationSet::new(&enc, &set.examples, &set.labels, &set.majority_class).unwrap();
+    let rows: Vec<_> = set
+        .examples
+        .iter()
+        .map(|x| enc.encode(x).unwrap())
+        .collect();
+    let direct = finetune_trainer::eval::mean_nll(&model, &rows, 32, &Device::Cpu).unwrap();
+    let scores = classes.scores(&model, 32, &Device::Cpu).unwrap();
+    let shared = classes
+        .true_label_loss(&scores, &rows)
+        .expect("rows are the true candidates");
+    assert!(direct.is_finite() && direct > 0.0, "{direct}");
+    assert!(
+        (shared - direct).abs() < 1e-5 * direct,
+        "{shared} vs {direct}"
+    );
+    let (loss, report) =
+        finetune_trainer::eval::validation_scores(&model, &rows, Some(&classes), &Device::Cpu)
+            .unwrap();
+    assert_eq!(loss, shared);
+    assert_eq!(report.unwrap(), classes.report(&scores));
+    // Rows that are not the candidates (one answer changed, or one row fewer): no shortcut.
+    let mut other = rows.clone();
+    let last = other[0].ids.len() - 2;
+    other[0].ids[last] = (other[0].ids[last] + 1) % enc.vocab_size() as u32;
+    assert_eq!(classes.true_label_loss(&scores, &other), None);
+    assert_eq!(classes.true_label_loss(&scores, &rows[1..]), None);
+    let (fallback, _) =
+        finetune_trainer::eval::validation_scores(&model, &other, Some(&classes), &Device::Cpu)
+            .unwrap();
+    let expected = finetune_trainer::eval::mean_nll(&model, &other, 32, &Device::Cpu).unwrap();
+    assert_eq!(fallback, expected);
+}

@@ -176,41 +176,90 @@ impl ClassificationSet {
         })
     }
 
-    /// Predicts each example's label by the highest log-likelihood of `label + EOS`. On a GPU
-    /// the labels of one example continue its prompt, run once with a KV cache (k labels cost
-    /// about one prompt forward instead of k); on the CPU, batches of `batch_size` full
-    /// candidates are faster for small models (2× in the dev profile on the tiny model, 64
-    /// prompts of 60–120 tokens, 2 labels). Both give the same scores (`tests/kv_cache.rs`).
+    /// Predicts each example's label by the highest log-likelihood of `label + EOS` (the
+    /// scores of [`Self::scores`]).
     pub fn evaluate(
         &self,
         model: &Llama,
         batch_size: usize,
         device: &Device,
     ) -> Result<ClassificationReport> {
-        let predicted = self.predict(model, batch_size, device)?;
+        Ok(self.report(&self.scores(model, batch_size, device)?))
+    }
+
+    /// The classification metrics of per-candidate scores from [`Self::scores`].
+    pub fn report(&self, scores: &[Vec<(f64, usize)>]) -> ClassificationReport {
         let pairs: Vec<(String, String)> = self
             .truth
             .iter()
-            .zip(predicted)
-            .map(|(t, p)| (t.clone(), self.labels[p].clone()))
+            .zip(scores)
+            .map(|(t, s)| (t.clone(), self.labels[best_candidate(s)].clone()))
             .collect();
-        Ok(metrics_from_pairs(
-            &self.labels,
-            &pairs,
-            &self.majority_class,
-        ))
+        metrics_from_pairs(&self.labels, &pairs, &self.majority_class)
     }
 
     /// The index into `labels` of each example's predicted label (see [`Self::evaluate`]).
     pub fn predict(&self, model: &Llama, batch_size: usize, device: &Device) -> Result<Vec<usize>> {
+        Ok(self
+            .scores(model, batch_size, device)?
+            .iter()
+            .map(|s| best_candidate(s))
+            .collect())
+    }
+
+    /// The mean negative log-likelihood per token of the true labels' candidates: the
+    /// validation loss of `validation`, without a forward of its own, when `validation` is
+    /// exactly the true candidates (the same ids and targets, row for row); `None` otherwise.
+    pub fn true_label_loss(
+        &self,
+        scores: &[Vec<(f64, usize)>],
+        validation: &[Encoded],
+    ) -> Option<f64> {
+        if validation.len() != self.truth.len() || scores.len() != self.truth.len() {
+            return None;
+        }
+        let (mut sum, mut tokens) = (0f64, 0usize);
+        for (i, row) in validation.iter().enumerate() {
+            let label = self.labels.iter().position(|l| *l == self.truth[i])?;
+            let candidate = &self.candidates[i][label];
+            if candidate.ids != row.ids || candidate.target != row.target {
+                return None;
+            }
+            sum += scores[i][label].0;
+            tokens += scores[i][label].1;
+        }
+        Some(if tokens == 0 {
+            f64::NAN
+        } else {
+            -sum / tokens as f64
+        })
+    }
+
+    /// Every candidate's summed target log-likelihood and token count, one row per example in
+    /// `labels` order. On a GPU the labels of one example continue its prompt, run once with a
+    /// KV cache (k labels cost about one prompt forward instead of k); on the CPU, batches of
+    /// `batch_size` full candidates are faster for small models (2× in the dev profile on the
+    /// tiny model, 64 prompts of 60–120 tokens, 2 labels). Both give the same scores
+    /// (`tests/kv_cache.rs`).
+    pub fn scores(
+        &self,
+        model: &Llama,
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<Vec<Vec<(f64, usize)>>> {
         let k = self.labels.len().max(1);
         let mut bar = finetune_api::console::ProgressBar::new(
             "classify",
             "rows",
             self.candidates.len() as u64,
         );
-        let batched = if device.is_cuda() {
-            None
+        let mut out = Vec::with_capacity(self.candidates.len());
+        if device.is_cuda() {
+            for (i, candidates) in self.candidates.iter().enumerate() {
+                let refs: Vec<&Encoded> = candidates.iter().collect();
+                out.push(shared_prefix_log_likelihoods(model, &refs, device)?);
+                bar.set(i as u64 + 1, "");
+            }
         } else {
             // Whole batches per chunk, so the batches are the ones one call over every
             // candidate would make; the bar moves between chunks.
@@ -220,28 +269,22 @@ impl ClassificationSet {
                 scores.extend(sequence_log_likelihoods(model, chunk, batch_size, device)?);
                 bar.set((scores.len() / k) as u64, "");
             }
-            Some(scores)
-        };
-        let mut predicted = Vec::with_capacity(self.truth.len());
-        for (i, candidates) in self.candidates.iter().enumerate() {
-            let scores = match &batched {
-                Some(ll) => ll[i * k..(i + 1) * k].to_vec(),
-                None => {
-                    let refs: Vec<&Encoded> = candidates.iter().collect();
-                    bar.set(i as u64 + 1, "");
-                    shared_prefix_log_likelihoods(model, &refs, device)?
-                }
-            };
-            let mut best = 0;
-            for (j, s) in scores.iter().enumerate() {
-                if s.0 > scores[best].0 {
-                    best = j;
-                }
-            }
-            predicted.push(best);
+            out.extend(scores.chunks(k).map(<[_]>::to_vec));
         }
-        Ok(predicted)
+        bar.finish();
+        Ok(out)
     }
+}
+
+/// The index of the highest-scoring candidate (the first of equals).
+fn best_candidate(scores: &[(f64, usize)]) -> usize {
+    let mut best = 0;
+    for (j, s) in scores.iter().enumerate() {
+        if s.0 > scores[best].0 {
+            best = j;
+        }
+    }
+    best
 }
 
 #[cfg(test)]

@@ -109,6 +109,26 @@ pub fn mean_nll(
     Ok(if n == 0 { f64::NAN } else { -s / n as f64 })
 }
 
+/// The validation loss of `scored` and, for a classification dataset, the classification
+/// metrics of `classification`. When the true labels' candidates are exactly the scored rows
+/// (the usual case), their scores give the loss too, and the rows are not run a second time.
+pub fn validation_scores(
+    model: &Llama,
+    scored: &[Encoded],
+    classification: Option<&classify::ClassificationSet>,
+    device: &Device,
+) -> Result<(f64, Option<ClassificationReport>)> {
+    let Some(set) = classification else {
+        return Ok((mean_nll(model, scored, 32, device)?, None));
+    };
+    let scores = set.scores(model, 32, device)?;
+    let loss = match set.true_label_loss(&scores, scored) {
+        Some(loss) => loss,
+        None => mean_nll(model, scored, 32, device)?,
+    };
+    Ok((loss, Some(set.report(&scores))))
+}
+
 /// Encodes plain text lines as language-modelling examples (every token after BOS is a target),
 /// each ended by `</s>` when `end_with_eos` (pretraining, which teaches where a text ends); the
 /// forgetting check leaves it out, so that it scores the text's own tokens only, not whether the

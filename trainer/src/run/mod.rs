@@ -68,19 +68,18 @@ fn measure_before(
     {
         return Ok(b);
     }
-    let validation_loss = Some(crate::eval::mean_nll(&t.model, &t.data.val, 32, &t.device)?);
-    let classification = match (&t.data.majority_class, t.data.labels.is_empty()) {
-        (Some(maj), false) => {
-            let set = crate::eval::classify::ClassificationSet::new(
-                &t.encoder,
-                &t.data.val_examples,
-                &t.data.labels,
-                maj,
-            )?;
-            Some(set.evaluate(&t.model, 32, &t.device)?)
-        }
+    let set = match (&t.data.majority_class, t.data.labels.is_empty()) {
+        (Some(maj), false) => Some(crate::eval::classify::ClassificationSet::new(
+            &t.encoder,
+            &t.data.val_examples,
+            &t.data.labels,
+            maj,
+        )?),
         _ => None,
     };
+    let (loss, classification) =
+        crate::eval::validation_scores(&t.model, &t.data.val, set.as_ref(), &t.device)?;
+    let validation_loss = Some(loss);
     let retention_perplexity = match retention {
         Some(r) => Some(perplexity(&t.model, r, &t.device)?),
         None => None,

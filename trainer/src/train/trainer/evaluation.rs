@@ -11,11 +11,12 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<EvalRecord> {
         self.progress(|p| p.phase = Phase::Evaluating);
         let scored = &self.data.val[..self.data.val.len().min(self.params.eval.max_rows)];
-        let val_loss = crate::eval::mean_nll(&self.model, scored, 32, &self.device)?;
-        let classification = match &self.classification {
-            Some(c) => Some(c.evaluate(&self.model, 32, &self.device)?),
-            None => None,
-        };
+        let (val_loss, classification) = crate::eval::validation_scores(
+            &self.model,
+            scored,
+            self.classification.as_ref(),
+            &self.device,
+        )?;
         let since = self.monitor.history.last().map_or(0, |p| p.step);
         let recent: Vec<f32> = self
             .history
