@@ -29,7 +29,15 @@ case "$CACHE/" in
   /tmp/*) echo "demo: the cache $CACHE is under /tmp, which the trainer pod's emptyDir hides; set CACHE_DIR (or HOME) elsewhere" >&2; exit 2 ;;
 esac
 
-step "Building the workspace (cached after the first run)"
+step "Building the workspace, and the control plane beside it (both cached after the first run)"
+# The control plane's build (Go, from Debian's source; what `finetune-cluster up` would start)
+# runs beside cargo's: each leaves cores idle in its serial stretches and downloads, and a cold
+# demo's two longest steps overlap. `finetune-cluster up` finds its binaries built (its build
+# script takes the same lock and returns at once). Its log: $DEMO/build-kube.log.
+mkdir -p "$DEMO"
+bash tests/scripts/build-kube.sh >"$DEMO/build-kube.log" 2>&1 &
+KUBE_BUILD_PID=$!
+trap 'kill "$KUBE_BUILD_PID" 2>/dev/null || true' EXIT
 # Only the four binaries the demo runs (make test builds the rest).
 cargo build --bin finetune-trainer --bin finetune-operator --bin finetune-fetch --bin finetune-cluster
 
@@ -53,6 +61,11 @@ else
 fi
 
 step "Starting the local control plane with a simulated GPU node"
+if ! wait "$KUBE_BUILD_PID"; then
+  tail -n 40 "$DEMO/build-kube.log" >&2
+  echo "demo: building the control plane failed (log: $DEMO/build-kube.log)" >&2
+  exit 1
+fi
 "$BIN/finetune-cluster" --dir "$DEMO" down >/dev/null 2>&1 || true
 eval "$("$BIN/finetune-cluster" --dir "$DEMO" up \
   --image "ghcr.io/finetune-operator/trainer=$BIN/finetune-trainer" \

@@ -129,7 +129,8 @@ impl Llama2cHeader {
         self.n_kv_heads * self.head_dim()
     }
 
-    /// The tensors in file order: name (HF, `{l}` for the layer), rows, columns, per layer.
+    /// The tensors in file order: the HF name (for a per-layer tensor, the part after
+    /// `model.layers.N.`), rows, columns, and whether the file holds one per layer.
     fn layout(&self) -> [(&'static str, usize, usize, bool); 11] {
         let (d, f, kv) = (self.dim, self.hidden_dim, self.kv_dim());
         [
