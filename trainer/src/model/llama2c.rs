@@ -96,13 +96,13 @@ impl Llama2cHeader {
             shared_classifier: field(5) > 0,
             seq_len: v[6],
         };
-        if h.dim % h.n_heads != 0 || (h.dim / h.n_heads) % 2 != 0 {
+        if !h.dim.is_multiple_of(h.n_heads) || !(h.dim / h.n_heads).is_multiple_of(2) {
             return Err(bad(format!(
                 "dim {} is not an even head width times n_heads {}",
                 h.dim, h.n_heads
             )));
         }
-        if h.n_heads % h.n_kv_heads != 0 {
+        if !h.n_heads.is_multiple_of(h.n_kv_heads) {
             return Err(bad(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 h.n_heads, h.n_kv_heads
