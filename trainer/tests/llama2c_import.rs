@@ -220,20 +220,30 @@ fn write_checkpoint(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
-fn imported_logits(path: &std::path::Path, tokens: &[usize]) -> Vec<Vec<f32>> {
-    let (cfg, weights) = read_llama2c(path).unwrap();
+/// The logits (one row per position) of a model with these weights, frozen, on `tokens`.
+fn logits(
+    cfg: &finetune_trainer::model::LlamaConfig,
+    weights: std::collections::HashMap<String, Tensor>,
+    tokens: &[u32],
+) -> Vec<Vec<f32>> {
+    let cpu = candle_core::Device::Cpu;
     let model = Llama::from_weights(
-        &cfg,
+        cfg,
         Weights::from_map(weights),
         &TrainableSpec::Frozen,
         3,
-        &candle_core::Device::Cpu,
+        &cpu,
     )
     .unwrap();
-    let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-    let ids = Tensor::from_vec(ids, (1, tokens.len()), &candle_core::Device::Cpu).unwrap();
+    let ids = Tensor::from_slice(tokens, (1, tokens.len()), &cpu).unwrap();
     let logits = model.forward(&ids, None, &mut FwdCtx::eval()).unwrap();
     logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+}
+
+fn imported_logits(path: &std::path::Path, tokens: &[usize]) -> Vec<Vec<f32>> {
+    let (cfg, weights) = read_llama2c(path).unwrap();
+    let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+    logits(&cfg, weights, &ids)
 }
 
 fn max_abs_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
@@ -290,23 +300,8 @@ fn without_reordering_the_rotary_rows_the_logits_would_differ() {
             weights.insert(name, raw);
         }
     }
-    let model = Llama::from_weights(
-        &cfg,
-        Weights::from_map(weights),
-        &TrainableSpec::Frozen,
-        3,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
     let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-    let ids = Tensor::from_vec(ids, (1, tokens.len()), &candle_core::Device::Cpu).unwrap();
-    let got = model
-        .forward(&ids, None, &mut FwdCtx::eval())
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let got = logits(&cfg, weights, &ids);
     let (diff, scale) = max_abs_difference(&got, &ckpt.reference_logits(&tokens));
     assert!(
         diff > 1e-2 * scale,
@@ -386,26 +381,14 @@ fn the_stories_15m_checkpoint_imports_as_its_preset_and_still_tells_stories() {
         .chain(encoder.tokens(story).unwrap())
         .collect();
     let perplexity = |weights| {
-        let model = Llama::from_weights(
-            &cfg,
-            Weights::from_map(weights),
-            &TrainableSpec::Frozen,
-            3,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let t = Tensor::from_slice(&ids, (1, ids.len()), &candle_core::Device::Cpu).unwrap();
-        let logits = model
-            .forward(&t, None, &mut FwdCtx::eval())
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let logp = candle_nn::ops::log_softmax(&logits, 1)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let rows = logits(&cfg, weights, &ids);
         let nll: f32 = (0..ids.len() - 1)
-            .map(|i| -logp[i][ids[i + 1] as usize])
+            .map(|i| {
+                let row = &rows[i];
+                let max = row.iter().cloned().fold(f32::MIN, f32::max);
+                let log_total = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+                log_total - row[ids[i + 1] as usize]
+            })
             .sum::<f32>()
             / (ids.len() - 1) as f32;
         nll.exp()

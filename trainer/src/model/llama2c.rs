@@ -168,32 +168,17 @@ impl Llama2cHeader {
     /// (a copy when the classifier is shared), so `trainLabelTokens` can train its rows without
     /// touching the embeddings.
     pub fn config(&self) -> LlamaConfig {
+        // The tiny preset's Llama 2 settings, which are llama2.c's too (RMSNorm epsilon 1e-5,
+        // RoPE base 10000, SiLU, `<s>` 1 and `</s>` 2, f32), in this checkpoint's shape.
         LlamaConfig {
             hidden_size: self.dim,
             intermediate_size: self.hidden_dim,
-            vocab_size: self.vocab_size,
             num_hidden_layers: self.n_layers,
             num_attention_heads: self.n_heads,
             num_key_value_heads: Some(self.n_kv_heads),
-            // llama2.c's RMSNorm epsilon and RoPE base are fixed in its code.
-            rms_norm_eps: 1e-5,
-            head_dim: None,
-            rope_theta: Some(super::rope::DEFAULT_ROPE_THETA),
-            rope_scaling: None,
-            rope_parameters: None,
-            hidden_act: "silu".into(),
             max_position_embeddings: self.seq_len,
-            bos_token_id: Some(1),
-            eos_token_id: Some(2),
             tie_word_embeddings: false,
-            extra: serde_json::Map::from_iter([
-                (
-                    "architectures".to_string(),
-                    serde_json::json!(["LlamaForCausalLM"]),
-                ),
-                ("model_type".to_string(), serde_json::json!("llama")),
-                ("torch_dtype".to_string(), serde_json::json!("float32")),
-            ]),
+            ..super::tiny::tiny_config(self.vocab_size)
         }
     }
 }
