@@ -22,7 +22,7 @@ SAMPLE="${DEMO_SAMPLE:-stories-sentiment-lora-cpu}"
 MANIFEST="manifests/samples/$SAMPLE.yaml"
 JOB="$(sed -n 's/^  name: //p' "$MANIFEST" | head -n1)"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-# The simulated node runs the trainer pod with the image's files taken from the host (the tiny
+# The simulated node runs the trainer pod with the image's files taken from the host (the bases
 # base and the tokenizer under $CACHE) and an emptyDir at /tmp, as the restricted profile's
 # read-only root needs: a cache under /tmp would be hidden from the pod.
 case "$CACHE/" in
