@@ -23,7 +23,7 @@ MANIFEST="manifests/samples/$SAMPLE.yaml"
 JOB="$(sed -n 's/^  name: //p' "$MANIFEST" | head -n1)"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 # The simulated node runs the trainer pod with the image's files taken from the host (the bases
-# base and the tokenizer under $CACHE) and an emptyDir at /tmp, as the restricted profile's
+# and the tokenizer under $CACHE) and an emptyDir at /tmp, as the restricted profile's
 # read-only root needs: a cache under /tmp would be hidden from the pod.
 case "$CACHE/" in
   /tmp/*) echo "demo: the cache $CACHE is under /tmp, which the trainer pod's emptyDir hides; set CACHE_DIR (or HOME) elsewhere" >&2; exit 2 ;;
