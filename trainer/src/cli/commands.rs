@@ -302,7 +302,7 @@ fn import_llama2c(checkpoint: &Path, tokenizer: &Path, out: &Path) -> Result<Exi
             ),
         });
     }
-    crate::model::llama2c::write_imported(out, tokenizer, &cfg, &weights)?;
+    crate::model::tiny::write_hf_model_with_tokenizer(out, &cfg, &weights, tokenizer)?;
     eprintln!(
         "imported {} into {} ({} parameters)",
         checkpoint.display(),

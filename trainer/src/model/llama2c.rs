@@ -246,17 +246,3 @@ pub fn read_llama2c(path: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>
     weights.insert("lm_head.weight".into(), lm_head);
     Ok((h.config(), weights))
 }
-
-/// Writes an imported model into the Hugging Face model directory `out`: `config.json`,
-/// `model.safetensors`, and `tokenizer` copied beside them.
-pub fn write_imported(
-    out: &Path,
-    tokenizer: &Path,
-    cfg: &LlamaConfig,
-    weights: &HashMap<String, Tensor>,
-) -> Result<()> {
-    super::tiny::write_hf_model(out, cfg, weights)?;
-    let copy = out.join("tokenizer.json");
-    std::fs::copy(tokenizer, &copy).map_err(|e| TrainerError::io(&copy, e))?;
-    Ok(())
-}

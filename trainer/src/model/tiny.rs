@@ -111,6 +111,20 @@ pub fn write_hf_model(
     crate::atomic_file::save_safetensors_atomic(&dir.join("model.safetensors"), weights)
 }
 
+/// [`write_hf_model`] with `tokenizer` copied beside the weights as `tokenizer.json`: a model
+/// directory that loads on its own.
+pub fn write_hf_model_with_tokenizer(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Tensor>,
+    tokenizer: &Path,
+) -> Result<()> {
+    write_hf_model(dir, cfg, weights)?;
+    let copy = dir.join("tokenizer.json");
+    std::fs::copy(tokenizer, &copy).map_err(|e| TrainerError::io(&copy, e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,9 +83,7 @@ pub fn init_tiny(req: &InitTiny) -> Result<InitOutcome> {
         pretrained = Some((first, last, t0.elapsed().as_secs_f64()));
         weights = w;
     }
-    tiny::write_hf_model(&req.out, &cfg, &weights)?;
-    let copy = req.out.join("tokenizer.json");
-    std::fs::copy(&req.tokenizer, &copy).map_err(|e| TrainerError::io(&copy, e))?;
+    tiny::write_hf_model_with_tokenizer(&req.out, &cfg, &weights, &req.tokenizer)?;
     std::fs::write(&marker_path, serde_json::to_string_pretty(&marker)?)
         .map_err(|e| TrainerError::io(&marker_path, e))?;
     Ok(InitOutcome::Written {

@@ -46,9 +46,7 @@ pub fn export(
             }
             _ => model.merged_weights()?,
         };
-        tiny::write_hf_model(&dir, model.config(), &weights)?;
-        let tok = dir.join("tokenizer.json");
-        std::fs::copy(tokenizer, &tok).map_err(|e| TrainerError::io(&tok, e))?;
+        tiny::write_hf_model_with_tokenizer(&dir, model.config(), &weights, tokenizer)?;
         done.model = Some(dir.display().to_string());
     }
     Ok(done)
