@@ -213,6 +213,17 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
         if !(0.0..1.0).contains(&lora.dropout) {
             e.add("spec.method.lora.dropout", "must be in [0, 1)");
         }
+        if let Some(kl) = &lora.kl_to_base {
+            if !(0.0..=100.0).contains(&kl.weight) {
+                e.add("spec.method.lora.klToBase.weight", "must be in [0, 100]");
+            }
+            if !(1..=64).contains(&kl.position_stride) {
+                e.add(
+                    "spec.method.lora.klToBase.positionStride",
+                    "must be in 1..=64",
+                );
+            }
+        }
         if lora.target_modules.is_empty() {
             e.add(
                 "spec.method.lora.targetModules",
@@ -228,6 +239,13 @@ fn validate_method(spec: &FineTuneJobSpec, e: &mut Errors) {
                 "spec.method.lora.baseQuantization",
                 "a quantized base stays frozen, and full fine-tuning trains the base weights: \
                  use type: lora, or remove baseQuantization",
+            );
+        }
+        if m.method_type == MethodType::Full && lora.kl_to_base.is_some() {
+            e.add(
+                "spec.method.lora.klToBase",
+                "the base it compares with is the model without its adapters, and full \
+                 fine-tuning has none: use type: lora, or remove klToBase",
             );
         }
         if lora.train_label_tokens

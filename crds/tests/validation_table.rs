@@ -127,6 +127,24 @@ fn invalid_specs_are_refused_with_the_field_path() {
             ),
             "spec.method.lora.baseQuantization",
         ),
+        (
+            "a KL-to-base penalty on full fine-tuning (no adapters to leave out)",
+            with(
+                base(TINY),
+                "/method",
+                json!({"type": "full", "lora": {"klToBase": {"weight": 1.0}}}),
+            ),
+            "spec.method.lora.klToBase",
+        ),
+        (
+            "a KL-to-base stride of zero",
+            with(
+                base(TINY),
+                "/method",
+                json!({"type": "lora", "lora": {"klToBase": {"positionStride": 0}}}),
+            ),
+            "spec.method.lora.klToBase.positionStride",
+        ),
         // dataset
         (
             "plain http dataset",

@@ -10,6 +10,7 @@ use crate::data::clean::{CleaningOptions, Format, InvalidRowPolicy};
 use crate::data::jsonl::ColumnMapping;
 use crate::data::template::PromptTemplate;
 use crate::model::{LlamaConfig, LoraSettings, TrainableSpec};
+use crate::train::base_kl::BaseKl;
 use crate::train::params::{EvalParams, TrainParams};
 use crate::{Result, TrainerError};
 
@@ -145,6 +146,14 @@ pub fn to_params(c: &TrainerConfig) -> Result<TrainParams> {
         data_seed: d.seed,
         method,
         activation: c.method.activation.as_ref().map(|a| a.hf_name()),
+        base_kl: c
+            .method
+            .lora_or_default()
+            .and_then(|l| l.kl_to_base)
+            .map(|k| BaseKl {
+                weight: k.weight,
+                stride: k.position_stride as usize,
+            }),
         bf16: c.precision == Precision::Bf16,
         gradient_checkpointing: c.gradient_checkpointing,
         use_gpu: c.use_gpu,

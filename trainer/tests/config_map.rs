@@ -91,6 +91,26 @@ fn demo_config_maps_onto_params() {
         }
         other => panic!("{other:?}"),
     }
+    // No KL-to-base penalty unless `method.lora.klToBase` names one.
+    assert_eq!(
+        finetune_trainer::config::to_params(&c2).unwrap().base_kl,
+        None
+    );
+    let mut c3 = c2.clone();
+    c3.method.lora = Some(finetune_api::LoraSpec {
+        kl_to_base: Some(finetune_api::KlToBase {
+            weight: 0.5,
+            position_stride: 8,
+        }),
+        ..Default::default()
+    });
+    assert_eq!(
+        finetune_trainer::config::to_params(&c3).unwrap().base_kl,
+        Some(finetune_trainer::train::base_kl::BaseKl {
+            weight: 0.5,
+            stride: 8
+        })
+    );
     // The run's identity: the job UID and fingerprint from the configuration, and the hub
     // commit the download step recorded beside the weights.
     assert_eq!(p.run.training_fingerprint, c.training_fingerprint());

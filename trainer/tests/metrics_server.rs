@@ -44,6 +44,7 @@ fn metrics_and_progress_endpoints() {
         "finetune_retention_perplexity{phase=\"before\"}",
         "finetune_learning_rate",
         "finetune_grad_norm",
+        "finetune_base_kl",
         "finetune_step",
         "finetune_total_steps",
         "finetune_epoch",
@@ -56,7 +57,7 @@ fn metrics_and_progress_endpoints() {
     ] {
         assert!(body.contains(name), "missing {name} in\n{body}");
     }
-    assert_eq!(body.matches("# HELP finetune_").count(), 19, "{body}");
+    assert_eq!(body.matches("# HELP finetune_").count(), 20, "{body}");
     if let Ok(mut child) = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -20,6 +20,9 @@ pub struct Batch {
     pub row_of_target: Vec<usize>,
     /// Number of loss tokens.
     pub n_targets: usize,
+    /// Flat indices (into b·s) of the positions whose next token is a prompt token (not a
+    /// target): where the forgetting penalty compares the model with its base.
+    pub context_rows: Vec<u32>,
     /// Number of real (non-pad) tokens.
     pub n_tokens: usize,
 }
@@ -34,6 +37,7 @@ impl Batch {
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         let mut row_of_target = Vec::new();
+        let mut context_rows = Vec::new();
         let mut n_tokens = 0;
         for (bi, e) in items.iter().enumerate() {
             let mut att = vec![0u8; s];
@@ -44,6 +48,8 @@ impl Batch {
                     rows.push((bi * s + t - 1) as u32);
                     targets.push(id);
                     row_of_target.push(bi);
+                } else if t > 0 {
+                    context_rows.push((bi * s + t - 1) as u32);
                 }
             }
             n_tokens += e.ids.len();
@@ -57,6 +63,7 @@ impl Batch {
             targets: Tensor::from_vec(targets, n_targets, device)?,
             row_of_target,
             n_targets,
+            context_rows,
             n_tokens,
         })
     }
@@ -92,6 +99,8 @@ mod tests {
         assert_eq!(batch.rows.to_vec1::<u32>().unwrap(), vec![2, 3, 6, 7]);
         assert_eq!(batch.targets.to_vec1::<u32>().unwrap(), vec![20, 2, 21, 2]);
         assert_eq!(batch.row_of_target, vec![0, 0, 1, 1]);
+        // Positions predicting prompt tokens: 10 and 11 in row 0, 12 in row 1.
+        assert_eq!(batch.context_rows, vec![0, 1, 5]);
         assert_eq!(batch.n_tokens, 9);
     }
 }

@@ -28,6 +28,18 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor>
     reference_cross_entropy(logits, targets)
 }
 
+/// Mean Kullback-Leibler divergence `KL(p_ref ‖ softmax(logits))` over the rows of `logits`
+/// (n, vocab), with the reference given as log-probabilities of the same shape (no gradient
+/// flows into them). Its gradient with respect to `logits` is `(softmax(logits) − p_ref) / n`.
+pub fn kl_to_reference(logits: &Tensor, reference_log_probs: &Tensor) -> Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    let reference_log_probs = reference_log_probs.to_device(logits.device())?.detach();
+    let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let p = reference_log_probs.exp()?;
+    let per_row = (p * (reference_log_probs - lq)?)?.sum_all()?;
+    Ok((per_row / n.max(1) as f64)?)
+}
+
 /// The primitive-op formulation (any device), also the reference for the fused op's tests.
 pub fn reference_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(token_log_probs(logits, targets)?.neg()?.mean_all()?)
@@ -53,6 +65,53 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((ours - theirs).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kl_gradient_is_softmax_minus_reference_over_rows() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&(Tensor::randn(0f32, 2.0, (5, 30), &dev).unwrap()))
+            .unwrap();
+        let r = Tensor::randn(0f32, 2.0, (5, 30), &dev).unwrap();
+        let r_lp = candle_nn::ops::log_softmax(&r, D::Minus1).unwrap();
+        let kl = kl_to_reference(x.as_tensor(), &r_lp).unwrap();
+        let value = kl.to_scalar::<f32>().unwrap();
+        // KL from the definition, row by row.
+        let p = r_lp.exp().unwrap().to_vec2::<f32>().unwrap();
+        let q = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let by_definition: f32 = p
+            .iter()
+            .zip(&q)
+            .map(|(pr, qr)| {
+                pr.iter()
+                    .zip(qr)
+                    .map(|(a, b)| a * (a / b).ln())
+                    .sum::<f32>()
+            })
+            .sum::<f32>()
+            / 5.0;
+        assert!(
+            (value - by_definition).abs() < 1e-5,
+            "{value} vs {by_definition}"
+        );
+        assert!(value > 0.0);
+        let g = kl.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let expected = ((candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap()
+            - r_lp.exp().unwrap())
+        .unwrap()
+            / 5.0)
+            .unwrap();
+        let d = crate::test_util::max_abs_diff(&g, &expected);
+        assert!(d < 1e-6, "{d}");
+        // Against itself the divergence is zero.
+        let same = kl_to_reference(&r, &r_lp)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(same.abs() < 1e-6, "{same}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub learning_rate: Gauge,
     /// Gradient norm before clipping.
     pub grad_norm: Gauge,
+    /// The KL-to-base penalty's value in the last step (`method.lora.klToBase`).
+    pub base_kl: Gauge,
     /// Optimizer step.
     pub step: Gauge,
     /// Total optimizer steps.
@@ -135,6 +137,13 @@ impl Metrics {
                 &r,
                 "finetune_grad_norm",
                 "Global gradient norm before clipping.",
+            )?,
+            base_kl: gauge(
+                &r,
+                "finetune_base_kl",
+                "KL divergence (nats per compared prompt position) of the tuned model's \
+                 next-token distribution from the base's in the last step; only with \
+                 method.lora.klToBase.",
             )?,
             step: gauge(&r, "finetune_step", "Optimizer steps done.")?,
             total_steps: gauge(&r, "finetune_total_steps", "Planned optimizer steps.")?,

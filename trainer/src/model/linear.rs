@@ -24,6 +24,9 @@ pub struct FwdCtx {
     /// Multiply frozen weights with candle's plain `matmul`, whose backward also computes the
     /// (unused) weight gradient: the path [`frozen_matmul`] replaces, kept for equality tests.
     pub reference_matmul: bool,
+    /// The base model's forward: LoRA adapters and trained `lm_head` rows are left out (the
+    /// reference distribution of the forgetting penalty).
+    pub base_only: bool,
 }
 
 impl FwdCtx {
@@ -34,6 +37,7 @@ impl FwdCtx {
             graph: true,
             dropout_rng,
             reference_matmul: false,
+            base_only: false,
         }
     }
 
@@ -44,6 +48,16 @@ impl FwdCtx {
             graph: false,
             dropout_rng: None,
             reference_matmul: false,
+            base_only: false,
+        }
+    }
+
+    /// The frozen base model's forward, without a backward graph: adapters and trained head
+    /// rows left out.
+    pub fn base_model() -> Self {
+        Self {
+            base_only: true,
+            ..Self::eval()
         }
     }
 
@@ -55,6 +69,7 @@ impl FwdCtx {
             graph: false,
             dropout_rng: self.dropout_rng,
             reference_matmul: self.reference_matmul,
+            base_only: self.base_only,
         }
     }
 
@@ -197,7 +212,7 @@ impl Linear {
             Weight::Dense(w) => ctx.matmul_t(&x2, &ctx.param(w))?,
             Weight::Quantized(q) => quantized_matmul(&x2, q)?,
         };
-        if let Some(l) = &self.lora {
+        if let (Some(l), false) = (&self.lora, ctx.base_only) {
             let a = ctx.param(l.a.as_tensor());
             let b = ctx.param(l.b.as_tensor());
             let xin = match (&mut ctx.dropout_rng, ctx.train && l.dropout > 0.0) {

@@ -376,9 +376,9 @@ impl Llama {
     pub fn project(&self, hidden_rows: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
         let w = ctx.param(&self.lm_head);
         let logits = ctx.matmul_t(hidden_rows, &w)?;
-        let logits = match &self.head_rows {
-            Some(rows) => rows.apply(hidden_rows, &logits, ctx)?,
-            None => logits,
+        let logits = match (&self.head_rows, ctx.base_only) {
+            (Some(rows), false) => rows.apply(hidden_rows, &logits, ctx)?,
+            _ => logits,
         };
         Ok(logits.to_dtype(DType::F32)?)
     }

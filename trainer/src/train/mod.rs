@@ -1,6 +1,7 @@
 //! Training: parameters, data preparation, masked loss, the optimizer step and the training
 //! loop.
 
+pub mod base_kl;
 pub mod batching;
 pub mod data_prep;
 pub mod device;

@@ -135,6 +135,8 @@ pub struct TrainParams {
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: off).
     pub max_grad_norm: f64,
+    /// The KL-to-base penalty (`method.lora.klToBase`); `None`: the targets' loss alone.
+    pub base_kl: Option<crate::train::base_kl::BaseKl>,
     /// Seed of initialisation, shuffling and dropout.
     pub seed: u64,
     /// Use bf16 base weights (CUDA); f32 otherwise.
@@ -245,6 +247,7 @@ impl TrainParams {
             max_seq_len: h.max_sequence_length as usize,
             weight_decay: h.weight_decay,
             max_grad_norm: h.max_grad_norm,
+            base_kl: None,
             seed: h.seed,
             bf16: false,
             gradient_checkpointing: false,

@@ -4,14 +4,16 @@
 //! [`optimizer_step`], so what is measured and pretrained is what trains. Data-parallel ranks
 //! call [`optimizer_step_across`], which adds the ranks' gradients before they are averaged.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
+pub use super::base_kl::BaseKl;
 use crate::Result;
 use crate::data::batch::Batch;
 use crate::distributed::{Collective, SingleProcess};
-use crate::loss::masked_cross_entropy;
+use crate::loss::{kl_to_reference, masked_cross_entropy};
 use crate::model::linear::FwdCtx;
 use crate::model::{Gradients, Llama};
 use crate::optim::{AdamW, clip_grad_norm};
@@ -27,6 +29,9 @@ pub struct StepSettings {
     /// Frozen weights through candle's plain matmul (the path the frozen matmul replaces; the
     /// benchmark's reference).
     pub reference_matmul: bool,
+    /// The forgetting penalty: the trained model's next-token distribution on the prompts is
+    /// kept near its base's ([`BaseKl`]). `None` trains on the targets' loss alone.
+    pub base_kl: Option<BaseKl>,
 }
 
 impl StepSettings {
@@ -36,6 +41,7 @@ impl StepSettings {
             max_grad_norm,
             gradient_checkpointing: false,
             reference_matmul: false,
+            base_kl: None,
         }
     }
 }
@@ -49,6 +55,8 @@ pub struct StepOutcome {
     pub grad_norm: f64,
     /// Tokens of the step's batches, padding excluded.
     pub tokens: usize,
+    /// Mean KL-to-base penalty over the micro-batches that had one (unweighted).
+    pub base_kl: Option<f32>,
 }
 
 /// One optimizer step of `model` over `micro_batches` at learning rate `lr`. The gradients of
@@ -92,6 +100,7 @@ pub fn optimizer_step_across(
     let mut loss_sum = 0f32;
     let mut tokens = 0;
     let mut count = 0usize;
+    let (mut kl_sum, mut kl_count) = (0f32, 0usize);
     for batch in micro_batches {
         let batch = batch?;
         count += 1;
@@ -101,25 +110,29 @@ pub fn optimizer_step_across(
         }
         let mut ctx = FwdCtx::train(dropout_rng.as_deref().copied());
         ctx.reference_matmul = settings.reference_matmul;
-        let step = model.loss_and_grads(
-            &batch.ids,
-            Some(&batch.attention),
-            &batch.rows,
-            &mut ctx,
-            settings.gradient_checkpointing,
-            |logits| masked_cross_entropy(logits, &batch.targets),
-        )?;
+        let step = micro_batch_grads(model, &batch, &mut ctx, settings)?;
         if let (Some(stream), Some(advanced)) = (dropout_rng.as_deref_mut(), ctx.dropout_rng) {
             *stream = advanced;
         }
         loss_sum += step.loss;
+        if let Some(kl) = step.base_kl {
+            kl_sum += kl;
+            kl_count += 1;
+        }
         acc.merge(step.grads)?;
     }
     let mut acc = acc.into_map();
     if collective.world_size() > 1 {
-        let totals = [loss_sum, count as f32, tokens as f32];
-        let [l, c, t] = all_reduce_gradients(model, &mut acc, totals, collective)?;
+        let totals = [
+            loss_sum,
+            count as f32,
+            tokens as f32,
+            kl_sum,
+            kl_count as f32,
+        ];
+        let [l, c, t, k, kc] = all_reduce_gradients(model, &mut acc, totals, collective)?;
         (loss_sum, count, tokens) = (l, c as usize, t as usize);
+        (kl_sum, kl_count) = (k, kc as usize);
     }
     let n = count.max(1) as f64;
     if count > 1 {
@@ -133,6 +146,74 @@ pub fn optimizer_step_across(
         loss: loss_sum / n as f32,
         grad_norm,
         tokens,
+        base_kl: (kl_count > 0).then(|| kl_sum / kl_count as f32),
+    })
+}
+
+/// What one micro-batch gives: its targets' loss, the KL-to-base penalty's value when one is
+/// set, and the gradients of `loss + weight · penalty`.
+#[derive(Debug)]
+pub struct MicroBatchGrads {
+    /// Mean loss of the targets (the penalty excluded: comparable with a run without one).
+    pub loss: f32,
+    /// `KL(p_base ‖ p_model)` averaged over the compared prompt positions, unweighted.
+    pub base_kl: Option<f32>,
+    /// Gradients of the objective for every trainable tensor it depends on.
+    pub grads: Gradients,
+}
+
+/// The objective of one micro-batch and its gradients: the targets' mean cross-entropy, plus
+/// `settings.base_kl`'s weighted penalty when set and the batch has prompt positions. One
+/// forward with the graph computes the logits of the target and the compared positions; the
+/// base's distribution comes from one more forward without adapters and without a graph.
+pub fn micro_batch_grads(
+    model: &Llama,
+    batch: &Batch,
+    ctx: &mut FwdCtx,
+    settings: &StepSettings,
+) -> Result<MicroBatchGrads> {
+    let compared = match settings.base_kl {
+        Some(kl) => kl.compared_rows(batch)?.map(|rows| (kl, rows)),
+        None => None,
+    };
+    let Some((kl, compared)) = compared else {
+        let step = model.loss_and_grads(
+            &batch.ids,
+            Some(&batch.attention),
+            &batch.rows,
+            ctx,
+            settings.gradient_checkpointing,
+            |logits| masked_cross_entropy(logits, &batch.targets),
+        )?;
+        return Ok(MicroBatchGrads {
+            loss: step.loss,
+            base_kl: None,
+            grads: step.grads,
+        });
+    };
+    let reference = kl.reference_log_probs(model, batch, &compared)?;
+    let rows = Tensor::cat(&[&batch.rows, &compared], 0)?;
+    let n_targets = batch.n_targets;
+    let parts = Cell::new((0f32, 0f32));
+    let step = model.loss_and_grads(
+        &batch.ids,
+        Some(&batch.attention),
+        &rows,
+        ctx,
+        settings.gradient_checkpointing,
+        |logits| {
+            let n_compared = logits.dims2()?.0 - n_targets;
+            let ce = masked_cross_entropy(&logits.narrow(0, 0, n_targets)?, &batch.targets)?;
+            let penalty = kl_to_reference(&logits.narrow(0, n_targets, n_compared)?, &reference)?;
+            parts.set((ce.to_scalar::<f32>()?, penalty.to_scalar::<f32>()?));
+            Ok((ce + (penalty * kl.weight)?)?)
+        },
+    )?;
+    let (loss, penalty) = parts.get();
+    Ok(MicroBatchGrads {
+        loss,
+        base_kl: Some(penalty),
+        grads: step.grads,
     })
 }
 
@@ -141,11 +222,12 @@ pub fn optimizer_step_across(
 fn all_reduce_gradients(
     model: &Llama,
     grads: &mut HashMap<String, Tensor>,
-    totals: [f32; 3],
+    totals: [f32; 5],
     collective: &mut dyn Collective,
-) -> Result<[f32; 3]> {
+) -> Result<[f32; 5]> {
     let trainable = model.trainable();
-    let mut flat: Vec<f32> = Vec::with_capacity(3 + trainable.len() + model.trainable_count());
+    let mut flat: Vec<f32> =
+        Vec::with_capacity(totals.len() + trainable.len() + model.trainable_count());
     flat.extend(totals);
     flat.extend(
         trainable
@@ -160,9 +242,9 @@ fn all_reduce_gradients(
         }
     }
     collective.all_reduce_sum(&mut flat)?;
-    let (head, values) = flat.split_at(3 + trainable.len());
+    let (head, values) = flat.split_at(totals.len() + trainable.len());
     let mut offset = 0;
-    for ((name, var), present) in trainable.iter().zip(&head[3..]) {
+    for ((name, var), present) in trainable.iter().zip(&head[totals.len()..]) {
         let n = var.elem_count();
         if *present > 0.0 {
             let g = Tensor::from_slice(&values[offset..offset + n], var.shape(), var.device())?
@@ -171,5 +253,7 @@ fn all_reduce_gradients(
         }
         offset += n;
     }
-    Ok([head[0], head[1], head[2]])
+    let mut reduced = [0f32; 5];
+    reduced.copy_from_slice(&head[..totals.len()]);
+    Ok(reduced)
 }

@@ -49,6 +49,9 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Tokens in the step.
     pub tokens: usize,
+    /// The KL-to-base penalty's mean value in the step (unweighted), when one is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_kl: Option<f32>,
 }
 
 /// An evaluation's record.
@@ -343,6 +346,7 @@ impl Trainer {
             max_grad_norm: self.params.max_grad_norm,
             gradient_checkpointing: self.params.gradient_checkpointing,
             reference_matmul: false,
+            base_kl: self.params.base_kl,
         };
         let lr = self.schedule.lr(self.state.step);
         let outcome = optimizer_step_across(
@@ -362,6 +366,7 @@ impl Trainer {
             lr,
             grad_norm: outcome.grad_norm,
             tokens: outcome.tokens,
+            base_kl: outcome.base_kl,
         })
     }
 
@@ -399,6 +404,9 @@ impl Trainer {
                     m.step.set(rec.step as f64);
                     m.learning_rate.set(rec.lr);
                     m.grad_norm.set(rec.grad_norm);
+                    if let Some(kl) = rec.base_kl {
+                        m.base_kl.set(f64::from(kl));
+                    }
                     m.tokens_total.inc_by(rec.tokens as u64);
                     m.tokens_per_second.set(tps);
                     m.epoch
@@ -429,6 +437,7 @@ impl Trainer {
                         loss = rec.loss,
                         lr = rec.lr,
                         grad_norm = rec.grad_norm,
+                        base_kl = rec.base_kl,
                         tokens_per_s = tps,
                         "train"
                     );
