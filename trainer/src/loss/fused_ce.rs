@@ -12,14 +12,14 @@ pub struct FusedNll {
     targets: Vec<u32>,
 }
 
-fn row_lse(row: &[f32]) -> f32 {
+pub(crate) fn row_lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
     m + s.ln()
 }
 
 /// Splits rows across the available threads.
-fn par_rows<F>(n: usize, f: F) -> Vec<f32>
+pub(crate) fn par_rows<F>(n: usize, f: F) -> Vec<f32>
 where
     F: Fn(std::ops::Range<usize>) -> Vec<f32> + Sync,
 {

@@ -9,6 +9,7 @@ use candle_core::{D, Tensor};
 use crate::Result;
 
 pub mod fused_ce;
+pub mod fused_kl;
 
 /// Log-probability of each target under `logits` (n, vocab) → (n). The targets are moved to
 /// the logits' device (the last layer's when the layers are split over GPUs).
@@ -28,15 +29,26 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor>
     reference_cross_entropy(logits, targets)
 }
 
-/// Mean Kullback-Leibler divergence `KL(p_ref ‖ softmax(logits))` over the rows of `logits`
-/// (n, vocab), with the reference given as log-probabilities of the same shape (no gradient
-/// flows into them). Its gradient with respect to `logits` is `(softmax(logits) − p_ref) / n`.
-pub fn kl_to_reference(logits: &Tensor, reference_log_probs: &Tensor) -> Result<Tensor> {
+/// Mean Kullback-Leibler divergence `KL(softmax(reference) ‖ softmax(logits))` over the rows
+/// of `logits` (n, vocab), against reference logits of the same shape (no gradient flows into
+/// them). Its gradient with respect to `logits` is `(softmax(logits) − softmax(reference)) / n`.
+/// On CPU with f32 logits this is one fused op with its own backward
+/// ([`crate::loss::fused_kl`]); elsewhere it is built from primitives.
+pub fn kl_to_reference(logits: &Tensor, reference_logits: &Tensor) -> Result<Tensor> {
+    let reference_logits = &reference_logits.to_device(logits.device())?;
+    if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+        return Ok(crate::loss::fused_kl::fused_kl(logits, reference_logits)?);
+    }
+    reference_kl(logits, reference_logits)
+}
+
+/// The primitive-op formulation of [`kl_to_reference`] (any device), also the reference for the
+/// fused op's tests.
+pub fn reference_kl(logits: &Tensor, reference_logits: &Tensor) -> Result<Tensor> {
     let (n, _) = logits.dims2()?;
-    let reference_log_probs = reference_log_probs.to_device(logits.device())?.detach();
-    let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let p = reference_log_probs.exp()?;
-    let per_row = (p * (reference_log_probs - lq)?)?.sum_all()?;
+    let log_p = candle_nn::ops::log_softmax(&reference_logits.detach(), D::Minus1)?;
+    let log_q = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let per_row = (log_p.exp()? * (log_p - log_q)?)?.sum_all()?;
     Ok((per_row / n.max(1) as f64)?)
 }
 
@@ -68,16 +80,16 @@ mod tests {
     }
 
     #[test]
-    fn kl_gradient_is_softmax_minus_reference_over_rows() {
+    fn kl_value_and_gradient_follow_the_definition_fused_and_primitive() {
         let dev = Device::Cpu;
         let x = candle_core::Var::from_tensor(&(Tensor::randn(0f32, 2.0, (5, 30), &dev).unwrap()))
             .unwrap();
         let r = Tensor::randn(0f32, 2.0, (5, 30), &dev).unwrap();
-        let r_lp = candle_nn::ops::log_softmax(&r, D::Minus1).unwrap();
-        let kl = kl_to_reference(x.as_tensor(), &r_lp).unwrap();
-        let value = kl.to_scalar::<f32>().unwrap();
         // KL from the definition, row by row.
-        let p = r_lp.exp().unwrap().to_vec2::<f32>().unwrap();
+        let p = candle_nn::ops::softmax(&r, D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let q = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)
             .unwrap()
             .to_vec2::<f32>()
@@ -93,24 +105,26 @@ mod tests {
             })
             .sum::<f32>()
             / 5.0;
-        assert!(
-            (value - by_definition).abs() < 1e-5,
-            "{value} vs {by_definition}"
-        );
-        assert!(value > 0.0);
-        let g = kl.backward().unwrap().get(x.as_tensor()).unwrap().clone();
-        let expected = ((candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap()
-            - r_lp.exp().unwrap())
+        let expected_grad = ((candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap()
+            - candle_nn::ops::softmax(&r, D::Minus1).unwrap())
         .unwrap()
             / 5.0)
             .unwrap();
-        let d = crate::test_util::max_abs_diff(&g, &expected);
-        assert!(d < 1e-6, "{d}");
+        for (what, kl) in [
+            ("fused", kl_to_reference(x.as_tensor(), &r).unwrap()),
+            ("primitive", reference_kl(x.as_tensor(), &r).unwrap()),
+        ] {
+            let value = kl.to_scalar::<f32>().unwrap();
+            assert!(
+                (value - by_definition).abs() < 1e-5,
+                "{what}: {value} vs {by_definition}"
+            );
+            let g = kl.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            let d = crate::test_util::max_abs_diff(&g, &expected_grad);
+            assert!(d < 1e-6, "{what}: {d}");
+        }
         // Against itself the divergence is zero.
-        let same = kl_to_reference(&r, &r_lp)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let same = kl_to_reference(&r, &r).unwrap().to_scalar::<f32>().unwrap();
         assert!(same.abs() < 1e-6, "{same}");
     }
 

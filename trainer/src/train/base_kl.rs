@@ -10,7 +10,7 @@
 //! costs one forward without a backward graph per micro-batch. Only every `stride`-th prompt
 //! position is compared, which bounds the extra `lm_head` work.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::Result;
 use crate::data::batch::Batch;
@@ -47,20 +47,14 @@ impl BaseKl {
         Ok(Some(Tensor::from_vec(picked, n, batch.rows.device())?))
     }
 
-    /// The base model's next-token log-probabilities (rows, vocab) at the flat positions
-    /// `rows` of `batch`, without a backward graph.
-    pub fn reference_log_probs(
-        &self,
-        model: &Llama,
-        batch: &Batch,
-        rows: &Tensor,
-    ) -> Result<Tensor> {
-        let logits = model.logits_at(
+    /// The base model's next-token logits (rows, vocab) at the flat positions `rows` of
+    /// `batch`, without a backward graph.
+    pub fn reference_logits(&self, model: &Llama, batch: &Batch, rows: &Tensor) -> Result<Tensor> {
+        model.logits_at(
             &batch.ids,
             Some(&batch.attention),
             rows,
             &mut FwdCtx::base_model(),
-        )?;
-        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+        )
     }
 }

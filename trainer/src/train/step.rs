@@ -191,7 +191,7 @@ pub fn micro_batch_grads(
             grads: step.grads,
         });
     };
-    let reference = kl.reference_log_probs(model, batch, &compared)?;
+    let reference = kl.reference_logits(model, batch, &compared)?;
     let rows = Tensor::cat(&[&batch.rows, &compared], 0)?;
     let n_targets = batch.n_targets;
     let parts = Cell::new((0f32, 0f32));
