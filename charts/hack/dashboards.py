@@ -38,6 +38,7 @@ job_panels = [
     panel(12, "Memory (resident)", [(f'finetune_process_resident_memory_bytes{S}', "{{pod}}")], 16, 20, 8, 8, unit="bytes"),
     panel(13, "Retention perplexity before / after", [(f'finetune_retention_perplexity{S}', "{{phase}}")], 0, 28, 12, 8, "bargauge", None, "Perplexity on general text before and after fine-tuning: a large rise means forgetting."),
     panel(14, "Dataset rows by outcome", [(f'max by (outcome) (finetune_data_rows_total{S})', "{{outcome}}")], 12, 28, 12, 8, "bargauge"),
+    panel(15, "KL to the base model (forgetting penalty)", [(f'finetune_base_kl{S}', "KL(base || tuned) per prompt position")], 0, 36, 12, 8, unit="short", desc="The divergence of the tuned model's next-token distribution from the base's on the prompts, which method.lora.klToBase penalises; it stays near 0 when the adapters change only the answers. Empty without klToBase."),
 ]
 job = dash("finetune-job", "FineTuneJob", "One fine-tuning job: losses, overfitting, throughput, checkpoints, restarts, memory and forgetting.",
            [ds_var(), q_var("namespace", "Namespace", "label_values(finetune_step, namespace)"),
