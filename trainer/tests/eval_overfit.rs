@@ -165,3 +165,31 @@ fn full_high_lr_forgets_more_than_lora() {
     assert!(ff.ratio > 1.0);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn the_kl_to_base_penalty_forgets_less_than_lora_without_it() {
+    let work = std::env::temp_dir().join(format!("ft-kl-forget-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let lora = || TrainableSpec::Lora(common::lora_all(4));
+    let plain = run_job(params(&work, "plain", lora(), 1e-2, 6), false, None).unwrap();
+    let mut p = params(&work, "kl", lora(), 1e-2, 6);
+    p.base_kl = Some(finetune_trainer::train::base_kl::BaseKl {
+        weight: 2.0,
+        stride: 1,
+    });
+    let penalised = run_job(p.clone(), false, None).unwrap();
+    let (fp, fk) = (plain.forgetting.unwrap(), penalised.forgetting.unwrap());
+    eprintln!(
+        "retention perplexity ratio: plain lora {:.3}, with klToBase {:.3}",
+        fp.ratio, fk.ratio
+    );
+    assert!((fp.before - fk.before).abs() < 1e-9, "same base model");
+    assert!(fp.ratio > 1.0, "the plain run forgets: {fp:?}");
+    assert!(
+        fk.ratio - 1.0 < 0.5 * (fp.ratio - 1.0),
+        "the penalty halves the rise at least: plain {fp:?} vs penalised {fk:?}"
+    );
+    let md = std::fs::read_to_string(p.output_dir.join("report.md")).unwrap();
+    assert!(md.contains("KL to the base weighted 2"), "{md}");
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -222,6 +222,15 @@ pub fn run_job_in(
             if !l.head_token_ids.is_empty() {
                 m.push_str(&format!(", lm_head rows of tokens {:?}", l.head_token_ids));
             }
+            if let Some(kl) = t.params.base_kl {
+                let last = t.history.iter().rev().find_map(|r| r.base_kl);
+                m.push_str(&format!(
+                    ", KL to the base weighted {} at every {}th prompt position{}",
+                    kl.weight,
+                    kl.stride,
+                    last.map_or(String::new(), |v| format!(" (last step: {v:.4} nats)"))
+                ));
+            }
             m
         }
         TrainableSpec::Full {
