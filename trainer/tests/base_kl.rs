@@ -10,7 +10,6 @@ mod common;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use finetune_trainer::data::batch::Batch;
-use finetune_trainer::data::encode::Encoded;
 use finetune_trainer::loss::{masked_cross_entropy, reference_kl};
 use finetune_trainer::model::head_rows::PEFT_HEAD_ROWS_NAME;
 use finetune_trainer::model::linear::FwdCtx;
@@ -55,22 +54,10 @@ fn fixture(perturbed: bool) -> Fixture {
     Fixture { tuned, base }
 }
 
-fn encoded(ids: &[u32], first_target: usize) -> Encoded {
-    Encoded {
-        ids: ids.to_vec(),
-        target: (0..ids.len())
-            .map(|t| u8::from(t >= first_target))
-            .collect(),
-        label: None,
-        truncated: false,
-        prompt_len: first_target,
-    }
-}
-
 /// Two rows of different lengths (the second padded): prompts of 5 and 3 tokens, answers after.
 fn batch() -> Batch {
-    let a = encoded(&[1, 5, 9, 11, 4, 13, 2], 5);
-    let b = encoded(&[1, 8, 3, 2], 3);
+    let a = common::encoded(&[1, 5, 9, 11, 4, 13, 2], 5);
+    let b = common::encoded(&[1, 8, 3, 2], 3);
     Batch::new(&[&a, &b], 0, &Device::Cpu).unwrap()
 }
 

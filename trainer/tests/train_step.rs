@@ -8,7 +8,6 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use finetune_trainer::data::batch::Batch;
-use finetune_trainer::data::encode::Encoded;
 use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::{Llama, TrainableSpec};
@@ -26,28 +25,16 @@ fn full() -> TrainableSpec {
     }
 }
 
-fn encoded(ids: &[u32], first_target: usize) -> Encoded {
-    Encoded {
-        ids: ids.to_vec(),
-        target: (0..ids.len())
-            .map(|t| u8::from(t >= first_target))
-            .collect(),
-        label: None,
-        truncated: false,
-        prompt_len: first_target,
-    }
-}
-
 /// Two rows of different lengths (the second is padded), loss on their last tokens.
 fn batch() -> Batch {
-    let a = encoded(&[1, 5, 9, 13, 7, 2], 3);
-    let b = encoded(&[1, 8, 3, 2], 2);
+    let a = common::encoded(&[1, 5, 9, 13, 7, 2], 3);
+    let b = common::encoded(&[1, 8, 3, 2], 2);
     Batch::new(&[&a, &b], 0, &Device::Cpu).unwrap()
 }
 
 /// A row without a target token (all prompt).
 fn batch_without_targets() -> Batch {
-    let a = encoded(&[1, 4, 6, 2], 9);
+    let a = common::encoded(&[1, 4, 6, 2], 9);
     Batch::new(&[&a], 0, &Device::Cpu).unwrap()
 }
 

@@ -42,6 +42,43 @@ where
     })
 }
 
+/// The (n, vocab) f32 logits of a fused op's input, row-major, with `n` and `vocab`.
+pub(crate) fn logits_rows<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<(&'a [f32], usize, usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 logits expected")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous logits expected")
+    };
+    let (n, v) = layout.shape().dims2()?;
+    Ok((&data[start..end], n, v))
+}
+
+/// The backward's inputs of a fused row-mean op: the upstream gradient divided by the row
+/// count, and the logits as one row-major vector.
+pub(crate) fn mean_backward_inputs(
+    arg: &Tensor,
+    grad_res: &Tensor,
+) -> candle_core::Result<(f32, Vec<f32>)> {
+    let (n, _) = arg.dims2()?;
+    let g = grad_res
+        .to_dtype(candle_core::DType::F32)?
+        .to_scalar::<f32>()?
+        / n.max(1) as f32;
+    let x = arg.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((g, x))
+}
+
+/// The mean of per-row values as a scalar op result.
+pub(crate) fn row_mean(per_row: &[f32]) -> (CpuStorage, Shape) {
+    let mean = per_row.iter().map(|x| *x as f64).sum::<f64>() / per_row.len().max(1) as f64;
+    (CpuStorage::F32(vec![mean as f32]), Shape::from(()))
+}
+
 impl CustomOp1 for FusedNll {
     fn name(&self) -> &'static str {
         "fused-nll"
@@ -52,17 +89,10 @@ impl CustomOp1 for FusedNll {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused-nll: f32 logits expected")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused-nll: contiguous logits expected")
-        };
-        let (n, v) = layout.shape().dims2()?;
+        let (data, n, v) = logits_rows("fused-nll", storage, layout)?;
         if n != self.targets.len() {
             candle_core::bail!("fused-nll: {n} rows but {} targets", self.targets.len())
         }
-        let data = &data[start..end];
         let per_row = par_rows(n, |rows| {
             rows.map(|r| {
                 let row = &data[r * v..(r + 1) * v];
@@ -71,8 +101,7 @@ impl CustomOp1 for FusedNll {
             })
             .collect()
         });
-        let loss = per_row.iter().map(|x| *x as f64).sum::<f64>() / n.max(1) as f64;
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        Ok(row_mean(&per_row))
     }
 
     fn bwd(
@@ -82,11 +111,7 @@ impl CustomOp1 for FusedNll {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = arg.dims2()?;
-        let g = grad_res
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?
-            / n.max(1) as f32;
-        let x = arg.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (g, x) = mean_backward_inputs(arg, grad_res)?;
         let grad = par_rows(n, |rows| {
             let mut out = Vec::with_capacity(rows.len() * v);
             for r in rows {

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::fused_ce::{par_rows, row_lse};
+use super::fused_ce::{logits_rows, mean_backward_inputs, par_rows, row_lse, row_mean};
 
 /// The op; holds the reference logits (row-major, `vocab` per row).
 #[derive(Debug, Clone)]
@@ -33,13 +33,7 @@ impl CustomOp1 for FusedKl {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused-kl: f32 logits expected")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused-kl: contiguous logits expected")
-        };
-        let (n, v) = layout.shape().dims2()?;
+        let (data, n, v) = logits_rows("fused-kl", storage, layout)?;
         if v != self.vocab || n * v != self.reference.len() {
             candle_core::bail!(
                 "fused-kl: logits ({n}, {v}) against {} reference values of {} per row",
@@ -47,7 +41,6 @@ impl CustomOp1 for FusedKl {
                 self.vocab
             )
         }
-        let data = &data[start..end];
         let per_row = par_rows(n, |rows| {
             rows.map(|r| {
                 let x = &data[r * v..(r + 1) * v];
@@ -64,8 +57,7 @@ impl CustomOp1 for FusedKl {
             })
             .collect()
         });
-        let kl = per_row.iter().map(|x| *x as f64).sum::<f64>() / n.max(1) as f64;
-        Ok((CpuStorage::F32(vec![kl as f32]), Shape::from(())))
+        Ok(row_mean(&per_row))
     }
 
     fn bwd(
@@ -75,11 +67,7 @@ impl CustomOp1 for FusedKl {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = arg.dims2()?;
-        let g = grad_res
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?
-            / n.max(1) as f32;
-        let x = arg.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (g, x) = mean_backward_inputs(arg, grad_res)?;
         let grad = par_rows(n, |rows| {
             let mut out = Vec::with_capacity(rows.len() * v);
             for r in rows {

@@ -84,6 +84,19 @@ pub fn require_assets() -> bool {
     std::env::var("FINETUNE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
 }
 
+/// An encoded example whose tokens from `first_target` on are the answer (the loss targets).
+pub fn encoded(ids: &[u32], first_target: usize) -> finetune_trainer::data::encode::Encoded {
+    finetune_trainer::data::encode::Encoded {
+        ids: ids.to_vec(),
+        target: (0..ids.len())
+            .map(|t| u8::from(t >= first_target))
+            .collect(),
+        label: None,
+        truncated: false,
+        prompt_len: first_target,
+    }
+}
+
 /// LoRA B starts at zero, which makes A's gradient zero: gives every B small random values.
 pub fn perturb_lora_b(model: &Llama) {
     for (name, var) in model.trainable() {
