@@ -58,19 +58,31 @@ pub(crate) fn logits_rows<'a>(
     Ok((&data[start..end], n, v))
 }
 
-/// The backward's inputs of a fused row-mean op: the upstream gradient divided by the row
-/// count, and the logits as one row-major vector.
-pub(crate) fn mean_backward_inputs(
+/// The backward of a fused row-mean op over (n, vocab) logits `arg`: `row_grad(r, row, g, out)`
+/// appends the gradient of row `r` (its logits `row`) to `out`, with `g` the upstream gradient
+/// divided by the row count.
+pub(crate) fn mean_backward<F>(
     arg: &Tensor,
     grad_res: &Tensor,
-) -> candle_core::Result<(f32, Vec<f32>)> {
-    let (n, _) = arg.dims2()?;
+    row_grad: F,
+) -> candle_core::Result<Option<Tensor>>
+where
+    F: Fn(usize, &[f32], f32, &mut Vec<f32>) + Sync,
+{
+    let (n, v) = arg.dims2()?;
     let g = grad_res
         .to_dtype(candle_core::DType::F32)?
         .to_scalar::<f32>()?
         / n.max(1) as f32;
     let x = arg.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok((g, x))
+    let grad = par_rows(n, |rows| {
+        let mut out = Vec::with_capacity(rows.len() * v);
+        for r in rows {
+            row_grad(r, &x[r * v..(r + 1) * v], g, &mut out);
+        }
+        out
+    });
+    Ok(Some(Tensor::from_vec(grad, (n, v), arg.device())?))
 }
 
 /// The mean of per-row values as a scalar op result.
@@ -110,22 +122,14 @@ impl CustomOp1 for FusedNll {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (n, v) = arg.dims2()?;
-        let (g, x) = mean_backward_inputs(arg, grad_res)?;
-        let grad = par_rows(n, |rows| {
-            let mut out = Vec::with_capacity(rows.len() * v);
-            for r in rows {
-                let row = &x[r * v..(r + 1) * v];
-                let lse = row_lse(row);
-                let t = self.targets[r] as usize;
-                out.extend(row.iter().enumerate().map(|(j, xj)| {
-                    let p = (xj - lse).exp();
-                    g * (p - if j == t { 1.0 } else { 0.0 })
-                }));
-            }
-            out
-        });
-        Ok(Some(Tensor::from_vec(grad, (n, v), arg.device())?))
+        mean_backward(arg, grad_res, |r, row, g, out| {
+            let lse = row_lse(row);
+            let t = self.targets[r] as usize;
+            out.extend(row.iter().enumerate().map(|(j, xj)| {
+                let p = (xj - lse).exp();
+                g * (p - if j == t { 1.0 } else { 0.0 })
+            }));
+        })
     }
 }
 

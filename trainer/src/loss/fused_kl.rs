@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::fused_ce::{logits_rows, mean_backward_inputs, par_rows, row_lse, row_mean};
+use super::fused_ce::{logits_rows, mean_backward, par_rows, row_lse, row_mean};
 
 /// The op; holds the reference logits (row-major, `vocab` per row).
 #[derive(Debug, Clone)]
@@ -66,23 +66,15 @@ impl CustomOp1 for FusedKl {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (n, v) = arg.dims2()?;
-        let (g, x) = mean_backward_inputs(arg, grad_res)?;
-        let grad = par_rows(n, |rows| {
-            let mut out = Vec::with_capacity(rows.len() * v);
-            for r in rows {
-                let row = &x[r * v..(r + 1) * v];
-                let reference = self.reference_row(r);
-                let (lse_x, lse_r) = (row_lse(row), row_lse(reference));
-                out.extend(
-                    row.iter()
-                        .zip(reference)
-                        .map(|(xj, rj)| g * ((xj - lse_x).exp() - (rj - lse_r).exp())),
-                );
-            }
-            out
-        });
-        Ok(Some(Tensor::from_vec(grad, (n, v), arg.device())?))
+        mean_backward(arg, grad_res, |r, row, g, out| {
+            let reference = self.reference_row(r);
+            let (lse_x, lse_r) = (row_lse(row), row_lse(reference));
+            out.extend(
+                row.iter()
+                    .zip(reference)
+                    .map(|(xj, rj)| g * ((xj - lse_x).exp() - (rj - lse_r).exp())),
+            );
+        })
     }
 }
 
