@@ -186,36 +186,27 @@ fn gradients_agree_with_finite_differences_for_every_trainable_tensor() {
     let f = fixture(true);
     let b = batch();
     let (_, _, grads) = trainer_grads(&f, &b, &settings(WEIGHT, false));
-    let eps = 1e-2f64;
-    for (name, var) in f.tuned.trainable() {
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        // The element with the largest gradient: finite differences measure it best.
-        let g = grads[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let idx = (0..g.len())
-            .max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs()))
-            .unwrap();
-        let at = |delta: f64| {
-            let mut v = orig.clone();
-            v[idx] += delta as f32;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+    // For each trainable tensor its element with the largest gradient: finite differences
+    // measure it best.
+    let picks: Vec<(&str, usize)> = f
+        .tuned
+        .trainable()
+        .iter()
+        .map(|(name, _)| {
+            let g = grads[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let idx = (0..g.len())
+                .max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs()))
                 .unwrap();
-            scalar(&independent_objective(&f, &b))
-        };
-        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-        let analytic = f64::from(g[idx]);
-        let tol = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-4;
-        assert!(
-            (analytic - numeric).abs() < tol,
-            "{name}[{idx}]: ours {analytic} vs finite difference {numeric}"
-        );
-    }
+            (name.as_str(), idx)
+        })
+        .collect();
+    common::assert_finite_differences_of(
+        "klToBase objective",
+        &f.tuned,
+        |name, _| grads[name].clone(),
+        &picks,
+        || independent_objective(&f, &b),
+    );
 }
 
 #[test]

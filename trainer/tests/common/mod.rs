@@ -152,8 +152,24 @@ pub fn assert_finite_differences(
     grads: &candle_core::backprop::GradStore,
     picks: &[(&str, usize)],
 ) {
+    let analytic = |name: &str, var: &candle_core::Var| {
+        let _ = name;
+        grads.get(var.as_tensor()).unwrap().clone()
+    };
+    assert_finite_differences_of(what, model, analytic, picks, || small_batch_loss(model));
+}
+
+/// [`assert_finite_differences`] for any scalar `loss` of `model` and gradients given by name
+/// and tensor through `analytic`.
+pub fn assert_finite_differences_of(
+    what: &str,
+    model: &Llama,
+    analytic: impl Fn(&str, &candle_core::Var) -> Tensor,
+    picks: &[(&str, usize)],
+    loss: impl Fn() -> Tensor,
+) {
     let loss = || {
-        small_batch_loss(model)
+        loss()
             .to_dtype(candle_core::DType::F64)
             .unwrap()
             .to_scalar::<f64>()
@@ -167,7 +183,7 @@ pub fn assert_finite_differences(
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no trainable tensor {name}"))
             .1;
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let g = analytic(name, var).flatten_all().unwrap();
         let analytic = g.to_vec1::<f32>().unwrap()[idx] as f64;
         let orig = var
             .as_tensor()
