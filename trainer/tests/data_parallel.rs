@@ -125,6 +125,32 @@ fn two_ranks_train_as_one_rank_accumulating_both_shares() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// The KL-to-base penalty goes through the gang's all-reduce too: two ranks equal one rank
+/// accumulating both shares, losses, weights and the penalty's reported values alike.
+#[test]
+fn two_ranks_with_the_kl_penalty_train_as_one_rank() {
+    let (work, model) = setup("dp-kl");
+    let kl = Some(finetune_trainer::train::base_kl::BaseKl {
+        weight: 1.0,
+        stride: 2,
+    });
+    let mut p = params(&work, &model, "alone", lora());
+    p.base_kl = kl;
+    let mut t = Trainer::new(p, false, None).unwrap();
+    let alone = train(&mut t, None);
+    let alone_kl: Vec<Option<f32>> = t.history.iter().map(|r| r.base_kl).collect();
+    assert!(
+        alone_kl.iter().skip(1).all(|k| k.is_some_and(|v| v > 0.0)),
+        "{alone_kl:?}"
+    );
+    let mut gang = per_rank(&work, &model, "gang");
+    gang.base_kl = kl;
+    let [r0, r1] = two_ranks(&gang, false, None);
+    assert_same_run("rank 0 vs one rank, with the penalty", &r0, &alone);
+    assert_same_run("rank 1 vs one rank, with the penalty", &r1, &alone);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 #[test]
 fn a_two_rank_checkpoint_resumes_exactly_on_one_rank() {
     let (work, model) = setup("dp-resume");
