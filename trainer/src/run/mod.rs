@@ -225,7 +225,7 @@ pub fn run_job_in(
             if let Some(kl) = t.params.base_kl {
                 let last = t.history.iter().rev().find_map(|r| r.base_kl);
                 m.push_str(&format!(
-                    ", KL to the base weighted {} at every {}th prompt position{}",
+                    ", KL to the base weighted {} at one prompt position in {}{}",
                     kl.weight,
                     kl.stride,
                     last.map_or(String::new(), |v| format!(" (last step: {v:.4} nats)"))
