@@ -37,6 +37,14 @@ pub const GIB: u64 = 1 << 30;
 pub const CUDA_CONTEXT_BYTES: u64 = 3 * GIB / 2;
 /// The trainer process on CPU outside its tensors: code, thread pools, tokenizer, dataset.
 pub const CPU_RUNTIME_BYTES: u64 = 96 << 20;
+/// On the CPU the LM head and the cross-entropy are one op over blocks of loss rows
+/// (`trainer/src/loss/linear_ce.rs`); each block's f32 logits take at most this many bytes.
+pub const CPU_LOSS_BLOCK_BYTES: u64 = 128 << 20;
+
+/// Loss rows per block of the CPU's fused LM head and cross-entropy for `vocab` tokens.
+pub fn cpu_loss_block_rows(vocab: u64) -> u64 {
+    (CPU_LOSS_BLOCK_BYTES / (4 * vocab.max(1))).max(1)
+}
 /// Fragmentation of the device allocator, as a fraction of the tensor bytes.
 pub const FRAGMENTATION: f64 = 0.10;
 
@@ -472,7 +480,24 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
             "the hidden state received from the previous GPU and its gradient".to_string(),
         ));
     }
-    if head {
+    if head && !input.gpu && a == 4 {
+        let rows = input.loss_rows.min(cpu_loss_block_rows(w.vocab));
+        // A trained head's gradient is summed over the blocks: one more (vocab, hidden) f32.
+        let head_sum = if embeddings_trained {
+            4 * w.vocab * w.h
+        } else {
+            0
+        };
+        components.push(line(
+            "logits",
+            rows * w.vocab * 8 + head_sum + s * w.h * (12 + a),
+            format!(
+                "one block of {rows} loss rows × vocabulary {} (f32 logits and their gradient) \
+                 in the fused head and loss, and the final norm",
+                w.vocab
+            ),
+        ));
+    } else if head {
         let rows = input.loss_rows;
         let logit_copies = if input.gpu { 6 } else { 2 };
         components.push(line(

@@ -7,7 +7,6 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, LossAndGrads, TrainableSpec};
 use finetune_trainer::rng::Rng;
@@ -39,8 +38,8 @@ fn run(model: &Llama, recompute: bool) -> (LossAndGrads, Option<Rng>) {
     let targets = Tensor::new(&[13u32, 7, 2, 3, 2], &Device::Cpu).unwrap();
     let mut ctx = FwdCtx::train(Some(Rng::derive(5, 1)));
     let out = model
-        .loss_and_grads(&ids, Some(&mask), &rows, &mut ctx, recompute, |l| {
-            masked_cross_entropy(l, &targets)
+        .loss_and_grads(&ids, Some(&mask), &rows, &mut ctx, recompute, |h| {
+            h.cross_entropy(&targets)
         })
         .unwrap();
     (out, ctx.dropout_rng)

@@ -13,7 +13,6 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{LayerDevices, Llama, LlamaConfig, LoraSettings, TrainableSpec};
@@ -49,8 +48,8 @@ fn loss_and_grads(model: &Llama, recompute: bool) -> finetune_trainer::model::Lo
     let targets = Tensor::new(&[13u32, 7, 2, 3, 2], &Device::Cpu).unwrap();
     let mut ctx = FwdCtx::train(Some(Rng::derive(5, 1)));
     model
-        .loss_and_grads(&ids, Some(&mask), &rows, &mut ctx, recompute, |l| {
-            masked_cross_entropy(l, &targets)
+        .loss_and_grads(&ids, Some(&mask), &rows, &mut ctx, recompute, |h| {
+            h.cross_entropy(&targets)
         })
         .unwrap()
 }
@@ -219,8 +218,8 @@ fn a_quantized_base_loads_onto_its_layers_devices_and_trains_as_on_one_device() 
     let rows = Tensor::new(&[1u32, 2, 3, 4], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[9u32, 13, 7, 2], &Device::Cpu).unwrap();
     let run = |m: &Llama| {
-        m.loss_and_grads(&ids, None, &rows, &mut FwdCtx::train(None), true, |l| {
-            masked_cross_entropy(l, &targets)
+        m.loss_and_grads(&ids, None, &rows, &mut FwdCtx::train(None), true, |h| {
+            h.cross_entropy(&targets)
         })
         .unwrap()
     };

@@ -9,7 +9,6 @@ use candle_core::{Device, Tensor};
 use finetune_api::memory::{CPU_RUNTIME_BYTES, PlanInput, PlannedMethod, plan};
 use finetune_api::presets::ModelArchitecture;
 use finetune_api::v1alpha1::TargetModule;
-use finetune_trainer::loss::masked_cross_entropy;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
@@ -206,8 +205,8 @@ fn train_two_steps(shape: &Shape) -> u64 {
         let targets = ids.flatten_all().unwrap();
         let mut ctx = FwdCtx::train(Some(rng));
         let step = model
-            .loss_and_grads(&ids, None, &rows, &mut ctx, shape.checkpointing, |l| {
-                masked_cross_entropy(l, &targets)
+            .loss_and_grads(&ids, None, &rows, &mut ctx, shape.checkpointing, |h| {
+                h.cross_entropy(&targets)
             })
             .unwrap();
         rng = ctx.dropout_rng.unwrap();

@@ -90,7 +90,10 @@ fn the_shared_step_is_the_hand_written_one() {
         assert_eq!(got.loss, want, "loss at lr {lr}");
         assert_eq!(got.tokens, 10);
     }
-    assert_eq!(max_difference(&ours, &theirs), 0.0, "weights after 3 steps");
+    // The shared step takes the CPU's fused head and loss (`loss::linear_ce`), whose gradients
+    // equal the projection-then-loss path above up to f32 rounding (`tests/linear_ce.rs`).
+    let d = max_difference(&ours, &theirs);
+    assert!(d <= 1e-6, "weights after 3 steps differ by {d}");
 }
 
 #[test]

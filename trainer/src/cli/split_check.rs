@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::loss::masked_cross_entropy;
 use crate::model::linear::FwdCtx;
 use crate::model::weights::Weights;
 use crate::model::{LayerDevices, Llama, LlamaConfig, LoraSettings, LossAndGrads, TrainableSpec};
@@ -127,7 +126,7 @@ fn loss_and_grads(model: &Llama, ids: &[u32], recompute: bool) -> Result<LossAnd
     let rows = Tensor::from_vec((0..n as u32 - 1).collect::<Vec<_>>(), n - 1, device)?;
     let targets = Tensor::from_vec(ids[1..].to_vec(), n - 1, device)?;
     let mut ctx = FwdCtx::train(None);
-    model.loss_and_grads(&input, None, &rows, &mut ctx, recompute, |logits| {
-        masked_cross_entropy(logits, &targets)
+    model.loss_and_grads(&input, None, &rows, &mut ctx, recompute, |h| {
+        h.cross_entropy(&targets)
     })
 }

@@ -10,6 +10,7 @@ use crate::Result;
 
 pub mod fused_ce;
 pub mod fused_kl;
+pub mod linear_ce;
 
 /// Log-probability of each target under `logits` (n, vocab) → (n). The targets are moved to
 /// the logits' device (the last layer's when the layers are split over GPUs).

@@ -19,6 +19,7 @@ use crate::{Result, TrainerError};
 
 mod attention;
 mod block;
+mod head;
 mod mlp;
 mod norm;
 mod params;
@@ -27,6 +28,7 @@ mod recompute;
 
 use attention::LayerCache;
 use block::Block;
+pub use head::HeadInput;
 use norm::rms_norm;
 use params::ParamLoader;
 use positions::{PositionTables, padding_bias};
@@ -404,10 +406,21 @@ impl Llama {
         rows: &Tensor,
         ctx: &mut FwdCtx,
     ) -> Result<Tensor> {
+        self.project(&self.hidden_at(ids, mask, rows, ctx)?, ctx)
+    }
+
+    /// Final hidden states only at flat positions `rows` (indices into b·s), as (rows, hidden).
+    fn hidden_at(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        rows: &Tensor,
+        ctx: &mut FwdCtx,
+    ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let hs = self.hidden(ids, mask, ctx)?;
         let flat = hs.reshape((b * s, self.cfg.hidden_size))?;
-        self.project(&select_rows(&flat, rows)?, ctx)
+        select_rows(&flat, rows)
     }
 
     /// All base weights with adapters merged, in HF names (for export or the peer check).

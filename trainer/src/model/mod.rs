@@ -19,6 +19,6 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use linear::Linear;
-pub use llama::{Gradients, KvCache, Llama, LossAndGrads, TrainableSpec};
+pub use llama::{Gradients, HeadInput, KvCache, Llama, LossAndGrads, TrainableSpec};
 pub use lora::LoraSettings;
 pub use placement::LayerDevices;

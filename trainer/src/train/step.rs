@@ -13,7 +13,7 @@ pub use super::base_kl::BaseKl;
 use crate::Result;
 use crate::data::batch::Batch;
 use crate::distributed::{Collective, SingleProcess};
-use crate::loss::{kl_to_reference, masked_cross_entropy};
+use crate::loss::kl_to_reference;
 use crate::model::linear::FwdCtx;
 use crate::model::{Gradients, Llama};
 use crate::optim::{AdamW, clip_grad_norm};
@@ -183,7 +183,7 @@ pub fn micro_batch_grads(
             &batch.rows,
             ctx,
             settings.gradient_checkpointing,
-            |logits| masked_cross_entropy(logits, &batch.targets),
+            |head| head.cross_entropy(&batch.targets),
         )?;
         return Ok(MicroBatchGrads {
             loss: step.loss,
@@ -201,10 +201,11 @@ pub fn micro_batch_grads(
         &rows,
         ctx,
         settings.gradient_checkpointing,
-        |logits| {
-            let n_compared = logits.dims2()?.0 - n_targets;
-            let ce = masked_cross_entropy(&logits.narrow(0, 0, n_targets)?, &batch.targets)?;
-            let penalty = kl_to_reference(&logits.narrow(0, n_targets, n_compared)?, &reference)?;
+        |head| {
+            let n_compared = head.rows()? - n_targets;
+            let ce = head.narrow(0, n_targets)?.cross_entropy(&batch.targets)?;
+            let compared = head.narrow(n_targets, n_compared)?.logits()?;
+            let penalty = kl_to_reference(&compared, &reference)?;
             parts.set((ce.to_scalar::<f32>()?, penalty.to_scalar::<f32>()?));
             Ok((ce + (penalty * kl.weight)?)?)
         },

@@ -15,7 +15,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::block::Block;
-use super::{Llama, rms_norm, select_rows};
+use super::{HeadInput, Llama, rms_norm, select_rows};
 use crate::Result;
 use crate::model::linear::FwdCtx;
 
@@ -88,8 +88,8 @@ pub struct LossAndGrads {
 }
 
 impl Llama {
-    /// The loss `loss(logits)` of the logits at flat positions `rows` (as in
-    /// [`Llama::logits_at`]) and its gradients. With `recompute_layers` the decoder layers are
+    /// The loss `loss(head)` of the final hidden states at flat positions `rows` (as in
+    /// [`Llama::logits_at`], before the LM head: [`HeadInput`] projects them) and its gradients. With `recompute_layers` the decoder layers are
     /// activation-checkpointed (see the module documentation); the gradients are those of the
     /// plain backward, up to rounding. `ctx` must build a graph; its dropout stream advances as
     /// one forward would advance it.
@@ -100,11 +100,12 @@ impl Llama {
         rows: &Tensor,
         ctx: &mut FwdCtx,
         recompute_layers: bool,
-        loss: impl Fn(&Tensor) -> Result<Tensor>,
+        loss: impl Fn(&HeadInput) -> Result<Tensor>,
     ) -> Result<LossAndGrads> {
         let mut grads = Gradients::new();
         if !recompute_layers {
-            let value = loss(&self.logits_at(ids, mask, rows, ctx)?)?;
+            let hidden = self.hidden_at(ids, mask, rows, ctx)?;
+            let value = loss(&HeadInput::new(self, hidden, ctx))?;
             grads.add_store(&self.trainable, &value.backward()?)?;
             let loss = value.to_scalar::<f32>()?;
             return Ok(LossAndGrads { loss, grads });
@@ -135,7 +136,7 @@ impl Llama {
             self.cfg.rms_norm_eps,
         )?;
         let flat = hidden.reshape((b * s, self.cfg.hidden_size))?;
-        let value = loss(&self.project(&select_rows(&flat, rows)?, ctx)?)?;
+        let value = loss(&HeadInput::new(self, select_rows(&flat, rows)?, ctx))?;
         let store = value.backward()?;
         grads.add_store(&self.trainable, &store)?;
         let mut upstream = store.get(top.as_tensor()).cloned();
