@@ -27,10 +27,6 @@ for q in int8 int4; do
   python3 -c "print(f'ratio LoRA over an $q base / f32 base tokens/s = {$n/$a:.2f}')"
 done
 if [ "${BENCH_TORCH:-0}" = "1" ]; then
-  # transformers and transformers + PEFT as peers of the full and the LoRA runs above, same run.
-  hf_full="$("$root/benches/run-pytorch.sh" hf full 2>/dev/null | tee /dev/stderr)"
-  hf_lora="$("$root/benches/run-pytorch.sh" hf lora 2>/dev/null | tee /dev/stderr)"
-  f="$(grep -o '= [0-9]* tokens/s' <<<"$hf_full" | tr -dc 0-9)"
-  l="$(grep -o '= [0-9]* tokens/s' <<<"$hf_lora" | tr -dc 0-9)"
-  python3 -c "print(f'ratio candle/transformers (full) = {$c/$f:.2f}; candle/transformers+PEFT (LoRA) = {$a/$l:.2f}')"
+  # transformers and transformers + PEFT as peers of the full and the LoRA runs, interleaved rounds.
+  "$root/benches/peers.sh"
 fi

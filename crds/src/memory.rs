@@ -5,7 +5,8 @@
 //! for the backward, op by op; candle keeps every intermediate of a recorded op until the loss is
 //! dropped. Per decoder layer, with `s` = batch × sequence rows, `a` the activation dtype's bytes
 //! and `S` = batch × heads × sequence² attention scores:
-//! - each RMSNorm: f32 square and scaled copies, plus the dtype conversions and the weight product;
+//! - each RMSNorm: f32 square and scaled copies, plus the dtype conversions and the weight product
+//!   (on the CPU in f32 one op that keeps its output only);
 //! - a frozen projection: its output; a LoRA projection also the f32 adapter path (input
 //!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the mask and
 //!   the masked input; a trained projection: its output;
@@ -296,7 +297,13 @@ impl PlanInput {
         let s = self.batch * self.sequence;
         let scores = self.batch * u64::from(self.architecture.num_heads) * self.sequence.pow(2);
         let not_f32 = u64::from(a != 4);
-        let norm = s * w.h * (8 + a + not_f32 * (4 + a));
+        // On the CPU in f32 the norm is one op that keeps only its output
+        // (`trainer/src/model/llama/norm.rs`); elsewhere its primitive ops' f32 copies.
+        let norm = if !self.gpu && a == 4 {
+            s * w.h * a
+        } else {
+            s * w.h * (8 + a + not_f32 * (4 + a))
+        };
         let projection = |m: TargetModule| -> u64 {
             let (i, o) = w.projection(m);
             let mut bytes = s * o * a;
@@ -488,12 +495,23 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
         } else {
             0
         };
+        let block = rows * w.vocab * 8 + head_sum;
+        // With checkpointing the block is freed before the layers are recomputed, so only what
+        // exceeds the recomputed layer's working set (counted above) adds to the peak.
+        let (block, when) = if input.checkpointing {
+            (
+                block.saturating_sub(2 * per_layer),
+                ", beyond the recomputed layer it never coexists with",
+            )
+        } else {
+            (block, "")
+        };
         components.push(line(
             "logits",
-            rows * w.vocab * 8 + head_sum + s * w.h * (12 + a),
+            block + s * w.h * (4 + a),
             format!(
                 "one block of {rows} loss rows × vocabulary {} (f32 logits and their gradient) \
-                 in the fused head and loss, and the final norm",
+                 in the fused head and loss{when}, and the final norm",
                 w.vocab
             ),
         ));

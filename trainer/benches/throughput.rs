@@ -6,9 +6,10 @@
 //! Env: BENCH_STEPS (measured steps, default 5), BENCH_WARMUP (default 1), BENCH_CSV_ROWS
 //! (default 1000000; 0 skips the data benchmark), FINETUNE_ASSETS_DIR (tokenizer for the data
 //! benchmark's tokenisation; skipped when absent), BENCH_METHOD (`full`, the default, or `lora`:
-//! r=16 on q_proj and v_proj, everything else frozen), BENCH_REFERENCE_MATMUL=1 (frozen weights
-//! through candle's plain matmul, whose backward also computes their unused gradients: the path
-//! the frozen-matmul op replaced; run it as its own process, peak RSS is per process).
+//! r=16, alpha 32, dropout 0.05 on q_proj and v_proj as the PEFT peer, everything else frozen),
+//! BENCH_REFERENCE_MATMUL=1 (frozen weights through candle's plain matmul, whose backward also
+//! computes their unused gradients: the path the frozen-matmul op replaced; run it as its own
+//! process, peak RSS is per process).
 
 use std::io::Write;
 use std::time::Instant;
@@ -59,7 +60,7 @@ fn train_bench() -> anyhow::Result<()> {
         TrainableSpec::Lora(LoraSettings {
             rank: 16,
             alpha: 32.0,
-            dropout: 0.0,
+            dropout: 0.05,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             layers: None,
             train_label_tokens: false,
@@ -111,7 +112,11 @@ fn train_bench() -> anyhow::Result<()> {
     println!(
         "train stories15M-shape ({} params, {}{}{}) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
         cfg.num_parameters(),
-        if lora { "LoRA r=16 q,v" } else { "full" },
+        if lora {
+            "LoRA r=16 q,v, dropout 0.05"
+        } else {
+            "full"
+        },
         if reference_matmul {
             ", frozen weights through plain matmul"
         } else {

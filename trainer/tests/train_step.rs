@@ -87,11 +87,16 @@ fn the_shared_step_is_the_hand_written_one() {
     for lr in [3e-3, 1e-3, 2e-3] {
         let got = optimizer_step(&ours, &mut opt_ours, [Ok(batch())], lr, &settings, None).unwrap();
         let want = hand_written_step(&theirs, &mut opt_theirs, &batch(), lr);
-        assert_eq!(got.loss, want, "loss at lr {lr}");
+        assert!(
+            (got.loss - want).abs() <= 1e-6,
+            "loss at lr {lr}: {} vs {want}",
+            got.loss
+        );
         assert_eq!(got.tokens, 10);
     }
-    // The shared step takes the CPU's fused head and loss (`loss::linear_ce`), whose gradients
-    // equal the projection-then-loss path above up to f32 rounding (`tests/linear_ce.rs`).
+    // The shared step takes the CPU's fused head and loss (`loss::linear_ce`), whose value and
+    // gradients equal the projection-then-loss path above up to f32 rounding
+    // (`tests/linear_ce.rs`), hence the tolerances.
     let d = max_difference(&ours, &theirs);
     assert!(d <= 1e-6, "weights after 3 steps differ by {d}");
 }
