@@ -94,6 +94,8 @@ fn train_bench() -> anyhow::Result<()> {
     let b = Batch::new(&refs, 0, &dev)?;
     let warmup = env_usize("BENCH_WARMUP", 1);
     let steps = env_usize("BENCH_STEPS", 5);
+    // The LoRA adapters' dropout stream (full fine-tuning has no dropout).
+    let mut dropout_rng = Rng::new(5);
     let mut t0 = Instant::now();
     let mut last_loss = 0f32;
     for i in 0..warmup + steps {
@@ -105,7 +107,15 @@ fn train_bench() -> anyhow::Result<()> {
             ..StepSettings::clipped_at(1.0)
         };
         let batch = Ok(b.clone());
-        last_loss = optimizer_step(&model, &mut opt, [batch], 1e-3, &settings, None)?.loss;
+        last_loss = optimizer_step(
+            &model,
+            &mut opt,
+            [batch],
+            1e-3,
+            &settings,
+            Some(&mut dropout_rng),
+        )?
+        .loss;
     }
     let secs = t0.elapsed().as_secs_f64();
     let tokens = (steps * batch * seq) as f64;

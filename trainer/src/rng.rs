@@ -5,6 +5,16 @@
 
 use serde::{Deserialize, Serialize};
 
+/// SplitMix64's increment (2⁶⁴ / φ).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64 generator; the whole state is one `u64`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rng {
@@ -16,7 +26,7 @@ impl Rng {
     /// Creates a generator from a seed.
     pub fn new(seed: u64) -> Self {
         Self {
-            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            state: seed ^ GOLDEN,
         }
     }
 
@@ -30,11 +40,23 @@ impl Rng {
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GOLDEN);
+        mix(self.state)
+    }
+
+    /// Advances the stream by `n` values, as `n` calls of [`Rng::next_u64`] would.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(GOLDEN));
+    }
+
+    /// The `index`-th value (from 0) [`Rng::next_f32`] would return from this state, without
+    /// advancing it: SplitMix64 is a function of a counter, so a stream's values can be drawn in
+    /// any order and in parallel (the CPU dropout masks).
+    pub fn f32_at(&self, index: u64) -> f32 {
+        let z = mix(self
+            .state
+            .wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN)));
+        ((z >> 40) as f32) / ((1u64 << 24) as f32)
     }
 
     /// Uniform in `[0, 1)`.
@@ -67,6 +89,18 @@ impl Rng {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_at_an_index_are_the_stream_in_order() {
+        let start = Rng::new(11);
+        let mut stream = start;
+        for i in 0..1000 {
+            assert_eq!(start.f32_at(i), stream.next_f32(), "value {i}");
+        }
+        let mut skipped = start;
+        skipped.skip(1000);
+        assert_eq!(skipped, stream);
+    }
 
     #[test]
     fn same_seed_same_stream_and_state_resumes() {

@@ -6,6 +6,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor, Var};
 use finetune_api::BaseQuantization;
 
+use super::dropout::dropout;
 use super::frozen::{frozen_matmul, quantized_matmul};
 use crate::Result;
 use crate::rng::Rng;
@@ -129,26 +130,6 @@ pub struct Linear {
     pub weight: Weight,
     /// Optional LoRA adapter.
     pub lora: Option<LoraAdapter>,
-}
-
-/// Inverted dropout of `x` with probability `p`. On the CPU the mask is drawn from `rng` element
-/// by element; on a GPU it is drawn on the device by curand, seeded from `rng` for each mask, so
-/// no mask crosses the bus and a recomputation (activation checkpointing, resume) that restores
-/// `rng` draws the same mask. (The GPU path has not run on a GPU yet: scripts/gpu-check.sh.)
-fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    let mask = if x.device().is_cpu() {
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
-            .collect();
-        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
-    } else {
-        x.device().set_seed(rng.next_u64())?;
-        let uniform = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-        let kept = uniform.ge(f64::from(p))?.to_dtype(x.dtype())?;
-        kept.affine(f64::from(keep), 0.0)?
-    };
-    Ok(x.mul(&mask)?)
 }
 
 impl Linear {

@@ -2,6 +2,7 @@
 //! padding masks, built only from differentiable candle ops.
 
 pub mod config;
+pub mod dropout;
 pub mod frozen;
 pub mod head_rows;
 pub mod linear;
