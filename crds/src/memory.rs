@@ -8,8 +8,8 @@
 //! - each RMSNorm: f32 square and scaled copies, plus the dtype conversions and the weight product
 //!   (on the CPU in f32 one op that keeps its output only);
 //! - a frozen projection: its output; a LoRA projection also the f32 adapter path (input
-//!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the mask and
-//!   the masked input; a trained projection: its output;
+//!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the masked
+//!   input and (except on the CPU in f32) the mask; a trained projection: its output;
 //! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each);
 //! - attention: two copies of `S` in the activation dtype (the scores and the fused softmax's
 //!   output, `trainer/src/model/softmax.rs`); the value product and its re-layout; the residuals;
@@ -310,7 +310,10 @@ impl PlanInput {
             if self.is_lora_target(m)
                 && let PlannedMethod::Lora { rank, dropout, .. } = &self.method
             {
-                let drop = if *dropout { 2 * s * i * a } else { 0 };
+                // The masked input, and the mask itself except on the CPU in f32, where the
+                // dropout op draws it again in the backward (`trainer/src/model/dropout.rs`).
+                let copies = if !self.gpu && a == 4 { 1 } else { 2 };
+                let drop = if *dropout { copies * s * i * a } else { 0 };
                 bytes += drop + not_f32 * s * i * 4 + s * rank * 4 + 2 * s * o * 4;
                 bytes += not_f32 * s * o * a + s * o * a;
             }
