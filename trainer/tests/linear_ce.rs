@@ -63,54 +63,22 @@ fn value_and_both_gradients_equal_the_projection_then_the_loss_across_blocks() {
 #[test]
 fn gradients_agree_with_finite_differences() {
     let (h, w, t) = operands();
-    let loss = || {
-        linear_cross_entropy_in_blocks(h.as_tensor(), w.as_tensor(), &t, 3)
-            .unwrap()
-            .to_dtype(candle_core::DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let grads = linear_cross_entropy_in_blocks(h.as_tensor(), w.as_tensor(), &t, 3)
-        .unwrap()
-        .backward()
-        .unwrap();
-    let eps = 1e-2f64;
-    for (name, var, picks) in [
-        ("hidden", &h, [0usize, 37, 111]),
-        ("head", &w, [0, 3 * HIDDEN + 5, 49 * HIDDEN + 15]),
-    ] {
-        let analytic = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for idx in picks {
-            let at = |delta: f64| {
-                let mut v = orig.clone();
-                v[idx] += delta as f32;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss()
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let a = f64::from(analytic[idx]);
-            assert!(
-                (a - numeric).abs() <= 2e-2 * a.abs().max(numeric.abs()) + 2e-4,
-                "{name}[{idx}]: analytic {a} vs numeric {numeric}"
-            );
-        }
-    }
+    let loss = || linear_cross_entropy_in_blocks(h.as_tensor(), w.as_tensor(), &t, 3).unwrap();
+    let grads = loss().backward().unwrap();
+    common::assert_finite_differences_of_vars(
+        "linear cross-entropy",
+        &[("hidden", &h), ("head", &w)],
+        |_, var| grads.get(var.as_tensor()).unwrap().clone(),
+        &[
+            ("hidden", 0),
+            ("hidden", 37),
+            ("hidden", 111),
+            ("head", 0),
+            ("head", 3 * HIDDEN + 5),
+            ("head", 49 * HIDDEN + 15),
+        ],
+        loss,
+    );
 }
 
 #[test]
