@@ -15,6 +15,11 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The top 24 of 64 random bits as a uniform value in `[0, 1)`.
+fn unit_f32(bits: u64) -> f32 {
+    ((bits >> 40) as f32) / ((1u64 << 24) as f32)
+}
+
 /// SplitMix64 generator; the whole state is one `u64`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rng {
@@ -53,15 +58,14 @@ impl Rng {
     /// advancing it: SplitMix64 is a function of a counter, so a stream's values can be drawn in
     /// any order and in parallel (the CPU dropout masks).
     pub fn f32_at(&self, index: u64) -> f32 {
-        let z = mix(self
+        unit_f32(mix(self
             .state
-            .wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN)));
-        ((z >> 40) as f32) / ((1u64 << 24) as f32)
+            .wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN))))
     }
 
     /// Uniform in `[0, 1)`.
     pub fn next_f32(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32) / ((1u64 << 24) as f32)
+        unit_f32(self.next_u64())
     }
 
     /// Uniform in `[0, n)`; `n` must be positive.

@@ -4,7 +4,7 @@
 //! backward (max, shift, exp, scatter of the gathered gradient, the zero-fill of every edge); this
 //! op needs one output buffer for the gradient. It has a backward, so gradients are not cut.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 /// The op; holds the target ids (one per logits row).
 #[derive(Debug, Clone)]
@@ -42,20 +42,39 @@ where
     })
 }
 
+/// The f32 values of a contiguous CPU storage; `op` names the caller in the error.
+pub(crate) fn cpu_f32_values<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{op}: contiguous f32 values expected")
+    };
+    Ok(&data[start..end])
+}
+
+/// The f32 values of a contiguous tensor's storage (held through `Tensor::storage_and_layout`),
+/// which must be on the CPU; `op` names the caller in the error.
+pub(crate) fn storage_f32_values<'a>(
+    op: &str,
+    storage: &'a Storage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(storage) = storage else {
+        candle_core::bail!("{op}: a CPU tensor expected")
+    };
+    cpu_f32_values(op, storage, layout)
+}
+
 /// The (n, vocab) f32 logits of a fused op's input, row-major, with `n` and `vocab`.
 pub(crate) fn logits_rows<'a>(
     op: &str,
     storage: &'a CpuStorage,
     layout: &Layout,
 ) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{op}: f32 logits expected")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous logits expected")
-    };
     let (n, v) = layout.shape().dims2()?;
-    Ok((&data[start..end], n, v))
+    Ok((cpu_f32_values(op, storage, layout)?, n, v))
 }
 
 /// The backward of a fused row-mean op over (n, vocab) logits `arg`: `row_grad(r, row, g, out)`

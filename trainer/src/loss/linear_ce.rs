@@ -12,9 +12,11 @@
 //! (rows × vocab) tensor in the graph: on the throughput bench's shape (2,040 loss rows, 32,000
 //! tokens) the step's peak RSS falls by about 1.2 GB (BENCHMARKS.md).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use finetune_api::memory::cpu_loss_block_rows;
 use rayon::prelude::*;
+
+use super::fused_ce::{row_lse, storage_f32_values};
 
 /// Mean NLL of `targets` (one per row) under `hidden · weightᵀ`, for f32 `hidden` (n, d) and
 /// `weight` (vocab, d) on the CPU, differentiable in both (a gradient is computed only for the
@@ -102,52 +104,42 @@ pub fn linear_cross_entropy_in_blocks(
     hidden.apply_op2(weight, op)
 }
 
-/// The f32 values of a fresh, contiguous CPU tensor, passed to `f`.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        candle_core::bail!("linear-cross-entropy: contiguous f32 CPU logits expected")
-    };
-    Ok(f(&data[start..end]))
-}
-
 /// The block's summed NLL.
 fn block_nll(logits: &Tensor, targets: &[u32]) -> candle_core::Result<f64> {
     let vocab = logits.dim(1)?;
-    with_values(logits, |x| {
-        x.par_chunks(vocab)
-            .zip(targets.par_iter())
-            .map(|(row, &t)| f64::from(super::fused_ce::row_lse(row) - row[t as usize]))
-            .sum()
-    })
+    let (storage, layout) = logits.storage_and_layout();
+    let x = storage_f32_values("linear-cross-entropy", &storage, layout)?;
+    Ok(x.par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| f64::from(row_lse(row) - row[t as usize]))
+        .sum())
 }
 
 /// The block's summed NLL and its gradient `softmax − one-hot` (rows × vocab, row-major), each
 /// row's exponentials computed once.
 fn block_nll_and_grad(logits: &Tensor, targets: &[u32]) -> candle_core::Result<(f64, Vec<f32>)> {
     let vocab = logits.dim(1)?;
+    let (storage, layout) = logits.storage_and_layout();
+    let x = storage_f32_values("linear-cross-entropy", &storage, layout)?;
     let mut grad = vec![0f32; targets.len() * vocab];
-    let sum = with_values(logits, |x| {
-        grad.par_chunks_mut(vocab)
-            .zip(x.par_chunks(vocab))
-            .zip(targets.par_iter())
-            .map(|((out, row), &t)| {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut s = 0f32;
-                for (o, xj) in out.iter_mut().zip(row) {
-                    *o = (xj - m).exp();
-                    s += *o;
-                }
-                let inv = 1.0 / s;
-                out.iter_mut().for_each(|o| *o *= inv);
-                let t = t as usize;
-                out[t] -= 1.0;
-                f64::from(m + s.ln() - row[t])
-            })
-            .sum()
-    })?;
+    let sum = grad
+        .par_chunks_mut(vocab)
+        .zip(x.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((out, row), &t)| {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut s = 0f32;
+            for (o, xj) in out.iter_mut().zip(row) {
+                *o = (xj - m).exp();
+                s += *o;
+            }
+            let inv = 1.0 / s;
+            out.iter_mut().for_each(|o| *o *= inv);
+            let t = t as usize;
+            out[t] -= 1.0;
+            f64::from(m + s.ln() - row[t])
+        })
+        .sum();
     Ok((sum, grad))
 }
 

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
+use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
 use crate::rng::Rng;
 
 /// Elements per parallel task.
@@ -81,20 +82,14 @@ impl CustomOp1 for CpuDropout {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("dropout: contiguous f32 input expected")
-        };
-        Ok((
-            CpuStorage::F32(self.masked(&data[start..end])),
-            layout.shape().clone(),
-        ))
+        let values = cpu_f32_values("dropout", storage, layout)?;
+        Ok((CpuStorage::F32(self.masked(values)), layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        let values = grad.flatten_all()?.to_vec1::<f32>()?;
-        let masked = self.masked(&values);
+        let (storage, layout) = grad.storage_and_layout();
+        let masked = self.masked(storage_f32_values("dropout", &storage, layout)?);
         Ok(Some(Tensor::from_vec(masked, grad.shape(), grad.device())?))
     }
 }

@@ -7,10 +7,11 @@
 //! its output, and its backward is the closed form `dx = r · (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂))`,
 //! `dw = Σ_rows g ⊙ x̂`, with `r = 1 / sqrt(mean(x²) + eps)` and `x̂ = r · x`.
 
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
+use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
 
 /// `x / sqrt(mean(x²) + eps) · w`, computed in f32 and returned in `x`'s dtype.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -40,16 +41,6 @@ struct RmsNorm {
 /// Rows per task of the backward (whose weight gradient is summed per task, then over tasks).
 const ROWS_PER_TASK: usize = 64;
 
-/// The f32 values of a contiguous CPU storage.
-fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
-        (storage, layout.contiguous_offsets())
-    else {
-        candle_core::bail!("rms-norm: contiguous f32 CPU tensors expected")
-    };
-    Ok(&data[start..end])
-}
-
 impl RmsNorm {
     /// `1 / sqrt(mean(row²) + eps)`.
     fn inverse_rms(&self, row: &[f32]) -> f32 {
@@ -70,15 +61,8 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
-            candle_core::bail!("rms-norm: f32 expected")
-        };
-        let (Some((xs, xe)), Some((ws, we))) =
-            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm: contiguous operands expected")
-        };
-        let (x, w) = (&x[xs..xe], &w[ws..we]);
+        let x = cpu_f32_values("rms-norm", x, x_layout)?;
+        let w = cpu_f32_values("rms-norm", w, w_layout)?;
         let hidden = w.len();
         if x_layout.dims().last() != Some(&hidden) {
             candle_core::bail!(
@@ -107,16 +91,17 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let hidden = w.elem_count();
+        let w_tracks = w.track_op();
         let grad = grad.contiguous()?;
         let (x_storage, x_layout) = x.storage_and_layout();
         let (w_storage, w_layout) = w.storage_and_layout();
         let (g_storage, g_layout) = grad.storage_and_layout();
         let (dx, dw) = self.backward_rows(
-            cpu_values(&x_storage, x_layout)?,
-            cpu_values(&w_storage, w_layout)?,
-            cpu_values(&g_storage, g_layout)?,
+            storage_f32_values("rms-norm", &x_storage, x_layout)?,
+            storage_f32_values("rms-norm", &w_storage, w_layout)?,
+            storage_f32_values("rms-norm", &g_storage, g_layout)?,
             hidden,
-            w.track_op(),
+            w_tracks,
         )?;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = dw
