@@ -2,7 +2,8 @@
 //!
 //! The crate is organised in layers, bottom to top; a module uses only the layers below it
 //! (checked by `tests/layering.rs`):
-//! 1. [`error`], [`rng`]: the error type and the seeded random stream;
+//! 1. [`error`], [`rng`], [`kernels`]: the error type, the seeded random stream, the vectorised
+//!    f32 kernels of the CPU ops;
 //! 2. [`atomic_file`] (atomic writes, checksums), [`data`] (dataset reading, cleaning with a
 //!    report, stratified split, prompt templates, tokenisation with a response-only loss mask),
 //!    [`optim`] (AdamW, schedules, clipping), [`metrics`] (Prometheus and `/progress`), [`plan`]
@@ -27,6 +28,7 @@ pub mod data;
 pub mod distributed;
 pub mod error;
 pub mod eval;
+pub mod kernels;
 pub mod loss;
 pub mod metrics;
 pub mod model;

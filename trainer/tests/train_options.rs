@@ -64,7 +64,17 @@ fn an_evaluation_scores_the_first_max_rows_validation_rows() {
         finetune_trainer::eval::mean_nll(&t.model, &t.data.val[..2], 32, t.model.device()).unwrap();
     let all =
         finetune_trainer::eval::mean_nll(&t.model, &t.data.val, 32, t.model.device()).unwrap();
-    assert_eq!(capped, first_two);
-    assert_ne!(capped, all, "the cap changes what is scored");
+    // The evaluation scores the rows through the label-scoring path and `mean_nll` through one
+    // forward each: equal up to the summation order of the vectorised softmax (rows of
+    // different lengths), far below what the cap changes.
+    let tolerance = 1e-6 * first_two.abs();
+    assert!(
+        (capped - first_two).abs() <= tolerance,
+        "{capped} vs {first_two}"
+    );
+    assert!(
+        (capped - all).abs() > 100.0 * tolerance,
+        "the cap changes what is scored: {capped} vs {all}"
+    );
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -6,6 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+use crate::kernels;
+
 /// The op; holds the target ids (one per logits row).
 #[derive(Debug, Clone)]
 pub struct FusedNll {
@@ -13,9 +15,8 @@ pub struct FusedNll {
 }
 
 pub(crate) fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
-    m + s.ln()
+    let m = kernels::max(row);
+    m + kernels::exp_shifted_sum(row, m).ln()
 }
 
 /// Splits rows across the available threads.
@@ -144,10 +145,14 @@ impl CustomOp1 for FusedNll {
         mean_backward(arg, grad_res, |r, row, g, out| {
             let lse = row_lse(row);
             let t = self.targets[r] as usize;
-            out.extend(row.iter().enumerate().map(|(j, xj)| {
-                let p = (xj - lse).exp();
-                g * (p - if j == t { 1.0 } else { 0.0 })
-            }));
+            let start = out.len();
+            out.resize(start + row.len(), 0.0);
+            let probs = &mut out[start..];
+            kernels::exp_shifted(row, lse, probs);
+            if let Some(p) = probs.get_mut(t) {
+                *p -= 1.0;
+            }
+            kernels::scale(probs, g);
         })
     }
 }

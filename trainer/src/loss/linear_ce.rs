@@ -17,6 +17,7 @@ use finetune_api::memory::cpu_loss_block_rows;
 use rayon::prelude::*;
 
 use super::fused_ce::{row_lse, storage_f32_values};
+use crate::kernels;
 
 /// Mean NLL of `targets` (one per row) under `hidden · weightᵀ`, for f32 `hidden` (n, d) and
 /// `weight` (vocab, d) on the CPU, differentiable in both (a gradient is computed only for the
@@ -127,14 +128,9 @@ fn block_nll_and_grad(logits: &Tensor, targets: &[u32]) -> candle_core::Result<(
         .zip(x.par_chunks(vocab))
         .zip(targets.par_iter())
         .map(|((out, row), &t)| {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut s = 0f32;
-            for (o, xj) in out.iter_mut().zip(row) {
-                *o = (xj - m).exp();
-                s += *o;
-            }
-            let inv = 1.0 / s;
-            out.iter_mut().for_each(|o| *o *= inv);
+            let m = kernels::max(row);
+            let s = kernels::exp_shifted(row, m, out);
+            kernels::scale(out, 1.0 / s);
             let t = t as usize;
             out[t] -= 1.0;
             f64::from(m + s.ln() - row[t])

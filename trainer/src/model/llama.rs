@@ -19,6 +19,7 @@ use crate::{Result, TrainerError};
 
 mod attention;
 mod block;
+mod gated;
 mod head;
 mod mlp;
 mod norm;

@@ -15,6 +15,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::kernels;
+
 /// `softmax(scale · scores + bias)` over the last dimension. `scores` is (b, heads, n, keys);
 /// `bias` is an additive bias of the same dtype, (b or 1, 1, n, keys) — the causal and padding
 /// mask, `-inf` where a key is hidden. Differentiable with respect to `scores` only.
@@ -85,26 +87,22 @@ fn forward_rows<T: WithDType>(
     out.par_chunks_mut(k)
         .zip(x.par_chunks(k))
         .enumerate()
-        .for_each(|(row, (dst, src))| {
-            let (batch, query) = (row / (h * n), row % n);
-            let bias_row = if bias_batch == 1 { 0 } else { batch } * n + query;
-            let bias = &bias[bias_row * k..(bias_row + 1) * k];
-            let mut widened = Vec::with_capacity(k);
-            let mut max = f32::NEG_INFINITY;
-            for (s, b) in src.iter().zip(bias) {
-                let v = scale * s.to_f64() as f32 + b.to_f64() as f32;
-                max = max.max(v);
-                widened.push(v);
-            }
-            let mut sum = 0f32;
-            for v in widened.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            for (d, v) in dst.iter_mut().zip(&widened) {
-                *d = T::from_f64(f64::from(*v / sum));
-            }
-        });
+        .for_each_init(
+            || vec![0f32; k],
+            |widened, (row, (dst, src))| {
+                let (batch, query) = (row / (h * n), row % n);
+                let bias_row = if bias_batch == 1 { 0 } else { batch } * n + query;
+                let bias = &bias[bias_row * k..(bias_row + 1) * k];
+                for ((w, s), b) in widened.iter_mut().zip(src).zip(bias) {
+                    *w = scale * s.to_f64() as f32 + b.to_f64() as f32;
+                }
+                let max = kernels::max(widened);
+                let inv = 1.0 / kernels::exp_shifted_in_place(widened, max);
+                for (d, v) in dst.iter_mut().zip(widened.iter()) {
+                    *d = T::from_f64(f64::from(v * inv));
+                }
+            },
+        );
     out
 }
 
@@ -172,17 +170,18 @@ fn backward_rows<T: WithDType>(y: &[T], g: &[T], k: usize, scale: f32) -> Vec<T>
     let mut out = vec![T::zero(); y.len()];
     out.par_chunks_mut(k)
         .zip(y.par_chunks(k).zip(g.par_chunks(k)))
-        .for_each(|(dst, (y, g))| {
-            let dot: f32 = y
-                .iter()
-                .zip(g)
-                .map(|(y, g)| y.to_f64() as f32 * g.to_f64() as f32)
-                .sum();
-            for ((d, y), g) in dst.iter_mut().zip(y).zip(g) {
-                let (y, g) = (y.to_f64() as f32, g.to_f64() as f32);
-                *d = T::from_f64(f64::from(scale * y * (g - dot)));
-            }
-        });
+        .for_each_init(
+            || (vec![0f32; k], vec![0f32; k]),
+            |(wy, wg), (dst, (y, g))| {
+                for ((a, b), (y, g)) in wy.iter_mut().zip(wg.iter_mut()).zip(y.iter().zip(g)) {
+                    (*a, *b) = (y.to_f64() as f32, g.to_f64() as f32);
+                }
+                let dot = kernels::dot(wy, wg);
+                for ((d, y), g) in dst.iter_mut().zip(wy.iter()).zip(wg.iter()) {
+                    *d = T::from_f64(f64::from(scale * y * (g - dot)));
+                }
+            },
+        );
     out
 }
 

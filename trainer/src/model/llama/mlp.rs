@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use super::gated::silu_product;
 use super::params::ParamLoader;
 use crate::Result;
 use crate::model::config::LlamaConfig;
@@ -69,8 +70,11 @@ impl Mlp {
 
     /// The MLP's output for the normed input `xn` (b, n, hidden).
     pub(super) fn forward(&self, xn: &Tensor, ctx: &mut FwdCtx) -> Result<Tensor> {
-        let g = self.act.apply(&self.gate.forward(xn, ctx)?)?;
-        let u = self.up.forward(xn, ctx)?;
-        self.down.forward(&(g * u)?, ctx)
+        let (gate, up) = (self.gate.forward(xn, ctx)?, self.up.forward(xn, ctx)?);
+        let product = match self.act {
+            Activation::Silu => silu_product(&gate, &up)?,
+            other => (other.apply(&gate)? * up)?,
+        };
+        self.down.forward(&product, ctx)
     }
 }
