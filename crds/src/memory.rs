@@ -13,7 +13,8 @@
 //! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each);
 //! - attention: two copies of `S` in the activation dtype (the scores and the fused softmax's
 //!   output, `trainer/src/model/softmax.rs`); the value product and its re-layout; the residuals;
-//! - the MLP: gate, activation, up, product, down.
+//! - the MLP: gate, activation, up, product, down (on the CPU in f32 the SiLU-gated product is
+//!   one op and keeps only the product).
 //!
 //! Layers below the lowest trained one record nothing (their inputs need no gradient) unless the
 //! embeddings are trained. With activation checkpointing the forward keeps one (s, hidden) input
@@ -325,7 +326,10 @@ impl PlanInput {
         let attention = scores * 2 * a;
         let attention_out = 2 * s * w.h * a;
         let residuals = 2 * s * w.h * a;
-        let mlp = 3 * s * w.f * a;
+        // On the CPU in f32 the SiLU-gated product is one op that keeps only its output
+        // (`trainer/src/model/llama/gated.rs`); elsewhere the primitive ops keep three
+        // (s, intermediate) tensors, SiLU's output among them.
+        let mlp = if !self.gpu && a == 4 { 1 } else { 3 } * s * w.f * a;
         2 * norm + projections + heads_layout + rope + attention + attention_out + residuals + mlp
     }
 }
