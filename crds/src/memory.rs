@@ -10,7 +10,8 @@
 //! - a frozen projection: its output; a LoRA projection also the f32 adapter path (input
 //!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the masked
 //!   input and (except on the CPU in f32) the mask; a trained projection: its output;
-//! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each);
+//! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each; on the CPU in f32 one op
+//!   that splits and rotates the heads and keeps only its output);
 //! - attention: two copies of `S` in the activation dtype (the scores and the fused softmax's
 //!   output, `trainer/src/model/softmax.rs`); the value product and its re-layout; the residuals;
 //! - the MLP: gate, activation, up, product, down (on the CPU in f32 the SiLU-gated product is
@@ -322,7 +323,13 @@ impl PlanInput {
         };
         let projections: u64 = TargetModule::ALL.iter().map(|m| projection(*m)).sum();
         let heads_layout = s * (w.h + 2 * w.kv) * a;
-        let rope = s * (w.h + w.kv) * a * 9 / 2;
+        // On the CPU in f32 the heads are split and rotated by one op that keeps nothing
+        // beyond its output (`trainer/src/model/llama/rotary.rs`), counted in `heads_layout`.
+        let rope = if !self.gpu && a == 4 {
+            0
+        } else {
+            s * (w.h + w.kv) * a * 9 / 2
+        };
         let attention = scores * 2 * a;
         let attention_out = 2 * s * w.h * a;
         let residuals = 2 * s * w.h * a;
@@ -433,10 +440,21 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
         PlannedMethod::Full { .. } => (0, "trained weights are the model's own"),
     };
     components.push(line("trainable", adapters, adapters_detail.to_string()));
+    // On the CPU in f32 the step's peak is at the fused head and loss, after the forward and
+    // before the layers' backward: the layers' activations and one block of logits are alive,
+    // the weights' gradients (but a previous micro-batch's sum) are not yet, and the backward
+    // frees a layer's activations as it adds its gradients. Elsewhere both copies and a
+    // backward working set are counted.
+    let cpu_f32 = !input.gpu && a == 4;
+    let (copies, copies_detail) = if cpu_f32 {
+        (1, "the sum over micro-batches")
+    } else {
+        (2, "the backward's and the accumulated copy")
+    };
     components.push(line(
         "gradients",
-        trainable * 4 * 2,
-        format!("{trainable} trainable × f32, the backward's and the accumulated copy"),
+        trainable * 4 * copies,
+        format!("{trainable} trainable × f32, {copies_detail}"),
     ));
     components.push(line(
         "optimizer",
@@ -478,13 +496,15 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
             ),
         ));
     } else {
+        let (working_set, working_detail) = if cpu_f32 {
+            (0, "")
+        } else {
+            (per_layer, ", plus the backward's working set (one layer)")
+        };
         components.push(line(
             "activations",
-            recording * per_layer + per_layer,
-            format!(
-                "{recording} recording layers × {per_layer} bytes, plus the backward's working \
-                 set (one layer)"
-            ),
+            recording * per_layer + working_set,
+            format!("{recording} recording layers × {per_layer} bytes{working_detail}"),
         ));
     }
     if !embeddings {

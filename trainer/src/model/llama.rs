@@ -26,6 +26,7 @@ mod norm;
 mod params;
 mod positions;
 mod recompute;
+mod rotary;
 
 use attention::LayerCache;
 use block::Block;

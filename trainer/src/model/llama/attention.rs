@@ -1,9 +1,10 @@
 //! Grouped-query self-attention with rotary embeddings (HF `rotate_half` form) and an optional
 //! key/value cache; the softmax is the own differentiable one.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use super::params::ParamLoader;
+use super::rotary::rotated_heads;
 use crate::Result;
 use crate::model::config::LlamaConfig;
 use crate::model::linear::{FwdCtx, Linear};
@@ -26,17 +27,6 @@ pub(super) type RopeTables<'a> = (&'a Tensor, &'a Tensor);
 
 /// The keys and values one layer holds for earlier positions, (1, kv_heads, len, head_dim).
 pub(super) type LayerCache = Option<(Tensor, Tensor)>;
-
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
-}
-
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
-}
 
 impl Attention {
     /// Loads layer `layer`'s projections (weights trained when `full`, LoRA adapters as the
@@ -78,11 +68,9 @@ impl Attention {
         let q = self.q.forward(xn, ctx)?;
         let k = self.k.forward(xn, ctx)?;
         let v = self.v.forward(xn, ctx)?;
-        let q = q.reshape((b, n, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rotated_heads(&q, nh, cos, sin)?;
+        let k = rotated_heads(&k, nkv, cos, sin)?;
         let v = v.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {

@@ -121,8 +121,9 @@ mod tests {
         let g = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let fused = silu_product(gate.as_tensor(), up.as_tensor()).unwrap();
         let reference = reference_silu_product(gate.as_tensor(), up.as_tensor()).unwrap();
+        // A few ulp of values that reach about 30.
         let d = crate::test_util::max_abs_diff(&fused, &reference);
-        assert!(d < 1e-6, "value: {d}");
+        assert!(d < 1e-5, "value: {d}");
         let backward = |y: &Tensor| (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let (ours, theirs) = (backward(&fused), backward(&reference));
         for (name, var) in [("gate", &gate), ("up", &up)] {
