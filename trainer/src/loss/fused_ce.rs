@@ -146,9 +146,9 @@ impl CustomOp1 for FusedNll {
             let lse = row_lse(row);
             let t = self.targets[r] as usize;
             let start = out.len();
-            out.resize(start + row.len(), 0.0);
+            out.extend_from_slice(row);
             let probs = &mut out[start..];
-            kernels::exp_shifted(row, lse, probs);
+            kernels::exp_shifted_in_place(probs, lse);
             if let Some(p) = probs.get_mut(t) {
                 *p -= 1.0;
             }

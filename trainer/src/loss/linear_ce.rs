@@ -122,18 +122,18 @@ fn block_nll_and_grad(logits: &Tensor, targets: &[u32]) -> candle_core::Result<(
     let vocab = logits.dim(1)?;
     let (storage, layout) = logits.storage_and_layout();
     let x = storage_f32_values("linear-cross-entropy", &storage, layout)?;
-    let mut grad = vec![0f32; targets.len() * vocab];
+    // The logits themselves become the gradient, row by row (no zero-filled buffer).
+    let mut grad = x.to_vec();
     let sum = grad
         .par_chunks_mut(vocab)
-        .zip(x.par_chunks(vocab))
         .zip(targets.par_iter())
-        .map(|((out, row), &t)| {
-            let m = kernels::max(row);
-            let s = kernels::exp_shifted(row, m, out);
-            kernels::scale(out, 1.0 / s);
+        .map(|(row, &t)| {
             let t = t as usize;
-            out[t] -= 1.0;
-            f64::from(m + s.ln() - row[t])
+            let (m, target_logit) = (kernels::max(row), row[t]);
+            let s = kernels::exp_shifted_in_place(row, m);
+            kernels::scale(row, 1.0 / s);
+            row[t] -= 1.0;
+            f64::from(m + s.ln() - target_logit)
         })
         .sum();
     Ok((sum, grad))
