@@ -292,6 +292,12 @@ impl PlanInput {
         }
     }
 
+    /// Whether the trainer runs on the CPU in f32, where its own fused ops (the head and loss,
+    /// RMSNorm, dropout, RoPE, the SiLU-gated product) replace the primitive ops' copies.
+    pub fn fused_cpu_ops(&self) -> bool {
+        !self.gpu && self.dtype_bytes == 4
+    }
+
     /// Bytes one decoder layer keeps for its backward.
     pub fn layer_activation_bytes(&self) -> u64 {
         let w = self.widths();
@@ -301,7 +307,7 @@ impl PlanInput {
         let not_f32 = u64::from(a != 4);
         // On the CPU in f32 the norm is one op that keeps only its output
         // (`trainer/src/model/llama/norm.rs`); elsewhere its primitive ops' f32 copies.
-        let norm = if !self.gpu && a == 4 {
+        let norm = if self.fused_cpu_ops() {
             s * w.h * a
         } else {
             s * w.h * (8 + a + not_f32 * (4 + a))
@@ -314,7 +320,7 @@ impl PlanInput {
             {
                 // The masked input, and the mask itself except on the CPU in f32, where the
                 // dropout op draws it again in the backward (`trainer/src/model/dropout.rs`).
-                let copies = if !self.gpu && a == 4 { 1 } else { 2 };
+                let copies = if self.fused_cpu_ops() { 1 } else { 2 };
                 let drop = if *dropout { copies * s * i * a } else { 0 };
                 bytes += drop + not_f32 * s * i * 4 + s * rank * 4 + 2 * s * o * 4;
                 bytes += not_f32 * s * o * a + s * o * a;
@@ -325,7 +331,7 @@ impl PlanInput {
         let heads_layout = s * (w.h + 2 * w.kv) * a;
         // On the CPU in f32 the heads are split and rotated by one op that keeps nothing
         // beyond its output (`trainer/src/model/llama/rotary.rs`), counted in `heads_layout`.
-        let rope = if !self.gpu && a == 4 {
+        let rope = if self.fused_cpu_ops() {
             0
         } else {
             s * (w.h + w.kv) * a * 9 / 2
@@ -336,7 +342,7 @@ impl PlanInput {
         // On the CPU in f32 the SiLU-gated product is one op that keeps only its output
         // (`trainer/src/model/llama/gated.rs`); elsewhere the primitive ops keep three
         // (s, intermediate) tensors, SiLU's output among them.
-        let mlp = if !self.gpu && a == 4 { 1 } else { 3 } * s * w.f * a;
+        let mlp = if self.fused_cpu_ops() { 1 } else { 3 } * s * w.f * a;
         2 * norm + projections + heads_layout + rope + attention + attention_out + residuals + mlp
     }
 }
@@ -445,8 +451,7 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
     // the weights' gradients (but a previous micro-batch's sum) are not yet, and the backward
     // frees a layer's activations as it adds its gradients. Elsewhere both copies and a
     // backward working set are counted.
-    let cpu_f32 = !input.gpu && a == 4;
-    let (copies, copies_detail) = if cpu_f32 {
+    let (copies, copies_detail) = if input.fused_cpu_ops() {
         (1, "the sum over micro-batches")
     } else {
         (2, "the backward's and the accumulated copy")
@@ -496,7 +501,7 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
             ),
         ));
     } else {
-        let (working_set, working_detail) = if cpu_f32 {
+        let (working_set, working_detail) = if input.fused_cpu_ops() {
             (0, "")
         } else {
             (per_layer, ", plus the backward's working set (one layer)")
@@ -514,7 +519,7 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
             "the hidden state received from the previous GPU and its gradient".to_string(),
         ));
     }
-    if head && !input.gpu && a == 4 {
+    if head && input.fused_cpu_ops() {
         let rows = input.loss_rows.min(cpu_loss_block_rows(w.vocab));
         // A trained head's gradient is summed over the blocks: one more (vocab, hidden) f32.
         let head_sum = if embeddings_trained {
