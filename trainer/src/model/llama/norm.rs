@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
+use crate::kernels;
 use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
 
 /// `x / sqrt(mean(x²) + eps) · w`, computed in f32 and returned in `x`'s dtype.
@@ -44,7 +45,7 @@ const ROWS_PER_TASK: usize = 64;
 impl RmsNorm {
     /// `1 / sqrt(mean(row²) + eps)`.
     fn inverse_rms(&self, row: &[f32]) -> f32 {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len().max(1) as f32;
+        let ms = kernels::dot(row, row) / row.len().max(1) as f32;
         1.0 / (ms + self.eps as f32).sqrt()
     }
 }
