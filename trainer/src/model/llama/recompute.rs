@@ -91,9 +91,8 @@ impl Llama {
     /// The loss `loss(head)` of the final hidden states at flat positions `rows` (as in
     /// [`Llama::logits_at`], before the LM head: [`HeadInput`] projects them) and its gradients.
     /// With `recompute_layers` the decoder layers are activation-checkpointed (see the module
-    /// documentation); the gradients are those of the
-    /// plain backward, up to rounding. `ctx` must build a graph; its dropout stream advances as
-    /// one forward would advance it.
+    /// documentation); the gradients are those of the plain backward, up to rounding. `ctx` must
+    /// build a graph; its dropout stream advances as one forward would advance it.
     pub fn loss_and_grads(
         &self,
         ids: &Tensor,
