@@ -9,7 +9,8 @@
 //! r=16, alpha 32, dropout 0.05 on q_proj and v_proj as the PEFT peer, everything else frozen),
 //! BENCH_REFERENCE_MATMUL=1 (frozen weights through candle's plain matmul, whose backward also
 //! computes their unused gradients: the path the frozen-matmul op replaced; run it as its own
-//! process, peak RSS is per process).
+//! process, peak RSS is per process), FINETUNE_CPU_WORKERS (workers a micro-batch's rows are
+//! split between; default the cores, 1 turns the split off).
 
 use std::io::Write;
 use std::time::Instant;
@@ -25,6 +26,7 @@ use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec, tiny};
 use finetune_trainer::optim::{AdamW, AdamWParams};
 use finetune_trainer::rng::Rng;
+use finetune_trainer::train::shards;
 use finetune_trainer::train::step::{StepSettings, optimizer_step};
 
 #[global_allocator]
@@ -93,6 +95,7 @@ fn train_bench() -> anyhow::Result<()> {
     let refs: Vec<&Encoded> = items.iter().collect();
     let b = Batch::new(&refs, 0, &dev)?;
     let warmup = env_usize("BENCH_WARMUP", 1);
+    let workers = shards::cpu_workers(&dev);
     let steps = env_usize("BENCH_STEPS", 5);
     // The LoRA adapters' dropout stream (full fine-tuning has no dropout).
     let mut dropout_rng = Rng::new(5);
@@ -104,6 +107,7 @@ fn train_bench() -> anyhow::Result<()> {
         }
         let settings = StepSettings {
             reference_matmul,
+            cpu_workers: workers,
             ..StepSettings::clipped_at(1.0)
         };
         let batch = Ok(b.clone());
@@ -120,7 +124,7 @@ fn train_bench() -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let tokens = (steps * batch * seq) as f64;
     println!(
-        "train stories15M-shape ({} params, {}{}{}) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
+        "train stories15M-shape ({} params, {}{}{}, {workers} CPU workers) batch {batch}x{seq}: {steps} steps in {secs:.2} s = {:.0} tokens/s (loss {last_loss:.3}), peak RSS {:.2} GB",
         cfg.num_parameters(),
         if lora {
             "LoRA r=16 q,v, dropout 0.05"
@@ -214,6 +218,9 @@ fn data_bench() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
+    }
+    if let Some(e) = shards::exec_with_workers_environment() {
+        eprintln!("running without CANDLE_NUM_THREADS=1: {e}");
     }
     train_bench()?;
     data_bench()

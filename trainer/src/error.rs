@@ -81,6 +81,9 @@ pub enum TrainerError {
         /// What happened, naming the other rank.
         reason: String,
     },
+    /// A CPU worker thread of a step could not start or panicked.
+    #[error("CPU worker: {0}")]
+    Worker(String),
 }
 
 impl TrainerError {

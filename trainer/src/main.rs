@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use finetune_trainer::cli::{self, Args};
+use finetune_trainer::train::shards;
 
 /// mimalloc reuses freed memory instead of returning every large intermediate tensor to the
 /// kernel (run with `MIMALLOC_PURGE_DELAY=-1` to keep it all; see BENCHMARKS.md).
@@ -10,7 +11,11 @@ use finetune_trainer::cli::{self, Args};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    let exec_failed = shards::exec_with_workers_environment();
     cli::init_logging();
+    if let Some(e) = exec_failed {
+        tracing::warn!("cannot restart with CANDLE_NUM_THREADS=1 (CPU steps will be slower): {e}");
+    }
     let args = Args::parse();
     Ok(cli::run(args.command)?)
 }

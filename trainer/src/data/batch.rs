@@ -1,5 +1,7 @@
 //! Right-padded batches with the positions and targets of the loss tokens.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 
 use super::encode::Encoded;
@@ -67,6 +69,65 @@ impl Batch {
             n_tokens,
         })
     }
+
+    /// Padded width of the rows (the longest example).
+    pub fn width(&self) -> Result<usize> {
+        Ok(self.ids.dim(1)?)
+    }
+
+    /// Examples (rows) in the batch.
+    pub fn len(&self) -> usize {
+        self.attention.len()
+    }
+
+    /// Whether the batch has no example.
+    pub fn is_empty(&self) -> bool {
+        self.attention.is_empty()
+    }
+
+    /// The batch of rows `range` of this one, at this batch's width (so a row's positions, and
+    /// its elements in every per-position tensor, are laid out as here): the same loss and
+    /// context positions, renumbered from the range's first row.
+    pub fn row_range(&self, range: Range<usize>) -> Result<Batch> {
+        let s = self.width()?;
+        let (first, end) = (range.start * s, range.end * s);
+        let within = |flat: u32| (first..end).contains(&(flat as usize));
+        let renumber = |flat: u32| flat - first as u32;
+        let all_rows = self.rows.to_vec1::<u32>()?;
+        let all_targets = self.targets.to_vec1::<u32>()?;
+        let (mut rows, mut targets, mut row_of_target) = (Vec::new(), Vec::new(), Vec::new());
+        for ((&flat, &target), &row) in all_rows.iter().zip(&all_targets).zip(&self.row_of_target) {
+            if within(flat) {
+                rows.push(renumber(flat));
+                targets.push(target);
+                row_of_target.push(row - range.start);
+            }
+        }
+        let context_rows: Vec<u32> = self
+            .context_rows
+            .iter()
+            .copied()
+            .filter(|&flat| within(flat))
+            .map(renumber)
+            .collect();
+        let attention = self.attention[range.clone()].to_vec();
+        let n_tokens = attention
+            .iter()
+            .map(|row| row.iter().filter(|&&a| a == 1).count())
+            .sum();
+        let n_targets = rows.len();
+        let device = self.ids.device();
+        Ok(Self {
+            ids: self.ids.narrow(0, range.start, range.len())?,
+            attention,
+            rows: Tensor::from_vec(rows, n_targets, device)?,
+            targets: Tensor::from_vec(targets, n_targets, device)?,
+            row_of_target,
+            n_targets,
+            context_rows,
+            n_tokens,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +163,72 @@ mod tests {
         // Positions predicting prompt tokens: 10 and 11 in row 0, 12 in row 1.
         assert_eq!(batch.context_rows, vec![0, 1, 5]);
         assert_eq!(batch.n_tokens, 9);
+    }
+
+    /// Three examples of different lengths and loss positions.
+    fn three() -> Vec<Encoded> {
+        let example = |ids: Vec<u32>, target: Vec<u8>| Encoded {
+            prompt_len: target.iter().position(|&t| t == 1).unwrap_or(ids.len()),
+            ids,
+            target,
+            label: None,
+            truncated: false,
+        };
+        vec![
+            example(vec![1, 10, 11, 20, 2], vec![0, 0, 0, 1, 1]),
+            example(vec![1, 12, 21, 2], vec![0, 0, 1, 1]),
+            example(vec![1, 13, 14, 15, 22, 23, 2], vec![0, 0, 0, 0, 1, 1, 1]),
+        ]
+    }
+
+    #[test]
+    fn a_row_range_is_the_batch_of_those_rows_at_the_full_width() {
+        let items = three();
+        let refs: Vec<&Encoded> = items.iter().collect();
+        let batch = Batch::new(&refs, 0, &Device::Cpu).unwrap();
+        assert_eq!(batch.width().unwrap(), 7);
+        for range in [0..1, 1..3, 0..3, 2..3] {
+            let got = batch.row_range(range.clone()).unwrap();
+            // The same rows built on their own, padded to the full batch's width by a row of
+            // padding that carries no position.
+            let padding = Encoded {
+                ids: vec![0; 7],
+                target: vec![0; 7],
+                label: None,
+                truncated: false,
+                prompt_len: 7,
+            };
+            let mut own: Vec<&Encoded> = refs[range.clone()].to_vec();
+            own.push(&padding);
+            let want = Batch::new(&own, 0, &Device::Cpu).unwrap();
+            let n = range.len();
+            assert_eq!(
+                got.ids.to_vec2::<u32>().unwrap(),
+                want.ids.narrow(0, 0, n).unwrap().to_vec2::<u32>().unwrap()
+            );
+            assert_eq!(got.attention, want.attention[..n].to_vec());
+            let own_rows = want.row_of_target.iter().filter(|&&r| r < n).count();
+            assert_eq!(got.n_targets, own_rows, "{range:?}");
+            assert_eq!(
+                got.rows.to_vec1::<u32>().unwrap(),
+                want.rows.to_vec1::<u32>().unwrap()[..own_rows].to_vec()
+            );
+            assert_eq!(
+                got.targets.to_vec1::<u32>().unwrap(),
+                want.targets.to_vec1::<u32>().unwrap()[..own_rows].to_vec()
+            );
+            assert_eq!(got.row_of_target, want.row_of_target[..own_rows].to_vec());
+            let own_context: Vec<u32> = want
+                .context_rows
+                .iter()
+                .copied()
+                .filter(|&f| (f as usize) < n * 7)
+                .collect();
+            assert_eq!(got.context_rows, own_context);
+            assert_eq!(
+                got.n_tokens,
+                items[range].iter().map(|e| e.ids.len()).sum::<usize>()
+            );
+        }
     }
 }

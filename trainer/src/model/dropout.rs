@@ -19,24 +19,44 @@ use crate::rng::Rng;
 /// Elements per parallel task.
 const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
+/// Rows `first..first + rows` of a batch of `of` rows: the part of a micro-batch one CPU worker
+/// computes (`crate::train::shards`). Its dropout masks are the whole batch's masks at those
+/// rows, so the workers together draw exactly what one forward of the batch draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowShard {
+    /// The shard's first row in the batch.
+    pub first: usize,
+    /// Rows in the shard.
+    pub rows: usize,
+    /// Rows in the whole batch.
+    pub of: usize,
+}
+
 /// `x` with each element zeroed with probability `p` and the others scaled by `1 / (1 − p)`,
 /// the mask drawn from `rng` (which advances by one value per element on the CPU, by one per
-/// mask on a GPU).
-pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
+/// mask on a GPU). With `shard`, `x`'s leading rows are those rows of a batch: on the CPU the
+/// mask is the batch's at those elements and `rng` advances past the whole batch's mask.
+pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng, shard: Option<RowShard>) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
+    let (mut stream, batch_elements) = match shard {
+        Some(shard) if x.device().is_cpu() => {
+            let per_row = (x.elem_count() / shard.rows.max(1)) as u64;
+            let mut at_first_row = *rng;
+            at_first_row.skip(shard.first as u64 * per_row);
+            (at_first_row, shard.of as u64 * per_row)
+        }
+        _ => (*rng, x.elem_count() as u64),
+    };
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = CpuDropout {
-            stream: *rng,
-            p,
-            keep,
-        };
-        rng.skip(x.elem_count() as u64);
+        let op = CpuDropout { stream, p, keep };
+        rng.skip(batch_elements);
         return Ok(x.contiguous()?.apply_op1(op)?);
     }
     if x.device().is_cpu() {
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
+            .map(|_| if stream.next_f32() < p { 0.0 } else { keep })
             .collect();
+        rng.skip(batch_elements);
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         return Ok(x.mul(&mask)?);
     }
@@ -115,7 +135,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n / 7, 7), &dev).unwrap()).unwrap();
         let g = Tensor::randn(0f32, 1.0, (n / 7, 7), &dev).unwrap();
         let (mut ours, mut theirs) = (Rng::new(4), Rng::new(4));
-        let y = dropout(x.as_tensor(), 0.3, &mut ours).unwrap();
+        let y = dropout(x.as_tensor(), 0.3, &mut ours, None).unwrap();
         let mask = Tensor::from_vec(
             sequential_mask(n / 7 * 7, 0.3, &mut theirs),
             (n / 7, 7),
@@ -141,5 +161,33 @@ mod tests {
             .count() as f64
             / (n / 7 * 7) as f64;
         assert!((dropped - 0.3).abs() < 0.01, "dropped {dropped}");
+    }
+
+    #[test]
+    fn shards_draw_the_whole_batchs_mask_at_their_rows() {
+        let dev = Device::Cpu;
+        // 5 rows of 3 positions × 7 features, in f32 (the op) and in f64 (the host mask).
+        let x = Tensor::randn(0f32, 1.0, (5, 3, 7), &dev).unwrap();
+        for x in [x.clone(), x.to_dtype(DType::F64).unwrap()] {
+            let mut whole_stream = Rng::new(8);
+            let whole = dropout(&x, 0.4, &mut whole_stream, None).unwrap();
+            let mut parts = Vec::new();
+            for (first, rows) in [(0, 2), (2, 1), (3, 2)] {
+                let mut stream = Rng::new(8);
+                let shard = RowShard { first, rows, of: 5 };
+                let part = x.narrow(0, first, rows).unwrap();
+                parts.push(dropout(&part, 0.4, &mut stream, Some(shard)).unwrap());
+                assert_eq!(
+                    stream, whole_stream,
+                    "each shard advances past the batch's mask"
+                );
+            }
+            let joined = Tensor::cat(&parts, 0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let whole = whole.to_dtype(DType::F32).unwrap();
+            assert_eq!(crate::test_util::max_abs_diff(&joined, &whole), 0.0);
+        }
     }
 }

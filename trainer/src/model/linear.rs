@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor, Var};
 use finetune_api::BaseQuantization;
 
-use super::dropout::dropout;
+use super::dropout::{RowShard, dropout};
 use super::frozen::{frozen_matmul, quantized_matmul};
 use crate::Result;
 use crate::rng::Rng;
@@ -28,6 +28,9 @@ pub struct FwdCtx {
     /// The base model's forward: LoRA adapters and trained `lm_head` rows are left out (the
     /// reference distribution of the forgetting penalty).
     pub base_only: bool,
+    /// The rows of a batch this forward computes, when a CPU worker computes a share of it: its
+    /// dropout masks are the whole batch's at those rows.
+    pub shard: Option<RowShard>,
 }
 
 impl FwdCtx {
@@ -39,6 +42,7 @@ impl FwdCtx {
             dropout_rng,
             reference_matmul: false,
             base_only: false,
+            shard: None,
         }
     }
 
@@ -50,6 +54,7 @@ impl FwdCtx {
             dropout_rng: None,
             reference_matmul: false,
             base_only: false,
+            shard: None,
         }
     }
 
@@ -71,6 +76,7 @@ impl FwdCtx {
             dropout_rng: self.dropout_rng,
             reference_matmul: self.reference_matmul,
             base_only: self.base_only,
+            shard: self.shard,
         }
     }
 
@@ -197,7 +203,7 @@ impl Linear {
             let a = ctx.param(l.a.as_tensor());
             let b = ctx.param(l.b.as_tensor());
             let xin = match (&mut ctx.dropout_rng, ctx.train && l.dropout > 0.0) {
-                (Some(rng), true) => dropout(&x2, l.dropout, rng)?,
+                (Some(rng), true) => dropout(&x2, l.dropout, rng, ctx.shard)?,
                 _ => x2.clone(),
             };
             let xin = if a.dtype() == xin.dtype() {

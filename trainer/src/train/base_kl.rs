@@ -30,9 +30,9 @@ impl BaseKl {
     /// The flat positions of `batch` the penalty compares: every `stride`-th of
     /// [`Batch::context_rows`], from the first. `None` when the weight is zero or the batch has
     /// no prompt position (then the targets' loss is the whole objective).
-    pub fn compared_rows(&self, batch: &Batch) -> Result<Option<Tensor>> {
+    pub fn compared_rows(&self, batch: &Batch) -> Option<Vec<u32>> {
         if self.weight <= 0.0 {
-            return Ok(None);
+            return None;
         }
         let picked: Vec<u32> = batch
             .context_rows
@@ -40,11 +40,7 @@ impl BaseKl {
             .copied()
             .step_by(self.stride.max(1))
             .collect();
-        if picked.is_empty() {
-            return Ok(None);
-        }
-        let n = picked.len();
-        Ok(Some(Tensor::from_vec(picked, n, batch.rows.device())?))
+        (!picked.is_empty()).then_some(picked)
     }
 
     /// The base model's next-token logits (rows, vocab) at the flat positions `rows` of

@@ -12,6 +12,7 @@ use finetune_api::console::ProgressBar;
 use super::batching::micro_batches;
 use super::data_prep::{PreparedData, prepare};
 use super::params::TrainParams;
+use super::shards::cpu_workers;
 use super::step::{StepSettings, optimizer_step_across};
 use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::data::batch::Batch;
@@ -347,6 +348,7 @@ impl Trainer {
             gradient_checkpointing: self.params.gradient_checkpointing,
             reference_matmul: false,
             base_kl: self.params.base_kl,
+            cpu_workers: cpu_workers(device),
         };
         let lr = self.schedule.lr(self.state.step);
         let outcome = optimizer_step_across(
