@@ -34,6 +34,17 @@ pub fn effective_gpus(spec: &FineTuneJobSpec) -> u32 {
         .unwrap_or(spec.model.preset.defaults().gpus)
 }
 
+/// CPU workers the trainer of a CPU job splits each micro-batch between: the cores its CPU
+/// limit (`resources.cpu`) allows, rounded up, as the trainer counts them; 1 without a limit
+/// (the trainer then uses every core of its node, which the plan cannot know).
+pub fn effective_cpu_workers(spec: &FineTuneJobSpec) -> u64 {
+    spec.resources
+        .cpu
+        .as_ref()
+        .and_then(|q| crate::quantity::parse_quantity_bytes(&q.0))
+        .map_or(1, |cores| cores.ceil().max(1.0) as u64)
+}
+
 /// Trainer pods of the job (`resources.nodes`, default 1).
 pub fn effective_nodes(spec: &FineTuneJobSpec) -> u32 {
     spec.resources.nodes.unwrap_or(1).max(1)
@@ -323,6 +334,30 @@ mod tests {
 
     fn gib(spec: &FineTuneJobSpec) -> f64 {
         plan(&PlanInput::from_spec(spec)).per_gpu_bytes as f64 / GIB as f64
+    }
+
+    #[test]
+    fn a_cpu_jobs_workers_are_its_cpu_limit_rounded_up_and_hold_their_gradients() {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut s = spec(ModelPreset::Stories15m, MethodType::Full, 0);
+        assert_eq!(effective_cpu_workers(&s), 1, "no limit");
+        let gradients = |s: &FineTuneJobSpec| {
+            let p = plan(&PlanInput::from_spec(s));
+            p.components
+                .iter()
+                .find(|c| c.name == "gradients")
+                .map(|c| c.bytes)
+        };
+        let one = gradients(&s).unwrap_or(0);
+        assert!(one > 0);
+        for (cpu, workers) in [("4", 4), ("1500m", 2), ("500m", 1)] {
+            s.resources.cpu = Some(Quantity(cpu.into()));
+            assert_eq!(effective_cpu_workers(&s), workers, "{cpu}");
+            assert_eq!(gradients(&s), Some(one * workers), "{cpu}");
+        }
+        // On a GPU there is one worker whatever the CPU limit.
+        s.resources.gpus = Some(1);
+        assert_eq!(PlanInput::from_spec(&s).cpu_workers, 1);
     }
 
     #[test]

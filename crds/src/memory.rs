@@ -29,7 +29,8 @@
 use serde::Serialize;
 
 use crate::fit::{
-    effective_gpu_memory_gib, effective_gpus, effective_gradient_checkpointing, effective_precision,
+    effective_cpu_workers, effective_gpu_memory_gib, effective_gpus,
+    effective_gradient_checkpointing, effective_precision,
 };
 use crate::presets::ModelArchitecture;
 use crate::v1alpha1::{BaseQuantization, FineTuneJobSpec, TargetModule, TrainableLayers};
@@ -98,6 +99,10 @@ pub struct PlanInput {
     pub gpu: bool,
     /// Memory of the one device it runs on.
     pub budget_bytes: u64,
+    /// On the CPU, the workers a micro-batch's rows are split between (the trainer's
+    /// `FINETUNE_CPU_WORKERS`, by default the cores its pod may use): each holds its part's
+    /// gradients when they are added up. 1 on a GPU.
+    pub cpu_workers: u64,
 }
 
 /// One line of the plan.
@@ -221,6 +226,7 @@ impl PlanInput {
             } else {
                 0
             },
+            cpu_workers: if gpu { 1 } else { effective_cpu_workers(spec) },
         }
     }
 
@@ -451,10 +457,16 @@ pub fn plan_share(input: &PlanInput, share: &DeviceShare) -> MemoryPlan {
     // the weights' gradients (but a previous micro-batch's sum) are not yet, and the backward
     // frees a layer's activations as it adds its gradients. Elsewhere both copies and a
     // backward working set are counted.
+    // With several CPU workers, the parts' gradients of a micro-batch are alive together when
+    // they are added up (measured: two workers hold about one more copy than one).
     let (copies, copies_detail) = if input.fused_cpu_ops() {
-        (1, "the sum over micro-batches")
+        let workers = input.cpu_workers.max(1);
+        (
+            workers,
+            format!("the sum over micro-batches and the parts of {workers} CPU worker(s)"),
+        )
     } else {
-        (2, "the backward's and the accumulated copy")
+        (2, "the backward's and the accumulated copy".to_string())
     };
     components.push(line(
         "gradients",

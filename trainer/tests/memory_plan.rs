@@ -1,22 +1,28 @@
 //! The memory plan (`finetune_api::memory`) against the trainer's measured peak memory: each
 //! CPU shape trains two optimizer steps in a fresh process (this test binary re-run with one
-//! shape), which reports its peak resident set (`VmHWM`) above its resident set at start; the
+//! shape, each micro-batch split between two CPU workers as the trainer splits it), which reports its peak resident set (`VmHWM`) above its resident set at start; the
 //! plan without its fixed runtime term must be within ±25 % of it. LoRA and full fine-tuning,
 //! activation checkpointing on and off.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use finetune_api::memory::{CPU_RUNTIME_BYTES, PlanInput, PlannedMethod, plan};
 use finetune_api::presets::ModelArchitecture;
 use finetune_api::v1alpha1::TargetModule;
+use finetune_trainer::data::batch::Batch;
+use finetune_trainer::data::encode::Encoded;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LlamaConfig, LoraSettings, TrainableSpec, tiny};
 use finetune_trainer::optim::{AdamW, AdamWParams, clip_grad_norm};
 use finetune_trainer::rng::Rng;
+use finetune_trainer::train::step::{StepSettings, micro_batch_grads};
 
 /// The environment variable that makes [`measure_one_shape`] run a shape.
 const SHAPE_ENV: &str = "FINETUNE_MEMORY_PLAN_SHAPE";
+/// CPU workers of the measured steps (the trainer's default on a two-core machine), whatever
+/// this machine has.
+const WORKERS: usize = 2;
 /// The plan's allowed error against the measurement.
 const TOLERANCE: f64 = 0.25;
 
@@ -160,6 +166,7 @@ impl Shape {
             checkpointing: self.checkpointing,
             gpu: false,
             budget_bytes: 0,
+            cpu_workers: WORKERS as u64,
         }
     }
 }
@@ -200,15 +207,29 @@ fn train_two_steps(shape: &Shape) -> u64 {
         let ids: Vec<u32> = (0..b * s)
             .map(|_| (rng.next_f32() * (shape.vocab - 1) as f32) as u32)
             .collect();
-        let ids = Tensor::from_vec(ids.clone(), (b, s), &Device::Cpu).unwrap();
-        let rows = Tensor::arange(0u32, (b * s) as u32, &Device::Cpu).unwrap();
-        let targets = ids.flatten_all().unwrap();
-        let mut ctx = FwdCtx::train(Some(rng));
-        let step = model
-            .loss_and_grads(&ids, None, &rows, &mut ctx, shape.checkpointing, |h| {
-                h.cross_entropy(&targets)
+        let items: Vec<Encoded> = ids
+            .chunks(s)
+            .map(|row| {
+                let mut target = vec![1u8; s];
+                target[0] = 0;
+                Encoded {
+                    ids: row.to_vec(),
+                    target,
+                    label: None,
+                    truncated: false,
+                    prompt_len: 1,
+                }
             })
-            .unwrap();
+            .collect();
+        let refs: Vec<&Encoded> = items.iter().collect();
+        let batch = Batch::new(&refs, 0, &Device::Cpu).unwrap();
+        let settings = StepSettings {
+            gradient_checkpointing: shape.checkpointing,
+            cpu_workers: WORKERS,
+            ..StepSettings::clipped_at(1.0)
+        };
+        let mut ctx = FwdCtx::train(Some(rng));
+        let step = micro_batch_grads(&model, &batch, &mut ctx, &settings).unwrap();
         rng = ctx.dropout_rng.unwrap();
         let mut grads = step.grads.into_map();
         clip_grad_norm(model.trainable(), &mut grads, 1.0).unwrap();
@@ -243,6 +264,7 @@ fn measure(shape: &Shape) -> (u64, f64, String) {
         // later large buffers in its arenas, so the peak resident set would measure the
         // allocator's fragmentation (±15 % between runs) rather than the live tensors.
         .env("MALLOC_MMAP_THRESHOLD_", "65536")
+        .env("CANDLE_NUM_THREADS", "1")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

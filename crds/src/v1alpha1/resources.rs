@@ -63,7 +63,9 @@ pub struct ResourcesSpec {
     )]
     #[schemars(range(min = 1, max = 1024))]
     pub gpu_memory_gib: Option<u32>,
-    /// CPU request (and limit) of the trainer container.
+    /// CPU request (and limit) of the trainer container. A CPU job splits each micro-batch's
+    /// rows between this many single-threaded workers (rounded up); without it, between the
+    /// node's cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Quantity>,
     /// Memory request (and limit) of the trainer container.
