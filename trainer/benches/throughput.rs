@@ -26,8 +26,8 @@ use finetune_trainer::model::weights::Weights;
 use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec, tiny};
 use finetune_trainer::optim::{AdamW, AdamWParams};
 use finetune_trainer::rng::Rng;
-use finetune_trainer::train::shards;
 use finetune_trainer::train::step::{StepSettings, optimizer_step};
+use finetune_trainer::workers;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -95,7 +95,7 @@ fn train_bench() -> anyhow::Result<()> {
     let refs: Vec<&Encoded> = items.iter().collect();
     let b = Batch::new(&refs, 0, &dev)?;
     let warmup = env_usize("BENCH_WARMUP", 1);
-    let workers = shards::cpu_workers(&dev);
+    let workers = workers::cpu_workers(&dev);
     let steps = env_usize("BENCH_STEPS", 5);
     // The LoRA adapters' dropout stream (full fine-tuning has no dropout).
     let mut dropout_rng = Rng::new(5);
@@ -219,7 +219,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    if let Some(e) = shards::exec_with_workers_environment() {
+    if let Some(e) = workers::exec_with_workers_environment() {
         eprintln!("running without CANDLE_NUM_THREADS=1: {e}");
     }
     train_bench()?;

@@ -2,8 +2,9 @@
 //!
 //! The crate is organised in layers, bottom to top; a module uses only the layers below it
 //! (checked by `tests/layering.rs`):
-//! 1. [`error`], [`rng`], [`kernels`]: the error type, the seeded random stream, the vectorised
-//!    f32 kernels of the CPU ops;
+//! 1. [`error`], [`rng`], [`kernels`], [`workers`]: the error type, the seeded random stream,
+//!    the vectorised f32 kernels of the CPU ops, the single-threaded CPU workers a micro-batch
+//!    or an evaluation is split between;
 //! 2. [`atomic_file`] (atomic writes, checksums), [`data`] (dataset reading, cleaning with a
 //!    report, stratified split, prompt templates, tokenisation with a response-only loss mask),
 //!    [`optim`] (AdamW, schedules, clipping), [`metrics`] (Prometheus and `/progress`), [`plan`]
@@ -38,6 +39,7 @@ pub mod rng;
 pub mod run;
 pub mod tiny_base;
 pub mod train;
+pub mod workers;
 
 #[cfg(test)]
 mod test_util;

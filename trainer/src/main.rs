@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use finetune_trainer::cli::{self, Args};
-use finetune_trainer::train::shards;
+use finetune_trainer::workers;
 
 /// mimalloc reuses freed memory instead of returning every large intermediate tensor to the
 /// kernel (run with `MIMALLOC_PURGE_DELAY=-1` to keep it all; see BENCHMARKS.md).
@@ -11,7 +11,7 @@ use finetune_trainer::train::shards;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    let exec_failed = shards::exec_with_workers_environment();
+    let exec_failed = workers::exec_with_workers_environment();
     cli::init_logging();
     if let Some(e) = exec_failed {
         tracing::warn!("cannot restart with CANDLE_NUM_THREADS=1 (CPU steps will be slower): {e}");

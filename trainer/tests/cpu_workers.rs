@@ -10,6 +10,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use finetune_trainer::data::batch::Batch;
 use finetune_trainer::data::encode::Encoded;
+use finetune_trainer::eval::sequence_log_likelihoods;
 use finetune_trainer::model::linear::FwdCtx;
 use finetune_trainer::model::{Llama, LoraSettings, TrainableSpec};
 use finetune_trainer::optim::{AdamW, AdamWParams};
@@ -219,4 +220,29 @@ fn steps_with_workers_train_the_model_the_whole_batch_trains() {
         .map(|(n, t)| common::max_abs_diff(t, &initial[n]))
         .fold(0f32, f32::max);
     assert!(moved > 1e-3, "moved {moved}");
+}
+
+#[test]
+fn evaluation_split_between_workers_scores_each_row_as_it_scores_alone() {
+    let m = model(&lora_with_dropout_and_rows());
+    let mut items = rows();
+    items.extend(rows().into_iter().rev().map(|mut e| {
+        e.ids[1] += 1;
+        e
+    }));
+    let refs: Vec<&Encoded> = items.iter().collect();
+    // Five batches of two: on a machine with several cores they are split between workers.
+    let together = sequence_log_likelihoods(&m, &refs, 2, &Device::Cpu).unwrap();
+    assert_eq!(together.len(), items.len());
+    for (i, item) in refs.iter().enumerate() {
+        let alone = sequence_log_likelihoods(&m, &[*item], 1, &Device::Cpu).unwrap()[0];
+        assert_eq!(together[i].1, alone.1, "row {i}: token count");
+        assert!(
+            (together[i].0 - alone.0).abs() <= 1e-4 * alone.0.abs().max(1.0),
+            "row {i}: {} vs {}",
+            together[i].0,
+            alone.0
+        );
+    }
+    assert!(together.iter().filter(|s| s.1 > 0).count() >= 8);
 }

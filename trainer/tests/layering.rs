@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom to top. A module may use the modules of the layers below its own.
 const LAYERS: &[&[&str]] = &[
-    &["error", "rng", "kernels", "test_util"],
+    &["error", "rng", "kernels", "workers", "test_util"],
     &[
         "atomic_file",
         "data",

@@ -18,16 +18,40 @@ use crate::loss::token_log_probs;
 use crate::model::linear::FwdCtx;
 use crate::model::llama::select_rows;
 use crate::model::{KvCache, Llama};
+use crate::workers::{cpu_workers, row_ranges, run_single_threaded};
 
-/// Sum of target log-probabilities per example, and their token counts, for encoded examples.
+/// Sum of target log-probabilities per example, and their token counts, for encoded examples,
+/// in batches of `batch_size`; on the CPU the batches are split between the workers
+/// ([`crate::workers`]), each batch computed as it would be alone.
 pub fn sequence_log_likelihoods(
     model: &Llama,
     items: &[&Encoded],
     batch_size: usize,
     device: &Device,
 ) -> Result<Vec<(f64, usize)>> {
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(batch_size.max(1)) {
+    let batches: Vec<&[&Encoded]> = items.chunks(batch_size.max(1)).collect();
+    let groups = row_ranges(batches.len(), cpu_workers(device));
+    if groups.len() <= 1 {
+        return batches_log_likelihoods(model, &batches, device);
+    }
+    let jobs: Vec<_> = groups
+        .into_iter()
+        .map(|group| {
+            let batches = &batches[group];
+            move || batches_log_likelihoods(model, batches, device)
+        })
+        .collect();
+    Ok(run_single_threaded(jobs)?.into_iter().flatten().collect())
+}
+
+/// [`sequence_log_likelihoods`] of `batches`, one after the other.
+fn batches_log_likelihoods(
+    model: &Llama,
+    batches: &[&[&Encoded]],
+    device: &Device,
+) -> Result<Vec<(f64, usize)>> {
+    let mut out = Vec::new();
+    for chunk in batches {
         let batch = Batch::new(chunk, 0, device)?;
         let mut sums = vec![(0f64, 0usize); chunk.len()];
         if batch.n_targets > 0 {

@@ -20,7 +20,7 @@ use crate::rng::Rng;
 const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// Rows `first..first + rows` of a batch of `of` rows: the part of a micro-batch one CPU worker
-/// computes (`crate::train::shards`). Its dropout masks are the whole batch's masks at those
+/// computes (`crate::workers`). Its dropout masks are the whole batch's masks at those
 /// rows, so the workers together draw exactly what one forward of the batch draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowShard {

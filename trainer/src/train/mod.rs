@@ -7,7 +7,6 @@ pub mod data_prep;
 pub mod device;
 pub mod export;
 pub mod params;
-pub mod shards;
 pub mod step;
 pub mod trainer;
 

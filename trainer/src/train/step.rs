@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 pub use super::base_kl::BaseKl;
-use super::shards::{row_ranges, run_single_threaded};
 use crate::Result;
 use crate::data::batch::Batch;
 use crate::distributed::{Collective, SingleProcess};
@@ -20,6 +19,7 @@ use crate::model::linear::FwdCtx;
 use crate::model::{Gradients, Llama};
 use crate::optim::{AdamW, clip_grad_norm};
 use crate::rng::Rng;
+use crate::workers::{row_ranges, run_single_threaded};
 
 /// How a step computes and bounds its gradients.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,7 +34,7 @@ pub struct StepSettings {
     /// The forgetting penalty: the trained model's next-token distribution on the prompts is
     /// kept near its base's ([`BaseKl`]). `None` trains on the targets' loss alone.
     pub base_kl: Option<BaseKl>,
-    /// CPU workers a micro-batch's rows are split between ([`super::shards::cpu_workers`]); 1
+    /// CPU workers a micro-batch's rows are split between ([`crate::workers::cpu_workers`]); 1
     /// computes it whole (the only choice on a GPU, where it is ignored).
     pub cpu_workers: usize,
 }
@@ -175,7 +175,7 @@ pub struct MicroBatchGrads {
 /// base's distribution comes from one more forward without adapters and without a graph.
 ///
 /// On the CPU with `settings.cpu_workers` above one, the batch's rows are split between that
-/// many single-threaded workers ([`super::shards`]): each computes its rows with the batch's
+/// many single-threaded workers ([`crate::workers`]): each computes its rows with the batch's
 /// dropout masks at those rows, its objective weighted by its share of the batch's loss and
 /// compared positions, so the sum of their gradients is the batch's up to rounding.
 pub fn micro_batch_grads(

@@ -12,7 +12,6 @@ use finetune_api::console::ProgressBar;
 use super::batching::micro_batches;
 use super::data_prep::{PreparedData, prepare};
 use super::params::TrainParams;
-use super::shards::cpu_workers;
 use super::step::{StepSettings, optimizer_step_across};
 use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::data::batch::Batch;
@@ -27,6 +26,7 @@ use crate::model::weights::{Weights, weight_files};
 use crate::model::{Llama, LlamaConfig, TrainableSpec};
 use crate::optim::{AdamW, AdamWParams, Schedule};
 use crate::rng::Rng;
+use crate::workers::cpu_workers;
 use crate::{Result, TrainerError};
 
 mod checkpointing;

@@ -1,12 +1,14 @@
-//! A CPU micro-batch split by rows between single-threaded workers, one per core.
+//! Single-threaded CPU workers, one per core: a training micro-batch's rows, or an evaluation's
+//! batches, are split between them.
 //!
 //! candle parallelises each op over the cores (a GEMM's blocks, an element-wise op's chunks).
 //! At the shapes a CPU fine-tune has (hidden 288 to 2048) the ops are small and the threads meet
 //! at thousands of barriers per step: the stories15M-shape benchmark ran only 1.5× faster on two
 //! cores than on one. Splitting the micro-batch's rows between workers that each run every op on
 //! one thread removes those barriers: about 1.3× more tokens/s on the same two cores
-//! (BENCHMARKS.md). [`crate::train::step::micro_batch_grads`] does the split; this module holds
-//! the rules: how many workers, which rows each takes, and how they run.
+//! (BENCHMARKS.md). `train::step::micro_batch_grads` splits a micro-batch's rows and
+//! `eval::sequence_log_likelihoods` its batches; this module holds the rules: how many workers,
+//! which rows each takes, and how they run.
 //!
 //! candle's element-wise ops also use a thread pool of their own, sized once per process from
 //! `CANDLE_NUM_THREADS`; with workers it only competes with them (its threads spin between
