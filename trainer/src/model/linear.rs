@@ -80,6 +80,16 @@ impl FwdCtx {
         }
     }
 
+    /// This pass for the rows `shard` of its batch: a CPU worker's part of a micro-batch, with
+    /// the batch's dropout masks at those rows.
+    pub fn for_rows(&self, shard: RowShard) -> Self {
+        Self {
+            shard: Some(shard),
+            graph: self.graph,
+            ..self.without_graph()
+        }
+    }
+
     /// The tensor to use for a parameter in this pass.
     pub fn param(&self, t: &Tensor) -> Tensor {
         if self.graph { t.clone() } else { t.detach() }

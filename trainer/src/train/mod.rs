@@ -6,6 +6,7 @@ pub mod batching;
 pub mod data_prep;
 pub mod device;
 pub mod export;
+mod micro_batch;
 pub mod params;
 pub mod step;
 pub mod trainer;
