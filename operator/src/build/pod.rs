@@ -129,6 +129,10 @@ pub fn trainer_pod(
         // Keep freed memory instead of returning it to the kernel between steps: the
         // trainer allocates the same large tensors every step (about 2x throughput on CPU).
         env("MIMALLOC_PURGE_DELAY", "-1"),
+        // On the CPU the trainer splits each micro-batch between single-threaded workers, one
+        // per core; candle's own element-wise thread pool would only compete with them (the
+        // trainer restarts itself with this setting when it is missing).
+        env("CANDLE_NUM_THREADS", "1"),
         // The metrics and progress server binds the pod's own address.
         env(
             "FINETUNE_METRICS_ADDRESS",

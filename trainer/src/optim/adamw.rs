@@ -1,10 +1,14 @@
 //! AdamW (decoupled weight decay) whose whole state can be saved and restored.
 
 use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use crate::{Result, TrainerError};
+
+/// Elements of a parameter one parallel task of the CPU update takes.
+const ELEMENTS_PER_TASK: usize = 64 * 1024;
 
 /// AdamW hyper-parameters (the learning rate is given per step by the schedule).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -130,15 +134,22 @@ impl AdamW {
         let (bc1, bc2) = (bc1 as f32, bc2 as f32);
         let decay = (1.0 - lr * p.weight_decay) as f32;
         let (lr, eps) = (lr as f32, p.eps as f32);
-        for i in 0..w.len() {
-            let gi = g[i];
-            let mi = m[i] * b1 + gi * c1;
-            let vi = v[i] * b2 + gi * gi * c2;
-            m[i] = mi;
-            v[i] = vi;
-            let update = (mi / bc1) / ((vi / bc2).sqrt() + eps);
-            w[i] = w[i] * decay - update * lr;
-        }
+        // Element-wise, so chunks in parallel give the sequential loop's values exactly.
+        w.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(m.par_chunks_mut(ELEMENTS_PER_TASK))
+            .zip(v.par_chunks_mut(ELEMENTS_PER_TASK))
+            .zip(g.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(((w, m), v), g)| {
+                for i in 0..w.len() {
+                    let gi = g[i];
+                    let mi = m[i] * b1 + gi * c1;
+                    let vi = v[i] * b2 + gi * gi * c2;
+                    m[i] = mi;
+                    v[i] = vi;
+                    let update = (mi / bc1) / ((vi / bc2).sqrt() + eps);
+                    w[i] = w[i] * decay - update * lr;
+                }
+            });
         var.set(&Tensor::from_vec(w, shape.clone(), &dev)?)?;
         self.m
             .insert(name.to_string(), Tensor::from_vec(m, shape.clone(), &dev)?);
@@ -213,35 +224,47 @@ mod tests {
         assert_eq!(a, var.as_tensor().to_vec1::<f32>().unwrap());
     }
 
+    /// `n` values, deterministic and of both signs.
+    fn values(n: usize, scale: f32, phase: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| scale * ((i as f32) * 0.37 + phase).sin())
+            .collect()
+    }
+
     #[test]
     fn fused_cpu_path_matches_tensor_formula() {
-        // Reference: the tensor formulation, applied by hand for three steps.
+        // Reference: the tensor formulation, applied by hand for three steps; a small tensor and
+        // one split into several parallel tasks.
         let dev = Device::Cpu;
         let p = AdamWParams {
             weight_decay: 0.05,
             ..Default::default()
         };
-        let w0 = Tensor::new(&[[0.3f32, -0.7], [1.5, 0.01]], &dev).unwrap();
-        let var = Var::from_tensor(&w0).unwrap();
-        let vars = vec![("w".to_string(), var.clone())];
-        let mut opt = AdamW::new(p);
-        let (mut w, mut m, mut v) = (
-            w0.clone(),
-            w0.zeros_like().unwrap(),
-            w0.zeros_like().unwrap(),
-        );
-        for t in 1..=3 {
-            let g = Tensor::new(&[[0.1f32 * t as f32, -0.2], [0.05, 0.4]], &dev).unwrap();
-            opt.step(&vars, &HashMap::from([("w".to_string(), g.clone())]), 0.01)
-                .unwrap();
-            m = ((m * 0.9).unwrap() + (&g * 0.1).unwrap()).unwrap();
-            v = ((v * 0.999).unwrap() + (g.sqr().unwrap() * 0.001).unwrap()).unwrap();
-            let mh = (&m / (1.0 - 0.9f64.powi(t))).unwrap();
-            let vh = (&v / (1.0 - 0.999f64.powi(t))).unwrap();
-            let u = (mh / (vh.sqrt().unwrap() + 1e-8).unwrap()).unwrap();
-            w = ((w * (1.0 - 0.01 * 0.05)).unwrap() - (u * 0.01).unwrap()).unwrap();
+        for n in [4, 3 * ELEMENTS_PER_TASK + 5] {
+            let w0 = Tensor::from_vec(values(n, 1.0, 0.0), n, &dev).unwrap();
+            let var = Var::from_tensor(&w0).unwrap();
+            let vars = vec![("w".to_string(), var.clone())];
+            let mut opt = AdamW::new(p);
+            let (mut w, mut m, mut v) = (
+                w0.clone(),
+                w0.zeros_like().unwrap(),
+                w0.zeros_like().unwrap(),
+            );
+            for t in 1..=3 {
+                let g = Tensor::from_vec(values(n, 0.1 * t as f32, 1.0), n, &dev).unwrap();
+                opt.step(&vars, &HashMap::from([("w".to_string(), g.clone())]), 0.01)
+                    .unwrap();
+                m = ((m * 0.9).unwrap() + (&g * 0.1).unwrap()).unwrap();
+                v = ((v * 0.999).unwrap() + (g.sqr().unwrap() * 0.001).unwrap()).unwrap();
+                let mh = (&m / (1.0 - 0.9f64.powi(t))).unwrap();
+                let vh = (&v / (1.0 - 0.999f64.powi(t))).unwrap();
+                let u = (mh / (vh.sqrt().unwrap() + 1e-8).unwrap()).unwrap();
+                w = ((w * (1.0 - 0.01 * 0.05)).unwrap() - (u * 0.01).unwrap()).unwrap();
+            }
+            let d = crate::test_util::max_abs_diff(&w, var.as_tensor());
+            assert!(d < 1e-6, "{n} elements: {d}");
+            let moved = crate::test_util::max_abs_diff(&w0, var.as_tensor());
+            assert!(moved > 0.01, "{n} elements: moved {moved}");
         }
-        let d = crate::test_util::max_abs_diff(&w, var.as_tensor());
-        assert!(d < 1e-6, "{d}");
     }
 }
