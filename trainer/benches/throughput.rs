@@ -79,18 +79,7 @@ fn train_bench() -> anyhow::Result<()> {
     let mut opt = AdamW::new(AdamWParams::default());
     let mut rng = Rng::new(3);
     let items: Vec<Encoded> = (0..batch)
-        .map(|_| {
-            let ids: Vec<u32> = (0..seq).map(|_| rng.below(32000) as u32).collect();
-            let mut target = vec![1u8; seq];
-            target[0] = 0;
-            Encoded {
-                ids,
-                target,
-                label: None,
-                truncated: false,
-                prompt_len: 1,
-            }
-        })
+        .map(|_| Encoded::language_modelling((0..seq).map(|_| rng.below(32000) as u32).collect()))
         .collect();
     let refs: Vec<&Encoded> = items.iter().collect();
     let b = Batch::new(&refs, 0, &dev)?;

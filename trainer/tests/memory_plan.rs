@@ -209,17 +209,7 @@ fn train_two_steps(shape: &Shape) -> u64 {
             .collect();
         let items: Vec<Encoded> = ids
             .chunks(s)
-            .map(|row| {
-                let mut target = vec![1u8; s];
-                target[0] = 0;
-                Encoded {
-                    ids: row.to_vec(),
-                    target,
-                    label: None,
-                    truncated: false,
-                    prompt_len: 1,
-                }
-            })
+            .map(|row| Encoded::language_modelling(row.to_vec()))
             .collect();
         let refs: Vec<&Encoded> = items.iter().collect();
         let batch = Batch::new(&refs, 0, &Device::Cpu).unwrap();

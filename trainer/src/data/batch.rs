@@ -29,6 +29,18 @@ pub struct Batch {
     pub n_tokens: usize,
 }
 
+/// A batch's loss and context positions on the host, before they become tensors.
+struct LossPositions {
+    /// Flat indices of the positions whose next token is a target.
+    rows: Vec<u32>,
+    /// Their target token ids.
+    targets: Vec<u32>,
+    /// The row each target belongs to.
+    row_of_target: Vec<usize>,
+    /// Flat indices of the positions whose next token is a prompt token.
+    context_rows: Vec<u32>,
+}
+
 impl Batch {
     /// Builds a batch from encoded examples, padding to the longest.
     pub fn new(items: &[&Encoded], pad: u32, device: &Device) -> Result<Self> {
@@ -57,15 +69,33 @@ impl Batch {
             n_tokens += e.ids.len();
             attention.push(att);
         }
-        let n_targets = rows.len();
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (b, s), device)?,
-            attention,
-            rows: Tensor::from_vec(rows, n_targets, device)?,
-            targets: Tensor::from_vec(targets, n_targets, device)?,
+        let ids = Tensor::from_vec(ids, (b, s), device)?;
+        let positions = LossPositions {
+            rows,
+            targets,
             row_of_target,
-            n_targets,
             context_rows,
+        };
+        Self::from_parts(ids, attention, positions, n_tokens)
+    }
+
+    /// The batch of `ids` (b, s) with `attention` and the loss and context positions.
+    fn from_parts(
+        ids: Tensor,
+        attention: Vec<Vec<u8>>,
+        positions: LossPositions,
+        n_tokens: usize,
+    ) -> Result<Self> {
+        let device = ids.device().clone();
+        let n_targets = positions.rows.len();
+        Ok(Self {
+            ids,
+            attention,
+            rows: Tensor::from_vec(positions.rows, n_targets, &device)?,
+            targets: Tensor::from_vec(positions.targets, n_targets, &device)?,
+            row_of_target: positions.row_of_target,
+            n_targets,
+            context_rows: positions.context_rows,
             n_tokens,
         })
     }
@@ -115,18 +145,14 @@ impl Batch {
             .iter()
             .map(|row| row.iter().filter(|&&a| a == 1).count())
             .sum();
-        let n_targets = rows.len();
-        let device = self.ids.device();
-        Ok(Self {
-            ids: self.ids.narrow(0, range.start, range.len())?,
-            attention,
-            rows: Tensor::from_vec(rows, n_targets, device)?,
-            targets: Tensor::from_vec(targets, n_targets, device)?,
+        let positions = LossPositions {
+            rows,
+            targets,
             row_of_target,
-            n_targets,
             context_rows,
-            n_tokens,
-        })
+        };
+        let ids = self.ids.narrow(0, range.start, range.len())?;
+        Self::from_parts(ids, attention, positions, n_tokens)
     }
 }
 

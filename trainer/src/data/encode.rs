@@ -28,6 +28,23 @@ pub struct Encoded {
     pub prompt_len: usize,
 }
 
+impl Encoded {
+    /// A language-modelling example: every token after the first (BOS) is a target.
+    pub fn language_modelling(ids: Vec<u32>) -> Self {
+        let mut target = vec![1u8; ids.len()];
+        if let Some(first) = target.first_mut() {
+            *first = 0;
+        }
+        Self {
+            ids,
+            target,
+            label: None,
+            truncated: false,
+            prompt_len: 1,
+        }
+    }
+}
+
 /// Wraps a tokenizer with the template and special ids.
 #[derive(Debug, Clone)]
 pub struct Encoder {

@@ -172,15 +172,7 @@ pub fn encode_lm_lines(
             ids.push(encoder.eos);
         }
         ids.truncate(max_len.max(2));
-        let mut target = vec![1u8; ids.len()];
-        target[0] = 0;
-        out.push(Encoded {
-            ids,
-            target,
-            label: None,
-            truncated: false,
-            prompt_len: 1,
-        });
+        out.push(Encoded::language_modelling(ids));
     }
     Ok(out)
 }
