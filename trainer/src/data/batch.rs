@@ -115,14 +115,30 @@ impl Batch {
         self.attention.is_empty()
     }
 
+    /// The flat positions of `flat` (row · width + column) that lie in the rows `range`,
+    /// renumbered as positions of [`Batch::row_range`]'s part, in their order.
+    pub fn positions_in_rows(&self, range: Range<usize>, flat: &[u32]) -> Result<Vec<u32>> {
+        let span = self.flat_span(range)?;
+        Ok(flat
+            .iter()
+            .filter(|&&p| span.contains(&(p as usize)))
+            .map(|&p| p - span.start as u32)
+            .collect())
+    }
+
+    /// The flat positions of the rows `range`.
+    fn flat_span(&self, range: Range<usize>) -> Result<Range<usize>> {
+        let s = self.width()?;
+        Ok(range.start * s..range.end * s)
+    }
+
     /// The batch of rows `range` of this one, at this batch's width (so a row's positions, and
     /// its elements in every per-position tensor, are laid out as here): the same loss and
     /// context positions, renumbered from the range's first row.
     pub fn row_range(&self, range: Range<usize>) -> Result<Batch> {
-        let s = self.width()?;
-        let (first, end) = (range.start * s, range.end * s);
-        let within = |flat: u32| (first..end).contains(&(flat as usize));
-        let renumber = |flat: u32| flat - first as u32;
+        let span = self.flat_span(range.clone())?;
+        let within = |flat: u32| span.contains(&(flat as usize));
+        let renumber = |flat: u32| flat - span.start as u32;
         let all_rows = self.rows.to_vec1::<u32>()?;
         let all_targets = self.targets.to_vec1::<u32>()?;
         let (mut rows, mut targets, mut row_of_target) = (Vec::new(), Vec::new(), Vec::new());
@@ -133,13 +149,7 @@ impl Batch {
                 row_of_target.push(row - range.start);
             }
         }
-        let context_rows: Vec<u32> = self
-            .context_rows
-            .iter()
-            .copied()
-            .filter(|&flat| within(flat))
-            .map(renumber)
-            .collect();
+        let context_rows = self.positions_in_rows(range.clone(), &self.context_rows)?;
         let attention = self.attention[range.clone()].to_vec();
         let n_tokens = attention
             .iter()

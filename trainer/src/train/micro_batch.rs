@@ -48,16 +48,14 @@ pub fn micro_batch_grads(
     if ranges.len() <= 1 || !model.device().is_cpu() {
         return weighted_grads(model, batch, compared.as_ref(), ctx, settings, Share::WHOLE);
     }
-    let width = batch.width()?;
     let total_compared = compared.as_ref().map_or(0, |(_, rows)| rows.len());
     let mut jobs = Vec::with_capacity(ranges.len());
     for range in ranges {
         let part = batch.row_range(range.clone())?;
-        let (first, end) = ((range.start * width) as u32, (range.end * width) as u32);
-        let part_compared = compared.as_ref().map(|(kl, rows)| {
-            let within = rows.iter().filter(|&&r| (first..end).contains(&r));
-            (*kl, within.map(|r| r - first).collect::<Vec<u32>>())
-        });
+        let part_compared = match &compared {
+            Some((kl, rows)) => Some((*kl, batch.positions_in_rows(range.clone(), rows)?)),
+            None => None,
+        };
         let n_compared = part_compared.as_ref().map_or(0, |(_, rows)| rows.len());
         if part.n_targets == 0 && n_compared == 0 {
             continue;
