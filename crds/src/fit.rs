@@ -34,15 +34,27 @@ pub fn effective_gpus(spec: &FineTuneJobSpec) -> u32 {
         .unwrap_or(spec.model.preset.defaults().gpus)
 }
 
-/// CPU workers the trainer of a CPU job splits each micro-batch between: the cores its CPU
-/// limit (`resources.cpu`) allows, rounded up, as the trainer counts them; 1 without a limit
-/// (the trainer then uses every core of its node, which the plan cannot know).
-pub fn effective_cpu_workers(spec: &FineTuneJobSpec) -> u64 {
+/// The environment variable that sets how many CPU workers the trainer splits a micro-batch
+/// between (`1` turns the split off); the operator sets it to [`cpu_limit_workers`].
+pub const CPU_WORKERS_ENV: &str = "FINETUNE_CPU_WORKERS";
+
+/// CPU workers a CPU job's trainer is told to use ([`CPU_WORKERS_ENV`], set by the operator):
+/// the cores its CPU limit (`resources.cpu`) allows, rounded up; `None` without a limit (the
+/// trainer then uses every core of its node).
+pub fn cpu_limit_workers(spec: &FineTuneJobSpec) -> Option<u64> {
     spec.resources
         .cpu
         .as_ref()
         .and_then(|q| crate::quantity::parse_quantity_bytes(&q.0))
-        .map_or(1, |cores| cores.ceil().max(1.0) as u64)
+        .map(|cores| cores.ceil().max(1.0) as u64)
+}
+
+/// CPU workers that split each micro-batch of a CPU job, each holding its part's gradients: its
+/// [`cpu_limit_workers`], never more than a micro-batch has rows (the trainer gives each worker
+/// at least one); without a limit the rows of a micro-batch, the most a node of any size uses.
+pub fn effective_cpu_workers(spec: &FineTuneJobSpec) -> u64 {
+    let rows = u64::from(spec.hyperparameters.batch_size).max(1);
+    cpu_limit_workers(spec).map_or(rows, |workers| workers.min(rows))
 }
 
 /// Trainer pods of the job (`resources.nodes`, default 1).
@@ -340,7 +352,13 @@ mod tests {
     fn a_cpu_jobs_workers_are_its_cpu_limit_rounded_up_and_hold_their_gradients() {
         use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
         let mut s = spec(ModelPreset::Stories15m, MethodType::Full, 0);
-        assert_eq!(effective_cpu_workers(&s), 1, "no limit");
+        s.hyperparameters.batch_size = 6;
+        assert_eq!(cpu_limit_workers(&s), None);
+        assert_eq!(
+            effective_cpu_workers(&s),
+            6,
+            "no limit: a worker per row at most"
+        );
         let gradients = |s: &FineTuneJobSpec| {
             let p = plan(&PlanInput::from_spec(s));
             p.components
@@ -348,10 +366,12 @@ mod tests {
                 .find(|c| c.name == "gradients")
                 .map(|c| c.bytes)
         };
+        s.resources.cpu = Some(Quantity("500m".into()));
         let one = gradients(&s).unwrap_or(0);
         assert!(one > 0);
-        for (cpu, workers) in [("4", 4), ("1500m", 2), ("500m", 1)] {
+        for (cpu, told, workers) in [("4", 4, 4), ("1500m", 2, 2), ("500m", 1, 1), ("16", 16, 6)] {
             s.resources.cpu = Some(Quantity(cpu.into()));
+            assert_eq!(cpu_limit_workers(&s), Some(told), "{cpu}");
             assert_eq!(effective_cpu_workers(&s), workers, "{cpu}");
             assert_eq!(gradients(&s), Some(one * workers), "{cpu}");
         }

@@ -99,9 +99,9 @@ pub struct PlanInput {
     pub gpu: bool,
     /// Memory of the one device it runs on.
     pub budget_bytes: u64,
-    /// On the CPU, the workers a micro-batch's rows are split between (the trainer's
-    /// `FINETUNE_CPU_WORKERS`, by default the cores its pod may use): each holds its part's
-    /// gradients when they are added up. 1 on a GPU.
+    /// On the CPU, the workers a micro-batch's rows are split between
+    /// ([`crate::fit::effective_cpu_workers`]): each holds its part's gradients when they are
+    /// added up. 1 on a GPU.
     pub cpu_workers: u64,
 }
 

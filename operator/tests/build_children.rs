@@ -155,6 +155,37 @@ fn gpu_requests_come_from_the_spec_or_the_preset() {
     );
 }
 
+#[test]
+fn a_cpu_job_splits_its_micro_batches_between_the_cores_of_its_cpu_limit() {
+    let pod =
+        |job: &FineTuneJob| children(job, &BuildSettings::default(), 0).unwrap().pods[0].clone();
+    let mut tiny = job("tiny-sentiment-cpu.yaml");
+    tiny.spec.resources.cpu = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+        "1500m".into(),
+    ));
+    assert_eq!(
+        env_value(&pod(&tiny), "FINETUNE_CPU_WORKERS").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        env_value(&pod(&tiny), "CANDLE_NUM_THREADS").as_deref(),
+        Some("1")
+    );
+    tiny.spec.resources.cpu = None;
+    assert_eq!(
+        env_value(&pod(&tiny), "FINETUNE_CPU_WORKERS"),
+        None,
+        "no limit: the trainer uses the node's cores"
+    );
+    let seven = job("llama-2-7b-lora-sentiment.yaml");
+    assert!(seven.spec.resources.cpu.is_some());
+    assert_eq!(
+        env_value(&pod(&seven), "FINETUNE_CPU_WORKERS"),
+        None,
+        "a GPU job computes on its GPU"
+    );
+}
+
 fn env_value(pod: &Pod, name: &str) -> Option<String> {
     trainer(pod)
         .env

@@ -16,29 +16,33 @@
 
 use std::cell::Cell;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::Device;
 
 use crate::{Result, TrainerError};
 
 /// Overrides the number of CPU workers (`1` turns the split off).
-pub const WORKERS_ENV: &str = "FINETUNE_CPU_WORKERS";
+pub use finetune_api::fit::CPU_WORKERS_ENV as WORKERS_ENV;
 
 /// candle's element-wise thread count, read once per process.
 const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
 
 /// Workers a step on `device` uses: on the CPU [`WORKERS_ENV`] when set to a positive number,
-/// otherwise the cores this process may run on; on a GPU one (the device runs the ops).
+/// otherwise the cores this process may run on (both read once per process: every step and
+/// evaluation asks); on a GPU one (the device runs the ops).
 pub fn cpu_workers(device: &Device) -> usize {
+    static CPU_WORKERS: OnceLock<usize> = OnceLock::new();
     if !device.is_cpu() {
         return 1;
     }
-    std::env::var(WORKERS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    *CPU_WORKERS.get_or_init(|| {
+        std::env::var(WORKERS_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    })
 }
 
 /// At most `workers` contiguous, non-empty ranges covering `0..rows` in order, their lengths

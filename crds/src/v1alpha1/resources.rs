@@ -64,8 +64,9 @@ pub struct ResourcesSpec {
     #[schemars(range(min = 1, max = 1024))]
     pub gpu_memory_gib: Option<u32>,
     /// CPU request (and limit) of the trainer container. A CPU job splits each micro-batch's
-    /// rows between this many single-threaded workers (rounded up); without it, between the
-    /// node's cores.
+    /// rows between this many single-threaded workers (rounded up, at most one per row), each
+    /// holding its part's gradients; without it, between the node's cores, and the memory plan
+    /// assumes one worker per row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Quantity>,
     /// Memory request (and limit) of the trainer container.

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use finetune_api::FineTuneJob;
-use finetune_api::fit::{effective_gpus, effective_nodes};
+use finetune_api::fit::{CPU_WORKERS_ENV, cpu_limit_workers, effective_gpus, effective_nodes};
 use finetune_api::gang::rendezvous_env;
 use finetune_api::progress::TRAINER_METRICS_PORT;
 use k8s_openapi::api::core::v1::{
@@ -139,6 +139,11 @@ pub fn trainer_pod(
             &format!("$(POD_IP):{TRAINER_METRICS_PORT}"),
         ),
     ];
+    // A CPU job's trainer splits each micro-batch between as many workers as its CPU limit
+    // allows (rounded up), the count its memory plan was checked with.
+    if let (0, Some(workers)) = (gpus, cpu_limit_workers(spec)) {
+        vars.push(env(CPU_WORKERS_ENV, &workers.to_string()));
+    }
     // Several GPUs: the trainer's entry process starts one rank per GPU. They meet on the pod's
     // loopback, or, in a gang, at rank 0's pod under its stable DNS name (the metrics Service
     // is headless and publishes not-ready addresses, so the name resolves before readiness).
