@@ -1,14 +1,11 @@
 //! AdamW (decoupled weight decay) whose whole state can be saved and restored.
 
-use candle_core::{DType, Tensor, Var};
-use rayon::prelude::*;
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
+use super::fused_adamw::{self, Coefficients};
 use crate::{Result, TrainerError};
-
-/// Elements of a parameter one parallel task of the CPU update takes.
-const ELEMENTS_PER_TASK: usize = 64 * 1024;
 
 /// AdamW hyper-parameters (the learning rate is given per step by the schedule).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -41,8 +38,61 @@ pub struct AdamW {
     pub params: AdamWParams,
     /// Number of updates applied so far.
     pub step: usize,
-    m: HashMap<String, Tensor>,
-    v: HashMap<String, Tensor>,
+    moments: HashMap<String, Moments>,
+}
+
+/// A parameter's first and second moments.
+#[derive(Debug)]
+enum Moments {
+    /// Host vectors, updated in place with an f32 CPU parameter of `shape`.
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+        shape: Shape,
+    },
+    /// f32 tensors (on a GPU, and as restored from a checkpoint until first used).
+    Tensors { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    /// The moments as host vectors of `n` values (zero when new).
+    fn into_host(this: Option<Self>, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(match this {
+            None => (vec![0f32; n], vec![0f32; n]),
+            Some(Moments::Host { m, v, .. }) => (m, v),
+            Some(Moments::Tensors { m, v }) => (
+                m.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            ),
+        })
+    }
+
+    /// The moments as f32 tensors of `shape` on `device` (`None` when new).
+    fn into_tensors(
+        this: Option<Self>,
+        shape: &Shape,
+        device: &Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match this {
+            None => None,
+            Some(Moments::Host { m, v, .. }) => Some((
+                Tensor::from_vec(m, shape, device)?,
+                Tensor::from_vec(v, shape, device)?,
+            )),
+            Some(Moments::Tensors { m, v }) => Some((m.to_device(device)?, v.to_device(device)?)),
+        })
+    }
+
+    /// Both moments as f32 tensors shaped as the parameter (host vectors copied).
+    fn tensors(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host { m, v, shape } => (
+                Tensor::from_slice(m, shape, &Device::Cpu)?,
+                Tensor::from_slice(v, shape, &Device::Cpu)?,
+            ),
+            Moments::Tensors { m, v } => (m.clone(), v.clone()),
+        })
+    }
 }
 
 impl AdamW {
@@ -51,8 +101,7 @@ impl AdamW {
         Self {
             params,
             step: 0,
-            m: HashMap::new(),
-            v: HashMap::new(),
+            moments: HashMap::new(),
         }
     }
 
@@ -71,120 +120,95 @@ impl AdamW {
         let bc2 = 1.0 - p.beta2.powi(t);
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
-            if var.device().is_cpu() && var.dtype() == DType::F32 {
-                self.step_cpu(name, var, g, lr, bc1, bc2)?;
-                continue;
-            }
-            let g = g.detach().to_dtype(DType::F32)?;
-            // Moments restored from a checkpoint are read onto one device; each moves to its
-            // parameter's on first use (the layers may be split over GPUs).
-            let m_prev = match self.m.get(name) {
-                Some(m) => m.to_device(g.device())?,
-                None => g.zeros_like()?,
-            };
-            let v_prev = match self.v.get(name) {
-                Some(v) => v.to_device(g.device())?,
-                None => g.zeros_like()?,
-            };
-            let m = ((m_prev * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            let v = ((v_prev * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let m_hat = (&m / bc1)?;
-            let v_hat = (&v / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
-            let w = var.as_tensor().detach().to_dtype(DType::F32)?;
-            let w = ((w * (1.0 - lr * p.weight_decay))? - (update * lr)?)?;
-            var.set(&w.to_dtype(var.dtype())?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
-        }
-        Ok(())
-    }
-
-    /// The same update as [`AdamW::step`] in one fused pass over host memory, which avoids the
-    /// dozen full-size temporary tensors of the tensor formulation (they dominate CPU time for
-    /// large embeddings). Numerically identical formula, f32 throughout.
-    fn step_cpu(
-        &mut self,
-        name: &str,
-        var: &Var,
-        g: &Tensor,
-        lr: f64,
-        bc1: f64,
-        bc2: f64,
-    ) -> Result<()> {
-        let p = self.params;
-        let shape = var.shape().clone();
-        let dev = var.device().clone();
-        let g = g
-            .detach()
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let mut w = var.as_tensor().detach().flatten_all()?.to_vec1::<f32>()?;
-        let mut m = match self.m.remove(name) {
-            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; g.len()],
-        };
-        let mut v = match self.v.remove(name) {
-            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; g.len()],
-        };
-        let (b1, b2) = (p.beta1 as f32, p.beta2 as f32);
-        let (c1, c2) = (1.0 - b1, 1.0 - b2);
-        let (bc1, bc2) = (bc1 as f32, bc2 as f32);
-        let decay = (1.0 - lr * p.weight_decay) as f32;
-        let (lr, eps) = (lr as f32, p.eps as f32);
-        // Element-wise, so chunks in parallel give the sequential loop's values exactly.
-        w.par_chunks_mut(ELEMENTS_PER_TASK)
-            .zip(m.par_chunks_mut(ELEMENTS_PER_TASK))
-            .zip(v.par_chunks_mut(ELEMENTS_PER_TASK))
-            .zip(g.par_chunks(ELEMENTS_PER_TASK))
-            .for_each(|(((w, m), v), g)| {
-                for i in 0..w.len() {
-                    let gi = g[i];
-                    let mi = m[i] * b1 + gi * c1;
-                    let vi = v[i] * b2 + gi * gi * c2;
-                    m[i] = mi;
-                    v[i] = vi;
-                    let update = (mi / bc1) / ((vi / bc2).sqrt() + eps);
-                    w[i] = w[i] * decay - update * lr;
+            let previous = self.moments.remove(name);
+            let moments = if var.device().is_cpu()
+                && var.dtype() == DType::F32
+                && var.is_contiguous()
+            {
+                let (mut m, mut v) = Moments::into_host(previous, var.elem_count())?;
+                let coefficients = Coefficients {
+                    beta1: p.beta1 as f32,
+                    beta2: p.beta2 as f32,
+                    bias_correction1: bc1 as f32,
+                    bias_correction2: bc2 as f32,
+                    decay: (1.0 - lr * p.weight_decay) as f32,
+                    lr: lr as f32,
+                    eps: p.eps as f32,
+                };
+                let g = g.detach().to_dtype(DType::F32)?;
+                fused_adamw::update_in_place(var.as_tensor(), &g, &mut m, &mut v, coefficients)?;
+                Moments::Host {
+                    m,
+                    v,
+                    shape: var.shape().clone(),
                 }
-            });
-        var.set(&Tensor::from_vec(w, shape.clone(), &dev)?)?;
-        self.m
-            .insert(name.to_string(), Tensor::from_vec(m, shape.clone(), &dev)?);
-        self.v
-            .insert(name.to_string(), Tensor::from_vec(v, shape, &dev)?);
+            } else {
+                let g = g.detach().to_dtype(DType::F32)?;
+                // Moments restored from a checkpoint are read onto one device; each moves to
+                // its parameter's on first use (the layers may be split over GPUs).
+                let (m_prev, v_prev) = match Moments::into_tensors(previous, g.shape(), g.device())?
+                {
+                    Some(moments) => moments,
+                    None => (g.zeros_like()?, g.zeros_like()?),
+                };
+                let m = ((m_prev * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+                let v = ((v_prev * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+                let m_hat = (&m / bc1)?;
+                let v_hat = (&v / bc2)?;
+                let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+                let w = var.as_tensor().detach().to_dtype(DType::F32)?;
+                let w = ((w * (1.0 - lr * p.weight_decay))? - (update * lr)?)?;
+                var.set(&w.to_dtype(var.dtype())?)?;
+                Moments::Tensors { m, v }
+            };
+            self.moments.insert(name.clone(), moments);
+        }
         Ok(())
     }
 
     /// Moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (k, t) in &self.m {
-            out.insert(format!("m.{k}"), t.clone());
+        for (k, moments) in &self.moments {
+            let (m, v) = moments.tensors()?;
+            out.insert(format!("m.{k}"), m);
+            out.insert(format!("v.{k}"), v);
         }
-        for (k, t) in &self.v {
-            out.insert(format!("v.{k}"), t.clone());
-        }
-        out
+        Ok(out)
     }
 
     /// Restores moments and step from a checkpoint.
     pub fn load_state(&mut self, step: usize, tensors: &HashMap<String, Tensor>) -> Result<()> {
         self.step = step;
-        self.m.clear();
-        self.v.clear();
-        for (k, t) in tensors {
-            if let Some(name) = k.strip_prefix("m.") {
-                self.m.insert(name.to_string(), t.clone());
-            } else if let Some(name) = k.strip_prefix("v.") {
-                self.v.insert(name.to_string(), t.clone());
-            } else {
+        self.moments.clear();
+        for (k, m) in tensors {
+            if k.starts_with("v.") {
+                continue;
+            }
+            let Some(name) = k.strip_prefix("m.") else {
                 return Err(TrainerError::Config(format!(
                     "unexpected optimizer tensor {k}"
                 )));
-            }
+            };
+            let Some(v) = tensors.get(&format!("v.{name}")) else {
+                return Err(TrainerError::Config(format!(
+                    "optimizer state has {k} but no v.{name}"
+                )));
+            };
+            let moments = Moments::Tensors {
+                m: m.clone(),
+                v: v.clone(),
+            };
+            self.moments.insert(name.to_string(), moments);
+        }
+        if let Some(orphan) = tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("v."))
+            .find(|name| !self.moments.contains_key(*name))
+        {
+            return Err(TrainerError::Config(format!(
+                "optimizer state has v.{orphan} but no m.{orphan}"
+            )));
         }
         Ok(())
     }
@@ -213,7 +237,7 @@ mod tests {
         assert!((w[0] - (1.0 * (1.0 - 0.01) - 0.1)).abs() < 1e-5, "{w:?}");
         assert!((w[1] - (-2.0 * (1.0 - 0.01) + 0.1)).abs() < 1e-5, "{w:?}");
         // Save, continue two ways, compare.
-        let st = opt.state_tensors();
+        let st = opt.state_tensors().unwrap();
         let saved_w = var.as_tensor().detach().copy().unwrap();
         opt.step(&vars, &grads, 0.1).unwrap();
         let a = var.as_tensor().to_vec1::<f32>().unwrap();
@@ -222,6 +246,32 @@ mod tests {
         opt2.load_state(1, &st).unwrap();
         opt2.step(&vars, &grads, 0.1).unwrap();
         assert_eq!(a, var.as_tensor().to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn a_state_with_a_moment_missing_is_refused_by_name() {
+        let m = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+        for (present, missing) in [("m.w", "v.w"), ("v.w", "m.w")] {
+            let state = HashMap::from([(present.to_string(), m.clone())]);
+            let err = AdamW::new(AdamWParams::default())
+                .load_state(1, &state)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(missing), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_gradient_of_another_size_is_an_error_and_leaves_the_weights() {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        let g = Tensor::new(&[0.5f32, -1.0, 3.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(AdamWParams::default());
+        assert!(
+            opt.step(&vars, &HashMap::from([("w".to_string(), g)]), 0.1)
+                .is_err()
+        );
+        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [1.0, -2.0]);
     }
 
     /// `n` values, deterministic and of both signs.
@@ -240,7 +290,7 @@ mod tests {
             weight_decay: 0.05,
             ..Default::default()
         };
-        for n in [4, 3 * ELEMENTS_PER_TASK + 5] {
+        for n in [4, 3 * super::fused_adamw::ELEMENTS_PER_TASK + 5] {
             let w0 = Tensor::from_vec(values(n, 1.0, 0.0), n, &dev).unwrap();
             let var = Var::from_tensor(&w0).unwrap();
             let vars = vec![("w".to_string(), var.clone())];

@@ -2,6 +2,7 @@
 
 pub mod adamw;
 pub mod clip;
+mod fused_adamw;
 pub mod schedule;
 
 pub use adamw::{AdamW, AdamWParams};

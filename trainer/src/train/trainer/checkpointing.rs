@@ -68,7 +68,7 @@ impl Trainer {
         let dir = self.store.save(
             &self.state,
             &self.model.trainable_tensors(),
-            &self.opt.state_tensors(),
+            &self.opt.state_tensors()?,
         )?;
         let dir = dir.display().to_string();
         let seconds = t0.elapsed().as_secs_f64();
