@@ -12,7 +12,9 @@
 //! (rows × vocab) tensor in the graph: on the throughput bench's shape (2,040 loss rows, 32,000
 //! tokens) the step's peak RSS falls by about 1.2 GB (BENCHMARKS.md).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp1, Layout, Shape, Tensor};
 use finetune_api::memory::cpu_loss_block_rows;
 use rayon::prelude::*;
 
@@ -73,21 +75,24 @@ pub fn linear_cross_entropy_in_blocks(
             loss_sum += block_nll(&logits, block_targets)?;
             continue;
         }
-        let (sum, grad) = block_nll_and_grad(&logits, block_targets)?;
-        drop(logits);
-        loss_sum += sum;
-        let grad = Tensor::from_vec(grad, (rows, vocab), hidden.device())?;
+        // The block's logits become its gradient in place.
+        let grad = logits;
+        loss_sum += nll_and_grad_in_place(&grad, block_targets)?;
         if want_hidden {
             hidden_grad.push(grad.matmul(&w)?);
         }
         if want_weight {
-            let part = grad.t()?.matmul(&block)?;
+            // The head's gradient transposed, (d × vocab): `blockᵀ · grad` reads the gradient
+            // as stored, where `gradᵀ · block` packs a transposed (vocab × rows) operand
+            // (measured: about a sixth slower on this shape); transposed back once below.
+            let part = block.t()?.matmul(&grad)?;
             weight_grad = Some(match weight_grad {
                 Some(sum) => (sum + part)?,
                 None => part,
             });
         }
     }
+    let weight_grad = weight_grad.map(|t| t.t()?.contiguous()).transpose()?;
     let mean = if n == 0 { 0.0 } else { loss_sum / n as f64 } as f32;
     if !(want_hidden || want_weight) {
         return Tensor::new(mean, hidden.device());
@@ -116,27 +121,49 @@ fn block_nll(logits: &Tensor, targets: &[u32]) -> candle_core::Result<f64> {
         .sum())
 }
 
-/// The block's summed NLL and its gradient `softmax − one-hot` (rows × vocab, row-major), each
-/// row's exponentials computed once.
-fn block_nll_and_grad(logits: &Tensor, targets: &[u32]) -> candle_core::Result<(f64, Vec<f32>)> {
-    let vocab = logits.dim(1)?;
-    let (storage, layout) = logits.storage_and_layout();
-    let x = storage_f32_values("linear-cross-entropy", &storage, layout)?;
-    // The logits themselves become the gradient, row by row (no zero-filled buffer).
-    let mut grad = x.to_vec();
-    let sum = grad
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let t = t as usize;
-            let (m, target_logit) = (kernels::max(row), row[t]);
-            let s = kernels::exp_shifted_in_place(row, m);
-            kernels::scale(row, 1.0 / s);
-            row[t] -= 1.0;
-            f64::from(m + s.ln() - target_logit)
-        })
-        .sum();
-    Ok((sum, grad))
+/// The block's summed NLL; turns the block's `logits` (rows × vocab, fresh and not shared) into
+/// its gradient `softmax − one-hot` in place, each row's exponentials computed once.
+fn nll_and_grad_in_place(logits: &Tensor, targets: &[u32]) -> candle_core::Result<f64> {
+    let op = NllAndGrad {
+        targets,
+        sum: Cell::new(0.0),
+    };
+    logits.inplace_op1(&op)?;
+    Ok(op.sum.get())
+}
+
+/// The in-place op of [`nll_and_grad_in_place`]: the targets, and the NLL sum it computes.
+struct NllAndGrad<'a> {
+    targets: &'a [u32],
+    sum: Cell<f64>,
+}
+
+impl InplaceOp1 for NllAndGrad<'_> {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("linear-cross-entropy: contiguous f32 logits expected")
+        };
+        let vocab = layout.dims().last().copied().unwrap_or(1).max(1);
+        let sum = data[start..end]
+            .par_chunks_mut(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                let t = t as usize;
+                let (m, target_logit) = (kernels::max(row), row[t]);
+                let s = kernels::exp_shifted_in_place(row, m);
+                kernels::scale(row, 1.0 / s);
+                row[t] -= 1.0;
+                f64::from(m + s.ln() - target_logit)
+            })
+            .sum();
+        self.sum.set(sum);
+        Ok(())
+    }
 }
 
 /// The graph node: its forward hands over the mean computed outside the graph, its backward
