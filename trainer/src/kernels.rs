@@ -10,6 +10,46 @@
 //! without `unsafe` here. Results differ from the scalar loops only by rounding (a different
 //! summation order; `exp` within 2 ulp of libm's, tested).
 
+use candle_core::{CpuStorage, Layout, Storage};
+
+/// The f32 values of a contiguous CPU storage; `op` names the caller in the error.
+pub fn cpu_f32_values<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{op}: contiguous f32 values expected")
+    };
+    Ok(&data[start..end])
+}
+
+/// The f32 values of a contiguous tensor's storage (held through `Tensor::storage_and_layout`),
+/// which must be on the CPU; `op` names the caller in the error.
+pub fn storage_f32_values<'a>(
+    op: &str,
+    storage: &'a Storage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(storage) = storage else {
+        candle_core::bail!("{op}: a CPU tensor expected")
+    };
+    cpu_f32_values(op, storage, layout)
+}
+
+/// The f32 values of a contiguous CPU storage, to write in place (an in-place op's own tensor);
+/// `op` names the caller in the error.
+pub fn cpu_f32_values_mut<'a>(
+    op: &str,
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{op}: contiguous f32 values expected")
+    };
+    Ok(&mut data[start..end])
+}
+
 /// Independent accumulators per reduction: 16 f32 lanes, one AVX-512 or two AVX2 registers.
 const LANES: usize = 16;
 

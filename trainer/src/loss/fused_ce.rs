@@ -4,9 +4,9 @@
 //! backward (max, shift, exp, scatter of the gathered gradient, the zero-fill of every edge); this
 //! op needs one output buffer for the gradient. It has a backward, so gradients are not cut.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::kernels;
+use crate::kernels::{self, cpu_f32_values};
 
 /// The op; holds the target ids (one per logits row).
 #[derive(Debug, Clone)]
@@ -41,31 +41,6 @@ where
             .flat_map(|h| h.join().unwrap_or_default())
             .collect()
     })
-}
-
-/// The f32 values of a contiguous CPU storage; `op` names the caller in the error.
-pub(crate) fn cpu_f32_values<'a>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("{op}: contiguous f32 values expected")
-    };
-    Ok(&data[start..end])
-}
-
-/// The f32 values of a contiguous tensor's storage (held through `Tensor::storage_and_layout`),
-/// which must be on the CPU; `op` names the caller in the error.
-pub(crate) fn storage_f32_values<'a>(
-    op: &str,
-    storage: &'a Storage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let Storage::Cpu(storage) = storage else {
-        candle_core::bail!("{op}: a CPU tensor expected")
-    };
-    cpu_f32_values(op, storage, layout)
 }
 
 /// The (n, vocab) f32 logits of a fused op's input, row-major, with `n` and `vocab`.

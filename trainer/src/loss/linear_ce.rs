@@ -18,8 +18,9 @@ use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp1, Layout, Shape, Tenso
 use finetune_api::memory::cpu_loss_block_rows;
 use rayon::prelude::*;
 
-use super::fused_ce::{row_lse, storage_f32_values};
+use super::fused_ce::row_lse;
 use crate::kernels;
+use crate::kernels::{cpu_f32_values_mut, storage_f32_values};
 
 /// Mean NLL of `targets` (one per row) under `hidden · weightᵀ`, for f32 `hidden` (n, d) and
 /// `weight` (vocab, d) on the CPU, differentiable in both (a gradient is computed only for the
@@ -144,12 +145,9 @@ impl InplaceOp1 for NllAndGrad<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("linear-cross-entropy: contiguous f32 logits expected")
-        };
+        let logits = cpu_f32_values_mut(self.name(), storage, layout)?;
         let vocab = layout.dims().last().copied().unwrap_or(1).max(1);
-        let sum = data[start..end]
+        let sum = logits
             .par_chunks_mut(vocab)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
-use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
+use crate::kernels::{cpu_f32_values, storage_f32_values};
 use crate::rng::Rng;
 
 /// Elements per parallel task.

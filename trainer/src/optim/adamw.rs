@@ -113,6 +113,19 @@ impl AdamW {
         grads: &HashMap<String, Tensor>,
         lr: f64,
     ) -> Result<()> {
+        self.step_scaled(vars, grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (the average over
+    /// micro-batches and the clipping factor, applied in the update's own pass over the
+    /// gradients rather than in a pass of their own).
+    pub fn step_scaled(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let p = self.params;
         let t = self.step as i32;
@@ -134,6 +147,7 @@ impl AdamW {
                     decay: (1.0 - lr * p.weight_decay) as f32,
                     lr: lr as f32,
                     eps: p.eps as f32,
+                    grad_scale: grad_scale as f32,
                 };
                 let g = g.detach().to_dtype(DType::F32)?;
                 fused_adamw::update_in_place(var.as_tensor(), &g, &mut m, &mut v, coefficients)?;
@@ -144,6 +158,11 @@ impl AdamW {
                 }
             } else {
                 let g = g.detach().to_dtype(DType::F32)?;
+                let g = if grad_scale == 1.0 {
+                    g
+                } else {
+                    (g * grad_scale)?
+                };
                 // Moments restored from a checkpoint are read onto one device; each moves to
                 // its parameter's on first use (the layers may be split over GPUs).
                 let (m_prev, v_prev) = match Moments::into_tensors(previous, g.shape(), g.device())?
@@ -272,6 +291,30 @@ mod tests {
                 .is_err()
         );
         assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [1.0, -2.0]);
+    }
+
+    #[test]
+    fn a_scaled_step_equals_the_step_of_the_scaled_gradient() {
+        let dev = Device::Cpu;
+        let n = 5;
+        let g = Tensor::from_vec(values(n, 0.3, 1.0), n, &dev).unwrap();
+        let run = |scaled: bool| {
+            let var =
+                Var::from_tensor(&Tensor::from_vec(values(n, 1.0, 0.0), n, &dev).unwrap()).unwrap();
+            let vars = vec![("w".to_string(), var.clone())];
+            let mut opt = AdamW::new(AdamWParams::default());
+            for _ in 0..3 {
+                if scaled {
+                    let grads = HashMap::from([("w".to_string(), g.clone())]);
+                    opt.step_scaled(&vars, &grads, 0.01, 0.25).unwrap();
+                } else {
+                    let grads = HashMap::from([("w".to_string(), (&g * 0.25).unwrap())]);
+                    opt.step(&vars, &grads, 0.01).unwrap();
+                }
+            }
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(true), run(false));
     }
 
     /// `n` values, deterministic and of both signs.

@@ -10,6 +10,8 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::{cpu_f32_values, cpu_f32_values_mut};
+
 /// Elements of a parameter one parallel task of the update takes.
 pub(crate) const ELEMENTS_PER_TASK: usize = 64 * 1024;
 
@@ -30,11 +32,14 @@ pub(crate) struct Coefficients {
     pub lr: f32,
     /// Denominator epsilon.
     pub eps: f32,
+    /// Each gradient value is multiplied by this first.
+    pub grad_scale: f32,
 }
 
 /// Updates the contiguous f32 CPU tensor `weights` in place from its gradient `grad` (same
-/// element count) and its moments `m`, `v` (updated too): the formula of
-/// [`super::AdamW::step`], element by element, so the values equal the tensor formulation's.
+/// element count, scaled by `coefficients.grad_scale`) and its moments `m`, `v` (updated too):
+/// the formula of [`super::AdamW::step`], element by element, so the values equal the tensor
+/// formulation's.
 pub(crate) fn update_in_place(
     weights: &Tensor,
     grad: &Tensor,
@@ -77,17 +82,8 @@ impl InplaceOp2 for Update<'_> {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(grad), Some((start, end))) = (grad, grad_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw: a contiguous f32 gradient expected")
-        };
-        let grad = &grad[start..end];
-        let (CpuStorage::F32(data), Some((start, end))) =
-            (weights, weights_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw: contiguous f32 weights expected")
-        };
-        let weights = &mut data[start..end];
+        let grad = cpu_f32_values(self.name(), grad, grad_layout)?;
+        let weights = cpu_f32_values_mut(self.name(), weights, weights_layout)?;
         let mut moments = self.moments.borrow_mut();
         let (m, v) = &mut *moments;
         let c = self.coefficients;
@@ -100,7 +96,7 @@ impl InplaceOp2 for Update<'_> {
             .zip(grad.par_chunks(ELEMENTS_PER_TASK))
             .for_each(|(((w, m), v), g)| {
                 for i in 0..w.len() {
-                    let gi = g[i];
+                    let gi = g[i] * c.grad_scale;
                     let mi = m[i] * c.beta1 + gi * c1;
                     let vi = v[i] * c.beta2 + gi * gi * c2;
                     m[i] = mi;

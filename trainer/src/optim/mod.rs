@@ -6,5 +6,5 @@ mod fused_adamw;
 pub mod schedule;
 
 pub use adamw::{AdamW, AdamWParams};
-pub use clip::clip_grad_norm;
+pub use clip::{clip_factor, clip_grad_norm, global_norm};
 pub use schedule::Schedule;

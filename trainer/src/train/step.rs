@@ -15,7 +15,7 @@ use crate::data::batch::Batch;
 use crate::distributed::{Collective, SingleProcess};
 use crate::model::linear::FwdCtx;
 use crate::model::{Gradients, Llama};
-use crate::optim::{AdamW, clip_grad_norm};
+use crate::optim::{AdamW, clip_factor, global_norm};
 use crate::rng::Rng;
 
 /// How a step computes and bounds its gradients.
@@ -138,14 +138,12 @@ pub fn optimizer_step_across(
         (loss_sum, count, tokens) = (l, c as usize, t as usize);
         (kl_sum, kl_count) = (k, kc as usize);
     }
+    // The average over micro-batches and the clipping factor scale the summed gradients inside
+    // the optimizer's update (no pass over them of their own).
     let n = count.max(1) as f64;
-    if count > 1 {
-        for g in acc.values_mut() {
-            *g = (&*g / n)?;
-        }
-    }
-    let grad_norm = clip_grad_norm(model.trainable(), &mut acc, settings.max_grad_norm)?;
-    opt.step(model.trainable(), &acc, lr)?;
+    let grad_norm = global_norm(model.trainable(), &acc)? / n;
+    let grad_scale = clip_factor(grad_norm, settings.max_grad_norm) / n;
+    opt.step_scaled(model.trainable(), &acc, lr, grad_scale)?;
     Ok(StepOutcome {
         loss: loss_sum / n as f32,
         grad_norm,

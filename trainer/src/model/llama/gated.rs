@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::Result;
 use crate::kernels;
-use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
+use crate::kernels::{cpu_f32_values, storage_f32_values};
 
 /// Elements per parallel task of the op.
 const TASK_ELEMENTS: usize = 16 * 1024;

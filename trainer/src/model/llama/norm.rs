@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::Result;
 use crate::kernels;
-use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
+use crate::kernels::{cpu_f32_values, storage_f32_values};
 
 /// `x / sqrt(mean(x²) + eps) · w`, computed in f32 and returned in `x`'s dtype.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

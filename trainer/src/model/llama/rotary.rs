@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
-use crate::loss::fused_ce::{cpu_f32_values, storage_f32_values};
+use crate::kernels::{cpu_f32_values, storage_f32_values};
 
 /// `x` (b, n, heads · head_dim) as rotated heads (b, heads, n, head_dim), contiguous. `cos` and
 /// `sin` are the (n, head_dim) tables of the positions of `x`'s rows.
