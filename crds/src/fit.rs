@@ -428,6 +428,7 @@ mod tests {
     fn a_split_that_does_not_fit_names_its_busiest_gpu() {
         let mut two = spec(ModelPreset::Llama2_70b, MethodType::Lora, 2);
         two.resources.spread = Spread::Layers;
+        two.resources.gpu_memory_gib = Some(72);
         let msg = check(&two).unwrap_err();
         assert!(msg.contains("the busiest of the pod's 2 GPUs"), "{msg}");
         assert!(

@@ -12,8 +12,9 @@
 //!   input and (except on the CPU in f32) the mask; a trained projection: its output;
 //! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each; on the CPU in f32 one op
 //!   that splits and rotates the heads and keeps only its output);
-//! - attention: two copies of `S` in the activation dtype (the scores and the fused softmax's
-//!   output, `trainer/src/model/softmax.rs`); the value product and its re-layout; the residuals;
+//! - attention: one copy of `S` in the activation dtype (the softmax's output, which the one
+//!   node of the attention core keeps for its backward, `trainer/src/model/llama/attention_core.rs`);
+//!   the core's merged output; the residuals;
 //! - the MLP: gate, activation, up, product, down (on the CPU in f32 the SiLU-gated product is
 //!   one op and keeps only the product).
 //!
@@ -342,8 +343,10 @@ impl PlanInput {
         } else {
             s * (w.h + w.kv) * a * 9 / 2
         };
-        let attention = scores * 2 * a;
-        let attention_out = 2 * s * w.h * a;
+        // The attention core is one node that keeps the softmax's output and hands over its
+        // merged output (`trainer/src/model/llama/attention_core.rs`).
+        let attention = scores * a;
+        let attention_out = s * w.h * a;
         let residuals = 2 * s * w.h * a;
         // On the CPU in f32 the SiLU-gated product is one op that keeps only its output
         // (`trainer/src/model/llama/gated.rs`); elsewhere the primitive ops keep three

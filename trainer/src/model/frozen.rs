@@ -12,12 +12,12 @@
 //! A quantized frozen weight (LoRA over an `int8` / `int4` base) goes through the same op, its
 //! products taken with the weight dequantized for that one product ([`quantized_matmul`]).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Tensor};
 
+use super::handover::Handover;
 use crate::Result;
 
 /// `x · Wᵀ` for a rank-2 `x` (rows × in) and a frozen `weight` (out × in), differentiable in `x`
@@ -59,7 +59,7 @@ fn dequantized(weight: &QTensor, like: &Tensor) -> candle_core::Result<Tensor> {
 fn record(x: &Tensor, value: Tensor, weight: FrozenWeight) -> Result<Tensor> {
     let op = FrozenMatmul {
         weight,
-        value: Mutex::new(Some(value.contiguous()?)),
+        value: Handover::new(value)?,
     };
     Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
 }
@@ -77,27 +77,7 @@ enum FrozenWeight {
 struct FrozenMatmul {
     weight: FrozenWeight,
     /// The product, taken by the forward so the graph does not hold a second copy of it.
-    value: Mutex<Option<Tensor>>,
-}
-
-impl FrozenMatmul {
-    /// The product, once; it is a fresh, contiguous matmul output (offset 0), so cloning its
-    /// storage copies exactly its elements.
-    fn take_value(&self) -> candle_core::Result<Tensor> {
-        let value = self
-            .value
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: forward run twice".into()))?;
-        let layout = value.layout();
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            return Err(candle_core::Error::Msg(
-                "frozen-matmul: the product is not a whole contiguous buffer".into(),
-            ));
-        }
-        Ok(value)
-    }
+    value: Handover,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -110,14 +90,7 @@ impl CustomOp1 for FrozenMatmul {
         _x: &CpuStorage,
         _layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let value = self.take_value()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "frozen-matmul: the product is not on the CPU".into(),
-            )),
-        }
+        self.value.cpu(self.name())
     }
 
     fn cuda_fwd(
@@ -125,14 +98,7 @@ impl CustomOp1 for FrozenMatmul {
         _x: &CudaStorage,
         _layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let value = self.take_value()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "frozen-matmul: the product is not on the GPU".into(),
-            )),
-        }
+        self.value.cuda(self.name())
     }
 
     fn bwd(

@@ -18,6 +18,7 @@ use super::weights::Weights;
 use crate::{Result, TrainerError};
 
 mod attention;
+mod attention_core;
 mod block;
 mod gated;
 mod head;

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dropout;
 pub mod frozen;
+mod handover;
 pub mod head_rows;
 pub mod linear;
 pub mod llama;

@@ -145,12 +145,19 @@ impl CustomOp2 for BiasedSoftmax {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if y.device().is_cpu() {
-            y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?
-        } else {
-            backward_with_tensor_ops(y, grad, self.scale)?
-        };
-        Ok((Some(dx), None))
+        Ok((Some(softmax_backward(y, grad, self.scale)?), None))
+    }
+}
+
+/// The gradient of the scores of [`biased_softmax`] with output `y` (contiguous), for the
+/// output's gradient `grad`: `scale · y ⊙ (grad − Σ grad ⊙ y)` per row. One pass per row on the
+/// CPU, tensor ops in f32 elsewhere.
+pub fn softmax_backward(y: &Tensor, grad: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if y.device().is_cpu() {
+        y.contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale })
+    } else {
+        backward_with_tensor_ops(y, grad, scale)
     }
 }
 

@@ -3,12 +3,12 @@
 
 use candle_core::Tensor;
 
+use super::attention_core::attention_core;
 use super::params::ParamLoader;
 use super::rotary::rotated_heads;
 use crate::Result;
 use crate::model::config::LlamaConfig;
 use crate::model::linear::{FwdCtx, Linear};
-use crate::model::softmax::biased_softmax;
 
 /// The attention projections of one decoder layer (`self_attn.{q,k,v,o}_proj`).
 #[derive(Debug, Clone)]
@@ -64,7 +64,6 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, n, _) = xn.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let rep = nh / nkv;
         let q = self.q.forward(xn, ctx)?;
         let k = self.k.forward(xn, ctx)?;
         let v = self.v.forward(xn, ctx)?;
@@ -82,19 +81,7 @@ impl Attention {
                 kv
             }
         };
-        let keys = k.dim(2)?;
-        // Query heads kv·rep … kv·rep + rep − 1 share key/value head kv: fold them into rows.
-        let qg = q.reshape((b, nkv, rep * n, hd))?;
-        // Scores in the model's dtype (the GEMM accumulates in f32); the softmax widens each row
-        // internally and keeps only its bf16 output, so no f32 heads × s × s copy stays alive.
-        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, n, keys))?;
-        let att = biased_softmax(&scores, bias, 1.0 / (hd as f64).sqrt())?;
-        let y = att
-            .reshape((b, nkv, rep * n, keys))?
-            .matmul(&v)?
-            .reshape((b, nh, n, hd))?
-            .transpose(1, 2)?
-            .reshape((b, n, nh * hd))?;
+        let y = attention_core(&q, &k, &v, bias, 1.0 / (hd as f64).sqrt())?;
         self.o.forward(&y, ctx)
     }
 }
