@@ -8,8 +8,9 @@
 //! - each RMSNorm: f32 square and scaled copies, plus the dtype conversions and the weight product
 //!   (on the CPU in f32 one op that keeps its output only);
 //! - a frozen projection: its output; a LoRA projection also the f32 adapter path (input
-//!   conversion, rank-r and out-sized products, the scale, the sum) and, with dropout, the masked
-//!   input and (except on the CPU in f32) the mask; a trained projection: its output;
+//!   conversion, rank-r and out-sized products, the scale, the sum; on the CPU in f32 one node
+//!   that keeps only the rank-r product) and, with dropout, the masked input and (except on the
+//!   CPU in f32) the mask; a trained projection: its output;
 //! - Q/K/V made contiguous per head, RoPE on Q and K (4.5 copies each; on the CPU in f32 one op
 //!   that splits and rotates the heads and keeps only its output);
 //! - attention: one copy of `S` in the activation dtype (the softmax's output, which the one
@@ -326,11 +327,16 @@ impl PlanInput {
                 && let PlannedMethod::Lora { rank, dropout, .. } = &self.method
             {
                 // The masked input, and the mask itself except on the CPU in f32, where the
-                // dropout op draws it again in the backward (`trainer/src/model/dropout.rs`).
+                // dropout is drawn again in the backward (`trainer/src/model/dropout.rs`).
                 let copies = if self.fused_cpu_ops() { 1 } else { 2 };
                 let drop = if *dropout { copies * s * i * a } else { 0 };
-                bytes += drop + not_f32 * s * i * 4 + s * rank * 4 + 2 * s * o * 4;
-                bytes += not_f32 * s * o * a + s * o * a;
+                bytes += drop + s * rank * 4;
+                // On the CPU in f32 the projection is one node that keeps just those and its
+                // output (`trainer/src/model/lora_node.rs`); elsewhere the adapter path's ops
+                // keep the input conversion, the out-sized product, the scale and the sum.
+                if !self.fused_cpu_ops() {
+                    bytes += not_f32 * s * i * 4 + 2 * s * o * 4 + not_f32 * s * o * a + s * o * a;
+                }
             }
             bytes
         };

@@ -37,21 +37,11 @@ pub struct RowShard {
 /// mask on a GPU). With `shard`, `x`'s leading rows are those rows of a batch: on the CPU the
 /// mask is the batch's at those elements and `rng` advances past the whole batch's mask.
 pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng, shard: Option<RowShard>) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    let (mut stream, batch_elements) = match shard {
-        Some(shard) if x.device().is_cpu() => {
-            let per_row = (x.elem_count() / shard.rows.max(1)) as u64;
-            let mut at_first_row = *rng;
-            at_first_row.skip(shard.first as u64 * per_row);
-            (at_first_row, shard.of as u64 * per_row)
-        }
-        _ => (*rng, x.elem_count() as u64),
-    };
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = CpuDropout { stream, p, keep };
-        rng.skip(batch_elements);
+    if let Some(op) = CpuDropout::draw(x, p, rng, shard) {
         return Ok(x.contiguous()?.apply_op1(op)?);
     }
+    let keep = 1.0 / (1.0 - p);
+    let (mut stream, batch_elements) = stream_and_span(x, rng, shard);
     if x.device().is_cpu() {
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if stream.next_f32() < p { 0.0 } else { keep })
@@ -66,14 +56,53 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng, shard: Option<RowShard>) -> Re
     Ok(x.mul(&kept.affine(f64::from(keep), 0.0)?)?)
 }
 
-/// The CPU op: the mask is the stream's values from `stream` on.
-struct CpuDropout {
+/// Where `x`'s mask starts in `rng`'s stream, and how far the stream advances past the batch's
+/// mask (by one value per element on the CPU; with `shard`, `x` is those rows of a batch).
+fn stream_and_span(x: &Tensor, rng: &Rng, shard: Option<RowShard>) -> (Rng, u64) {
+    match shard {
+        Some(shard) if x.device().is_cpu() => {
+            let per_row = (x.elem_count() / shard.rows.max(1)) as u64;
+            let mut at_first_row = *rng;
+            at_first_row.skip(shard.first as u64 * per_row);
+            (at_first_row, shard.of as u64 * per_row)
+        }
+        _ => (*rng, x.elem_count() as u64),
+    }
+}
+
+/// The mask of a dropout on the CPU in f32: its values are the stream's from `stream` on, so
+/// the backward draws it again instead of keeping it. Also the op.
+pub(crate) struct CpuDropout {
     stream: Rng,
     p: f32,
     keep: f32,
 }
 
 impl CpuDropout {
+    /// The mask [`dropout`] draws for `x` when `x` is an f32 CPU tensor (`rng` advanced as
+    /// [`dropout`] advances it); `None`, with `rng` untouched, for any other tensor.
+    pub(crate) fn draw(x: &Tensor, p: f32, rng: &mut Rng, shard: Option<RowShard>) -> Option<Self> {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return None;
+        }
+        let (stream, batch_elements) = stream_and_span(x, rng, shard);
+        rng.skip(batch_elements);
+        Some(Self {
+            stream,
+            p,
+            keep: 1.0 / (1.0 - p),
+        })
+    }
+
+    /// `t` (an f32 CPU tensor shaped as the masked one) times the mask, outside any graph: the
+    /// masked input in a forward, the masked gradient in a backward.
+    pub(crate) fn apply(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let masked = self.masked(storage_f32_values("dropout", &storage, layout)?);
+        Tensor::from_vec(masked, t.shape(), t.device())
+    }
+
     /// `values` times the mask, element `i` of `values` being element `i` of the tensor.
     fn masked(&self, values: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; values.len()];
@@ -107,10 +136,7 @@ impl CustomOp1 for CpuDropout {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let (storage, layout) = grad.storage_and_layout();
-        let masked = self.masked(storage_f32_values("dropout", &storage, layout)?);
-        Ok(Some(Tensor::from_vec(masked, grad.shape(), grad.device())?))
+        self.apply(grad).map(Some)
     }
 }
 

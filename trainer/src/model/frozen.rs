@@ -23,11 +23,7 @@ use crate::Result;
 /// `x · Wᵀ` for a rank-2 `x` (rows × in) and a frozen `weight` (out × in), differentiable in `x`
 /// only. `weight` must not be a trainable tensor: its gradient is never computed.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let value = x.detach().matmul(&weight.t()?)?;
-    if !x.track_op() {
-        return Ok(value);
-    }
-    record(x, value, FrozenWeight::Dense(weight.detach()))
+    product_of(x, FrozenWeight::Dense(weight.detach()))
 }
 
 /// `x · Dᵀ` for a rank-2 `x` (rows × in) and a quantized frozen `weight` (out × in) whose
@@ -36,13 +32,16 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// op is exactly linear in `x` (no activation quantization, unlike candle's quantized matmul
 /// kernels for inference) and only one projection exists in full precision at a time.
 pub fn quantized_matmul(x: &Tensor, weight: &Arc<QTensor>) -> Result<Tensor> {
-    let dense = dequantized(weight, x)?;
-    let value = x.detach().matmul(&dense.t()?)?;
-    drop(dense);
+    product_of(x, FrozenWeight::Quantized(weight.clone()))
+}
+
+/// `x · Wᵀ`, recorded as an op of `x` when `x` tracks a gradient.
+fn product_of(x: &Tensor, weight: FrozenWeight) -> Result<Tensor> {
+    let value = weight.product(&x.detach())?;
     if !x.track_op() {
         return Ok(value);
     }
-    record(x, value, FrozenWeight::Quantized(weight.clone()))
+    record(x, value, weight)
 }
 
 /// `weight` dequantized onto `like`'s device, in its dtype.
@@ -64,12 +63,33 @@ fn record(x: &Tensor, value: Tensor, weight: FrozenWeight) -> Result<Tensor> {
     Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
 }
 
-/// The frozen weight an op multiplies by in its backward.
-enum FrozenWeight {
-    /// In the model's dtype.
+/// A frozen weight (out × in), the only operand of its products that needs no gradient.
+pub(crate) enum FrozenWeight {
+    /// In the model's dtype (detached).
     Dense(Tensor),
-    /// Quantized; dequantized for each backward product.
+    /// Quantized; dequantized for each product.
     Quantized(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    /// `x · Wᵀ` for a rank-2 `x` (rows × in), outside any graph.
+    pub(crate) fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => x.matmul(&w.t()?),
+            FrozenWeight::Quantized(q) => {
+                let dense = dequantized(q, x)?;
+                x.matmul(&dense.t()?)
+            }
+        }
+    }
+
+    /// The input's gradient `dY · W` of a product, for the output's gradient `grad_y`.
+    pub(crate) fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => grad_y.matmul(w),
+            FrozenWeight::Quantized(q) => grad_y.matmul(&dequantized(q, grad_y)?),
+        }
+    }
 }
 
 /// The graph node: its forward hands over the product computed outside the graph (once), its
@@ -107,10 +127,6 @@ impl CustomOp1 for FrozenMatmul {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let weight = match &self.weight {
-            FrozenWeight::Dense(w) => w.clone(),
-            FrozenWeight::Quantized(q) => dequantized(q, grad_y)?,
-        };
-        grad_y.matmul(&weight).map(Some)
+        self.weight.input_grad(grad_y).map(Some)
     }
 }

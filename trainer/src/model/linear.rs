@@ -6,8 +6,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor, Var};
 use finetune_api::BaseQuantization;
 
-use super::dropout::{RowShard, dropout};
-use super::frozen::{frozen_matmul, quantized_matmul};
+use super::dropout::{CpuDropout, RowShard, dropout};
+use super::frozen::{FrozenWeight, frozen_matmul, quantized_matmul};
+use super::lora_node::lora_projection;
 use crate::Result;
 use crate::rng::Rng;
 
@@ -205,6 +206,13 @@ impl Linear {
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = self.out_dim();
+        }
+        if let Some(y) = self.fused_lora(&x2, ctx)? {
+            return Ok(y.reshape(out)?);
+        }
         let mut y = match &self.weight {
             Weight::Dense(w) => ctx.matmul_t(&x2, &ctx.param(w))?,
             Weight::Quantized(q) => quantized_matmul(&x2, q)?,
@@ -230,11 +238,37 @@ impl Linear {
             };
             y = (y + delta)?;
         }
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = self.out_dim();
-        }
         Ok(y.reshape(out)?)
+    }
+
+    /// On the CPU in f32, a frozen weight with an adapter in a pass that records a graph: the
+    /// projection as one node ([`lora_projection`]), the same values and gradients as the ops
+    /// it replaces. `None` where those ops run (elsewhere, and with
+    /// [`FwdCtx::reference_matmul`], which keeps the path for the equality tests).
+    fn fused_lora(&self, x: &Tensor, ctx: &mut FwdCtx) -> Result<Option<Tensor>> {
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let frozen = match &self.weight {
+            Weight::Dense(w) if w.is_variable() => return Ok(None),
+            Weight::Dense(w) => FrozenWeight::Dense(w.detach()),
+            Weight::Quantized(q) => FrozenWeight::Quantized(q.clone()),
+        };
+        if !ctx.graph
+            || ctx.base_only
+            || ctx.reference_matmul
+            || !on_cpu_f32(x)
+            || !on_cpu_f32(l.a.as_tensor())
+        {
+            return Ok(None);
+        }
+        let mask = match (&mut ctx.dropout_rng, ctx.train && l.dropout > 0.0) {
+            (Some(rng), true) => CpuDropout::draw(x, l.dropout, rng, ctx.shard),
+            _ => None,
+        };
+        let (a, b) = (ctx.param(l.a.as_tensor()), ctx.param(l.b.as_tensor()));
+        lora_projection(x, frozen, &a, &b, l.scale, mask).map(Some)
     }
 
     /// The weight with the adapter merged in: `W + scale·B·A` (in the weight's dtype; from the

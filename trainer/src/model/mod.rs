@@ -11,6 +11,7 @@ pub mod llama;
 pub mod llama2c;
 pub mod load;
 pub mod lora;
+mod lora_node;
 pub mod placement;
 pub mod quantized_cache;
 pub mod rope;
