@@ -19,8 +19,7 @@ use finetune_api::memory::cpu_loss_block_rows;
 use rayon::prelude::*;
 
 use super::fused_ce::row_lse;
-use crate::kernels;
-use crate::kernels::{cpu_f32_values_mut, storage_f32_values};
+use crate::kernels::{self, cpu_f32_values_mut, storage_f32_values};
 
 /// Mean NLL of `targets` (one per row) under `hidden · weightᵀ`, for f32 `hidden` (n, d) and
 /// `weight` (vocab, d) on the CPU, differentiable in both (a gradient is computed only for the

@@ -250,11 +250,6 @@ impl Linear {
             return Ok(None);
         };
         let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        let frozen = match &self.weight {
-            Weight::Dense(w) if w.is_variable() => return Ok(None),
-            Weight::Dense(w) => FrozenWeight::Dense(w.detach()),
-            Weight::Quantized(q) => FrozenWeight::Quantized(q.clone()),
-        };
         if !ctx.graph
             || ctx.base_only
             || ctx.reference_matmul
@@ -263,6 +258,11 @@ impl Linear {
         {
             return Ok(None);
         }
+        let frozen = match &self.weight {
+            Weight::Dense(w) if w.is_variable() => return Ok(None),
+            Weight::Dense(w) => FrozenWeight::Dense(w.detach()),
+            Weight::Quantized(q) => FrozenWeight::Quantized(q.clone()),
+        };
         let mask = match (&mut ctx.dropout_rng, ctx.train && l.dropout > 0.0) {
             (Some(rng), true) => CpuDropout::draw(x, l.dropout, rng, ctx.shard),
             _ => None,

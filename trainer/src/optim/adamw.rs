@@ -131,6 +131,18 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - p.beta1.powi(t);
         let bc2 = 1.0 - p.beta2.powi(t);
+        let decay = 1.0 - lr * p.weight_decay;
+        // The same for every parameter of the step.
+        let coefficients = Coefficients {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            bias_correction1: bc1 as f32,
+            bias_correction2: bc2 as f32,
+            decay: decay as f32,
+            lr: lr as f32,
+            eps: p.eps as f32,
+            grad_scale: grad_scale as f32,
+        };
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
             let previous = self.moments.remove(name);
@@ -139,16 +151,6 @@ impl AdamW {
                 && var.is_contiguous()
             {
                 let (mut m, mut v) = Moments::into_host(previous, var.elem_count())?;
-                let coefficients = Coefficients {
-                    beta1: p.beta1 as f32,
-                    beta2: p.beta2 as f32,
-                    bias_correction1: bc1 as f32,
-                    bias_correction2: bc2 as f32,
-                    decay: (1.0 - lr * p.weight_decay) as f32,
-                    lr: lr as f32,
-                    eps: p.eps as f32,
-                    grad_scale: grad_scale as f32,
-                };
                 let g = g.detach().to_dtype(DType::F32)?;
                 fused_adamw::update_in_place(var.as_tensor(), &g, &mut m, &mut v, coefficients)?;
                 Moments::Host {
@@ -176,7 +178,7 @@ impl AdamW {
                 let v_hat = (&v / bc2)?;
                 let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
                 let w = var.as_tensor().detach().to_dtype(DType::F32)?;
-                let w = ((w * (1.0 - lr * p.weight_decay))? - (update * lr)?)?;
+                let w = ((w * decay)? - (update * lr)?)?;
                 var.set(&w.to_dtype(var.dtype())?)?;
                 Moments::Tensors { m, v }
             };

@@ -100,10 +100,9 @@ impl CoreShape {
         let scores = self.grouped(q, self.head_dim)?.matmul(&k.t()?)?;
         let probabilities = biased_softmax(&self.per_head(&scores, self.keys)?, bias, self.scale)?;
         drop(scores);
+        let y = self.grouped(&probabilities, self.keys)?.matmul(v)?;
         let y = self
-            .grouped(&probabilities, self.keys)?
-            .matmul(v)?
-            .reshape((self.batch, self.heads, self.queries, self.head_dim))?
+            .per_head(&y, self.head_dim)?
             .transpose(1, 2)?
             .reshape((self.batch, self.queries, self.heads * self.head_dim))?;
         Ok((probabilities, y))
